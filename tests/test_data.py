@@ -1,0 +1,369 @@
+"""Tests for data.py: log-mel against a float64 reference, audio I/O, the synthesizer, the toy
+world, the tokenizer and chat format, manifests, collation."""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+SR = 16000
+
+
+# ---------------------------------------------------------------- independent float64 reference
+
+def ref_mel(f):   # Slaney: 3 mels per 200 Hz below 1 kHz, then 27 mels per factor 6.4
+    return f * 3 / 200 if f < 1000 else 15 + 27 * math.log(f / 1000) / math.log(6.4)
+
+
+def ref_hz(m):
+    return m * 200 / 3 if m < 15 else 1000 * 6.4 ** ((m - 15) / 27)
+
+
+def ref_filters(n_mels, n_fft, sr=SR):
+    edges = [ref_hz(i * ref_mel(sr / 2) / (n_mels + 1)) for i in range(n_mels + 2)]
+    freqs = np.arange(n_fft // 2 + 1) * sr / n_fft
+    w = np.zeros((n_mels, len(freqs)))
+    for i in range(n_mels):
+        lo, c, hi = edges[i], edges[i + 1], edges[i + 2]
+        for k, f in enumerate(freqs):
+            if lo < f <= c:
+                w[i, k] = (f - lo) / (c - lo)
+            elif c < f < hi:
+                w[i, k] = (hi - f) / (hi - c)
+        w[i] *= 2.0 / (hi - lo)   # unit area
+    return w
+
+
+def ref_log_mel(x, n_mels=80):
+    x = np.asarray(x, dtype=np.float64)
+    xp = np.pad(x, 200, mode="reflect")
+    n_frames = 1 + len(x) // 160
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)   # periodic Hann
+    frames = np.stack([xp[i * 160:i * 160 + 400] * win for i in range(n_frames)])
+    power = np.abs(np.fft.rfft(frames, axis=1)).T ** 2            # (201, n_frames)
+    mel = ref_filters(n_mels, 400) @ power[:, :-1]
+    log = np.log10(np.maximum(mel, 1e-10))
+    log = np.maximum(log, log.max() - 8.0)
+    return (log + 4.0) / 4.0
+
+
+# ---------------------------------------------------------------- log-mel
+
+def test_filterbank_matches_reference_and_rows_have_unit_area():
+    np.testing.assert_allclose(data.mel_filters(80), ref_filters(80, 400), rtol=1e-9, atol=1e-12)
+    # at a fine frequency grid each Slaney-normalised triangle integrates to 1 (area in Hz)
+    fine = data.mel_filters(80, n_fft=16000)   # 1 Hz bins
+    np.testing.assert_allclose(fine.sum(1) * 1.0, 1.0, rtol=0.03)
+
+
+def test_log_mel_equals_float64_reference():
+    rng = np.random.default_rng(0)
+    t = np.arange(int(1.234 * SR)) / SR
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t))
+    x[:3000] *= 1e-4   # a quiet stretch so the 8-decade floor is exercised
+    got = data.log_mel_spectrogram(x.astype(np.float32))
+    want = ref_log_mel(x.astype(np.float32))
+    assert got.shape == (80, len(x) // 160) == want.shape
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-4)
+
+
+def test_log_mel_batched_is_per_example():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(8000).astype(np.float32)
+    b = 1e-3 * rng.standard_normal(8000).astype(np.float32)   # 60 dB quieter
+    batch = data.log_mel_spectrogram(torch.tensor(np.stack([a, b])))
+    assert batch.shape == (2, 80, 50)
+    for i, x in enumerate((a, b)):
+        np.testing.assert_allclose(batch[i].numpy(), ref_log_mel(x), atol=2e-4)
+
+
+@pytest.mark.parametrize("freq", [250.0, 1000.0, 3000.0, 6500.0])
+def test_pure_tone_peaks_in_its_mel_bin(freq):
+    t = np.arange(SR) / SR
+    mel = data.log_mel_spectrogram(np.sin(2 * np.pi * freq * t).astype(np.float32))
+    centers = np.array([ref_hz((i + 1) * ref_mel(8000) / 81) for i in range(80)])
+    assert int(mel.mean(-1).argmax()) == int(np.abs(centers - freq).argmin())
+
+
+# ---------------------------------------------------------------- load_audio
+
+def test_load_audio_resamples_stereo_44k(tmp_path):
+    t = np.arange(int(0.5 * 44100)) / 44100
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    path = tmp_path / "tone.wav"
+    sf.write(path, np.stack([tone, tone], 1), 44100, subtype="FLOAT")
+    x = data.load_audio(path)
+    assert x.dtype == np.float32 and x.ndim == 1 and abs(len(x) - 8000) <= 1
+    mid = x[1000:-1000].astype(np.float64)   # away from the edges' filter transients
+    spec = np.abs(np.fft.rfft(mid * np.hanning(len(mid))))
+    peak_hz = spec.argmax() * SR / len(mid)
+    assert abs(peak_hz - 1000) < SR / len(mid)
+    assert np.sqrt(np.mean(mid ** 2)) == pytest.approx(0.5 / math.sqrt(2), rel=0.01)
+
+
+def test_resample_removes_content_above_new_nyquist():
+    # a 10 kHz tone cannot exist at 16 kHz; linear interpolation would alias it to 6 kHz
+    t = np.arange(44100) / 44100
+    y = data.resample(np.sin(2 * np.pi * 10000 * t), 44100, SR)
+    assert np.sqrt(np.mean(y[500:-500].astype(np.float64) ** 2)) < 0.01
+
+
+def test_load_audio_upsamples_8k(tmp_path):
+    t = np.arange(8000) / 8000
+    path = tmp_path / "tone8k.wav"
+    sf.write(path, 0.25 * np.sin(2 * np.pi * 440 * t), 8000, subtype="FLOAT")
+    x = data.load_audio(path)
+    want = 0.25 * np.sin(2 * np.pi * 440 * np.arange(16000) / SR)
+    np.testing.assert_allclose(x[500:-500], want[500:-500], atol=2e-3)
+
+
+def test_load_audio_bad_inputs(tmp_path):
+    missing = tmp_path / "nope.wav"
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        data.load_audio(missing)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF1234WAVEjunkjunkjunk" * 4)
+    with pytest.raises(ValueError, match="garbage.wav"):
+        data.load_audio(garbage)
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio")
+    with pytest.raises(ValueError, match="notes.txt"):
+        data.load_audio(text)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0), SR)
+    with pytest.raises(ValueError, match="empty.wav.*empty"):
+        data.load_audio(empty)
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.array([0.0, np.nan, 0.1, np.inf]), SR, subtype="FLOAT")
+    with pytest.raises(ValueError, match="nan.wav.*finite"):
+        data.load_audio(nan)
+
+
+# ---------------------------------------------------------------- synthesizer
+
+def autocorr_pitch(x, fmin=60, fmax=400):
+    x = x.astype(np.float64) - x.mean()
+    n = 1 << int(np.ceil(np.log2(2 * len(x))))
+    ac = np.fft.irfft(np.abs(np.fft.rfft(x, n)) ** 2)[:len(x)]
+    lo, hi = int(SR / fmax), int(SR / fmin)
+    return SR / (lo + int(np.argmax(ac[lo:hi])))
+
+
+def test_synth_deterministic_under_seed():
+    v = data.Voice(pitch_hz=150, noise=0.3, emotion="happy")
+    a, b = data.synthesize("three plus four", v, 7), data.synthesize("three plus four", v, 7)
+    assert np.array_equal(a, b) and a.dtype == np.float32
+    assert not np.array_equal(a, data.synthesize("three plus four", v, 8))
+
+
+@pytest.mark.parametrize("pitch", [95.0, 140.0, 230.0])
+def test_synth_pitch_by_autocorrelation(pitch):
+    x = data.synthesize("aoa ooa alla amma", data.Voice(pitch_hz=pitch, tract_scale=1.1), 0)
+    assert autocorr_pitch(x) == pytest.approx(pitch, rel=0.05)
+
+
+def test_synth_duration_scales_with_rate():
+    text = "the red fox likes seven green apples"
+    slow = len(data.synthesize(text, data.Voice(rate=0.5), 0))
+    normal = len(data.synthesize(text, data.Voice(rate=1.0), 0))
+    fast = len(data.synthesize(text, data.Voice(rate=2.0), 0))
+    assert slow / normal == pytest.approx(2.0, rel=0.05)
+    assert normal / fast == pytest.approx(2.0, rel=0.08)
+
+
+def test_synth_words_have_different_spectra():
+    def spectrum(word, seed, pitch=120.0):
+        m = data.log_mel_spectrogram(data.synthesize(word, data.Voice(pitch_hz=pitch), seed))
+        m = m[:, m.max(0).values > m.max() - 1.0]   # speech frames only
+        return m.mean(-1).numpy()
+    same = np.abs(spectrum("seven", 0) - spectrum("seven", 1, 125.0)).mean()
+    for other in ("blue", "four", "owl"):
+        assert np.abs(spectrum("seven", 0) - spectrum(other, 0)).mean() > 3 * same
+
+
+def test_synth_speed():
+    v = data.Voice()
+    data.synthesize("warm up", v, 0)
+    t0 = time.perf_counter()
+    for i in range(20):
+        x = data.synthesize("what is seven plus five minus three ?", v, i)
+    ms = (time.perf_counter() - t0) / 20 * 1000
+    print(f"\nsynthesize: {ms:.1f} ms for a {len(x) / SR:.2f} s clip")
+    assert ms < 100
+
+
+# ---------------------------------------------------------------- toy world
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    t0 = time.time()
+    paths = data.make_toy_data(str(out), seed=0, preset="tiny")
+    print(f"\ntiny toy corpus: {time.time() - t0:.1f} s")
+    train, test = data.read_manifest(paths["train"]), data.read_manifest(paths["test"])
+    return paths, train, test, data.load_tokenizer(paths["tokenizer"])
+
+
+def test_toy_world_families_and_files(toy):
+    paths, train, test, _ = toy
+    for split in (train, test):
+        tasks = {r["task"] for r in split}
+        assert set(data.TEXT_TASKS) <= tasks and set(data.AUDIO_TASKS) <= tasks
+        for r in split:
+            assert os.path.isabs(r["audio"]) and os.path.exists(r["audio"])
+            assert (r["teacher"] is None) == (r["kind"] == "audio")
+    x = data.load_audio(test[0]["audio"])
+    assert 0.5 < len(x) / SR < 6.0
+
+
+def test_splits_disjoint_and_unseen_speakers(toy):
+    _, train, test, _ = toy
+    key = lambda r: (r["transcript"], r["instruction"])
+    assert not {key(r) for r in train} & {key(r) for r in test}
+    assert len({r["id"] for r in train + test}) == len(train) + len(test)
+    train_spk = {r["voice"]["speaker"] for r in train}
+    assert {r["voice"]["speaker"] for r in test} - train_spk   # unseen voices in test
+    # facts: every test fact is taught in training under a different phrasing
+    tpl_words = {w for tpls in data.FACT_TEMPLATES.values() for t in tpls for w in t.split()}
+    entity = lambda r: [w for w in r["transcript"].split() if w not in tpl_words]
+    taught = {(tuple(entity(r)), r["answer"]) for r in train if r["task"] == "facts"}
+    facts_test = [r for r in test if r["task"] == "facts"]
+    assert facts_test
+    for r in facts_test:
+        assert len(entity(r)) == 1 and (tuple(entity(r)), r["answer"]) in taught
+
+
+def test_toy_world_deterministic():
+    a, b = data.build_world(3, "tiny"), data.build_world(3, "tiny")
+    assert a == b and a != data.build_world(4, "tiny")
+
+
+def test_audio_labels_follow_voice(toy):
+    _, train, test, _ = toy
+    for r in train + test:
+        v = r["voice"]
+        if r["task"] == "pitch":
+            assert r["answer"] == ("high" if v["pitch_hz"] > 160 else "low")
+        elif r["task"] == "rate":
+            assert r["answer"] == ("fast" if v["rate"] > 1 else "slow")
+        elif r["task"] == "noise":
+            assert r["answer"] == ("noisy" if v["noise"] > 0.1 else "clean")
+        elif r["task"] == "emotion":
+            assert r["answer"] == v["emotion"]
+        elif r["task"] == "asr":
+            assert r["answer"] == r["reference"] == r["transcript"]
+
+
+def test_scorers_known_values(toy):
+    assert data.wer("a b c d", "a x c") == 0.5          # one substitution, one deletion
+    assert data.wer("a b", "a b") == 0.0
+    assert data.wer("a b", "a b c d e") == 1.5
+    asr = {"task": "asr", "answer": "the red fox"}
+    assert data.score(asr, "The red fox.") == 1.0
+    assert data.score(asr, "a blue cat dog owl") == 0.0   # WER > 1 floors at 0
+    assert data.score(asr, "the red box") == pytest.approx(2 / 3)
+    rec = {"task": "arith", "answer": "nine"}
+    assert data.extract_answer("three is ... . the answer is nine") == "nine"
+    assert data.score(rec, "seven plus two is nine . the answer is nine") == 1.0
+    assert data.score(rec, "nine") == 1.0
+    assert data.score(rec, "the answer is nine . the answer is eight") == 0.0
+    assert data.score(rec, "nineteen") == 0.0
+    _, train, test, _ = toy
+    for r in train + test:   # both response styles are correct answers
+        assert data.score(r, r["reference"]) == 1.0
+        if r["teacher"]:
+            assert data.score(r, r["teacher"]) == 1.0 and r["teacher"] != r["reference"]
+
+
+def test_arith_teacher_chain_is_correct():
+    rng = np.random.default_rng(0)
+    words = {data.number_words(k): k for k in range(100)}
+    for _ in range(200):
+        ex = data.arith_example(rng)
+        toks = ex["transcript"][len("what is "):-2].split()
+        # parse the words back into numbers and evaluate left to right
+        items, cur = [], []
+        for w in toks:
+            if w in ("plus", "minus", "times"):
+                items += [words[" ".join(cur)], w]
+                cur = []
+            else:
+                cur.append(w)
+        items.append(words[" ".join(cur)])
+        acc = items[0]
+        for op, b in zip(items[1::2], items[2::2]):
+            acc = acc + b if op == "plus" else acc - b if op == "minus" else acc * b
+        assert data.number_words(acc) == ex["answer"]
+
+
+def test_tokenizer_round_trips_and_unknown_words(toy):
+    _, train, test, tok = toy
+    unk = tok.token_to_id(data.UNK)
+    for r in train + test:
+        for text in (r["transcript"], r["instruction"], r["reference"], r["teacher"]):
+            if text:
+                ids = tok.encode(text, add_special_tokens=False).ids
+                assert unk not in ids
+                assert tok.decode(ids) == text
+        resp = data.encode_response(tok, r["teacher"] or r["reference"])
+        assert data.decode_response(tok, resp + [5, 6, 7]) == (r["teacher"] or r["reference"])
+    ids = tok.encode("Zanzibar, 42 flamingos!", add_special_tokens=False).ids
+    assert unk in ids
+    assert [tok.token_to_id(s) for s in data.SPECIAL_TOKENS] == list(range(6))
+
+
+def test_text_and_speech_prompts_share_response_tokens(toy):
+    _, train, _, tok = toy
+    audio_id, user, asst = (tok.token_to_id(s) for s in (data.AUDIO, data.USER, data.ASSISTANT))
+    for r in train[:: max(1, len(train) // 50)] + [x for x in train if x["kind"] == "audio"][:10]:
+        text_p, speech_p = data.encode_prompt(tok, r, "text"), data.encode_prompt(tok, r, "speech")
+        resp = data.encode_response(tok, r["reference"])
+        assert speech_p.count(audio_id) == 1 and audio_id not in text_p
+        assert text_p[0] == speech_p[0] == user and text_p[-1] == speech_p[-1] == asst
+        inst = tok.encode(r["instruction"], add_special_tokens=False).ids if r["instruction"] else []
+        trans = tok.encode(r["transcript"], add_special_tokens=False).ids
+        assert text_p == [user] + trans + inst + [asst]
+        assert speech_p == [user, audio_id] + inst + [asst]
+        # the response ids, tokenized apart, are the tail of both full sequences
+        assert (text_p + resp)[len(text_p):] == (speech_p + resp)[len(speech_p):] == resp
+        assert resp[-1] == tok.token_to_id(data.END)
+
+
+# ---------------------------------------------------------------- manifests and batching
+
+def test_manifest_resolves_paths_and_reports_bad_lines(tmp_path):
+    good = {"id": "u1", "audio": "clips/u1.wav", "transcript": "hello there"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "id": "u2"}) + "\n")
+    recs = data.read_manifest(path)
+    assert [r["id"] for r in recs] == ["u1", "u2"]
+    assert recs[0]["audio"] == os.path.join(str(tmp_path), "clips", "u1.wav")
+    assert recs[0]["instruction"] == "" and recs[0]["teacher"] is None
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"id": "u3", "audio"\n')
+    with pytest.raises(ValueError, match=r"mine\.jsonl:3:"):
+        data.read_manifest(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"id": "u4"}) + "\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl:2:.*audio"):
+        data.read_manifest(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl:1:"):
+        data.read_manifest(path)
+
+
+def test_collate():
+    ids, lens = data.collate_tokens([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]] and lens.tolist() == [3, 1, 2]
+    assert ids.dtype == lens.dtype == torch.long
+    a, b = torch.randn(80, 7), torch.randn(80, 4)
+    mels, mel_lens = data.collate_mels([a, b])
+    assert mels.shape == (2, 80, 7) and mel_lens.tolist() == [7, 4]
+    assert torch.equal(mels[0], a) and torch.equal(mels[1, :, :4], b)
+    assert torch.all(mels[1, :, 4:] == 0)
