@@ -1,0 +1,542 @@
+"""The models: a Whisper-compatible audio encoder, a frame-stacking adapter, a
+Llama-compatible decoder with a preallocated KV cache, and the speech LLM that
+splices audio vectors into the decoder's input where the AUDIO placeholder stands.
+
+Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives
+50 frames/s -> the adapter stacks 4 frames -> 12.5 audio tokens/s (80 ms each).
+Lengths are floored at both steps (T // 2, then T // 4): a trailing half frame or
+partial stack is dropped, so every output vector sees only real input frames.
+
+Decoder.forward returns hidden states after the final norm; logits are one call
+away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
+"""
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configs and presets
+
+
+@dataclass
+class EncoderConfig:  # exactly Whisper's AudioEncoder constructor arguments
+    n_mels: int = 80
+    n_ctx: int = 1500  # encoder positions (30 s at 50 frames/s); shorter inputs slice it
+    n_state: int = 384
+    n_head: int = 6
+    n_layer: int = 4
+
+
+@dataclass
+class AdapterConfig:
+    stack: int = 4  # encoder frames per audio token: 50 / 4 = 12.5 tokens/s
+    d_in: int = 0  # encoder width (make_configs fills it)
+    d_out: int = 0  # decoder width (make_configs fills it)
+    hidden: int = 0  # MLP width; 0 -> d_out
+
+    def __post_init__(self):
+        self.hidden = self.hidden or self.d_out
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 2000
+    dim: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    n_kv_heads: int = 0  # grouped-query attention; 0 -> n_heads
+    hidden_dim: int = 512  # SwiGLU width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 1024  # documentation of the intended context; rotary has no table limit
+    head_dim: int = 0  # 0 -> dim // n_heads (some Llama-family checkpoints differ)
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert self.head_dim % 2 == 0, "rotary needs an even head_dim"
+
+
+PRESETS = {
+    # tests: trains in seconds
+    "tiny": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=32, n_head=2, n_layer=1),
+                 adapter=dict(stack=4, hidden=64),
+                 decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                              max_seq_len=512)),
+    # the default toy experiment on 2 CPU cores (~2.5M parameters at vocab 2000)
+    "cpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=128, n_head=4, n_layer=3),
+                adapter=dict(stack=4, hidden=256),
+                decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
+                             max_seq_len=1024)),
+    # one GPU: the encoder has Whisper tiny's dims, so Whisper tiny's encoder loads into it
+    "gpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4),
+                adapter=dict(stack=4, hidden=1024),
+                decoder=dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408,
+                             max_seq_len=2048)),
+}
+
+
+def make_configs(preset, vocab_size):
+    """-> (EncoderConfig, AdapterConfig, DecoderConfig); the adapter's widths come from the others."""
+    p = PRESETS[preset]
+    enc = EncoderConfig(**p["encoder"])
+    dec = DecoderConfig(vocab_size=vocab_size, **p["decoder"])
+    adp = AdapterConfig(**p["adapter"], d_in=enc.n_state, d_out=dec.dim)
+    return enc, adp, dec
+
+
+# -----------------------------------------------------------------------------
+# audio encoder: Whisper's, plus a padding mask
+
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's sinusoidal positional table (length, channels): [sin | cos] halves."""
+    assert channels % 2 == 0
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)  # Whisper: the key has no bias
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x, key_mask=None):
+        B, T, C = x.shape
+        q, k, v = (f(x).view(B, T, self.n_head, -1).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state, n_head):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def forward(self, x, key_mask=None):
+        x = x + self.attn(self.attn_ln(x), key_mask)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
+        super().__init__()
+        self.n_ctx = n_ctx
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = nn.LayerNorm(n_state)
+
+    def forward(self, mel, mel_lens=None):
+        """mel (B, n_mels, T), mel_lens (B,) or None (all full) -> x (B, T // 2, n_state), lens (B,).
+        With no padding and T = 2 * n_ctx this is exactly Whisper's encoder. Padding never
+        leaks into a clip: padded mel frames are zeroed (what conv1's zero padding shows a clip
+        alone), padded conv1 outputs too (conv2's padding; with the floored length no kept
+        output reads them, but a ceil would), and padded keys are masked in attention."""
+        B, _, T = mel.shape
+        T2 = T // 2  # floor: an odd last frame is dropped (conv2 would give ceil(T / 2))
+        assert T2 <= self.n_ctx, f"{T} mel frames exceed 2 * n_ctx = {2 * self.n_ctx}"
+        if mel_lens is None:
+            mel_lens = torch.full((B,), T, dtype=torch.long, device=mel.device)
+        t = torch.arange(T, device=mel.device)
+        valid = (t[None, :] < mel_lens[:, None])[:, None, :]  # (B, 1, T)
+        x = F.gelu(self.conv1(mel * valid)) * valid
+        x = F.gelu(self.conv2(x))[:, :, :T2].permute(0, 2, 1)  # (B, T2, n_state)
+        x = x + self.positional_embedding[:T2].to(x.dtype)
+        lens = mel_lens // 2
+        keep = torch.arange(T2, device=mel.device)[None, :] < lens[:, None]  # (B, T2)
+        key_mask = None
+        if not bool(keep.all()):
+            key_mask = keep.clone()
+            key_mask[:, 0] = True  # an empty clip (< 2 mel frames) would give NaN softmax otherwise
+            key_mask = key_mask[:, None, None, :]  # (B, 1, 1, T2)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        x = self.ln_post(x)
+        return x * keep[..., None], lens  # padded frames are zeros
+
+
+def load_whisper_encoder(path_or_checkpoint):
+    """A Whisper checkpoint as distributed ({"dims": ..., "model_state_dict": ...}, a path or
+    the loaded dict) -> its AudioEncoder with the weights loaded strict."""
+    ckpt = path_or_checkpoint
+    if not isinstance(ckpt, dict):
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+    d = ckpt["dims"]
+    enc = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+    sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
+    enc.load_state_dict(sd, strict=True)
+    return enc
+
+
+# -----------------------------------------------------------------------------
+# adapter
+
+
+class Adapter(nn.Module):
+    """Stacks `stack` consecutive encoder frames (a 4x shorter sequence) and maps them with a
+    two-layer MLP into the decoder's width."""
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        self.stack = cfg.stack
+        self.proj1 = nn.Linear(cfg.stack * cfg.d_in, cfg.hidden)
+        self.proj2 = nn.Linear(cfg.hidden, cfg.d_out)
+
+    def forward(self, x, lens):
+        """x (B, T, d_in), lens (B,) -> y (B, T // stack, d_out), lens // stack (floored: a partial
+        last stack is dropped, so no output mixes real frames with padding)."""
+        B, T, C = x.shape
+        Ta = T // self.stack
+        x = x[:, :Ta * self.stack].reshape(B, Ta, self.stack * C)  # (B, Ta, stack * d_in), frames in time order
+        y = self.proj2(F.gelu(self.proj1(x)))
+        lens = lens // self.stack
+        keep = torch.arange(Ta, device=x.device)[None, :] < lens[:, None]
+        return y * keep[..., None], lens
+
+
+# -----------------------------------------------------------------------------
+# decoder: Llama
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the statistic in float32 even under bf16, as Llama does
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rotate_half(x):
+    """Half-rotation layout (HF Llama): pairs are (i, i + hd/2), not interleaved (2i, 2i+1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) for the rotary embedding."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
+        """x (B, T, dim). mask: bool, True = attend, broadcast to (B, 1, T, keys); None = causal.
+        With a cache: write_pos None writes positions 0..T-1 (prefill); a (B,) tensor writes
+        each row's single token at its own position (decode) and attends over the cache."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kc, vc = cache.k[layer], cache.v[layer]
+            if write_pos is None:
+                kc[:, :, :T], vc[:, :, :T] = k, v
+            else:
+                rows = torch.arange(B, device=x.device)
+                kc[rows, :, write_pos], vc[rows, :, write_pos] = k[:, :, 0], v[:, :, 0]
+                n = mask.shape[-1]  # keys up to the longest row's new length
+                k, v = kc[:, :, :n], vc[:, :, :n]
+        rep = self.n_heads // self.n_kv_heads  # GQA: query head h reads kv head h // rep
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, write_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
+    place. lengths[b] = valid positions of row b = where row b's next token is written."""
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None, device=None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def max_len(self):
+        return self.k[0].shape[2]
+
+    def repeat_interleave(self, n):
+        """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1."""
+        new = copy.copy(self)
+        new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        new.lengths = self.lengths.repeat_interleave(n)
+        return new
+
+
+class Decoder(nn.Module):
+    """Llama. Call it under torch.no_grad() when using a cache (the cache is written in place)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one Parameter, two names
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def logits(self, hidden):
+        return hidden @ self.lm_head.weight.T
+
+    def _embed(self, input_ids, inputs_embeds):
+        assert (input_ids is None) != (inputs_embeds is None), "give input_ids or inputs_embeds"
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def _run(self, x, positions, mask, cache=None, write_pos=None):
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, write_pos)
+        return self.norm(x)
+
+    def forward(self, input_ids=None, inputs_embeds=None, positions=None):
+        """input_ids (B, T) or inputs_embeds (B, T, dim) -> hidden (B, T, dim) after the final norm.
+        Causal; rows are right padded, so padding never reaches a real position.
+        positions (B, T): rotary positions, default 0..T-1 (for the relative-position test)."""
+        x = self._embed(input_ids, inputs_embeds)
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        return self._run(x, positions, None)
+
+    def new_cache(self, batch_size, max_len):
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                       dtype=w.dtype, device=w.device)
+
+    def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
+        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim). Writes positions
+        0..T-1 of the cache (padding too: decode overwrites it and masks what it has not written)
+        and sets cache.lengths = lengths. hidden[b, lengths[b] - 1] predicts row b's first token."""
+        x = self._embed(input_ids, inputs_embeds)
+        B, T, _ = x.shape
+        assert T <= cache.max_len, f"prompt of {T} tokens exceeds the cache ({cache.max_len})"
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        h = self._run(x, positions, None, cache)
+        cache.lengths = lengths.to(device=x.device, dtype=torch.long).clone()
+        return h
+
+    def decode(self, cache, input_ids=None, inputs_embeds=None):
+        """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), written at each row's own
+        position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1."""
+        x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)  # (B, 1, dim)
+        pos = cache.lengths
+        assert int(pos.max()) < cache.max_len, "KV cache full"
+        n = int(pos.max()) + 1
+        mask = (torch.arange(n, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, n)
+        h = self._run(x, pos[:, None], mask, cache, write_pos=pos)
+        cache.lengths = pos + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
+        return h[:, 0]
+
+
+def load_llama(state_dict_or_path, config):
+    """A Llama-family checkpoint in the Hugging Face layout (keys with or without the leading
+    "model."; tied checkpoints may lack lm_head.weight) and its config.json contents -> Decoder.
+    A path is read with torch.load (a .bin / .pt state dict; load .safetensors yourself)."""
+    sd = state_dict_or_path
+    if not isinstance(sd, dict):
+        sd = torch.load(sd, map_location="cpu", weights_only=True)
+    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ValueError(f"load_llama: {key}={config[key]!r} is not supported (plain Llama only)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"load_llama: hidden_act {config['hidden_act']!r} is not supported")
+    cfg = DecoderConfig(
+        vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        hidden_dim=config["intermediate_size"], rope_theta=float(config.get("rope_theta", 10000.0)),
+        norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_seq_len=config.get("max_position_embeddings", 2048), head_dim=config.get("head_dim") or 0)
+    sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()
+          if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved this buffer
+    if cfg.tie_embeddings:
+        sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
+    dec = Decoder(cfg)
+    dec.load_state_dict(sd, strict=True)
+    return dec
+
+
+# -----------------------------------------------------------------------------
+# the speech LLM
+
+
+class SpeechLM(nn.Module):
+    """encoder + adapter + decoder. The decoder reads [chat prefix, audio vectors, chat suffix]
+    for speech prompts and plain token embeddings for text prompts."""
+
+    def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig, audio_token_id=-1):
+        super().__init__()
+        assert adp_cfg.d_in == enc_cfg.n_state and adp_cfg.d_out == dec_cfg.dim, "adapter widths mismatch"
+        self.encoder = AudioEncoder(**asdict(enc_cfg))
+        self.adapter = Adapter(adp_cfg)
+        self.decoder = Decoder(dec_cfg)
+        self.audio_token_id = audio_token_id  # the AUDIO placeholder's id in the shared tokenizer
+        self.enc_cfg, self.adp_cfg = enc_cfg, adp_cfg  # with decoder.cfg: what a checkpoint stores
+
+    def encode_audio(self, mel, mel_lens):
+        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, T // 8, dim), audio_lens (B,)."""
+        return self.adapter(*self.encoder(mel, mel_lens))
+
+    def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):
+        """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,).
+        Row b's single AUDIO placeholder is replaced by audio_embeds[b, :audio_lens[b]]; rows with
+        no placeholder are plain token embeddings. Right padded with zeros."""
+        if audio_embeds is not None and self.audio_token_id < 0:
+            raise ValueError("SpeechLM.audio_token_id is not set: the audio placeholder cannot be found")
+        tok = self.decoder.embed_tokens(input_ids)  # (B, T, dim)
+        rows, new_lens = [], []
+        for b in range(input_ids.shape[0]):
+            n = int(lengths[b])
+            where = (input_ids[b, :n] == self.audio_token_id).nonzero().flatten().tolist()
+            if len(where) > 1:
+                raise ValueError(f"row {b} holds {len(where)} audio placeholders, expected at most 1")
+            if where:
+                if audio_embeds is None:
+                    raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
+                p = where[0]
+                row = torch.cat([tok[b, :p], audio_embeds[b, :int(audio_lens[b])].to(tok.dtype), tok[b, p + 1:n]])
+            else:
+                row = tok[b, :n]
+            rows.append(row)
+            new_lens.append(row.shape[0])
+        out = tok.new_zeros(len(rows), max(new_lens), tok.shape[-1])
+        for b, row in enumerate(rows):
+            out[b, :row.shape[0]] = row
+        return out, torch.tensor(new_lens, dtype=torch.long, device=input_ids.device)
+
+    def forward(self, input_ids, lengths, mel=None, mel_lens=None):
+        """Convenience: -> hidden (B, T', dim), lengths (B,) for a batch of (speech or text) prompts."""
+        audio = self.encode_audio(mel, mel_lens) if mel is not None else (None, None)
+        x, lens = self.embed(input_ids, lengths, *audio)
+        return self.decoder(inputs_embeds=x), lens
+
+    def freeze_audio(self, frozen=True):
+        """Encoder and adapter stop (or resume) training; a flag, the forward is unchanged."""
+        for p in list(self.encoder.parameters()) + list(self.adapter.parameters()):
+            p.requires_grad_(not frozen)
+        return self
+
+
+def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
+    """The speech LLM whose decoder is a deep copy of the text teacher (new encoder and adapter)."""
+    adp_cfg = AdapterConfig(**{**asdict(adp_cfg), "d_in": enc_cfg.n_state, "d_out": teacher.cfg.dim})
+    student = SpeechLM(enc_cfg, adp_cfg, teacher.cfg, audio_token_id)
+    student.decoder = copy.deepcopy(teacher)  # deepcopy keeps a tied head tied
+    return student
+
+
+# -----------------------------------------------------------------------------
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())  # a tied head counts once
+
+
+@torch.no_grad()
+def _bench(fn, reps=3):
+    """Seconds per call: the best of `reps` after a warm-up (the least disturbed by other load)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, vocab_size 2000")
+    for preset in PRESETS:
+        enc_cfg, adp_cfg, dec_cfg = make_configs(preset, vocab_size=2000)
+        m = SpeechLM(enc_cfg, adp_cfg, dec_cfg, audio_token_id=1).eval()
+        ne, na, nd = count_params(m.encoder), count_params(m.adapter), count_params(m.decoder)
+        print(f"[{preset}] params: encoder {ne / 1e6:.3f}M  adapter {na / 1e6:.3f}M  decoder {nd / 1e6:.3f}M"
+              f"  total {(ne + na + nd) / 1e6:.3f}M")
+        B, T = 4, 256
+        ids = torch.randint(0, 2000, (B, T))
+        s = _bench(lambda: m.decoder(ids), reps=5)
+        print(f"[{preset}] decoder forward  {B}x{T} tokens: {B * T / s:10.0f} tokens/s")
+        steps = 32
+
+        def gen():
+            cache = m.decoder.new_cache(8, 64 + steps)
+            m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
+            for _ in range(steps):
+                m.decoder.decode(cache, ids[:, 0].repeat(2))
+        s = _bench(gen, reps=2)
+        print(f"[{preset}] decoder prefill 8x64 + {steps} cached decode steps: {8 * steps / s:10.0f} new tokens/s")
+        mel = torch.randn(4, 80, 1000)  # 4 clips of 10 s
+        s = _bench(lambda: m.encode_audio(mel, torch.full((4,), 1000)), reps=2)
+        print(f"[{preset}] encoder+adapter 4x10 s of audio: {40 / s:10.1f} audio seconds/s")

@@ -1,0 +1,423 @@
+"""model.py: Whisper / Llama compatibility against naive float64 references written here,
+KV-cached decoding against full recomputation, padding invariance, rotary, audio splicing."""
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import model as M  # noqa: E402
+
+ATOL = 1e-5  # cached vs full, padded vs alone (fp32)
+
+
+def tiny_decoder(seed=0, **kw):
+    _, _, cfg = M.make_configs("tiny", vocab_size=97)
+    cfg = M.DecoderConfig(**{**asdict(cfg), **kw})
+    torch.manual_seed(seed)
+    dec = M.Decoder(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a missing weight would show
+        for layer in dec.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    return dec
+
+
+# -----------------------------------------------------------------------------
+# naive float64 references (independent of model.py)
+
+
+def ref_layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def ref_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def ref_softmax_attention(q, k, v, allowed):
+    """q (T, d), k/v (S, d), allowed (T, S) bool."""
+    s = q @ k.T / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.exp(s - s.max(-1, keepdim=True).values)
+    return (p / p.sum(-1, keepdim=True)) @ v
+
+
+def ref_whisper_encoder(sd, n_head, mel):
+    """Whisper's encoder equations, one clip, float64. sd: Whisper keys without 'encoder.'."""
+    g = {k: v.double() for k, v in sd.items()}
+    x = ref_gelu(F.conv1d(mel.double()[None], g["conv1.weight"], g["conv1.bias"], padding=1))
+    x = ref_gelu(F.conv1d(x, g["conv2.weight"], g["conv2.bias"], stride=2, padding=1))[0].T  # (T2, C)
+    T2, C = x.shape
+    x = x + g["positional_embedding"][:T2]
+    hs = C // n_head
+    i = 0
+    while f"blocks.{i}.attn.query.weight" in g:
+        p = f"blocks.{i}."
+        h = ref_layer_norm(x, g[p + "attn_ln.weight"], g[p + "attn_ln.bias"])
+        q = h @ g[p + "attn.query.weight"].T + g[p + "attn.query.bias"]
+        k = h @ g[p + "attn.key.weight"].T
+        v = h @ g[p + "attn.value.weight"].T + g[p + "attn.value.bias"]
+        allowed = torch.ones(T2, T2, dtype=torch.bool)
+        o = torch.cat([ref_softmax_attention(q[:, j * hs:(j + 1) * hs], k[:, j * hs:(j + 1) * hs],
+                                             v[:, j * hs:(j + 1) * hs], allowed) for j in range(n_head)], -1)
+        x = x + o @ g[p + "attn.out.weight"].T + g[p + "attn.out.bias"]
+        h = ref_layer_norm(x, g[p + "mlp_ln.weight"], g[p + "mlp_ln.bias"])
+        h = ref_gelu(h @ g[p + "mlp.0.weight"].T + g[p + "mlp.0.bias"]) @ g[p + "mlp.2.weight"].T + g[p + "mlp.2.bias"]
+        x = x + h
+        i += 1
+    return ref_layer_norm(x, g["ln_post.weight"], g["ln_post.bias"])
+
+
+def whisper_state_dict(dims, gen):
+    """Random weights under Whisper's key names and shapes; the positional table by its formula."""
+    C, M_, L = dims["n_audio_state"], dims["n_mels"], dims["n_audio_layer"]
+
+    def r(*shape, s=0.05):
+        return torch.randn(*shape, generator=gen) * s
+
+    half = C // 2
+    inv = torch.exp(-math.log(10000) / (half - 1) * torch.arange(half, dtype=torch.float64))
+    t = torch.arange(dims["n_audio_ctx"], dtype=torch.float64)[:, None] * inv[None]
+    sd = {"conv1.weight": r(C, M_, 3, s=0.1), "conv1.bias": r(C), "conv2.weight": r(C, C, 3), "conv2.bias": r(C),
+          "positional_embedding": torch.cat([t.sin(), t.cos()], 1).float(),
+          "ln_post.weight": 1 + r(C), "ln_post.bias": r(C)}
+    for i in range(L):
+        p = f"blocks.{i}."
+        sd.update({p + "attn.query.weight": r(C, C), p + "attn.query.bias": r(C), p + "attn.key.weight": r(C, C),
+                   p + "attn.value.weight": r(C, C), p + "attn.value.bias": r(C),
+                   p + "attn.out.weight": r(C, C), p + "attn.out.bias": r(C),
+                   p + "attn_ln.weight": 1 + r(C), p + "attn_ln.bias": r(C),
+                   p + "mlp.0.weight": r(4 * C, C), p + "mlp.0.bias": r(4 * C),
+                   p + "mlp.2.weight": r(C, 4 * C), p + "mlp.2.bias": r(C),
+                   p + "mlp_ln.weight": 1 + r(C), p + "mlp_ln.bias": r(C)})
+    return sd
+
+
+def ref_llama(sd, cfg, ids):
+    """HF Llama equations, one sequence, float64. sd: HF keys without 'model.'; cfg: config.json dict."""
+    g = {k: v.double() for k, v in sd.items()}
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = cfg["hidden_size"]
+    hd = D // H
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    T = len(ids)
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    def rope(x):  # x (T, hd): pairs (i, i + hd/2) rotate by pos * theta^(-2i/hd)
+        out = x.clone()
+        for pos in range(T):
+            for i in range(hd // 2):
+                a = pos * theta ** (-2 * i / hd)
+                c, s = math.cos(a), math.sin(a)
+                out[pos, i] = x[pos, i] * c - x[pos, i + hd // 2] * s
+                out[pos, i + hd // 2] = x[pos, i + hd // 2] * c + x[pos, i] * s
+        return out
+
+    x = g["embed_tokens.weight"][ids]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"layers.{n}."
+        h = rms(x, g[p + "input_layernorm.weight"])
+        q, k, v = (h @ g[p + f"self_attn.{w}_proj.weight"].T for w in "qkv")
+        heads = []
+        for j in range(H):
+            kvj = j // (H // KV)
+            heads.append(ref_softmax_attention(rope(q[:, j * hd:(j + 1) * hd]), rope(k[:, kvj * hd:(kvj + 1) * hd]),
+                                               v[:, kvj * hd:(kvj + 1) * hd], causal))
+        x = x + torch.cat(heads, -1) @ g[p + "self_attn.o_proj.weight"].T
+        h = rms(x, g[p + "post_attention_layernorm.weight"])
+        a = h @ g[p + "mlp.gate_proj.weight"].T
+        x = x + (a * torch.sigmoid(a) * (h @ g[p + "mlp.up_proj.weight"].T)) @ g[p + "mlp.down_proj.weight"].T
+    x = rms(x, g["norm.weight"])
+    head = g["lm_head.weight"] if "lm_head.weight" in g else g["embed_tokens.weight"]
+    return x @ head.T
+
+
+def llama_state_dict(cfg, gen, with_head):
+    D, H, KV, F_, V = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size", "vocab_size"))
+    hd = D // H
+
+    def r(*shape, s=0.1):
+        return torch.randn(*shape, generator=gen) * s
+
+    sd = {"embed_tokens.weight": r(V, D, s=1.0), "norm.weight": 1 + r(D)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"layers.{n}."
+        sd.update({p + "self_attn.q_proj.weight": r(H * hd, D), p + "self_attn.k_proj.weight": r(KV * hd, D),
+                   p + "self_attn.v_proj.weight": r(KV * hd, D), p + "self_attn.o_proj.weight": r(D, H * hd),
+                   p + "mlp.gate_proj.weight": r(F_, D), p + "mlp.up_proj.weight": r(F_, D),
+                   p + "mlp.down_proj.weight": r(D, F_),
+                   p + "input_layernorm.weight": 1 + r(D), p + "post_attention_layernorm.weight": 1 + r(D)})
+    if with_head:
+        sd["lm_head.weight"] = r(V, D)
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# compatibility
+
+
+def test_whisper_encoder_matches_reference(tmp_path):
+    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
+                n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4)  # whisper "tiny"
+    gen = torch.Generator().manual_seed(0)
+    sd = whisper_state_dict(dims, gen)
+    ckpt = {"dims": dims, "model_state_dict": {**{"encoder." + k: v for k, v in sd.items()},
+                                               "decoder.token_embedding.weight": torch.zeros(4, 4)}}
+    torch.save(ckpt, tmp_path / "tiny.pt")
+    enc = M.load_whisper_encoder(str(tmp_path / "tiny.pt")).eval()
+    # the loaded table is the checkpoint's (float64 formula here); sinusoids() computes it in float32
+    # like Whisper, whose angles reach 1500 rad, hence the loose tolerance
+    assert torch.equal(enc.positional_embedding, sd["positional_embedding"])
+    assert (M.sinusoids(1500, 384) - sd["positional_embedding"]).abs().max() < 1e-3
+    mel = torch.randn(1, 80, 3000, generator=gen)  # full length: 30 s
+    with torch.no_grad():
+        x, lens = enc(mel)
+        ref = ref_whisper_encoder(sd, 6, mel[0])
+        assert x.shape == (1, 1500, 384) and lens.tolist() == [1500]
+        assert (x[0].double() - ref).abs().max() < 2e-4
+        x, lens = enc(mel[:, :, :400], torch.tensor([400]))  # shorter: the positional table is sliced
+        ref = ref_whisper_encoder(sd, 6, mel[0, :, :400])
+        assert x.shape == (1, 200, 384) and (x[0].double() - ref).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_decoder_matches_reference(tied):
+    cfg = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+               max_position_embeddings=128)
+    sd = llama_state_dict(cfg, torch.Generator().manual_seed(1), with_head=not tied)
+    # untied: HF's "model." prefix and a stale rotary buffer; tied: bare keys and no lm_head.weight
+    ck = ({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in sd.items()}
+          | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}) if not tied else sd
+    dec = M.load_llama(ck, cfg).eval()
+    assert (dec.lm_head.weight is dec.embed_tokens.weight) == tied
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = dec.logits(dec(ids))[0]
+    ref = ref_llama(sd, cfg, ids[0].tolist())
+    assert (logits.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+def full_hidden(dec, seq):
+    with torch.no_grad():
+        return dec(torch.tensor([seq]))[0]
+
+
+@pytest.mark.parametrize("use_embeds", [False, True])
+def test_cached_decoding_rows_of_different_lengths(use_embeds):
+    dec = tiny_decoder()
+    g = torch.Generator().manual_seed(3)
+    lens, steps = [5, 9, 2], 6
+    seqs = [torch.randint(0, 97, (n + steps,), generator=g).tolist() for n in lens]
+    T = max(lens)
+    prompts = torch.randint(0, 97, (3, T), generator=g)  # padding is random tokens: must not matter
+    for b, n in enumerate(lens):
+        prompts[b, :n] = torch.tensor(seqs[b][:n])
+    with torch.no_grad():
+        cache = dec.new_cache(3, T + steps)
+        lengths = torch.tensor(lens)
+        if use_embeds:
+            h = dec.prefill(cache, lengths, inputs_embeds=dec.embed_tokens(prompts))
+        else:
+            h = dec.prefill(cache, lengths, input_ids=prompts)
+        assert lengths.tolist() == lens  # the caller's tensor is not changed by decode below
+        fulls = [full_hidden(dec, s) for s in seqs]
+        for b, n in enumerate(lens):
+            assert (h[b, :n] - fulls[b][:n]).abs().max() <= ATOL
+        for j in range(steps):
+            tok = torch.tensor([seqs[b][lens[b] + j] for b in range(3)])
+            if use_embeds:
+                hd = dec.decode(cache, inputs_embeds=dec.embed_tokens(tok)[:, None])
+            else:
+                hd = dec.decode(cache, input_ids=tok)
+            assert hd.shape == (3, dec.cfg.dim)
+            for b, n in enumerate(lens):
+                assert (hd[b] - fulls[b][n + j]).abs().max() <= ATOL, (b, j)
+        assert cache.lengths.tolist() == [n + steps for n in lens]
+        assert lengths.tolist() == lens
+
+
+def test_cached_decoding_rows_repeated_after_prefill():
+    dec = tiny_decoder(seed=1)
+    g = torch.Generator().manual_seed(4)
+    lens, n_rep, steps = [3, 7], 3, 5
+    prompts = torch.randint(0, 97, (2, 7), generator=g)
+    with torch.no_grad():
+        cache = dec.new_cache(2, 7 + steps)
+        dec.prefill(cache, torch.tensor(lens), input_ids=prompts)
+        cache = cache.repeat_interleave(n_rep)
+        assert cache.lengths.tolist() == [3, 3, 3, 7, 7, 7] and cache.k[0].shape[0] == 6
+        conts = torch.randint(0, 97, (6, steps), generator=g)  # every sample continues differently
+        outs = torch.stack([dec.decode(cache, input_ids=conts[:, j]) for j in range(steps)], 1)  # (6, steps, dim)
+    for r in range(6):
+        b = r // n_rep
+        full = full_hidden(dec, prompts[b, :lens[b]].tolist() + conts[r].tolist())
+        assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
+
+
+def test_decoder_padding_invariance():
+    dec = tiny_decoder(seed=2)
+    g = torch.Generator().manual_seed(5)
+    row = torch.randint(0, 97, (6,), generator=g)
+    alone = full_hidden(dec, row.tolist())
+    for T, B in [(6, 1), (10, 3), (15, 2)]:
+        batch = torch.randint(0, 97, (B, T), generator=g)  # other rows and the padding differ each time
+        batch[B - 1, :6] = row
+        with torch.no_grad():
+            h = dec(batch)
+        assert (h[B - 1, :6] - alone).abs().max() <= ATOL
+
+
+# -----------------------------------------------------------------------------
+# rotary
+
+
+def test_rotary_depends_on_relative_position_only():
+    dec = tiny_decoder(seed=3)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        h0 = dec(ids)
+        h1 = dec(ids, positions=pos + 37)  # shift every position: same outputs
+        h2 = dec(ids, positions=pos * 2)  # stretch: relative distances change, outputs must too
+    assert (h0 - h1).abs().max() < 1e-5
+    assert (h0 - h2).abs().max() > 1e-3
+    # the score <rope(q, m), rope(k, n)> is a function of m - n
+    q, k = torch.randn(2, 1, 1, 16, dtype=torch.float64)
+
+    def score(m, n):
+        cm, sm = M.rope_cos_sin(torch.tensor([[m]]), 16, 10000.0)
+        cn, sn = M.rope_cos_sin(torch.tensor([[n]]), 16, 10000.0)
+        return (M.apply_rope(q, cm.double(), sm.double()) * M.apply_rope(k, cn.double(), sn.double())).sum()
+
+    assert abs(score(3, 1) - score(53, 51)) < 1e-5
+    assert abs(score(3, 1) - score(1, 3)) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# encoder padding, adapter, splicing, the student copy
+
+
+def test_encoder_padding_invariance():
+    enc_cfg, _, _ = M.make_configs("tiny", 97)
+    torch.manual_seed(7)
+    enc = M.AudioEncoder(**asdict(enc_cfg)).eval()
+    g = torch.Generator().manual_seed(8)
+    mel_lens = [301, 200, 512]
+    mels = torch.randn(3, 80, 512, generator=g)  # the padding is garbage, not zeros: must not matter
+    with torch.no_grad():
+        x, lens = enc(mels, torch.tensor(mel_lens))
+        assert x.shape == (3, 256, 32) and lens.tolist() == [150, 100, 256]
+        for b, n in enumerate(mel_lens):
+            alone, _ = enc(mels[b:b + 1, :, :n])
+            assert alone.shape[1] == n // 2
+            assert (x[b, :n // 2] - alone[0]).abs().max() <= ATOL, b
+            assert (x[b, n // 2:] == 0).all()
+        x, lens = enc(mels[:2], torch.tensor([1, 512]))  # an empty clip gives zeros, not NaN
+        assert lens.tolist() == [0, 256] and torch.isfinite(x).all() and (x[0] == 0).all()
+
+
+def test_adapter_stacks_frames():
+    _, adp_cfg, _ = M.make_configs("tiny", 97)
+    torch.manual_seed(9)
+    adp = M.Adapter(adp_cfg)
+    x = torch.randn(2, 23, adp_cfg.d_in)
+    with torch.no_grad():
+        y, lens = adp(x, torch.tensor([23, 10]))
+        assert y.shape == (2, 5, adp_cfg.d_out) and lens.tolist() == [5, 2]
+        for b, n in enumerate([5, 2]):
+            for j in range(n):
+                stacked = torch.cat([x[b, 4 * j + i] for i in range(4)])  # frames 4j..4j+3, in time order
+                want = adp.proj2(F.gelu(adp.proj1(stacked)))
+                assert torch.allclose(y[b, j], want, atol=1e-6)
+        assert (y[1, 2:] == 0).all()
+
+
+def tiny_speech_lm(audio_token_id=5):
+    enc_cfg, adp_cfg, dec_cfg = M.make_configs("tiny", 97)
+    torch.manual_seed(10)
+    return M.SpeechLM(enc_cfg, adp_cfg, dec_cfg, audio_token_id=audio_token_id).eval()
+
+
+def test_audio_splicing_lands_at_the_placeholder():
+    m = tiny_speech_lm()
+    A, D = 5, m.decoder.cfg.dim
+    ids = torch.tensor([[10, 11, A, 12, 13, 14, 0, 0],
+                        [A, 20, 21, 22, 0, 0, 0, 0],
+                        [30, 31, 32, 33, 34, 35, 36, 37],   # text only
+                        [40, 41, 42, 43, 44, 45, A, 0]])
+    lengths = torch.tensor([6, 4, 8, 7])
+    audio = torch.randn(4, 5, D)
+    audio_lens = torch.tensor([3, 5, 0, 2])
+    with torch.no_grad():
+        x, new_lens = m.embed(ids, lengths, audio, audio_lens)
+        E = m.decoder.embed_tokens.weight
+        want = [torch.cat([E[[10, 11]], audio[0, :3], E[[12, 13, 14]]]),
+                torch.cat([audio[1, :5], E[[20, 21, 22]]]),
+                E[[30, 31, 32, 33, 34, 35, 36, 37]],
+                torch.cat([E[[40, 41, 42, 43, 44, 45]], audio[3, :2]])]
+    assert new_lens.tolist() == [8, 8, 8, 8] and x.shape == (4, 8, D)
+    for b, w in enumerate(want):
+        assert torch.equal(x[b, :len(w)], w), b
+        assert (x[b, len(w):] == 0).all()
+    # a text-only batch is plain embedding; two placeholders in a row are refused
+    x, new_lens = m.embed(ids[2:3], lengths[2:3])
+    assert torch.equal(x[0], want[2]) and new_lens.tolist() == [8]
+    with pytest.raises(ValueError):
+        m.embed(torch.tensor([[A, 1, A]]), torch.tensor([3]), audio[:1], audio_lens[:1])
+
+
+def test_speech_lm_end_to_end_and_freeze():
+    m = tiny_speech_lm()
+    mel = torch.randn(2, 80, 160)  # 1.6 s -> 80 encoder frames -> 20 audio tokens
+    emb, alens = m.encode_audio(mel, torch.tensor([160, 96]))
+    assert emb.shape == (2, 20, m.decoder.cfg.dim) and alens.tolist() == [20, 12]
+    ids = torch.tensor([[1, 2, 5, 3], [1, 5, 3, 0]])
+    m.freeze_audio()
+    h, lens = m(ids, torch.tensor([4, 3]), mel, torch.tensor([160, 96]))
+    assert lens.tolist() == [23, 14] and h.shape == (2, 23, m.decoder.cfg.dim)
+    h[0, lens[0] - 1].sum().backward()
+    assert all(p.grad is None for p in m.encoder.parameters()) and all(p.grad is None for p in m.adapter.parameters())
+    assert m.decoder.layers[0].mlp.up_proj.weight.grad is not None
+    m.freeze_audio(False)
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_student_copy_gives_teacher_logits_exactly():
+    teacher = tiny_decoder(seed=11)
+    enc_cfg, adp_cfg, _ = M.make_configs("tiny", 97)
+    student = M.student_from_teacher(teacher, enc_cfg, adp_cfg, audio_token_id=5)
+    ids = torch.randint(6, 97, (3, 10), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        t_logits = teacher.logits(teacher(ids))
+        assert torch.equal(student.decoder.logits(student.decoder(ids)), t_logits)
+        x, _ = student.embed(ids, torch.full((3,), 10))  # the student's text path
+        assert torch.equal(student.decoder.logits(student.decoder(inputs_embeds=x)), t_logits)
+    # a copy, not shared: training the student leaves the teacher alone; the tie survives
+    assert student.decoder.lm_head.weight is student.decoder.embed_tokens.weight
+    with torch.no_grad():
+        student.decoder.embed_tokens.weight.add_(1.0)
+    assert torch.equal(teacher.logits(teacher(ids)), t_logits)
+
+
+def test_configs_round_trip():
+    for preset in M.PRESETS:
+        enc, adp, dec = M.make_configs(preset, vocab_size=123)
+        assert adp.d_in == enc.n_state and adp.d_out == dec.dim and dec.vocab_size == 123
+        for cfg in (enc, adp, dec):
+            assert type(cfg)(**asdict(cfg)) == cfg
