@@ -1,0 +1,496 @@
+"""Tests for xopd.py: sampling, the fused log-prob gather, the X-OPD / GKD / SFT losses, one step.
+Every reference is naive and float64 where numbers are compared."""
+import copy
+import itertools
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import xopd  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors gain nothing from threads, and when other test files run beside this one,
+    # oversubscribed OpenMP barriers can slow small ops a hundredfold
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def naive_logprobs(h, w, t, temperature=1.0):
+    return F.log_softmax(h @ w.T / temperature, dim=-1).gather(1, t[:, None]).squeeze(1)
+
+
+def tiny_decoder(vocab=16, dtype=torch.float64, seed=0, scale=20.0):
+    """A 2-layer Llama; weights scaled up from the 0.02 init so distributions are far from uniform."""
+    torch.manual_seed(seed)
+    cfg = model.DecoderConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    dec = model.Decoder(cfg)
+    with torch.no_grad():
+        dec.embed_tokens.weight.mul_(scale)  # tied head: sharper logits
+    return dec.to(dtype).eval()
+
+
+def chi2_pvalue(counts, probs):
+    """Pearson chi-square goodness of fit over the tokens with probability > 0."""
+    n = counts.sum()
+    keep = probs > 0
+    expected = n * probs[keep]
+    stat = ((counts[keep] - expected) ** 2 / expected).sum()
+    df = int(keep.sum()) - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2).item()
+
+
+# -----------------------------------------------------------------------------
+# token_logprobs
+
+
+@pytest.mark.parametrize("N,V,d,chunk", [(37, 50, 8, 16), (1, 50, 8, 16), (64, 11, 5, 1024), (48, 30, 6, 16)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_float64_values_and_grads(N, V, d, chunk, temperature):
+    g = torch.Generator().manual_seed(N * V)
+    h = torch.randn(N, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    upstream = torch.randn(N, dtype=torch.float64, generator=g)  # a non-uniform incoming gradient
+    out = xopd.token_logprobs(h, w, t, chunk_size=chunk, temperature=temperature)
+    gh, gw = torch.autograd.grad((out * upstream).sum(), (h, w))
+    ref = naive_logprobs(h, w, t, temperature)
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (h, w))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=0, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=0, atol=1e-9)
+
+
+def test_token_logprobs_float32_and_bf16():
+    g = torch.Generator().manual_seed(1)
+    h64 = torch.randn(200, 32, dtype=torch.float64, generator=g)
+    w64 = torch.randn(300, 32, dtype=torch.float64, generator=g) * 0.3
+    t = torch.randint(0, 300, (200,), generator=g)
+    ref = naive_logprobs(h64, w64, t)
+    rh, rw = torch.autograd.grad(naive_logprobs(h64.requires_grad_(), w64.requires_grad_(), t).sum(), (h64, w64))
+    h, w = h64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
+    out = xopd.token_logprobs(h, w, t, chunk_size=64)
+    gh, gw = torch.autograd.grad(out.sum(), (h, w))
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-5, atol=1e-5)
+    # bf16 inputs: accumulation in float32, so the only error is the inputs' own rounding
+    hb, wb = h64.detach().bfloat16().requires_grad_(), w64.detach().bfloat16().requires_grad_()
+    outb = xopd.token_logprobs(hb, wb, t, chunk_size=64)
+    assert outb.dtype == torch.float32
+    refb = naive_logprobs(hb.detach().double(), wb.detach().double(), t)
+    torch.testing.assert_close(outb.double(), refb, rtol=1e-5, atol=1e-5)
+    gb = torch.autograd.grad(outb.sum(), (hb, wb))
+    assert gb[0].dtype == torch.bfloat16 and gb[1].dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# sample_next_token
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """Reference filter written differently: loop over the sorted tokens."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    mass = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if top_k and rank >= top_k:
+            break
+        keep[i] = True
+        mass += p[i].item()
+    if top_p < 1.0:
+        q = torch.where(keep, p, 0.0)
+        q = q / q.sum()
+        keep2 = torch.zeros_like(keep)
+        mass = 0.0
+        for i in order.tolist():
+            if not keep[i] or mass >= top_p:
+                break
+            keep2[i] = True
+            mass += q[i].item()
+        keep = keep2
+    q = torch.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    for top_p, kept in [(0.8, 2), (0.81, 3), (0.01, 1), (0.5, 1), (0.96, 4), (1.0, 4)]:
+        draws = torch.stack([xopd.sample_next_token(logits, torch.Generator().manual_seed(s), top_p=top_p)[0]
+                             for s in range(300)])
+        assert set(draws.flatten().tolist()) == set(range(kept)), (top_p, kept)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0),
+                                                     (1.0, 0, 0.8), (0.8, 6, 0.9)])
+def test_sample_next_token_frequencies(temperature, top_k, top_p):
+    """Chi-square goodness of fit of 20000 draws to the filtered softmax, significance 1e-4
+    (a correct sampler fails one in 10^4 runs; the seed is fixed, so it is deterministic)."""
+    V, draws = 10, 20000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(3)) * 1.5
+    gen = torch.Generator().manual_seed(4)
+    ids, lps = xopd.sample_next_token(logits.expand(draws, V), gen, temperature, top_k, top_p)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    counts = torch.bincount(ids, minlength=V).double()
+    assert (counts[probs == 0] == 0).all(), "a filtered-out token was drawn"
+    assert chi2_pvalue(counts, probs) > 1e-4
+    # the returned log-prob is under the filtered, renormalised distribution
+    torch.testing.assert_close(lps.double(), probs.log()[ids], rtol=0, atol=1e-5)
+
+
+def test_sample_next_token_greedy():
+    logits = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
+    ids, lp = xopd.sample_next_token(logits, None, temperature=0.0)
+    assert torch.equal(ids, logits.argmax(-1)) and torch.equal(lp, torch.zeros(5))
+
+
+# -----------------------------------------------------------------------------
+# KV-cached sampling with a tiny decoder
+
+
+def prompts(vocab, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, :n] = torch.randint(1, vocab, (n,), generator=g)
+    return ids, torch.tensor(lens)
+
+
+def test_greedy_equals_uncached_argmax():
+    dec = tiny_decoder()
+    ids, lens = prompts(16, [5, 2, 7])
+    out, mask, lp = xopd.sample(dec, lens, input_ids=ids, max_new_tokens=8, eos_id=99, temperature=0.0)
+    assert out.shape == (3, 8) and mask.all()
+    with torch.no_grad():
+        for b in range(3):
+            seq = ids[b, :lens[b]].tolist()
+            for _ in range(8):  # recompute the whole prefix every step
+                seq.append(dec.logits(dec(torch.tensor([seq]))[0, -1]).argmax().item())
+            assert out[b].tolist() == seq[lens[b]:]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
+def test_sample_logprobs_match_recomputation(temperature, top_k):
+    dec = tiny_decoder()
+    ids, lens = prompts(16, [4, 6])
+    out, mask, lp = xopd.sample(dec, lens, input_ids=ids, n=3, max_new_tokens=6, eos_id=0,
+                                temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for r in range(out.size(0)):
+            b = r // 3  # rows b*n .. b*n+n-1 belong to prompt b
+            seq = torch.cat([ids[b, :lens[b]], out[r]])[None]
+            logits = dec.logits(dec(seq)[0, lens[b] - 1:-1]) / temperature  # (L, V) predicting each sampled token
+            if top_k:
+                kth = logits.topk(top_k, -1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            ref = logits.log_softmax(-1).gather(1, out[r, :, None]).squeeze(1)
+            m = mask[r]
+            torch.testing.assert_close(lp[r][m], ref[m], rtol=0, atol=1e-9)
+
+
+def test_sample_eos_mask_seed_and_n():
+    dec = tiny_decoder(vocab=8, scale=5.0)
+    ids, lens = prompts(8, [3, 5, 4, 2])
+    kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3, generator=torch.Generator().manual_seed(1))
+    out, mask, lp = xopd.sample(dec, lens, **kw)
+    is_eos = out == 3
+    ended = is_eos.any(1)
+    assert 0 < ended.sum() < out.size(0) or ended.all()
+    assert ended.any()
+    for r in range(out.size(0)):
+        if ended[r]:
+            first = is_eos[r].nonzero()[0].item()
+            assert mask[r, :first + 1].all() and not mask[r, first + 1:].any()  # eos itself is real
+            assert (out[r, first:] == 3).all()  # finished rows keep emitting eos
+            assert (lp[r, first + 1:] == 0).all()
+        else:
+            assert mask[r].all() and out.size(1) == 40
+    # a seed reproduces the rollouts; n samples of one prompt differ
+    kw["generator"] = torch.Generator().manual_seed(1)
+    again = xopd.sample(dec, lens, **kw)
+    assert all(torch.equal(a, b) for a, b in zip((out, mask, lp), again))
+    for b in range(4):
+        group = {tuple(out[b * 4 + i][mask[b * 4 + i]].tolist()) for i in range(4)}
+        assert len(group) > 1
+
+
+def test_response_hidden_matches_per_row_forward():
+    dec = tiny_decoder()
+    ids, lens = prompts(16, [5, 2, 7])
+    resp = torch.randint(0, 16, (3, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h = xopd.response_hidden(dec, dec.embed_tokens(ids), lens, resp)
+        for b in range(3):
+            full = dec(torch.cat([ids[b, :lens[b]], resp[b]])[None])[0]
+            torch.testing.assert_close(h[b], full[lens[b] - 1:-1], rtol=0, atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
+# X-OPD loss
+
+
+def test_xopd_loss_reduction_and_lambda():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    lp = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    old = lp.detach() + 0.1 * torch.randn(2, 4, dtype=torch.float64, generator=g)
+    teacher = torch.randn(2, 4, dtype=torch.float64, generator=g)
+    loss, stats = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0)
+    obj = (lp - old).exp() * (teacher - lp.detach())
+    ref = -(obj[0, :3].mean() + obj[1, :1].mean()) / 2  # per-sequence mean, then mean over sequences
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
+    assert stats["adv_im"] == pytest.approx((teacher - lp.detach())[mask].mean().item())
+    # lambda selects the terms
+    cm = (lp * 2, old, teacher * 3, mask)
+    l_im = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0)[0]
+    l_cm = xopd.xopd_loss(None, cm, lam=0.0)[0]
+    assert xopd.xopd_loss((lp, old, teacher, mask), cm, lam=1.0)[0].item() == l_im.item()
+    assert xopd.xopd_loss((lp, old, teacher, mask), cm, lam=0.0)[0].item() == l_cm.item()
+    mixed = xopd.xopd_loss((lp, old, teacher, mask), cm, lam=0.3)[0]
+    torch.testing.assert_close(mixed, 0.3 * l_im + 0.7 * l_cm, rtol=0, atol=1e-12)
+    # PPO clip changes only tokens whose ratio left [1 - eps, 1 + eps]
+    clipped = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, clip_eps=0.05)[0]
+    r = (lp - old).exp()
+    adv = teacher - lp.detach()
+    obj_c = torch.minimum(r * adv, r.clamp(0.95, 1.05) * adv)
+    torch.testing.assert_close(clipped, -(obj_c[0, :3].mean() + obj_c[1, :1].mean()) / 2, rtol=0, atol=1e-12)
+
+
+def test_xopd_mc_gradient_matches_per_step_reverse_kl():
+    """
+    Tabular policy, vocab 3, fixed length 3, no eos (so the per-sequence 1/T weight is a
+    constant). X-OPD's expected gradient, E[grad log pi(y_t|y<t) * A_t] summed over t, is
+    -grad sum_t E_{y<t ~ pi} KL(pi(.|y<t) || q(.|y<t)) with the prefix distribution NOT
+    differentiated. The sequence-level reverse KL KL(pi(y) || q(y)) = the same sum with the
+    prefix distribution differentiated too: its extra (reward-to-go) terms are what X-OPD
+    drops, and the test checks that the estimator is distinguishable from it.
+    100 batches of 1000 rollouts; batch-mean gradients give the standard error; pass if
+    every one of the 39 components is within 4.5 standard errors (a correct estimator fails
+    with probability ~39 * 7e-6 ~ 3e-4; the seed is fixed).
+    """
+    V, T = 3, 3
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(T, V ** (T - 1), V, dtype=torch.float64, generator=g, requires_grad=True)
+    q_logits = torch.randn(T, V ** (T - 1), V, dtype=torch.float64, generator=g)
+    lq = q_logits.log_softmax(-1)
+
+    def prefix_index(y, t):  # y (M, >=t) -> index of the prefix y<t in base V
+        idx = torch.zeros(y.size(0), dtype=torch.long)
+        for s in range(t):
+            idx = idx * V + y[:, s]
+        return idx
+
+    def exact(differentiate_prefix):
+        lp = theta.log_softmax(-1)
+        total = 0.0
+        for t in range(T):
+            for prefix in itertools.product(range(V), repeat=t):
+                i = prefix_index(torch.tensor([prefix], dtype=torch.long).reshape(1, t), t)[0]
+                w = sum(lp[s, prefix_index(torch.tensor([prefix[:s]]).reshape(1, s), s)[0], prefix[s]]
+                        for s in range(t)) if t else torch.tensor(0.0, dtype=torch.float64)
+                w = w.exp() if differentiate_prefix else w.exp().detach()
+                kl = (lp[t, i].exp() * (lp[t, i] - lq[t, i])).sum()
+                total = total + w * kl
+        return torch.autograd.grad(total, theta)[0] / T  # the loss averages over the T tokens
+
+    batches, M = 100, 1000
+    grads = []
+    for _ in range(batches):
+        y = torch.zeros(M, T, dtype=torch.long)
+        lps, lqs = [], []
+        for t in range(T):
+            i = prefix_index(y, t)
+            lp_t = theta[t, i].log_softmax(-1)  # (M, V), with grad
+            tok = torch.multinomial(lp_t.detach().exp(), 1, generator=g)  # (M, 1)
+            y[:, t] = tok[:, 0]
+            lps.append(lp_t.gather(1, tok).squeeze(1))
+            lqs.append(lq[t, i].gather(1, tok).squeeze(1))
+        lp = torch.stack(lps, 1)  # (M, T)
+        loss, _ = xopd.xopd_loss((lp, lp.detach(), torch.stack(lqs, 1), torch.ones(M, T, dtype=torch.bool)), None, lam=1.0)
+        grads.append(torch.autograd.grad(loss, theta)[0])
+    grads = torch.stack(grads)
+    used = torch.stack([torch.arange(V ** (T - 1)) < V ** t for t in range(T)])  # table rows a prefix reaches
+    mean, se = grads.mean(0)[used], grads.std(0)[used] / math.sqrt(batches)  # (39,)
+    z = (mean - exact(False)[used]) / se
+    assert z.abs().max() < 4.5, z.abs().max()
+    z_seq = (mean - exact(True)[used]) / se
+    assert z_seq.abs().max() > 10  # the sequence-level gradient is a different target
+
+
+def speech_lm_pair(vocab=24, audio_id=23, seed=0):
+    torch.manual_seed(seed)
+    enc, adp, dec = model.make_configs("tiny", vocab)
+    teacher = model.Decoder(dec)
+    with torch.no_grad():
+        teacher.embed_tokens.weight.mul_(20.0)
+    student = model.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
+    return student, teacher
+
+
+def paired_batch(vocab=24, audio_id=23, B=3, seed=0):
+    """Text prompts [1, transcript, 2]; speech prompts [1, AUDIO, 2]; the transcript's length varies."""
+    g = torch.Generator().manual_seed(seed)
+    text, speech, transcripts = [], [], []
+    for b in range(B):
+        tr = torch.randint(4, 20, (3 + 2 * b,), generator=g).tolist()
+        transcripts.append(tr)
+        text.append([1] + tr + [2])
+        speech.append([1, audio_id, 2])
+
+    def collate(seqs):
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        return ids, torch.tensor([len(s) for s in seqs])
+    text_ids, text_lens = collate(text)
+    speech_ids, speech_lens = collate(speech)
+    resp_ids, resp_lens = collate([torch.randint(4, 20, (2 + b,), generator=g).tolist() + [3] for b in range(B)])
+    mels = torch.randn(B, 80, 64, generator=g)
+    return dict(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids, speech_lens=speech_lens,
+                mels=mels, mel_lens=torch.full((B,), 64), response_ids=resp_ids, response_lens=resp_lens), transcripts
+
+
+def test_xopd_step_zero_advantage_when_teacher_is_student(monkeypatch):
+    """Teacher == student's decoder and the 'audio' carries exactly the transcript's token
+    embeddings: both terms' advantages are exactly 0, so is the loss, and nothing moves."""
+    student, teacher = speech_lm_pair()
+    teacher = copy.deepcopy(student.decoder)
+    batch, transcripts = paired_batch()
+
+    def encode_audio(mel, mel_lens):  # S carries the same information as T
+        ids = torch.zeros(len(transcripts), max(map(len, transcripts)), dtype=torch.long)
+        for b, tr in enumerate(transcripts):
+            ids[b, :len(tr)] = torch.tensor(tr)
+        return student.decoder.embed_tokens(ids), torch.tensor([len(t) for t in transcripts])
+    monkeypatch.setattr(student, "encode_audio", encode_audio)
+    opt = torch.optim.SGD(student.decoder.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in student.decoder.parameters()]
+    m = xopd.xopd_step(student, teacher, opt, batch, n=2, max_new_tokens=6, eos_id=3,
+                       generator=torch.Generator().manual_seed(0))
+    assert m["adv_im"] == 0.0 and m["adv_cm"] == 0.0 and m["loss"] == 0.0
+    assert m["rkl_im"] == 0.0 and m["rkl_cm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, student.decoder.parameters()))
+
+
+def test_xopd_step_trains_decoder_only():
+    student, teacher = speech_lm_pair()
+    with torch.no_grad():  # a teacher that differs from the student
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch, _ = paired_batch()
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    frozen = [p.detach().clone() for p in list(student.encoder.parameters()) + list(student.adapter.parameters())]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    dec_before = [p.detach().clone() for p in student.decoder.parameters()]
+    m = xopd.xopd_step(student, teacher, opt, batch, n=2, max_new_tokens=5, eos_id=3,
+                       generator=torch.Generator().manual_seed(0))
+    for k in ("loss", "adv_im", "adv_cm", "rkl_im", "rkl_cm", "resp_len", "frac_ended",
+              "ms_rollout", "ms_teacher", "ms_update"):
+        assert math.isfinite(m[k]), k
+    assert m["rkl_im"] > 0 and m["rkl_cm"] > 0  # the estimates of a KL between different models
+    assert 1 <= m["resp_len"] <= 5
+    assert all(torch.equal(a, b) for a, b in zip(frozen, list(student.encoder.parameters()) + list(student.adapter.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(dec_before, student.decoder.parameters()))
+    # lambda = 1: text rollouts only
+    m1 = xopd.xopd_step(student, teacher, opt, batch, n=2, lam=1.0, max_new_tokens=5, eos_id=3,
+                        generator=torch.Generator().manual_seed(0))
+    assert "adv_im" in m1 and "adv_cm" not in m1
+    m0 = xopd.xopd_step(student, teacher, opt, batch, n=2, lam=0.0, max_new_tokens=5, eos_id=3,
+                        generator=torch.Generator().manual_seed(0))
+    assert "adv_cm" in m0 and "adv_im" not in m0
+    # the baselines' steps run on the same batch; student_frac picks fixed vs sampled responses
+    for frac in (0.0, 1.0):
+        mg = xopd.gkd_step(student, teacher, opt, batch, student_frac=frac, max_new_tokens=5, eos_id=3,
+                           generator=torch.Generator().manual_seed(0))
+        assert math.isfinite(mg["loss"]) and mg["loss"] > 0 and mg["frac_student"] == frac
+    assert math.isfinite(xopd.sft_step(student, opt, batch)["loss"])
+    # a teacher with another vocabulary is refused
+    other = model.Decoder(model.DecoderConfig(vocab_size=30, dim=48, n_layers=1, n_heads=4, hidden_dim=64))
+    with pytest.raises(ValueError, match="vocabulary"):
+        xopd.xopd_step(student, other, opt, batch, max_new_tokens=2, eos_id=3)
+
+
+# -----------------------------------------------------------------------------
+# GKD and SFT
+
+
+def naive_gjsd(ls_logits, lt_logits, beta, temperature=1.0):
+    p = torch.softmax(lt_logits / temperature, -1)  # teacher
+    q = torch.softmax(ls_logits / temperature, -1)  # student
+    if beta == 0:
+        return (p * (p.log() - q.log())).sum(-1)
+    if beta == 1:
+        return (q * (q.log() - p.log())).sum(-1)
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gkd_loss_values_and_grads(beta, temperature):
+    g = torch.Generator().manual_seed(0)
+    N, V, ds, dt = 29, 40, 6, 9
+    hs = torch.randn(N, ds, dtype=torch.float64, generator=g, requires_grad=True)
+    ws = torch.randn(V, ds, dtype=torch.float64, generator=g, requires_grad=True)
+    ht = torch.randn(N, dt, dtype=torch.float64, generator=g)
+    wt = torch.randn(V, dt, dtype=torch.float64, generator=g)
+    upstream = torch.rand(N, dtype=torch.float64, generator=g)
+    out = xopd.gkd_loss(hs, ws, ht, wt, beta, temperature, chunk_size=8)
+    ref = naive_gjsd(hs @ ws.T, ht @ wt.T, beta, temperature).double()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)  # float32 inside
+    gh, gw = torch.autograd.grad((out.double() * upstream).sum(), (hs, ws))
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (hs, ws))
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+    assert (out >= -1e-6).all()
+    if beta in (0.0, 1.0):  # the endpoints are the two KLs, computed another way
+        kl = F.kl_div((hs @ ws.T / temperature).log_softmax(-1), (ht @ wt.T / temperature).log_softmax(-1),
+                      log_target=True, reduction="none").sum(-1)
+        if beta == 1.0:
+            kl = F.kl_div((ht @ wt.T / temperature).log_softmax(-1), (hs @ ws.T / temperature).log_softmax(-1),
+                          log_target=True, reduction="none").sum(-1)
+        torch.testing.assert_close(out.double(), kl.detach(), rtol=0, atol=1e-5)
+    # zero for equal distributions
+    same = xopd.gkd_loss(hs.detach(), ws.detach(), hs.detach(), ws.detach(), beta, temperature, chunk_size=8)
+    assert same.abs().max() < 1e-6
+
+
+def test_sft_loss_matches_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(20, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 20, (3, 5), generator=g)
+    mask = torch.arange(5)[None] < torch.tensor([[5], [2], [3]])
+    loss = xopd.sft_loss(h, w, t, mask, chunk_size=4)
+    ref = F.cross_entropy((h @ w.T)[mask], t[mask])
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(loss, w)[0], torch.autograd.grad(ref, w)[0], rtol=0, atol=1e-10)
+
+
+def test_check_same_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    def tok(words, specials):
+        t = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+        t.add_special_tokens(specials)
+        return t
+    a = tok(["<unk>", "a", "b"], ["<|end|>"])
+    xopd.check_same_tokenizer(a, tok(["<unk>", "a", "b"], ["<|end|>"]))
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        xopd.check_same_tokenizer(a, tok(["<unk>", "b", "a"], ["<|end|>"]))
+    with pytest.raises(ValueError, match="differ"):
+        xopd.check_same_tokenizer(a, tok(["<unk>", "a", "b"], ["<|eot|>"]))

@@ -1,0 +1,464 @@
+"""
+X-OPD: cross-modal on-policy distillation (Cao et al., arXiv 2603.24596), and the
+baselines it is compared with (SFT / offline KD, GKD).
+
+Top to bottom: sampling (one pure function of logits, then KV-cached rollouts), the
+fused log-prob gather, the losses, one training step per method.
+
+Equation numbers follow the order of the method in DESIGN.md §1 (the paper's §3):
+  Eq. 1  in-modal advantage     A_im(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | T, y<t)
+  Eq. 2  cross-modal advantage  A_cm(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | S, y<t)
+  Eq. 3  importance ratio       r_t = pi_theta(y_t | .) / pi_theta_old(y_t | .)
+  Eq. 4  per-term loss          L = -mean_seq( mean_t( r_t * A_t ) )        (A_t detached)
+  Eq. 5  objective              L = lam * L_im + (1 - lam) * L_cm
+
+What Eq. 4's gradient is, exactly: per step, E_{y_t ~ pi}[grad log pi(y_t|y<t) * A_t] =
+-grad KL(pi(.|y<t) || pi_phi(.|y<t)) with the prefix y<t held fixed, so in expectation
+over rollouts the gradient is -grad of sum_t E_{y<t ~ pi (not differentiated)} KL_t, the
+per-step reverse KL. The sequence-level reverse KL KL(pi(y|x) || pi_phi(y|T)) has, in
+addition, the terms through the prefix distribution (a reward-to-go sum_{s>=t} A_s in
+place of A_t would give them); X-OPD, like on-policy distillation in general, drops them.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
+    """
+    Draw one token per row from (B, V) logits. Temperature 0 is argmax (log-prob 0, a
+    point mass). Otherwise: divide by temperature, keep the top_k tokens (0 = all), then
+    the smallest set whose cumulative probability reaches top_p (the top token always
+    stays), renormalise and draw. Returns ids (B,) and each id's log-prob under the
+    distribution it was drawn from.
+    """
+    if temperature == 0:
+        ids = logits.argmax(dim=-1)
+        return ids, torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if 0 < top_k < logits.size(-1):
+        # keep exactly k by index, so ties at the k-th value do not let more through
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # token i stays if the mass strictly before it is < p: this is the smallest
+        # prefix whose mass reaches p, and the first token (mass before it 0) always stays
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    logp = logits.log_softmax(dim=-1)
+    ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _last(hidden, lengths):
+    """hidden (B, T, d) -> (B, d) at each row's last real position."""
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
+
+
+def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new_tokens,
+           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """
+    KV-cached rollouts: prefill the right-padded prompts once, repeat the cache n times
+    (row b -> rows b*n .. b*n+n-1), decode one token per step. Finished rows keep
+    emitting eos and are masked. Returns ids (B*n, L), mask (B*n, L) bool (real
+    positions, up to and including the first eos), logprobs (B*n, L) (float32, or
+    float64 for a float64 model) gathered from the sampling logits (0 where masked).
+    L <= max_new_tokens: the loop stops when every row has ended.
+    """
+    with torch.inference_mode():
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        B, T = prompt.shape[:2]
+        cache = decoder.new_cache(B, T + max_new_tokens)
+        hidden = decoder.prefill(cache, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        logits = decoder.logits(_last(hidden, lengths))  # (B, V)
+        if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
+            cache = cache.repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+        done = torch.zeros(B * n, dtype=torch.bool, device=logits.device)
+        ids, mask, logprobs = [], [], []
+        for step in range(max_new_tokens):
+            tok, lp = sample_next_token(logits, generator, temperature, top_k, top_p)
+            tok = tok.masked_fill(done, eos_id)
+            ids.append(tok)
+            mask.append(~done)
+            logprobs.append(lp.masked_fill(done, 0.0))
+            done = done | (tok == eos_id)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits = decoder.logits(decoder.decode(cache, input_ids=tok))  # (B*n, V)
+        out = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logprobs, 1)
+    # inference tensors cannot be saved for backward; clones made outside can
+    return tuple(x.clone() for x in out)
+
+
+# -----------------------------------------------------------------------------
+# fused log-prob gather
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        w = weight.to(acc)  # no copy for float32 / float64; bf16 accumulates in float32
+        out = torch.empty(hidden.size(0), dtype=acc, device=hidden.device)
+        lse = torch.empty_like(out)
+        for i in range(0, hidden.size(0), chunk_size):
+            logits = hidden[i:i + chunk_size].to(acc) @ w.T  # (c, V), the only big tensor
+            if temperature != 1.0:
+                logits.mul_(1.0 / temperature)
+            out[i:i + chunk_size] = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
+            m = logits.amax(dim=-1, keepdim=True)
+            lse[i:i + chunk_size] = logits.sub_(m).exp_().sum(-1).log_() + m.squeeze(1)
+            del logits  # free this chunk before the next is allocated: one (c, V) buffer at a time
+        out -= lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        acc, c, tau = lse.dtype, ctx.chunk_size, ctx.temperature
+        w = weight.to(acc)
+        grad_out = grad_out.to(acc) / tau  # d(logits/tau) = d(logits) / tau
+        grad_h = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.size(0), c):
+            h = hidden[i:i + c].to(acc)
+            g = grad_out[i:i + c]
+            # recompute the chunk's probabilities in place: p = exp(logits / tau - lse)
+            p = h @ w.T
+            if tau != 1.0:
+                p.mul_(1.0 / tau)
+            p.sub_(lse[i:i + c, None]).exp_()
+            # d out / d logits = onehot(target) - p, scaled by the incoming gradient
+            p.mul_(-g[:, None])
+            p[torch.arange(p.size(0), device=p.device), targets[i:i + c]] += g
+            if grad_h is not None:
+                grad_h[i:i + c] = p @ w
+            if grad_w is not None:
+                grad_w.addmm_(p.T, h)
+            del p
+        grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
+    """
+    log softmax(hidden @ weight.T / temperature) at targets, never holding more than
+    (chunk_size, V) logits; backward recomputes each chunk. hidden (N, d), weight (V, d),
+    targets (N,) -> (N,) in float32 (float64 for float64 inputs).
+    """
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature)
+
+
+def response_hidden(decoder, prompt_embeds, prompt_lens, response_ids):
+    """
+    Run prompt + response through the decoder in one causal pass and return the hidden
+    states that PREDICT each response token (the position before it): (B, L, dim).
+    prompt_embeds (B, T, dim) right padded with prompt_lens (B,); response_ids (B, L).
+    """
+    B, T = prompt_embeds.shape[:2]
+    L = response_ids.size(1)
+    x = torch.cat([prompt_embeds, decoder.embed_tokens(response_ids)], dim=1)  # (B, T+L, dim)
+    # move each response to sit right after its own prompt: row b reads position j from
+    # j (prompt part) or T + j - len_b (response part); the tail is padding
+    j = torch.arange(T + L, device=x.device)[None]
+    lens = prompt_lens[:, None]
+    src = torch.where(j < lens, j, (T + j - lens).clamp(max=T + L - 1))  # (B, T+L)
+    x = x.gather(1, src[..., None].expand(-1, -1, x.size(-1)))
+    hidden = decoder(inputs_embeds=x)  # (B, T+L, dim); causal, so padding never leaks back
+    pos = lens - 1 + torch.arange(L, device=x.device)[None]  # (B, L)
+    return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.size(-1)))
+
+
+def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size=1024, temperature=1.0):
+    """Log-prob of each response token (B, L), 0 where mask is False, via the fused gather."""
+    h = response_hidden(decoder, prompt_embeds, prompt_lens, ids)
+    out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    lp = token_logprobs(h[mask], decoder.lm_head.weight, ids[mask], chunk_size, temperature)
+    return out.masked_scatter(mask, lp.float())
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def _seq_mean(x, mask):
+    """Mean over each row's real tokens, then over rows."""
+    m = mask.to(x.dtype)
+    return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
+def pg_term(logp, logp_old, logp_teacher, mask, clip_eps=0.0):
+    """
+    One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with
+    grad; logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L).
+
+    The advantage is taken from the recomputed student log-probs, detached, not from the
+    sampling-time ones: on-policy they are equal, but the recomputation goes through the
+    same code path as the teacher's (full causal pass + fused gather), so a teacher equal
+    to the student gives an advantage of exactly 0 rather than KV-cache rounding noise,
+    and the advantage stays the log-ratio of the two full distributions even when the
+    rollouts were drawn with top-k / top-p.
+    Returns (loss, mean advantage per real token).
+    """
+    adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
+    ratio = torch.exp(logp - logp_old)  # Eq. 3, = 1 in value on-policy; its gradient is grad log pi
+    obj = ratio * adv
+    if clip_eps > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
+        obj = torch.minimum(obj, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = -_seq_mean(obj, mask)  # Eq. 4: per-sequence mean over real tokens, then mean over sequences
+    return loss, adv[mask].mean()
+
+
+def xopd_loss(im=None, cm=None, lam=0.5, clip_eps=0.0):
+    """
+    Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im and cm are tuples
+    (logp, logp_old, logp_teacher, mask), each (B, L), for rollouts from the text prompt T
+    and from the speech prompt S; a term may be None when its weight is 0.
+    Returns (loss, stats) with stats the mean advantage per term (its negative is a
+    per-token reverse-KL estimate) and the sequence-level reverse-KL estimate
+    mean_rows(sum_t -A_t), which is unbiased for KL(pi_theta(y|.) || pi_phi(y|T)).
+    """
+    loss, stats = 0.0, {}
+    for name, term, w in (("im", im, lam), ("cm", cm, 1.0 - lam)):
+        if term is None:
+            assert w == 0, f"the {name} term has weight {w} but no rollouts"
+            continue
+        logp, logp_old, logp_teacher, mask = term
+        term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, clip_eps)
+        loss = loss + w * term_loss  # Eq. 5
+        stats[f"adv_{name}"] = adv.item()
+        stats[f"rkl_{name}"] = -((logp_teacher - logp).detach() * mask).sum(1).mean().item()
+    return loss, stats
+
+
+def gkd_divergence(student_logits, teacher_logits, beta=0.5, temperature=1.0):
+    """
+    Generalised JSD(beta) per row between next-token distributions (..., V) -> (...):
+    beta = 0 is KL(teacher || student) (forward), beta = 1 is KL(student || teacher)
+    (reverse), in between beta * KL(teacher || M) + (1 - beta) * KL(student || M) with
+    the mixture M = beta * teacher + (1 - beta) * student in probability space (Agarwal
+    et al. 2024, Eq. 1; TRL's convention). The endpoints are the two KLs themselves, not
+    the limits of the mixed form (which tend to 0 there).
+    """
+    ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    lt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0:
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if beta == 1:
+        return (ls.exp() * (ls - lt)).sum(-1)
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))  # log M
+    return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+
+
+def _gkd_chunk(hs, ws, ht, wt, beta, temperature):
+    return gkd_divergence(hs.float() @ ws.float().T, ht.float() @ wt.float().T, beta, temperature)
+
+
+def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5,
+             temperature=1.0, chunk_size=1024):
+    """
+    Generalised JSD(beta) per position (N,) between the student's and the teacher's
+    full next-token distributions, from hidden states (N, d_s), (N, d_t) and heads
+    (V, d_s), (V, d_t). Chunk by chunk under activation checkpointing: each chunk's two
+    (c, V) logits exist only while that chunk is computed, and again in its backward.
+    Checkpointing rather than a custom Function because the divergence's gradient
+    (three forms, the mixture) is autograd's to get right; the memory bound is the same.
+    """
+    out = []
+    for i in range(0, student_hidden.size(0), chunk_size):
+        args = (student_hidden[i:i + chunk_size], student_weight,
+                teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature)
+        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
+            out.append(checkpoint(_gkd_chunk, *args, use_reentrant=False))
+        else:
+            out.append(_gkd_chunk(*args))
+    return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sft_loss(hidden, weight, targets, mask, chunk_size=1024):
+    """Masked cross-entropy, mean over real response tokens. hidden (B, L, d), targets/mask (B, L)."""
+    lp = token_logprobs(hidden[mask], weight, targets[mask], chunk_size)
+    return -lp.mean()
+
+
+# -----------------------------------------------------------------------------
+# training steps (batch format: see interfaces.md)
+
+
+def check_same_tokenizer(teacher_tok, student_tok):
+    """Teacher and student must share one tokenizer: same vocabulary, same special tokens."""
+    va, vb = teacher_tok.get_vocab(with_added_tokens=True), student_tok.get_vocab(with_added_tokens=True)
+    problems = []
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))
+        problems.append(f"vocabularies differ (sizes {len(va)} vs {len(vb)}; e.g. {diff[:5]})")
+
+    def specials(tok):
+        return {i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    sa, sb = specials(teacher_tok), specials(student_tok)
+    if sa != sb:
+        problems.append(f"special tokens differ: teacher {sa} vs student {sb}")
+    if problems:
+        raise ValueError("teacher and student tokenizers differ, so the teacher cannot score "
+                         "the student's tokens: " + "; ".join(problems))
+
+
+def _check_vocab(student, teacher):
+    """The models' side of the shared-tokenizer rule (check_same_tokenizer checks the tokenizers)."""
+    vs, vt = student.decoder.lm_head.weight.size(0), teacher.lm_head.weight.size(0)
+    if vs != vt:
+        raise ValueError(f"student vocabulary {vs} != teacher vocabulary {vt}: they must share one tokenizer")
+
+
+def _speech_prompt(student, batch):
+    """The student's speech prompt embeddings. Grad flows into the audio path only if it is unfrozen."""
+    audio_trainable = any(p.requires_grad for p in
+                          list(student.encoder.parameters()) + list(student.adapter.parameters()))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
+        audio, audio_lens = student.encode_audio(batch["mels"], batch["mel_lens"])
+    return student.embed(batch["speech_ids"], batch["speech_lens"], audio, audio_lens)
+
+
+def _ms(t0):
+    return (time.perf_counter() - t0) * 1e3
+
+
+def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_tokens,
+              temperature=1.0, top_k=0, top_p=1.0, eos_id, generator=None, clip_eps=0.0,
+              grad_clip=0.0, chunk_size=1024):
+    """
+    One X-OPD step on a batch of paired prompts (S, T). The student (a model.SpeechLM)
+    samples n responses from T (in-modal) and n from S (cross-modal); the frozen teacher
+    (a model.Decoder) scores both on T + response; the student's log-probs are recomputed
+    with grad; Eq. 5; one optimiser step. Rollouts default to temperature 1 with no
+    top-k / top-p so that they come from the student's own distribution, which is what
+    the estimator assumes; the same temperature scales the student's and the teacher's
+    log-probs. grad_clip > 0 clips the gradient norm before the step. Returns a metrics dict.
+    """
+    assert temperature > 0, "training rollouts must be stochastic"
+    _check_vocab(student, teacher)
+    t0 = time.perf_counter()
+    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
+              top_k=top_k, top_p=top_p, generator=generator)
+    prompts, rollouts = {}, {}
+    if lam > 0:  # in-modal: the student reads the transcript T (no audio)
+        prompts["im"] = student.embed(batch["text_ids"], batch["text_lens"])
+    if lam < 1:  # cross-modal: the student hears S
+        prompts["cm"] = _speech_prompt(student, batch)
+    for k, (emb, lens) in prompts.items():
+        rollouts[k] = sample(student.decoder, lens, inputs_embeds=emb, **kw)
+    t_rollout = _ms(t0)
+
+    t0 = time.perf_counter()
+    text_lens = batch["text_lens"].repeat_interleave(n)
+    teacher_lp = {}
+    with torch.no_grad():  # the teacher always reads T, never audio
+        teacher_prompt = teacher.embed_tokens(batch["text_ids"]).repeat_interleave(n, dim=0)
+        for k, (ids, mask, _) in rollouts.items():
+            teacher_lp[k] = sequence_logprobs(teacher, teacher_prompt, text_lens, ids, mask,
+                                              chunk_size, temperature)
+    t_teacher = _ms(t0)
+
+    t0 = time.perf_counter()
+    terms = {}
+    for k, (ids, mask, logp_old) in rollouts.items():
+        emb, lens = prompts[k]
+        logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
+                                 lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
+        terms[k] = (logp, logp_old, teacher_lp[k], mask)
+    loss, stats = xopd_loss(terms.get("im"), terms.get("cm"), lam, clip_eps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.decoder.parameters(), grad_clip).item()
+    optimizer.step()
+    t_update = _ms(t0)
+
+    masks = [m for _, m, _ in rollouts.values()]
+    ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]
+    return dict(loss=loss.item(), **stats,
+                resp_len=torch.cat([m.sum(1) for m in masks]).float().mean().item(),
+                frac_ended=torch.cat(ends).float().mean().item(),
+                tokens=int(sum(m.sum() for m in masks)),
+                ms_rollout=t_rollout, ms_teacher=t_teacher, ms_update=t_update)
+
+
+def _fixed_responses(batch):
+    ids, lens = batch["response_ids"], batch["response_lens"]
+    mask = torch.arange(ids.size(1), device=ids.device)[None] < lens[:, None]
+    return ids, mask
+
+
+def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
+             temperature=1.0, eos_id, pad_id=None, generator=None, chunk_size=1024):
+    """
+    One GKD step (the paper's baseline: forward KL, beta = 0): each row's response is,
+    with probability student_frac, sampled from the student hearing S, otherwise the
+    fixed batch response; the loss is the full-vocabulary divergence between the
+    student (S + response) and the teacher (T + response), mean over real tokens.
+    """
+    _check_vocab(student, teacher)
+    t0 = time.perf_counter()
+    emb, lens = _speech_prompt(student, batch)
+    ids, mask = _fixed_responses(batch)
+    ids = ids.clone()
+    g_dev = generator.device if generator is not None else None  # draw on the generator's device
+    on_policy = (torch.rand(ids.size(0), generator=generator, device=g_dev) < student_frac).to(ids.device)
+    if on_policy.any():
+        s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
+                                  max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                  temperature=temperature, generator=generator)
+        L = max(ids.size(1), s_ids.size(1))
+        pad = eos_id if pad_id is None else pad_id  # a valid id: masked positions still embed
+        ids, mask = F.pad(ids, (0, L - ids.size(1)), value=pad), F.pad(mask, (0, L - mask.size(1)))
+        ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
+        mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
+    t_rollout = _ms(t0)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ht = response_hidden(teacher, teacher.embed_tokens(batch["text_ids"]), batch["text_lens"], ids)[mask]
+    hs = response_hidden(student.decoder, emb, lens, ids)[mask]
+    div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
+                   temperature, chunk_size)
+    loss = div.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return dict(loss=loss.item(), frac_student=on_policy.float().mean().item(),
+                resp_len=mask.sum(1).float().mean().item(), tokens=int(mask.sum()),
+                ms_rollout=t_rollout, ms_update=_ms(t0))
+
+
+def sft_step(student, optimizer, batch, *, chunk_size=1024):
+    """
+    One SFT step: cross-entropy of the batch's fixed responses given the speech prompt S.
+    Offline KD is this step with teacher-generated responses in the batch.
+    """
+    t0 = time.perf_counter()
+    emb, lens = _speech_prompt(student, batch)
+    ids, mask = _fixed_responses(batch)
+    h = response_hidden(student.decoder, emb, lens, ids)
+    loss = sft_loss(h, student.decoder.lm_head.weight, ids, mask, chunk_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return dict(loss=loss.item(), tokens=int(mask.sum()), ms_update=_ms(t0))
