@@ -1,9 +1,19 @@
 """
-Evaluation: the paper's tables on the toy benchmarks, and speed / memory benchmarks.
+Score runs on the toy benchmarks, from speech (S) and from text (T), and build the paper's tables.
 
-    python eval.py bench      # KV-cached vs recomputed sampling, fused vs naive log-probs, one X-OPD step
+    python eval.py --out runs/cpu        # evaluate what the run folder holds, print + write the tables
+    python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
+                                         # KV-cached vs recomputed sampling, fused vs naive log-probs,
+                                         # one X-OPD step split into its parts
+
+Table 1  S and T score per text-skill family; ΔS / ΔT = mean over families of the relative drop
+         (%) against the text teacher's T score (the paper's "Avg. Drop").
+Table 2  the λ ablation of X-OPD: λ = 0 (speech only), 0.5, 1 (text only).
+Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR WER, with the change
+         against the base student (forgetting).
 """
 import argparse
+import glob
 import json
 import os
 import platform
@@ -15,8 +25,166 @@ import time
 import torch
 import torch.nn.functional as F
 
-import model
+import data
+import model as M
+import train
 import xopd
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def relative_drop(score, reference):
+    """(reference - score) / reference, in percent: the paper's per-benchmark drop."""
+    return 100.0 * (reference - score) / reference if reference > 0 else float("nan")
+
+
+def avg_drop(scores, reference):
+    """Mean relative drop over the families that both dicts score (ΔS or ΔT)."""
+    fams = [f for f in reference if f in scores]
+    return sum(relative_drop(scores[f], reference[f]) for f in fams) / len(fams) if fams else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Scoring one model
+
+@torch.no_grad()
+def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64):
+    """Greedy answers (temperature 0) to recs, from the text or the speech prompt."""
+    dec = model if isinstance(model, M.Decoder) else model.decoder
+    outs = []
+    for i in range(0, len(recs), batch_size):
+        rows = recs[i:i + batch_size]
+        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech")
+        embeds, lens = train.prompt_embeds(model, b, modality)
+        ids, _, _ = xopd.sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                                eos_id=world.end_id, temperature=0.0)
+        outs += [data.decode_response(world.tok, row) for row in ids.tolist()]
+    return outs
+
+
+def test_sets(world, per_family):
+    """The first `per_family` test records of every family, split into text and audio skills."""
+    fams = {}
+    for r in world.test:
+        fams.setdefault((r["kind"], r["task"]), []).append(r)
+    text = {t: rs[:per_family] for (k, t), rs in sorted(fams.items()) if k == "text"}
+    audio = {t: rs[:per_family] for (k, t), rs in sorted(fams.items()) if k == "audio"}
+    return text, audio
+
+
+def evaluate_model(model, world, device, per_family, max_new_tokens):
+    """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": wer, "examples": [...]}."""
+    model.eval()
+    text, audio = test_sets(world, per_family)
+    res, examples = {"T": {}, "S": {}, "audio": {}}, []
+    modalities = ["text"] if isinstance(model, M.Decoder) else ["text", "speech"]
+    for fam, recs in text.items():
+        for mod in modalities:
+            preds = generate(model, world, recs, mod, device, max_new_tokens)
+            res["T" if mod == "text" else "S"][fam] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
+            examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"], "prediction": preds[0],
+                             "answer": recs[0]["answer"]})
+    if modalities == ["text", "speech"]:
+        for task, recs in audio.items():
+            preds = generate(model, world, recs, "speech", device, max_new_tokens)
+            if task == "asr":
+                res["asr_wer"] = 100.0 * sum(data.wer(r["transcript"], p) for r, p in zip(recs, preds)) / len(recs)
+            else:
+                res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
+    res["examples"] = examples
+    return res
+
+
+def run_dirs(out):
+    """Every finished run under out: teacher, omni (the base student), align/<name>."""
+    runs = {}
+    for name in ["teacher", "omni"] + sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "align", "*"))):
+        if os.path.exists(os.path.join(out, name, "model.pt")):
+            runs[name] = os.path.join(out, name)
+    return runs
+
+
+def evaluate_all(out, world, device, cfg):
+    """Score every finished run that has no up-to-date eval.json."""
+    for name, d in run_dirs(out).items():
+        path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
+        if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt):
+            continue
+        m, _ = train.load_model(ckpt, device)
+        res = evaluate_model(m, world, device, cfg.eval_per_family, cfg.max_new_tokens)
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+
+
+def fmt_scores(d):
+    return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def label(name):
+    return {"teacher": "text teacher (T only)", "omni": "base student"}.get(name, name.replace("align/", ""))
+
+
+def tables(results):
+    """The three tables as markdown strings, from {run name: eval.json contents}."""
+    if "teacher" not in results:
+        return {}
+    ref = results["teacher"]["T"]
+    fams = list(ref)
+    out = {}
+    # Table 1
+    rows = ["| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |",
+            "|---|" + "---|---|" * len(fams) + "---|---|"]
+    for name, r in results.items():
+        cells = [f"{r['S'][f]:.1f} | {r['T'][f]:.1f}" if f in r["S"] else f"- | {r['T'][f]:.1f}" for f in fams]
+        ds = f"{avg_drop(r['S'], ref):.2f}" if r["S"] else "-"
+        rows.append(f"| {label(name)} | " + " | ".join(cells) + f" | {ds} | {avg_drop(r['T'], ref):.2f} |")
+    out["table1"] = "\n".join(rows)
+    # Table 2: λ ablation
+    lam_runs = [(lam, n) for lam, n in ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1")) if n in results]
+    if lam_runs:
+        rows = ["| λ | ΔS | ΔT |", "|---|---|---|"]
+        rows += [f"| {lam:g} | {avg_drop(results[n]['S'], ref):.2f} | {avg_drop(results[n]['T'], ref):.2f} |" for lam, n in lam_runs]
+        out["table2"] = "\n".join(rows)
+    # Table 3: audio skills against the base student
+    students = {n: r for n, r in results.items() if r.get("audio")}
+    if "omni" in students:
+        tasks = list(students["omni"]["audio"])
+        base = students["omni"]
+        rows = ["| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |", "|---|" + "---|" * (len(tasks) + 3)]
+        for n, r in students.items():
+            avg = sum(r["audio"].values()) / len(r["audio"])
+            base_avg = sum(base["audio"].values()) / len(base["audio"])
+            rows.append(f"| {label(n)} | " + " | ".join(f"{r['audio'][t]:.1f}" for t in tasks) +
+                        f" | {avg:.1f} | {avg - base_avg:+.1f} | {r.get('asr_wer', float('nan')):.1f} |")
+        out["table3"] = "\n".join(rows)
+    return out
+
+
+def report(out):
+    """Print the tables of the runs in out and write them as tables.md and tables.json."""
+    results = {}
+    for name, d in run_dirs(out).items():
+        p = os.path.join(d, "eval.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                results[name] = json.load(f)
+    t = tables(results)
+    titles = {"table1": "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative drop (%) vs the text teacher",
+              "table2": "Table 2: λ ablation of X-OPD", "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"}
+    md = "\n\n".join(f"### {titles[k]}\n\n{v}" for k, v in t.items())
+    print(md)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(out, "tables.json"), "w") as f:
+        json.dump({"results": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in results.items()},
+                   "tables": t}, f, indent=1)
+    return t
+
 
 # -----------------------------------------------------------------------------
 # speed / memory benchmarks (print a table, assert nothing)
@@ -40,9 +208,9 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
 
 def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu", seed=0):
     """Item 1: tokens/s with the KV cache and with full recomputation, same model and seed."""
-    _, _, dcfg = model.make_configs(preset, vocab)
+    _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
-    dec = model.Decoder(dcfg).eval()
+    dec = M.Decoder(dcfg).eval()
     ids = torch.randint(0, vocab, (batch, prompt))
     lens = torch.full((batch,), prompt)
     no_eos = -1  # never sampled: every row runs the full length, the same work for both
@@ -125,10 +293,10 @@ def bench_logprobs(threads=0, repeats=2, **kw):
 def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, seconds_audio=3.0):
     """Item 3: one xopd_step of the preset (after one warm-up step), split into its phases."""
     torch.manual_seed(seed)
-    enc, adp, dcfg = model.make_configs(preset, vocab)
-    teacher = model.Decoder(dcfg)
+    enc, adp, dcfg = M.make_configs(preset, vocab)
+    teacher = M.Decoder(dcfg)
     audio_id, eos_id = vocab - 1, 3
-    student = model.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
+    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
     with torch.no_grad():  # a teacher that differs from the student
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -188,25 +356,41 @@ def bench(args):
     return table, machine
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
-    p.add_argument("--variant", choices=["naive", "fused"], required=True)
-    p.add_argument("--N", type=int, default=8192)
-    p.add_argument("--V", type=int, default=32768)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cmd == "bench":
-        bench(args)
-    elif args.cmd == "bench-mem":
-        print(json.dumps(bench_mem(args.variant, args.N, args.V, args.d, args.chunk_size)))
+    if argv[:1] in (["bench"], ["bench-mem"]):
+        sub = ap.add_subparsers(dest="cmd", required=True)
+        p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
+        p.add_argument("--variant", choices=["naive", "fused"], required=True)
+        p.add_argument("--N", type=int, default=8192)
+        p.add_argument("--V", type=int, default=32768)
+        p.add_argument("--d", type=int, default=256)
+        p.add_argument("--chunk-size", type=int, default=1024)
+        p.add_argument("--threads", type=int, default=0)
+        args = ap.parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.cmd == "bench":
+            bench(args)
+        else:
+            print(json.dumps(bench_mem(args.variant, args.N, args.V, args.d, args.chunk_size)))
+        return
+    ap.add_argument("--out", required=True, help="a run folder written by train.py")
+    ap.add_argument("--data", default=None, help="data folder (default: the one the run was trained on)")
+    ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family")
+    args = ap.parse_args(argv)
+    runs = run_dirs(args.out)
+    if "teacher" not in runs:
+        ap.error(f"--out: {args.out} holds no finished teacher ({args.out}/teacher/model.pt); run train.py first")
+    settings = train.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
+    cfg = train.TrainConfig(**{**settings, **{k: v for k, v in vars(args).items() if v is not None}})
+    device, _, why = train.pick_device()
+    print(f"device: {device} ({why})")
+    evaluate_all(args.out, train.World(cfg.data), device, cfg)
+    report(args.out)
 
 
 if __name__ == "__main__":

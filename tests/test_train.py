@@ -1,0 +1,171 @@
+"""The pipeline end to end on the tiny preset, resume, the guards, and eval's metrics."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval as E
+import train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    data.make_toy_data(d, seed=0, preset="tiny")
+    return d
+
+
+def tiny(out, data_dir, *extra):
+    return ["--preset", "tiny", "--out", str(out), "--data", data_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_data):
+    """The default pipeline (teacher -> omni -> xopd -> eval) on the tiny preset, then every other
+    method and the λ ablation on the same base."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(tiny(out, tiny_data))
+    for extra in (["--method", "sft"], ["--method", "kd"], ["--method", "gkd"],
+                  ["--method", "xopd", "--lam", "0"], ["--method", "xopd", "--lam", "1"]):
+        train.main(tiny(out, tiny_data, *extra))
+    return out
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_every_stage_and_method_writes_a_checkpoint_and_a_log(tiny_run):
+    names = ["teacher", "encoder", "omni"] + [f"align/{m}" for m in ("xopd", "sft", "kd", "gkd", "xopd_lam0", "xopd_lam1")]
+    for name in names:
+        ck = train.load_checkpoint(os.path.join(tiny_run, name, "model.pt"))
+        assert ck["train"]["preset"] == "tiny"
+        assert not os.path.exists(os.path.join(tiny_run, name, "ckpt.pt"))  # finished runs leave only model.pt
+        log = read_log(os.path.join(tiny_run, name, "log.jsonl"))
+        assert [r["step"] for r in log] == list(range(1, ck["step"] + 1))
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # the xopd log carries the method's own diagnostics
+    rec = read_log(os.path.join(tiny_run, "align/xopd", "log.jsonl"))[-1]
+    for key in ("adv_im", "adv_cm", "rkl_im", "rkl_cm", "resp_len", "frac_ended", "ms", "tok_s"):
+        assert key in rec
+
+
+def test_alignment_keeps_the_audio_side_frozen_and_changes_the_decoder(tiny_run):
+    base = train.load_checkpoint(os.path.join(tiny_run, "omni", "model.pt"))["model"]
+    for m in ("xopd", "sft", "gkd"):
+        new = train.load_checkpoint(os.path.join(tiny_run, "align", m, "model.pt"))["model"]
+        for k in base:
+            if k.startswith(("encoder.", "adapter.")):
+                assert torch.equal(base[k], new[k]), f"{m} changed the frozen {k}"
+        assert any(not torch.equal(base[k], new[k]) for k in base if k.startswith("decoder.")), f"{m} did not train"
+
+
+def test_eval_writes_all_three_tables(tiny_run):
+    t = E.report(str(tiny_run))
+    assert set(t) == {"table1", "table2", "table3"}
+    assert "xopd" in t["table1"] and "base student" in t["table1"]
+    assert [line.split("|")[1].strip() for line in t["table2"].splitlines()[2:]] == ["0", "0.5", "1"]
+    assert os.path.exists(os.path.join(tiny_run, "tables.md"))
+    res = json.load(open(os.path.join(tiny_run, "tables.json")))["results"]
+    fams = set(res["teacher"]["T"])
+    assert fams == {"arith", "instruct", "facts"} and res["teacher"]["S"] == {}
+    assert set(res["omni"]["S"]) == fams and set(res["omni"]["audio"]) == {"pitch", "rate", "emotion", "noise"}
+    assert 0.0 <= res["omni"]["asr_wer"]
+
+
+def test_rerun_skips_finished_stages(tiny_run, tiny_data, capsys):
+    before = os.path.getmtime(os.path.join(tiny_run, "teacher", "model.pt"))
+    train.main(tiny(tiny_run, tiny_data))
+    out = capsys.readouterr().out
+    assert "[teacher]" in out and "skipped" in out
+    assert os.path.getmtime(os.path.join(tiny_run, "teacher", "model.pt")) == before
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeypatch):
+    steps = ["--teacher_steps", "6", "--omni_steps", "4", "--align_steps", "4", "--ckpt_every", "2"]
+    full = tmp_path / "full"
+    train.main(tiny(full, tiny_data, *steps))
+    # the same run, interrupted during step 5 of the teacher and during step 3 of X-OPD
+    part = tmp_path / "part"
+    real_lr_at = train.lr_at
+
+    def interrupt_at(stage_steps, at):
+        def lr_at(step, total, peak, warmup):
+            if total == stage_steps and step == at:
+                raise KeyboardInterrupt
+            return real_lr_at(step, total, peak, warmup)
+        return lr_at
+
+    monkeypatch.setattr(train, "lr_at", interrupt_at(6, 4))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(part, tiny_data, *steps))
+    assert train.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 4
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(train, "stage_align", lambda *a: None)  # stop after omni this time
+    monkeypatch.setattr(E, "evaluate_all", lambda *a: None)
+    train.main(tiny(part, tiny_data, *steps, "--resume"))
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "lr_at", interrupt_at(4, 2))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(part, tiny_data, *steps))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train.main(tiny(part, tiny_data, *steps, "--resume"))
+    for stage in ("teacher", "omni", "align/xopd"):
+        a, b = read_log(full / stage / "log.jsonl"), read_log(part / stage / "log.jsonl")
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-6), stage
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    real = train.supervised_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, n = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), n
+
+    monkeypatch.setattr(train, "supervised_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss is nan"):
+        train.main(tiny(tmp_path, tiny_data, "--teacher_steps", "6", "--ckpt_every", "2"))
+    ck = train.load_checkpoint(str(tmp_path / "teacher" / "ckpt.pt"))
+    assert ck["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not os.path.exists(tmp_path / "teacher" / "model.pt")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "dpo"], "--method"),
+    (["--lam", "1.5"], "--lam"),
+    (["--preset", "huge"], "--preset"),
+    (["--n", "0"], "--n"),
+    (["--bogus", "1"], "--bogus"),
+    (["--align_steps", "ten"], "--align_steps"),
+])
+def test_bad_flags_are_refused_by_name(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="model.pt: not a readable checkpoint"):
+        train.load_checkpoint(str(path))
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="lacks the field"):
+        train.load_checkpoint(str(path))
+
+
+def test_metrics_on_hand_made_predictions():
+    rec = {"task": "arith", "kind": "text", "answer": "sixteen"}
+    assert data.score(rec, "seven times four is twenty eight . the answer is sixteen") == 1.0
+    assert data.score(rec, "the answer is fifteen") == 0.0
+    assert data.wer("a b c d", "a x c") == pytest.approx(2 / 4)  # one substitution, one deletion
+    # ΔS: teacher scores 80 / 50; student 60 / 50 -> drops 25 % and 0 % -> 12.5
+    assert E.avg_drop({"arith": 60.0, "facts": 50.0}, {"arith": 80.0, "facts": 50.0}) == pytest.approx(12.5)
+    assert E.relative_drop(40.0, 50.0) == pytest.approx(20.0)

@@ -1,0 +1,586 @@
+"""
+The whole X-OPD story, one stage after another (DESIGN.md §3):
+
+    teacher  train the text decoder on the text skills (chat format)
+    omni     build the speech LLM (new Whisper-style encoder + adapter, decoder copied
+             from the teacher) and train it on a multimodal mix: the "base" student
+    align    one of sft | kd | gkd | xopd on the same paired prompts, audio side frozen
+    eval     score every run from speech (S) and text (T); the paper's tables
+
+    python train.py                                  # cpu preset, toy data, teacher -> omni -> xopd -> eval
+    python train.py --preset tiny                    # the same in under a minute
+    python train.py --method sft                     # another alignment method on the same base
+    python train.py --method xopd --lam 0            # the λ ablation
+    python train.py --resume                         # continue an interrupted stage
+
+Every stage writes <out>/<stage>/model.pt when it is done and is skipped when that file
+exists; while it runs it keeps <out>/<stage>/ckpt.pt (model + optimiser + step) and
+<out>/<stage>/log.jsonl. The batch at step k and the sampling seed of step k depend only on
+(seed, k), so a resumed run reproduces the losses of an uninterrupted one.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+import data
+import model as M
+import xopd
+
+# -----------------------------------------------------------------------------
+# Settings: one dataclass, presets override its defaults, flags override presets.
+
+METHODS = ("sft", "kd", "gkd", "xopd")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"          # model size and step counts: tiny | cpu | gpu
+    method: str = "xopd"         # alignment method: sft | kd | gkd | xopd
+    out: str = ""                # run folder (default runs/<preset>)
+    data: str = ""               # toy data / manifest folder (default <out>/data, generated if absent)
+    seed: int = 0
+    resume: bool = False
+    # teacher stage: text decoder on text skills
+    teacher_steps: int = 1000
+    teacher_lr: float = 3e-3
+    # encoder stage: character CTC pretraining of the audio encoder
+    encoder_steps: int = 300
+    encoder_lr: float = 2e-3
+    encoder_batch: int = 16
+    # omni stage: adapter + decoder on the multimodal mix, encoder frozen
+    omni_steps: int = 1200
+    omni_lr: float = 2e-3
+    batch_size: int = 32         # sequences per step in teacher / omni
+    # align stage (same prompts and steps for every method)
+    align_steps: int = 80
+    align_lr: float = 1e-4
+    align_batch: int = 8         # prompts per step (paper: 256)
+    n: int = 4                   # samples per prompt and modality (paper: 4)
+    lam: float = 0.5             # λ: weight of the in-modal term (paper: 0.5)
+    temperature: float = 1.0     # rollout temperature (1 = the student's own distribution)
+    max_new_tokens: int = 48
+    gkd_beta: float = 0.0        # GKD: 0 = forward KL (the paper's baseline)
+    gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
+    clip: float = 0.0            # optional PPO-style ratio clip (0 = off, as in the paper)
+    # bookkeeping
+    warmup: int = 20             # linear lr warm-up steps
+    ckpt_every: int = 50
+    log_every: int = 10
+    eval_per_family: int = 100   # test prompts per benchmark family
+
+
+TRAIN_PRESETS = {
+    "tiny": dict(teacher_steps=30, encoder_steps=10, encoder_batch=8, omni_steps=30, align_steps=4, batch_size=8, align_batch=4,
+                 n=2, max_new_tokens=24, warmup=2, ckpt_every=2, log_every=1, eval_per_family=4),
+    "cpu": dict(),
+    "gpu": dict(teacher_steps=3000, omni_steps=4000, align_steps=300, batch_size=64,
+                align_batch=64, max_new_tokens=64, eval_per_family=500),
+}
+
+
+def parse_args(argv=None):
+    """--key value for every TrainConfig field; the preset fills what the flags leave out."""
+    p = argparse.ArgumentParser(description="X-OPD: teacher -> omni -> align -> eval")
+    for f in fields(TrainConfig):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action="store_true", default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=None, metavar=f.name.upper())
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", TrainConfig.preset)
+    if preset not in TRAIN_PRESETS or preset not in M.PRESETS:
+        p.error(f"--preset: expected one of {sorted(TRAIN_PRESETS)}, got {preset!r}")
+    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **given})
+    if cfg.method not in METHODS:
+        p.error(f"--method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if not 0.0 <= cfg.lam <= 1.0:
+        p.error(f"--lam: expected a value in [0, 1], got {cfg.lam}")
+    if not 0.0 <= cfg.gkd_beta <= 1.0 or not 0.0 <= cfg.gkd_mix <= 1.0:
+        p.error(f"--gkd_beta / --gkd_mix: expected values in [0, 1], got {cfg.gkd_beta} / {cfg.gkd_mix}")
+    for name in ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps", "batch_size", "align_batch", "n",
+                 "max_new_tokens", "ckpt_every", "log_every", "eval_per_family"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.temperature < 0:
+        p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    cfg.data = cfg.data or os.path.join(cfg.out, "data")
+    return cfg
+
+
+def pick_device():
+    """Chosen once, printed with the reason (CPU: float32, no autocast; GPU: bf16 autocast)."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        bf16 = torch.cuda.is_bf16_supported()
+        why = f"CUDA device {torch.cuda.get_device_name()} found; " + ("bf16 autocast" if bf16 else "float32 (no bf16 support)")
+        return dev, (torch.bfloat16 if bf16 else None), why
+    return torch.device("cpu"), None, f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
+
+
+def autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, loaded with weights_only=True, configs inside.
+
+def save_checkpoint(path, payload):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a half file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                         "delete it to retrain that stage") from None
+    missing = [k for k in ("model", "configs", "train") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; expected one written by train.py")
+    return ckpt
+
+
+def tokenizer_of(ckpt):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_str(ckpt["tokenizer"])
+
+
+def build_model(configs):
+    """Rebuild a Decoder (teacher) or SpeechLM (student) from the asdict(cfg)s in a checkpoint."""
+    if "decoder" not in configs:
+        return CTCEncoder(M.EncoderConfig(**configs["encoder"]))
+    dec = M.DecoderConfig(**configs["decoder"])
+    if "encoder" not in configs:
+        return M.Decoder(dec)
+    return M.SpeechLM(M.EncoderConfig(**configs["encoder"]), M.AdapterConfig(**configs["adapter"]),
+                      dec, audio_token_id=configs["audio_token_id"])
+
+
+def model_configs(model):
+    if isinstance(model, M.Decoder):
+        return {"decoder": asdict(model.cfg)}
+    if isinstance(model, CTCEncoder):
+        return {"encoder": asdict(model.enc_cfg)}
+    return {"encoder": asdict(model.enc_cfg), "adapter": asdict(model.adp_cfg),
+            "decoder": asdict(model.decoder.cfg), "audio_token_id": model.audio_token_id}
+
+
+def load_model(path, device):
+    ckpt = load_checkpoint(path)
+    m = build_model(ckpt["configs"])
+    try:
+        m.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the config stored with them ({e})") from None
+    return m.to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# Data: records from the manifests, mel features cached in memory, batches by (seed, step).
+
+class World:
+    """The tokenizer, the train/test records and their log-mels, loaded once per run."""
+
+    def __init__(self, data_dir):
+        self.dir = data_dir
+        self.tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        self.train = data.read_manifest(os.path.join(data_dir, "train.jsonl"))
+        self.test = data.read_manifest(os.path.join(data_dir, "test.jsonl"))
+        self.pad_id = self.tok.token_to_id(data.PAD)
+        self.end_id = self.tok.token_to_id(data.END)
+        self.audio_id = self.tok.token_to_id(data.AUDIO)
+        self._mels, self._feats = {}, {}
+
+    def mel(self, rec):
+        if rec["id"] not in self._mels:
+            self._mels[rec["id"]] = data.log_mel_spectrogram(data.load_audio(rec["audio"]))
+        return self._mels[rec["id"]]
+
+    def features(self, recs, encoder, device):
+        """A frozen encoder's outputs, computed once per clip (the omni stage sees each clip many
+        times). The encoder is padding invariant, so batching does not change them.
+        -> feats (B, T, n_state), lens (B,)."""
+        todo = [r for r in recs if r["id"] not in self._feats]
+        if todo:
+            with torch.no_grad():
+                mels, mel_lens = data.collate_mels([self.mel(r) for r in todo])
+                x, lens = encoder(mels.to(device), mel_lens.to(device))
+            for r, xr, n in zip(todo, x, lens.tolist()):
+                self._feats[r["id"]] = xr[:n].clone()
+        feats = [self._feats[r["id"]] for r in recs]
+        lens = torch.tensor([len(f) for f in feats], device=device)
+        out = feats[0].new_zeros(len(feats), int(lens.max()), feats[0].shape[-1])
+        for i, f in enumerate(feats):
+            out[i, :len(f)] = f
+        return out, lens
+
+    def batch(self, recs, responses=None, device="cpu", text=True, speech=True):
+        """The batch dict xopd.py takes: text and/or speech prompts (with mels), and optional
+        fixed responses (a list of strings, one per record)."""
+        tok, b = self.tok, {}
+        if text:
+            b["text_ids"], b["text_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "text") for r in recs], self.pad_id)
+        if speech:
+            b["speech_ids"], b["speech_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "speech") for r in recs], self.pad_id)
+            b["mels"], b["mel_lens"] = data.collate_mels([self.mel(r) for r in recs])
+        if responses is not None:
+            b["response_ids"], b["response_lens"] = data.collate_tokens([data.encode_response(tok, t) for t in responses], self.pad_id)
+        return {k: v.to(device) for k, v in b.items()}
+
+
+def batch_indices(n_items, batch_size, step, seed):
+    """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
+    so any step's batch can be rebuilt on resume without replaying the ones before it."""
+    if n_items < batch_size:  # tiny corpora: draw with replacement
+        return np.random.default_rng([seed, step]).integers(0, n_items, batch_size).tolist()
+    per_epoch = n_items // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+# -----------------------------------------------------------------------------
+# One training loop for every stage: lr schedule, logging, checkpoints, NaN guard, resume.
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
+    """Train `model` for `steps` optimiser steps. step_fn(step, optimizer) does one step
+    (forward, backward, optimizer.step) and returns a metrics dict with 'loss' and 'tokens'.
+    Returns the path of the finished model."""
+    stage_dir = os.path.join(cfg.out, name)
+    final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
+    log_path = os.path.join(stage_dir, "log.jsonl")
+    os.makedirs(stage_dir, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    if os.path.exists(ckpt_path):
+        if cfg.resume:
+            ck = load_checkpoint(ckpt_path)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            start = ck["step"]
+            print(f"[{name}] resuming from {ckpt_path} at step {start}/{steps}")
+        else:
+            print(f"[{name}] found an interrupted run in {stage_dir}; starting over (pass --resume to continue it)")
+    # the log keeps exactly the steps the model has seen: drop lines past the checkpoint
+    old = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
+    with open(log_path, "w") as f:
+        f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= start)
+    n_params = sum(p.numel() for p in params)
+    print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
+
+    def save(path, step):
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                               "configs": model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer})
+
+    model.train()
+    t_start, timed = None, 0
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, cfg.warmup)
+        t0 = time.perf_counter()
+        m = step_fn(step, opt)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(m["loss"]):
+            sys.exit(f"[{name}] step {step + 1}: loss is {m['loss']}; stopping. The last good checkpoint "
+                     f"is kept in {ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
+        if step > start:  # the first step warms up kernels and caches: time from the second
+            t_start = t_start or time.perf_counter() - dt
+            timed += 1
+        eta = (time.perf_counter() - t_start) / timed * (steps - step - 1) if timed else float("nan")
+        rec = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()},
+               "lr": opt.param_groups[0]["lr"], "ms": round(dt * 1e3, 1), "tok_s": round(m["tokens"] / dt, 1)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            diag = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("loss", "tokens") and not k.startswith("ms_"))
+            print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
+                  f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {fmt_time(eta) if timed else '-'}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            save(ckpt_path, step + 1)
+    save(final, steps)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    return final
+
+
+# -----------------------------------------------------------------------------
+# The stages.
+
+def supervised_loss(model, b, modality):
+    """Mean cross-entropy of the fixed responses in b, from the text or the speech prompt.
+    Returns (loss, number of response tokens)."""
+    embeds, lens = prompt_embeds(model, b, modality)
+    dec = model if isinstance(model, M.Decoder) else model.decoder
+    mask = torch.arange(b["response_ids"].shape[1], device=lens.device) < b["response_lens"][:, None]
+    h = xopd.response_hidden(dec, embeds, lens, b["response_ids"])        # (B, L, dim)
+    return xopd.sft_loss(h, dec.lm_head.weight, b["response_ids"], mask), int(mask.sum())
+
+
+def prompt_embeds(model, b, modality):
+    if isinstance(model, M.Decoder):  # the text teacher only ever reads text
+        return model.embed_tokens(b["text_ids"]), b["text_lens"]
+    if modality == "text":
+        return model.embed(b["text_ids"], b["text_lens"])
+    if "feats" in b:  # encoder outputs computed once (World.features): only the adapter runs here
+        audio_embeds, audio_lens = model.adapter(b["feats"], b["feat_lens"])
+    else:
+        audio_embeds, audio_lens = model.encode_audio(b["mels"], b["mel_lens"])
+    return model.embed(b["speech_ids"], b["speech_lens"], audio_embeds, audio_lens)
+
+
+def stage_teacher(cfg, world, device, amp):
+    """Stage 1: the text LLM. Trained on the text skills' prompts and teacher-style responses."""
+    final = os.path.join(cfg.out, "teacher", "model.pt")
+    if os.path.exists(final):
+        print(f"[teacher] {final} exists: skipped")
+        return final
+    _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
+    torch.manual_seed(cfg.seed)
+    teacher = M.Decoder(dec_cfg).to(device)
+    recs = [r for r in world.train if r["kind"] == "text"]
+
+    def step_fn(step, opt):
+        rows = [recs[i] for i in batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
+        b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
+        with autocast(device, amp):
+            loss, ntok = supervised_loss(teacher, b, "text")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "tokens": ntok}
+
+    return run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
+
+
+# Stage 2's targets: characters. The toy language is spoken as it is spelled, so a character
+# CTC head learns in a minute what the decoder would need many minutes to learn through
+# attention alone (measured: the decoder's transcription loss sits on a plateau for hundreds
+# of steps with a randomly initialised encoder).
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
+
+
+def ctc_targets(text):
+    """Letters and single spaces of a transcript -> ids 1.. (0 is CTC's blank)."""
+    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
+    return [CTC_CHARS.index(c) + 1 for c in " ".join(words)]
+
+
+class CTCEncoder(torch.nn.Module):
+    """The audio encoder with a character CTC head (the head is dropped after this stage)."""
+
+    def __init__(self, enc_cfg):
+        super().__init__()
+        self.enc_cfg = enc_cfg
+        self.encoder = M.AudioEncoder(**asdict(enc_cfg))
+        self.ctc_head = torch.nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
+
+
+def stage_encoder(cfg, world, device, amp):
+    """Stage 2: pretrain the Whisper-style encoder on transcription with a CTC loss, the toy
+    analog of a speech LLM starting from Whisper's ASR-trained encoder."""
+    final = os.path.join(cfg.out, "encoder", "model.pt")
+    if os.path.exists(final):
+        print(f"[encoder] {final} exists: skipped")
+        return final
+    enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
+    torch.manual_seed(cfg.seed + 1)
+    m = CTCEncoder(enc_cfg).to(device)
+    recs = [r for r in world.train if ctc_targets(r["transcript"])]
+
+    def step_fn(step, opt):
+        rows = [recs[i] for i in batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+        mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
+        targets = [ctc_targets(r["transcript"]) for r in rows]
+        with autocast(device, amp):
+            x, lens = m.encoder(mels.to(device), mel_lens.to(device))
+            logp = m.ctc_head(x).float().log_softmax(-1).transpose(0, 1)  # (T, B, C) as ctc_loss wants
+        loss = torch.nn.functional.ctc_loss(
+            logp, torch.tensor(sum(targets, []), device=device), lens,
+            torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "tokens": sum(len(t) for t in targets)}
+
+    return run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
+
+
+# The omni mix, per step: like a real speech LLM's training data. Every training clip also
+# serves as transcription data; spoken and written instructions carry teacher-style
+# responses (speech LLMs are commonly trained on instruction data distilled from their text
+# backbone); audio questions carry their reference answers.
+OMNI_MIX = {"asr": 0.4, "audio_qa": 0.15, "spoken": 0.3, "written": 0.15}
+
+
+def stage_omni(cfg, world, device, amp):
+    """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
+    a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
+    the multimodal mix."""
+    final = os.path.join(cfg.out, "omni", "model.pt")
+    if os.path.exists(final):
+        print(f"[omni] {final} exists: skipped")
+        return final
+    teacher, _ = load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
+    encoder, _ = load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
+    enc_cfg, adp_cfg, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
+    torch.manual_seed(cfg.seed + 2)
+    student = M.student_from_teacher(teacher, encoder.enc_cfg, adp_cfg, audio_token_id=world.audio_id).to(device)
+    student.encoder.load_state_dict(encoder.encoder.state_dict())
+    student.encoder.requires_grad_(False)
+    del teacher, encoder
+    asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
+    asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction, "reference": r["transcript"],
+                                           "teacher": None, "id": r["id"]} for r in world.train]
+    text_recs = [r for r in world.train if r["kind"] == "text"]
+    qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr"]
+    pools = {"asr": asr, "audio_qa": qa_recs, "spoken": text_recs, "written": text_recs}
+    sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
+    target = lambda r: r["teacher"] or r["reference"]
+
+    def step_fn(step, opt):
+        rows = {k: [pools[k][i] for i in batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
+                for j, k in enumerate(OMNI_MIX) if pools[k]}
+        speech_rows = rows.get("asr", []) + rows.get("audio_qa", []) + rows.get("spoken", [])
+        written = rows.get("written", [])
+        bs = world.batch(speech_rows, [target(r) for r in speech_rows], device, text=False, speech=False)
+        bs["speech_ids"], bs["speech_lens"] = (t.to(device) for t in data.collate_tokens(
+            [data.encode_prompt(world.tok, r, "speech") for r in speech_rows], world.pad_id))
+        bs["feats"], bs["feat_lens"] = world.features(speech_rows, student.encoder, device)
+        bt = world.batch(written, [target(r) for r in written], device, speech=False)
+        with autocast(device, amp):
+            ls, ns = supervised_loss(student, bs, "speech")
+            lt, nt = supervised_loss(student, bt, "text")
+            loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "loss_s": ls.item(), "loss_t": lt.item(), "tokens": ns + nt}
+
+    return run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
+
+
+def align_name(cfg):
+    return cfg.method if cfg.lam == 0.5 else f"{cfg.method}_lam{cfg.lam:g}"
+
+
+def teacher_responses(cfg, world, teacher, recs, device, amp):
+    """Offline KD's targets: the teacher's own greedy answers to the training prompts, cached."""
+    path = os.path.join(cfg.out, "align", "teacher_responses.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    out = {}
+    for i in range(0, len(recs), 64):
+        rows = recs[i:i + 64]
+        b = world.batch(rows, device=device, speech=False)
+        with autocast(device, amp):
+            ids, mask, _ = xopd.sample(teacher, b["text_lens"], input_ids=b["text_ids"], max_new_tokens=cfg.max_new_tokens,
+                                       eos_id=world.end_id, temperature=0.0)
+        for r, row in zip(rows, ids.tolist()):
+            out[r["id"]] = data.decode_response(world.tok, row)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, path)
+    return out
+
+
+def stage_align(cfg, world, device, amp):
+    """Stage 3: one alignment method on the paired (speech, text) training prompts of the
+    text skills. Same prompts, steps and frozen audio side for every method; λ weighs the
+    text-prompt (in-modal) half against the speech-prompt (cross-modal) half in all of them."""
+    name = "align/" + align_name(cfg)
+    final = os.path.join(cfg.out, name, "model.pt")
+    if os.path.exists(final):
+        print(f"[{name}] {final} exists: skipped")
+        return final
+    teacher, t_ck = load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
+    student, s_ck = load_model(os.path.join(cfg.out, "omni", "model.pt"), device)
+    xopd.check_same_tokenizer(tokenizer_of(t_ck), tokenizer_of(s_ck))
+    teacher.requires_grad_(False).eval()
+    student.freeze_audio()
+    recs = [r for r in world.train if r["kind"] == "text"]
+    kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
+
+    def step_fn(step, opt):
+        rows = [recs[i] for i in batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
+        # the sampling seed of a step depends on (seed, step) only: resumable and repeatable
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        if cfg.method == "xopd":
+            b = world.batch(rows, device=device)
+            with autocast(device, amp):
+                return xopd.xopd_step(student, teacher, opt, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
+                                      clip_eps=cfg.clip, grad_clip=1.0)
+        if cfg.method == "gkd":
+            b = world.batch(rows, [r["reference"] for r in rows], device)
+            with autocast(device, amp):
+                return xopd.gkd_step(student, teacher, opt, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
+        targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
+        b = world.batch(rows, targets, device)
+        with autocast(device, amp):
+            return xopd.sft_step(student, opt, b)
+
+    return run_stage(name, cfg, student, cfg.align_steps, cfg.align_lr, step_fn, device, world.tok.to_str())
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    t0 = time.time()
+    device, amp, why = pick_device()
+    print(f"device: {device} ({why})")
+    print("settings: " + json.dumps(asdict(cfg)))
+    torch.manual_seed(cfg.seed)
+    if not os.path.exists(os.path.join(cfg.data, "train.jsonl")):
+        print(f"[data] no manifests in {cfg.data}: generating the {cfg.preset} toy world there")
+        data.make_toy_data(cfg.data, seed=cfg.seed, preset="tiny" if cfg.preset == "tiny" else "cpu")
+    world = World(cfg.data)
+    stage_teacher(cfg, world, device, amp)
+    stage_encoder(cfg, world, device, amp)
+    stage_omni(cfg, world, device, amp)
+    stage_align(cfg, world, device, amp)
+    import eval as E  # eval imports train for World and load_model
+    E.evaluate_all(cfg.out, world, device, cfg)
+    E.report(cfg.out)
+    print(f"wall time {fmt_time(time.time() - t0)}")
+
+
+if __name__ == "__main__":
+    main()
