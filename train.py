@@ -2,12 +2,13 @@
 The whole X-OPD story, one stage after another (DESIGN.md §3):
 
     teacher  train the text decoder on the text skills (chat format)
-    omni     build the speech LLM (new Whisper-style encoder + adapter, decoder copied
-             from the teacher) and train it on a multimodal mix: the "base" student
+    encoder  pretrain the Whisper-style audio encoder on transcription (character CTC)
+    omni     build the speech LLM (that encoder, frozen, + a new adapter + a copy of the
+             teacher's decoder) and train it on a multimodal mix: the "base" student
     align    one of sft | kd | gkd | xopd on the same paired prompts, audio side frozen
     eval     score every run from speech (S) and text (T); the paper's tables
 
-    python train.py                                  # cpu preset, toy data, teacher -> omni -> xopd -> eval
+    python train.py                                  # cpu preset, toy data, all stages with xopd, tables
     python train.py --preset tiny                    # the same in under a minute
     python train.py --method sft                     # another alignment method on the same base
     python train.py --method xopd --lam 0            # the λ ablation
@@ -24,10 +25,11 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 import data
 import model as M
@@ -156,7 +158,6 @@ def load_checkpoint(path):
 
 
 def tokenizer_of(ckpt):
-    from tokenizers import Tokenizer
     return Tokenizer.from_str(ckpt["tokenizer"])
 
 
