@@ -551,11 +551,11 @@ def stage_align(cfg, world, device, amp):
             with autocast(device, amp):
                 return xopd.gkd_step(student, teacher, opt, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
+                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen, grad_clip=1.0)
         targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
         b = world.batch(rows, targets, device)
         with autocast(device, amp):
-            return xopd.sft_step(student, opt, b)
+            return xopd.sft_step(student, opt, b, grad_clip=1.0)
 
     return run_stage(name, cfg, student, cfg.align_steps, cfg.align_lr, step_fn, device, world.tok.to_str())
 

@@ -337,6 +337,18 @@ def _speech_prompt(student, batch):
     return student.embed(batch["speech_ids"], batch["speech_lens"], audio, audio_lens)
 
 
+def _update(student, optimizer, loss, grad_clip):
+    """Backward and one optimiser step, the same for every method; grad_clip > 0 clips the
+    decoder's gradient norm first (and reports it)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = {}
+    if grad_clip > 0:
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.decoder.parameters(), grad_clip).item()
+    optimizer.step()
+    return stats
+
+
 def _ms(t0):
     return (time.perf_counter() - t0) * 1e3
 
@@ -385,11 +397,7 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
                                  lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
         terms[k] = (logp, logp_old, teacher_lp[k], mask)
     loss, stats = xopd_loss(terms.get("im"), terms.get("cm"), lam, clip_eps)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.decoder.parameters(), grad_clip).item()
-    optimizer.step()
+    stats.update(_update(student, optimizer, loss, grad_clip))
     t_update = _ms(t0)
 
     masks = [m for _, m, _ in rollouts.values()]
@@ -408,7 +416,7 @@ def _fixed_responses(batch):
 
 
 def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
-             temperature=1.0, eos_id, pad_id=None, generator=None, chunk_size=1024):
+             temperature=1.0, eos_id, pad_id=None, generator=None, grad_clip=0.0, chunk_size=1024):
     """
     One GKD step (the paper's baseline: forward KL, beta = 0): each row's response is,
     with probability student_frac, sampled from the student hearing S, otherwise the
@@ -440,15 +448,13 @@ def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, 
     div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
                    temperature, chunk_size)
     loss = div.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return dict(loss=loss.item(), frac_student=on_policy.float().mean().item(),
+    stats = _update(student, optimizer, loss, grad_clip)
+    return dict(loss=loss.item(), **stats, frac_student=on_policy.float().mean().item(),
                 resp_len=mask.sum(1).float().mean().item(), tokens=int(mask.sum()),
                 ms_rollout=t_rollout, ms_update=_ms(t0))
 
 
-def sft_step(student, optimizer, batch, *, chunk_size=1024):
+def sft_step(student, optimizer, batch, *, grad_clip=0.0, chunk_size=1024):
     """
     One SFT step: cross-entropy of the batch's fixed responses given the speech prompt S.
     Offline KD is this step with teacher-generated responses in the batch.
@@ -458,7 +464,5 @@ def sft_step(student, optimizer, batch, *, chunk_size=1024):
     ids, mask = _fixed_responses(batch)
     h = response_hidden(student.decoder, emb, lens, ids)
     loss = sft_loss(h, student.decoder.lm_head.weight, ids, mask, chunk_size)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return dict(loss=loss.item(), tokens=int(mask.sum()), ms_update=_ms(t0))
+    stats = _update(student, optimizer, loss, grad_clip)
+    return dict(loss=loss.item(), **stats, tokens=int(mask.sum()), ms_update=_ms(t0))

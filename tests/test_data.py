@@ -189,17 +189,6 @@ def test_synth_words_have_different_spectra():
         assert np.abs(spectrum("seven", 0) - spectrum(other, 0)).mean() > 3 * same
 
 
-def test_synth_speed():
-    v = data.Voice()
-    data.synthesize("warm up", v, 0)
-    t0 = time.perf_counter()
-    for i in range(20):
-        x = data.synthesize("what is seven plus five minus three ?", v, i)
-    ms = (time.perf_counter() - t0) / 20 * 1000
-    print(f"\nsynthesize: {ms:.1f} ms for a {len(x) / SR:.2f} s clip")
-    assert ms < 100
-
-
 # ---------------------------------------------------------------- toy world
 
 @pytest.fixture(scope="module")
