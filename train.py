@@ -71,6 +71,7 @@ class TrainConfig:
     gkd_beta: float = 0.0        # GKD: 0 = forward KL (the paper's baseline)
     gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
     clip: float = 0.0            # optional PPO-style ratio clip (0 = off, as in the paper)
+    tag: str = ""                # suffix of the align run's folder, to keep variants apart
     # bookkeeping
     warmup: int = 20             # linear lr warm-up steps
     ckpt_every: int = 50
@@ -494,7 +495,8 @@ def stage_omni(cfg, world, device, amp):
 
 
 def align_name(cfg):
-    return cfg.method if cfg.lam == 0.5 else f"{cfg.method}_lam{cfg.lam:g}"
+    name = cfg.method if cfg.lam == 0.5 else f"{cfg.method}_lam{cfg.lam:g}"
+    return f"{name}_{cfg.tag}" if cfg.tag else name
 
 
 def teacher_responses(cfg, world, teacher, recs, device, amp):
