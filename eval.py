@@ -55,7 +55,7 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
     for i in range(0, len(recs), batch_size):
         rows = recs[i:i + batch_size]
         b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech")
-        embeds, lens = train.prompt_embeds(model, b, modality)
+        embeds, lens = xopd.prompt_embeds(model, b, modality)
         ids, _, _ = xopd.sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
                                 eos_id=world.end_id, temperature=0.0)
         outs += [data.decode_response(world.tok, row) for row in ids.tolist()]

@@ -338,28 +338,6 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
 # -----------------------------------------------------------------------------
 # The stages.
 
-def supervised_loss(model, b, modality):
-    """Mean cross-entropy of the fixed responses in b, from the text or the speech prompt.
-    Returns (loss, number of response tokens)."""
-    embeds, lens = prompt_embeds(model, b, modality)
-    dec = model if isinstance(model, M.Decoder) else model.decoder
-    mask = torch.arange(b["response_ids"].shape[1], device=lens.device) < b["response_lens"][:, None]
-    h = xopd.response_hidden(dec, embeds, lens, b["response_ids"])        # (B, L, dim)
-    return xopd.sft_loss(h, dec.lm_head.weight, b["response_ids"], mask), int(mask.sum())
-
-
-def prompt_embeds(model, b, modality):
-    if isinstance(model, M.Decoder):  # the text teacher only ever reads text
-        return model.embed_tokens(b["text_ids"]), b["text_lens"]
-    if modality == "text":
-        return model.embed(b["text_ids"], b["text_lens"])
-    if "feats" in b:  # encoder outputs computed once (World.features): only the adapter runs here
-        audio_embeds, audio_lens = model.adapter(b["feats"], b["feat_lens"])
-    else:
-        audio_embeds, audio_lens = model.encode_audio(b["mels"], b["mel_lens"])
-    return model.embed(b["speech_ids"], b["speech_lens"], audio_embeds, audio_lens)
-
-
 def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on the text skills' prompts and teacher-style responses."""
     final = os.path.join(cfg.out, "teacher", "model.pt")
@@ -375,7 +353,7 @@ def stage_teacher(cfg, world, device, amp):
         rows = [recs[i] for i in batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
-            loss, ntok = supervised_loss(teacher, b, "text")
+            loss, ntok = xopd.response_nll(teacher, b, "text")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
@@ -482,8 +460,8 @@ def stage_omni(cfg, world, device, amp):
         bs["feats"], bs["feat_lens"] = world.features(speech_rows, student.encoder, device)
         bt = world.batch(written, [target(r) for r in written], device, speech=False)
         with autocast(device, amp):
-            ls, ns = supervised_loss(student, bs, "speech")
-            lt, nt = supervised_loss(student, bt, "text")
+            ls, ns = xopd.response_nll(student, bs, "speech")
+            lt, nt = xopd.response_nll(student, bt, "text")
             loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
         opt.zero_grad(set_to_none=True)
         loss.backward()

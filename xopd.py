@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import model as M
+
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -328,13 +330,41 @@ def _check_vocab(student, teacher):
         raise ValueError(f"student vocabulary {vs} != teacher vocabulary {vt}: they must share one tokenizer")
 
 
-def _speech_prompt(student, batch):
-    """The student's speech prompt embeddings. Grad flows into the audio path only if it is unfrozen."""
-    audio_trainable = any(p.requires_grad for p in
-                          list(student.encoder.parameters()) + list(student.adapter.parameters()))
+def prompt_embeds(model, batch, modality):
+    """
+    The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)).
+    A model.Decoder (the text teacher) always reads the text prompt. A model.SpeechLM reads
+    the text prompt (modality "text") or the speech prompt, its audio encoded from
+    batch["mels"], or from precomputed encoder outputs batch["feats"] when the encoder is
+    frozen. No graph is kept through a frozen audio side.
+    """
+    if isinstance(model, M.Decoder):
+        return model.embed_tokens(batch["text_ids"]), batch["text_lens"]
+    if modality == "text":
+        return model.embed(batch["text_ids"], batch["text_lens"])
+    audio_trainable = any(p.requires_grad for p in (*model.encoder.parameters(), *model.adapter.parameters()))
     with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
-        audio, audio_lens = student.encode_audio(batch["mels"], batch["mel_lens"])
-    return student.embed(batch["speech_ids"], batch["speech_lens"], audio, audio_lens)
+        if "feats" in batch:
+            audio = model.adapter(batch["feats"], batch["feat_lens"])
+        else:
+            audio = model.encode_audio(batch["mels"], batch["mel_lens"])
+    return model.embed(batch["speech_ids"], batch["speech_lens"], *audio)
+
+
+def _fixed_responses(batch):
+    ids, lens = batch["response_ids"], batch["response_lens"]
+    mask = torch.arange(ids.size(1), device=ids.device)[None] < lens[:, None]
+    return ids, mask
+
+
+def response_nll(model, batch, modality, chunk_size=1024):
+    """Mean cross-entropy of the batch's fixed responses given its text or speech prompts,
+    through the fused gather -> (loss, number of response tokens)."""
+    emb, lens = prompt_embeds(model, batch, modality)
+    dec = model if isinstance(model, M.Decoder) else model.decoder
+    ids, mask = _fixed_responses(batch)
+    h = response_hidden(dec, emb, lens, ids)  # (B, L, dim)
+    return sft_loss(h, dec.lm_head.weight, ids, mask, chunk_size), int(mask.sum())
 
 
 def _update(student, optimizer, loss, grad_clip):
@@ -372,9 +402,9 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
               top_k=top_k, top_p=top_p, generator=generator)
     prompts, rollouts = {}, {}
     if lam > 0:  # in-modal: the student reads the transcript T (no audio)
-        prompts["im"] = student.embed(batch["text_ids"], batch["text_lens"])
+        prompts["im"] = prompt_embeds(student, batch, "text")
     if lam < 1:  # cross-modal: the student hears S
-        prompts["cm"] = _speech_prompt(student, batch)
+        prompts["cm"] = prompt_embeds(student, batch, "speech")
     for k, (emb, lens) in prompts.items():
         rollouts[k] = sample(student.decoder, lens, inputs_embeds=emb, **kw)
     t_rollout = _ms(t0)
@@ -383,7 +413,7 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
     text_lens = batch["text_lens"].repeat_interleave(n)
     teacher_lp = {}
     with torch.no_grad():  # the teacher always reads T, never audio
-        teacher_prompt = teacher.embed_tokens(batch["text_ids"]).repeat_interleave(n, dim=0)
+        teacher_prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
         for k, (ids, mask, _) in rollouts.items():
             teacher_lp[k] = sequence_logprobs(teacher, teacher_prompt, text_lens, ids, mask,
                                               chunk_size, temperature)
@@ -409,12 +439,6 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
                 ms_rollout=t_rollout, ms_teacher=t_teacher, ms_update=t_update)
 
 
-def _fixed_responses(batch):
-    ids, lens = batch["response_ids"], batch["response_lens"]
-    mask = torch.arange(ids.size(1), device=ids.device)[None] < lens[:, None]
-    return ids, mask
-
-
 def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
              temperature=1.0, eos_id, pad_id=None, generator=None, grad_clip=0.0, chunk_size=1024):
     """
@@ -425,7 +449,7 @@ def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, 
     """
     _check_vocab(student, teacher)
     t0 = time.perf_counter()
-    emb, lens = _speech_prompt(student, batch)
+    emb, lens = prompt_embeds(student, batch, "speech")
     ids, mask = _fixed_responses(batch)
     ids = ids.clone()
     g_dev = generator.device if generator is not None else None  # draw on the generator's device
@@ -443,7 +467,7 @@ def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, 
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        ht = response_hidden(teacher, teacher.embed_tokens(batch["text_ids"]), batch["text_lens"], ids)[mask]
+        ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
     hs = response_hidden(student.decoder, emb, lens, ids)[mask]
     div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
                    temperature, chunk_size)
@@ -460,9 +484,6 @@ def sft_step(student, optimizer, batch, *, grad_clip=0.0, chunk_size=1024):
     Offline KD is this step with teacher-generated responses in the batch.
     """
     t0 = time.perf_counter()
-    emb, lens = _speech_prompt(student, batch)
-    ids, mask = _fixed_responses(batch)
-    h = response_hidden(student.decoder, emb, lens, ids)
-    loss = sft_loss(h, student.decoder.lm_head.weight, ids, mask, chunk_size)
+    loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
     stats = _update(student, optimizer, loss, grad_clip)
-    return dict(loss=loss.item(), **stats, tokens=int(mask.sum()), ms_update=_ms(t0))
+    return dict(loss=loss.item(), **stats, tokens=n_tokens, ms_update=_ms(t0))

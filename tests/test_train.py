@@ -8,6 +8,7 @@ import torch
 import data
 import eval as E
 import train
+import xopd
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeyp
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
-    real = train.supervised_loss
+    real = xopd.response_nll
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -128,7 +129,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, 
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 4 else loss), n
 
-    monkeypatch.setattr(train, "supervised_loss", poisoned)
+    monkeypatch.setattr(xopd, "response_nll", poisoned)
     with pytest.raises(SystemExit, match="loss is nan"):
         train.main(tiny(tmp_path, tiny_data, "--teacher_steps", "6", "--ckpt_every", "2"))
     ck = train.load_checkpoint(str(tmp_path / "teacher" / "ckpt.pt"))
