@@ -231,15 +231,19 @@ class World:
             out[i, :len(f)] = f
         return out, lens
 
-    def batch(self, recs, responses=None, device="cpu", text=True, speech=True):
-        """The batch dict xopd.py takes: text and/or speech prompts (with mels), and optional
-        fixed responses (a list of strings, one per record)."""
+    def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
+        """The batch dict xopd.py takes: text and/or speech prompts, and optional fixed responses
+        (a list of strings, one per record). Speech comes as mels, or, given a frozen encoder, as
+        its cached outputs (see features)."""
         tok, b = self.tok, {}
         if text:
             b["text_ids"], b["text_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "text") for r in recs], self.pad_id)
         if speech:
             b["speech_ids"], b["speech_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "speech") for r in recs], self.pad_id)
-            b["mels"], b["mel_lens"] = data.collate_mels([self.mel(r) for r in recs])
+            if encoder is None:
+                b["mels"], b["mel_lens"] = data.collate_mels([self.mel(r) for r in recs])
+            else:
+                b["feats"], b["feat_lens"] = self.features(recs, encoder, device)
         if responses is not None:
             b["response_ids"], b["response_lens"] = data.collate_tokens([data.encode_response(tok, t) for t in responses], self.pad_id)
         return {k: v.to(device) for k, v in b.items()}
@@ -454,10 +458,7 @@ def stage_omni(cfg, world, device, amp):
                 for j, k in enumerate(OMNI_MIX) if pools[k]}
         speech_rows = rows.get("asr", []) + rows.get("audio_qa", []) + rows.get("spoken", [])
         written = rows.get("written", [])
-        bs = world.batch(speech_rows, [target(r) for r in speech_rows], device, text=False, speech=False)
-        bs["speech_ids"], bs["speech_lens"] = (t.to(device) for t in data.collate_tokens(
-            [data.encode_prompt(world.tok, r, "speech") for r in speech_rows], world.pad_id))
-        bs["feats"], bs["feat_lens"] = world.features(speech_rows, student.encoder, device)
+        bs = world.batch(speech_rows, [target(r) for r in speech_rows], device, text=False, encoder=student.encoder)
         bt = world.batch(written, [target(r) for r in written], device, speech=False)
         with autocast(device, amp):
             ls, ns = xopd.response_nll(student, bs, "speech")
