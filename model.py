@@ -54,7 +54,7 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    max_seq_len: int = 1024  # documentation of the intended context; rotary has no table limit
+    max_seq_len: int = 1024  # positions in the rotary table; a longer sequence grows it
     head_dim: int = 0  # 0 -> dim // n_heads (some Llama-family checkpoints differ)
 
     def __post_init__(self):
@@ -234,11 +234,11 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def rope_cos_sin(positions, head_dim, theta):
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim) for the rotary embedding."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+def rope_table(n_positions, head_dim, theta):
+    """cos, sin (n_positions, head_dim), float32: the rotary embedding of positions 0..n_positions-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.arange(n_positions).float()[:, None] * inv_freq  # (n, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd), the half-rotation layout of rotate_half
     return emb.cos(), emb.sin()
 
 
@@ -247,32 +247,26 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the KV cache's layers this one writes
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
-        """x (B, T, dim). mask: bool, True = attend, broadcast to (B, 1, T, keys); None = causal.
-        With a cache: write_pos None writes positions 0..T-1 (prefill); a (B,) tensor writes
-        each row's single token at its own position (decode) and attends over the cache."""
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x (B, T, dim); cos, sin broadcast to (B, 1, T, head_dim). mask: bool, True = attend,
+        broadcast to (B, 1, T, keys); None = causal. With a cache, this call's keys and values go
+        into it and attention reads what the cache gives back."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            kc, vc = cache.k[layer], cache.v[layer]
-            if write_pos is None:
-                kc[:, :, :T], vc[:, :, :T] = k, v
-            else:
-                rows = torch.arange(B, device=x.device)
-                kc[rows, :, write_pos], vc[rows, :, write_pos] = k[:, :, 0], v[:, :, 0]
-                n = mask.shape[-1]  # keys up to the longest row's new length
-                k, v = kc[:, :, :n], vc[:, :, :n]
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
         rep = self.n_heads // self.n_kv_heads  # GQA: query head h reads kv head h // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -291,31 +285,46 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, layer_idx):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, write_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, write_pos)
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class KVCache:
     """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
-    place. lengths[b] = valid positions of row b = where row b's next token is written."""
+    place by update. lengths[b] = valid positions of row b = where row b's next token is written;
+    end = max(lengths), kept as a Python int so that decoding sizes its mask without a device sync.
+    Decoder.prefill and Decoder.decode advance both after their pass."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None, device=None):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.end = 0
 
     @property
     def max_len(self):
         return self.k[0].shape[2]
+
+    def update(self, layer, k, v):
+        """Write one layer's new keys and values k, v (B, n_kv_heads, T, head_dim): row b's T tokens
+        at positions lengths[b] .. lengths[b] + T - 1. Returns that layer's keys and values at
+        positions 0 .. end + T - 1, what attention reads (its mask hides what a row has not written)."""
+        kc, vc = self.k[layer], self.v[layer]
+        T = k.shape[2]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        cols = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
+        kc[rows, :, cols] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
+        vc[rows, :, cols] = v.transpose(1, 2)
+        return kc[:, :, :self.end + T], vc[:, :, :self.end + T]
 
     def repeat_interleave(self, n):
         """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1."""
@@ -333,12 +342,16 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, two names
+        # computed once, indexed by position; not persistent: a checkpoint holds weights only
+        cos, sin = rope_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     @staticmethod
     def _init_weights(m):
@@ -352,22 +365,26 @@ class Decoder(nn.Module):
         assert (input_ids is None) != (inputs_embeds is None), "give input_ids or inputs_embeds"
         return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
-    def _run(self, x, positions, mask, cache=None, write_pos=None):
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    def rotary(self, n):
+        """cos, sin (n, head_dim) of positions 0..n-1 from the model's table, which grows (to at
+        least twice its size) when a sequence runs past it."""
+        if n > self.rope_cos.shape[0]:
+            with torch.inference_mode(False):  # the table outlives a sampling call's inference mode
+                cos, sin = rope_table(max(n, 2 * self.rope_cos.shape[0]), self.cfg.head_dim, self.cfg.rope_theta)
+                self.rope_cos, self.rope_sin = cos.to(self.rope_cos), sin.to(self.rope_sin)
+        return self.rope_cos[:n], self.rope_sin[:n]
+
+    def _run(self, x, cos, sin, mask=None, cache=None):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, write_pos)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
-    def forward(self, input_ids=None, inputs_embeds=None, positions=None):
+    def forward(self, input_ids=None, inputs_embeds=None):
         """input_ids (B, T) or inputs_embeds (B, T, dim) -> hidden (B, T, dim) after the final norm.
-        Causal; rows are right padded, so padding never reaches a real position.
-        positions (B, T): rotary positions, default 0..T-1 (for the relative-position test)."""
+        Causal; rows are right padded, so padding never reaches a real position."""
         x = self._embed(input_ids, inputs_embeds)
-        B, T, _ = x.shape
-        if positions is None:
-            positions = torch.arange(T, device=x.device).expand(B, T)
-        return self._run(x, positions, None)
+        return self._run(x, *self.rotary(x.shape[1]))  # positions 0..T-1 for every row
 
     def new_cache(self, batch_size, max_len):
         w = self.embed_tokens.weight
@@ -375,15 +392,17 @@ class Decoder(nn.Module):
                        dtype=w.dtype, device=w.device)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
-        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim). Writes positions
-        0..T-1 of the cache (padding too: decode overwrites it and masks what it has not written)
-        and sets cache.lengths = lengths. hidden[b, lengths[b] - 1] predicts row b's first token."""
+        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache.
+        Writes positions 0..T-1 of the cache (padding too: decode overwrites it and masks what it
+        has not written) and sets cache.lengths = lengths. hidden[b, lengths[b] - 1] predicts row
+        b's first token."""
         x = self._embed(input_ids, inputs_embeds)
-        B, T, _ = x.shape
+        T = x.shape[1]
+        assert cache.end == 0, "prefill needs a fresh cache"
         assert T <= cache.max_len, f"prompt of {T} tokens exceeds the cache ({cache.max_len})"
-        positions = torch.arange(T, device=x.device).expand(B, T)
-        h = self._run(x, positions, None, cache)
+        h = self._run(x, *self.rotary(T), cache=cache)
         cache.lengths = lengths.to(device=x.device, dtype=torch.long).clone()
+        cache.end = int(cache.lengths.max())
         return h
 
     def decode(self, cache, input_ids=None, inputs_embeds=None):
@@ -391,11 +410,13 @@ class Decoder(nn.Module):
         position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1."""
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)  # (B, 1, dim)
         pos = cache.lengths
-        assert int(pos.max()) < cache.max_len, "KV cache full"
-        n = int(pos.max()) + 1
+        assert cache.end < cache.max_len, "KV cache full"
+        n = cache.end + 1  # keys up to the longest row's new length
         mask = (torch.arange(n, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, n)
-        h = self._run(x, pos[:, None], mask, cache, write_pos=pos)
+        cos, sin = self.rotary(n)
+        h = self._run(x, cos[pos][:, None, None], sin[pos][:, None, None], mask, cache)  # (B, 1, 1, hd) each
         cache.lengths = pos + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
+        cache.end += 1
         return h[:, 0]
 
 

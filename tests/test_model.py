@@ -1,16 +1,13 @@
 """model.py: Whisper / Llama compatibility against naive float64 references written here,
 KV-cached decoding against full recomputation, padding invariance, rotary, audio splicing."""
 import math
-import os
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import model as M  # noqa: E402
+import model as M
 
 ATOL = 1e-5  # cached vs full, padded vs alone (fp32)
 
@@ -290,23 +287,42 @@ def test_decoder_padding_invariance():
 def test_rotary_depends_on_relative_position_only():
     dec = tiny_decoder(seed=3)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
-    pos = torch.arange(9).expand(2, 9)
-    with torch.no_grad():
-        h0 = dec(ids)
-        h1 = dec(ids, positions=pos + 37)  # shift every position: same outputs
-        h2 = dec(ids, positions=pos * 2)  # stretch: relative distances change, outputs must too
+    cos, sin = dec.rotary(9 + 37)
+    pos = torch.arange(9)
+    with torch.no_grad():  # every layer and the final norm, with rows of the model's own table
+        x = dec.embed_tokens(ids)
+        h0 = dec._run(x, cos[pos], sin[pos])
+        h1 = dec._run(x, cos[pos + 37], sin[pos + 37])  # shift every position: same outputs
+        h2 = dec._run(x, cos[pos * 2], sin[pos * 2])  # stretch: relative distances change, outputs must too
+    torch.testing.assert_close(h0, dec(ids), rtol=0, atol=0)  # positions 0..T-1 are forward's
     assert (h0 - h1).abs().max() < 1e-5
     assert (h0 - h2).abs().max() > 1e-3
     # the score <rope(q, m), rope(k, n)> is a function of m - n
-    q, k = torch.randn(2, 1, 1, 16, dtype=torch.float64)
+    q, k = torch.randn(2, 16, dtype=torch.float64)
+    cos, sin = M.rope_table(64, 16, 10000.0)
 
     def score(m, n):
-        cm, sm = M.rope_cos_sin(torch.tensor([[m]]), 16, 10000.0)
-        cn, sn = M.rope_cos_sin(torch.tensor([[n]]), 16, 10000.0)
-        return (M.apply_rope(q, cm.double(), sm.double()) * M.apply_rope(k, cn.double(), sn.double())).sum()
+        return (M.apply_rope(q, cos[m].double(), sin[m].double()) * M.apply_rope(k, cos[n].double(), sin[n].double())).sum()
 
     assert abs(score(3, 1) - score(53, 51)) < 1e-5
     assert abs(score(3, 1) - score(1, 3)) > 1e-3
+
+
+def test_rotary_table_grows_past_max_seq_len():
+    short, long = tiny_decoder(seed=4, max_seq_len=8), tiny_decoder(seed=4, max_seq_len=64)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(short(ids), long(ids), rtol=0, atol=1e-6)
+        assert short.rope_cos.shape[0] == 20  # grown to the sequence (at least twice its size)
+        torch.testing.assert_close(short.rope_cos, long.rope_cos[:20], rtol=0, atol=1e-6)
+        # cached decoding past the table: the table grows again, the outputs stay those of a full pass
+        cache = short.new_cache(2, 50)
+        short.prefill(cache, torch.tensor([20, 20]), input_ids=ids)
+        for _ in range(15):
+            h = short.decode(cache, input_ids=ids[:, 0])
+        full = long(torch.cat([ids, ids[:, :1].expand(2, 15)], 1))
+    assert short.rope_cos.shape[0] == 40  # twice 20, enough for position 34
+    assert (h - full[:, -1]).abs().max() <= ATOL
 
 
 # -----------------------------------------------------------------------------
