@@ -3,14 +3,16 @@ manifests and batching.
 
 Read top to bottom: audio constants and I/O, Whisper's log-mel, the synthesizer, the toy world
 (text skills the teacher knows, audio skills the speech model has), scoring, the tokenizer and
-chat format, manifests, collation.
+chat format, manifests, collation, the Batch every training step takes, and the World that
+builds batches from a data folder.
 """
 import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -759,3 +761,104 @@ def collate_mels(mels):
     for b, m in enumerate(mels):
         out[b, :, :m.shape[-1]] = torch.as_tensor(m)
     return out, lens
+
+
+@dataclass
+class Batch:
+    """
+    One batch of prompts, and optionally of fixed responses, as xopd.py's steps take it. Right
+    padded; each *_lens (B,) holds the real length of every row. A field the batch does not
+    carry is None.
+
+        text_ids, text_lens          (B, T_t)   text prompts   <|user|> transcript instruction <|assistant|>
+        speech_ids, speech_lens      (B, T_s)   speech prompts <|user|> <|audio|> instruction <|assistant|>
+        mels, mel_lens               (B, n_mels, T_mel)  log-mels of the speech prompts' audio
+        feats, feat_lens             (B, T_enc, n_state) a frozen encoder's outputs for that audio,
+                                                in place of mels
+        response_ids, response_lens  (B, L)     fixed responses, ending with <|end|>
+    """
+    text_ids: torch.Tensor | None = None
+    text_lens: torch.Tensor | None = None
+    speech_ids: torch.Tensor | None = None
+    speech_lens: torch.Tensor | None = None
+    mels: torch.Tensor | None = None
+    mel_lens: torch.Tensor | None = None
+    feats: torch.Tensor | None = None
+    feat_lens: torch.Tensor | None = None
+    response_ids: torch.Tensor | None = None
+    response_lens: torch.Tensor | None = None
+
+    def to(self, device):
+        """A copy with every tensor on device."""
+        present = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{k: v.to(device) for k, v in present.items()})
+
+
+def batch_indices(n_items, batch_size, step, seed):
+    """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
+    so any step's batch can be rebuilt on resume without replaying the ones before it."""
+    if n_items < batch_size:  # tiny corpora: draw with replacement
+        return np.random.default_rng([seed, step]).integers(0, n_items, batch_size).tolist()
+    per_epoch = n_items // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+class World:
+    """A data folder (train.jsonl, test.jsonl, tokenizer.json) loaded once per run: the tokenizer,
+    the train/test records, their log-mels cached in memory, and batches of them."""
+
+    def __init__(self, data_dir):
+        self.dir = data_dir
+        self.tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        self.train = read_manifest(os.path.join(data_dir, "train.jsonl"))
+        self.test = read_manifest(os.path.join(data_dir, "test.jsonl"))
+        self.pad_id = self.tok.token_to_id(PAD)
+        self.end_id = self.tok.token_to_id(END)
+        self.audio_id = self.tok.token_to_id(AUDIO)
+        self._mels = {}
+        # encoder -> {record id: features}; weak, so an encoder's features go with it, and
+        # another encoder never reads them
+        self._feats = weakref.WeakKeyDictionary()
+
+    def mel(self, rec):
+        if rec["id"] not in self._mels:
+            self._mels[rec["id"]] = log_mel_spectrogram(load_audio(rec["audio"]))
+        return self._mels[rec["id"]]
+
+    def features(self, recs, encoder, device):
+        """A frozen encoder's outputs, computed once per clip and encoder (the omni stage sees each
+        clip many times). The encoder is padding invariant, so batching does not change them.
+        -> feats (B, T, n_state), lens (B,)."""
+        cache = self._feats.setdefault(encoder, {})
+        todo = [r for r in recs if r["id"] not in cache]
+        if todo:
+            with torch.no_grad():
+                mels, mel_lens = collate_mels([self.mel(r) for r in todo])
+                x, lens = encoder(mels.to(device), mel_lens.to(device))
+            for r, xr, n in zip(todo, x, lens.tolist()):
+                cache[r["id"]] = xr[:n].clone()
+        feats = [cache[r["id"]] for r in recs]
+        lens = torch.tensor([len(f) for f in feats], device=device)
+        out = feats[0].new_zeros(len(feats), int(lens.max()), feats[0].shape[-1])
+        for i, f in enumerate(feats):
+            out[i, :len(f)] = f
+        return out, lens
+
+    def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
+        """A Batch of recs: text and/or speech prompts, and optional fixed responses (a list of
+        strings, one per record). Speech comes as mels, or, given a frozen encoder, as its
+        cached outputs (see features)."""
+        tok, b = self.tok, Batch()
+        if text:
+            b.text_ids, b.text_lens = collate_tokens([encode_prompt(tok, r, "text") for r in recs], self.pad_id)
+        if speech:
+            b.speech_ids, b.speech_lens = collate_tokens([encode_prompt(tok, r, "speech") for r in recs], self.pad_id)
+            if encoder is None:
+                b.mels, b.mel_lens = collate_mels([self.mel(r) for r in recs])
+            else:
+                b.feats, b.feat_lens = self.features(recs, encoder, device)
+        if responses is not None:
+            b.response_ids, b.response_lens = collate_tokens([encode_response(tok, t) for t in responses], self.pad_id)
+        return b.to(device)

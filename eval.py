@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 import data
 import model as M
-import train
 import xopd
 
 # -----------------------------------------------------------------------------
@@ -104,17 +103,15 @@ def run_dirs(out):
     return runs
 
 
-def evaluate_all(out, world, device, cfg):
-    """Score every finished run that has no up-to-date eval.json."""
+def evaluate_all(out, world, device, per_family, max_new_tokens):
+    """Score every finished run that has no up-to-date eval.json (stage 5)."""
     for name, d in run_dirs(out).items():
         path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
         if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt):
             continue
-        m, _ = train.load_model(ckpt, device)
-        res = evaluate_model(m, world, device, cfg.eval_per_family, cfg.max_new_tokens)
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)
+        m, _ = M.load_model(ckpt, device)
+        res = evaluate_model(m, world, device, per_family, max_new_tokens)
+        M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
 
 
@@ -178,11 +175,9 @@ def report(out):
               "table2": "Table 2: λ ablation of X-OPD", "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"}
     md = "\n\n".join(f"### {titles[k]}\n\n{v}" for k, v in t.items())
     print(md)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(out, "tables.json"), "w") as f:
-        json.dump({"results": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in results.items()},
-                   "tables": t}, f, indent=1)
+    M.atomic_write(os.path.join(out, "tables.md"), lambda f: f.write(md + "\n"))
+    summary = {"results": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in results.items()}, "tables": t}
+    M.atomic_write(os.path.join(out, "tables.json"), lambda f: json.dump(summary, f, indent=1))
     return t
 
 
@@ -291,7 +286,8 @@ def bench_logprobs(threads=0, repeats=2, **kw):
 
 
 def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, seconds_audio=3.0):
-    """Item 3: one xopd_step of the preset (after one warm-up step), split into its phases."""
+    """Item 3: one X-OPD step of the preset (after one warm-up step), split into its phases:
+    rollouts, teacher scoring, and the update (the loss, backward and the optimiser step)."""
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
@@ -307,13 +303,17 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     speech_ids = torch.full((batch, 8), 5)
     speech_ids[:, 3] = audio_id  # chat prefix, the AUDIO placeholder, chat suffix
     frames = int(seconds_audio * 100)  # 10 ms hop
-    b = dict(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
-             mels=torch.randn(batch, enc.n_mels, frames, generator=g), mel_lens=torch.full((batch,), frames),
-             response_ids=torch.full((batch, 4), eos_id), response_lens=torch.full((batch,), 4))
+    b = data.Batch(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
+                   mels=torch.randn(batch, enc.n_mels, frames, generator=g), mel_lens=torch.full((batch,), frames))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=2e-6)
     kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id)
-    xopd.xopd_step(student, teacher, opt, b, generator=torch.Generator().manual_seed(seed), **kw)  # warm-up
-    m = xopd.xopd_step(student, teacher, opt, b, generator=torch.Generator().manual_seed(seed + 1), **kw)
+    for s in (seed, seed + 1):  # a warm-up step, then the timed one
+        loss, m = xopd.xopd_step(student, teacher, b, generator=torch.Generator().manual_seed(s), **kw)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)  # train.update's work, without the clipping
+        loss.backward()
+        opt.step()
+        m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3
     m.update(batch=batch, n=n, max_new_tokens=max_new_tokens)
     return m
 
@@ -380,16 +380,19 @@ def main(argv=None):
         return
     ap.add_argument("--out", required=True, help="a run folder written by train.py")
     ap.add_argument("--data", default=None, help="data folder (default: the one the run was trained on)")
-    ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family")
+    ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family (default: the run's)")
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="answer length limit (default: the run's)")
     args = ap.parse_args(argv)
     runs = run_dirs(args.out)
     if "teacher" not in runs:
         ap.error(f"--out: {args.out} holds no finished teacher ({args.out}/teacher/model.pt); run train.py first")
-    settings = train.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
-    cfg = train.TrainConfig(**{**settings, **{k: v for k, v in vars(args).items() if v is not None}})
-    device, _, why = train.pick_device()
+    # what the flags leave out comes from the settings the run was trained with
+    trained = M.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
+    data_dir, per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
+                                            for k in ("data", "eval_per_family", "max_new_tokens"))
+    device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
-    evaluate_all(args.out, train.World(cfg.data), device, cfg)
+    evaluate_all(args.out, data.World(data_dir), device, per_family, max_new_tokens)
     report(args.out)
 
 

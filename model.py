@@ -1,6 +1,8 @@
 """The models: a Whisper-compatible audio encoder, a frame-stacking adapter, a
-Llama-compatible decoder with a preallocated KV cache, and the speech LLM that
-splices audio vectors into the decoder's input where the AUDIO placeholder stands.
+Llama-compatible decoder with a preallocated KV cache, the speech LLM that splices
+audio vectors into the decoder's input where the AUDIO placeholder stands, and the
+encoder with a character CTC head that pretrains it. Then checkpoints: every model
+is saved with its configs and rebuilt from them by load_model, with this one import.
 
 Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives
 50 frames/s -> the adapter stacks 4 frames -> 12.5 audio tokens/s (80 ms each).
@@ -12,6 +14,7 @@ away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
 """
 import copy
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -515,6 +518,108 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
     student = SpeechLM(enc_cfg, adp_cfg, teacher.cfg, audio_token_id)
     student.decoder = copy.deepcopy(teacher)  # deepcopy keeps a tied head tied
     return student
+
+
+# -----------------------------------------------------------------------------
+# the encoder's pretraining: a character CTC head
+#
+# The toy language is spoken as it is spelled, so a character CTC head learns in a minute what
+# the decoder would need many minutes to learn through attention alone (measured: the decoder's
+# transcription loss sits on a plateau for hundreds of steps with a randomly initialised encoder).
+
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
+
+
+def ctc_targets(text):
+    """Letters and single spaces of a transcript -> ids 1.. (0 is CTC's blank)."""
+    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
+    return [CTC_CHARS.index(c) + 1 for c in " ".join(words)]
+
+
+class CTCEncoder(nn.Module):
+    """The audio encoder with a character CTC head (the head is dropped after its stage)."""
+
+    def __init__(self, enc_cfg: EncoderConfig):
+        super().__init__()
+        self.enc_cfg = enc_cfg
+        self.encoder = AudioEncoder(**asdict(enc_cfg))
+        self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically, loaded with weights_only=True, configs inside
+
+
+def atomic_write(path, write, mode="w"):
+    """write(f) into a temporary file beside path, then rename it to path: a crash mid-write
+    never leaves a half-written file (checkpoints, cached responses, eval results, tables)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, payload):
+    """payload: a dict with at least "model" (a state dict), "configs" (model_configs) and "train"."""
+    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                         "delete it to retrain that stage") from None
+    missing = [k for k in ("model", "configs", "train") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; expected one written by train.py")
+    return ckpt
+
+
+def model_configs(model):
+    """The asdict(cfg)s a checkpoint stores, from which build_model rebuilds the model."""
+    if isinstance(model, Decoder):
+        return {"decoder": asdict(model.cfg)}
+    if isinstance(model, CTCEncoder):
+        return {"encoder": asdict(model.enc_cfg)}
+    return {"encoder": asdict(model.enc_cfg), "adapter": asdict(model.adp_cfg),
+            "decoder": asdict(model.decoder.cfg), "audio_token_id": model.audio_token_id}
+
+
+def build_model(configs):
+    """A Decoder (teacher), CTCEncoder (pretrained encoder) or SpeechLM (student) from model_configs."""
+    if "decoder" not in configs:
+        return CTCEncoder(EncoderConfig(**configs["encoder"]))
+    dec = DecoderConfig(**configs["decoder"])
+    if "encoder" not in configs:
+        return Decoder(dec)
+    return SpeechLM(EncoderConfig(**configs["encoder"]), AdapterConfig(**configs["adapter"]),
+                    dec, audio_token_id=configs["audio_token_id"])
+
+
+def load_model(path, device):
+    """-> (the model of a checkpoint on device, the checkpoint)."""
+    ckpt = load_checkpoint(path)
+    m = build_model(ckpt["configs"])
+    try:
+        m.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the config stored with them ({e})") from None
+    return m.to(device), ckpt
+
+
+def pick_device():
+    """Chosen once, printed with the reason (CPU: float32, no autocast; GPU: bf16 autocast).
+    -> (device, autocast dtype or None, reason)."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        bf16 = torch.cuda.is_bf16_supported()
+        why = f"CUDA device {torch.cuda.get_device_name()} found; " + ("bf16 autocast" if bf16 else "float32 (no bf16 support)")
+        return dev, (torch.bfloat16 if bf16 else None), why
+    return torch.device("cpu"), None, f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """
-The whole X-OPD story, one stage after another (DESIGN.md §3):
+The whole X-OPD story, one stage after another (the numbering is the README's):
 
-    teacher  train the text decoder on the text skills (chat format)
-    encoder  pretrain the Whisper-style audio encoder on transcription (character CTC)
-    omni     build the speech LLM (that encoder, frozen, + a new adapter + a copy of the
-             teacher's decoder) and train it on a multimodal mix: the "base" student
-    align    one of sft | kd | gkd | xopd on the same paired prompts, audio side frozen
-    eval     score every run from speech (S) and text (T); the paper's tables
+    1 teacher  train the text decoder on the text skills (chat format)
+    2 encoder  pretrain the Whisper-style audio encoder on transcription (character CTC)
+    3 omni     build the speech LLM (that encoder, frozen, + a new adapter + a copy of the
+               teacher's decoder) and train it on a multimodal mix: the "base" student
+    4 align    one of sft | kd | gkd | xopd on the same paired prompts, audio side frozen
+    5 eval     score every run from speech (S) and text (T); the paper's tables (eval.py)
 
     python train.py                                  # cpu preset, toy data, all stages with xopd, tables
     python train.py --preset tiny                    # the same in under a minute
@@ -17,7 +17,9 @@ The whole X-OPD story, one stage after another (DESIGN.md §3):
 Every stage writes <out>/<stage>/model.pt when it is done and is skipped when that file
 exists; while it runs it keeps <out>/<stage>/ckpt.pt (model + optimiser + step) and
 <out>/<stage>/log.jsonl. The batch at step k and the sampling seed of step k depend only on
-(seed, k), so a resumed run reproduces the losses of an uninterrupted one.
+(seed, k), so a resumed run reproduces the losses of an uninterrupted one. A stage's step
+function returns a loss; one function, update, does the backward pass and the optimiser step
+for every stage.
 """
 import argparse
 import json
@@ -27,11 +29,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 import data
+import eval as E
 import model as M
 import xopd
 
@@ -70,10 +72,11 @@ class TrainConfig:
     max_new_tokens: int = 48
     gkd_beta: float = 0.0        # GKD: 0 = forward KL (the paper's baseline)
     gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
-    clip: float = 0.0            # optional PPO-style ratio clip (0 = off, as in the paper)
+    ratio_clip: float = 0.0      # optional PPO-style clip of X-OPD's importance ratio (0 = off, as in the paper)
     tag: str = ""                # suffix of the align run's folder, to keep variants apart
-    # bookkeeping
+    # every stage
     warmup: int = 20             # linear lr warm-up steps
+    grad_clip: float = 1.0       # max gradient norm before each optimiser step (0 = no clipping)
     ckpt_every: int = 50
     log_every: int = 10
     eval_per_family: int = 100   # test prompts per benchmark family
@@ -119,145 +122,9 @@ def parse_args(argv=None):
     return cfg
 
 
-def pick_device():
-    """Chosen once, printed with the reason (CPU: float32, no autocast; GPU: bf16 autocast)."""
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        bf16 = torch.cuda.is_bf16_supported()
-        why = f"CUDA device {torch.cuda.get_device_name()} found; " + ("bf16 autocast" if bf16 else "float32 (no bf16 support)")
-        return dev, (torch.bfloat16 if bf16 else None), why
-    return torch.device("cpu"), None, f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
-
-
 def autocast(device, amp_dtype):
+    """bf16 autocast where pick_device chose it (a GPU), a no-op on CPU."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: written atomically, loaded with weights_only=True, configs inside.
-
-def save_checkpoint(path, payload):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a half file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "delete it to retrain that stage") from None
-    missing = [k for k in ("model", "configs", "train") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; expected one written by train.py")
-    return ckpt
-
-
-def tokenizer_of(ckpt):
-    return Tokenizer.from_str(ckpt["tokenizer"])
-
-
-def build_model(configs):
-    """Rebuild a Decoder (teacher) or SpeechLM (student) from the asdict(cfg)s in a checkpoint."""
-    if "decoder" not in configs:
-        return CTCEncoder(M.EncoderConfig(**configs["encoder"]))
-    dec = M.DecoderConfig(**configs["decoder"])
-    if "encoder" not in configs:
-        return M.Decoder(dec)
-    return M.SpeechLM(M.EncoderConfig(**configs["encoder"]), M.AdapterConfig(**configs["adapter"]),
-                      dec, audio_token_id=configs["audio_token_id"])
-
-
-def model_configs(model):
-    if isinstance(model, M.Decoder):
-        return {"decoder": asdict(model.cfg)}
-    if isinstance(model, CTCEncoder):
-        return {"encoder": asdict(model.enc_cfg)}
-    return {"encoder": asdict(model.enc_cfg), "adapter": asdict(model.adp_cfg),
-            "decoder": asdict(model.decoder.cfg), "audio_token_id": model.audio_token_id}
-
-
-def load_model(path, device):
-    ckpt = load_checkpoint(path)
-    m = build_model(ckpt["configs"])
-    try:
-        m.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config stored with them ({e})") from None
-    return m.to(device), ckpt
-
-
-# -----------------------------------------------------------------------------
-# Data: records from the manifests, mel features cached in memory, batches by (seed, step).
-
-class World:
-    """The tokenizer, the train/test records and their log-mels, loaded once per run."""
-
-    def __init__(self, data_dir):
-        self.dir = data_dir
-        self.tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-        self.train = data.read_manifest(os.path.join(data_dir, "train.jsonl"))
-        self.test = data.read_manifest(os.path.join(data_dir, "test.jsonl"))
-        self.pad_id = self.tok.token_to_id(data.PAD)
-        self.end_id = self.tok.token_to_id(data.END)
-        self.audio_id = self.tok.token_to_id(data.AUDIO)
-        self._mels, self._feats = {}, {}
-
-    def mel(self, rec):
-        if rec["id"] not in self._mels:
-            self._mels[rec["id"]] = data.log_mel_spectrogram(data.load_audio(rec["audio"]))
-        return self._mels[rec["id"]]
-
-    def features(self, recs, encoder, device):
-        """A frozen encoder's outputs, computed once per clip (the omni stage sees each clip many
-        times). The encoder is padding invariant, so batching does not change them.
-        -> feats (B, T, n_state), lens (B,)."""
-        todo = [r for r in recs if r["id"] not in self._feats]
-        if todo:
-            with torch.no_grad():
-                mels, mel_lens = data.collate_mels([self.mel(r) for r in todo])
-                x, lens = encoder(mels.to(device), mel_lens.to(device))
-            for r, xr, n in zip(todo, x, lens.tolist()):
-                self._feats[r["id"]] = xr[:n].clone()
-        feats = [self._feats[r["id"]] for r in recs]
-        lens = torch.tensor([len(f) for f in feats], device=device)
-        out = feats[0].new_zeros(len(feats), int(lens.max()), feats[0].shape[-1])
-        for i, f in enumerate(feats):
-            out[i, :len(f)] = f
-        return out, lens
-
-    def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
-        """The batch dict xopd.py takes: text and/or speech prompts, and optional fixed responses
-        (a list of strings, one per record). Speech comes as mels, or, given a frozen encoder, as
-        its cached outputs (see features)."""
-        tok, b = self.tok, {}
-        if text:
-            b["text_ids"], b["text_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "text") for r in recs], self.pad_id)
-        if speech:
-            b["speech_ids"], b["speech_lens"] = data.collate_tokens([data.encode_prompt(tok, r, "speech") for r in recs], self.pad_id)
-            if encoder is None:
-                b["mels"], b["mel_lens"] = data.collate_mels([self.mel(r) for r in recs])
-            else:
-                b["feats"], b["feat_lens"] = self.features(recs, encoder, device)
-        if responses is not None:
-            b["response_ids"], b["response_lens"] = data.collate_tokens([data.encode_response(tok, t) for t in responses], self.pad_id)
-        return {k: v.to(device) for k, v in b.items()}
-
-
-def batch_indices(n_items, batch_size, step, seed):
-    """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
-    so any step's batch can be rebuilt on resume without replaying the ones before it."""
-    if n_items < batch_size:  # tiny corpora: draw with replacement
-        return np.random.default_rng([seed, step]).integers(0, n_items, batch_size).tolist()
-    per_epoch = n_items // batch_size
-    epoch, i = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
-    return perm[i * batch_size:(i + 1) * batch_size].tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -275,10 +142,31 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def update(params, opt, loss, grad_clip):
+    """The one optimiser update of every stage: backward, clip the gradient norm of the
+    trainable parameters to grad_clip (0 = no clipping), step. Returns the stats it adds to
+    the step's log: the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = {}
+    if grad_clip > 0:
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    opt.step()
+    return stats
+
+
+def done(cfg, name):
+    """Whether stage `name` already finished (its model.pt exists): a rerun skips it."""
+    final = os.path.join(cfg.out, name, "model.pt")
+    if os.path.exists(final):
+        print(f"[{name}] {final} exists: skipped")
+    return os.path.exists(final)
+
+
 def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
-    """Train `model` for `steps` optimiser steps. step_fn(step, optimizer) does one step
-    (forward, backward, optimizer.step) and returns a metrics dict with 'loss' and 'tokens'.
-    Returns the path of the finished model."""
+    """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
+    with a graph) and a stats dict holding at least 'tokens'; update does the rest. Writes
+    <out>/<name>/model.pt at the end."""
     stage_dir = os.path.join(cfg.out, name)
     final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
     log_path = os.path.join(stage_dir, "log.jsonl")
@@ -288,7 +176,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
     start = 0
     if os.path.exists(ckpt_path):
         if cfg.resume:
-            ck = load_checkpoint(ckpt_path)
+            ck = M.load_checkpoint(ckpt_path)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             start = ck["step"]
@@ -303,8 +191,8 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
     print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
 
     def save(path, step):
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                               "configs": model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer})
+        M.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer})
 
     model.train()
     t_start, timed = None, 0
@@ -312,13 +200,15 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         t0 = time.perf_counter()
-        m = step_fn(step, opt)
+        loss, stats = step_fn(step)
+        m = {"loss": loss.item(), **stats}
+        if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
+            sys.exit(f"[{name}] step {step + 1}: loss is {m['loss']}; stopping. The last good checkpoint "
+                     f"is kept in {ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
+        m.update(update(params, opt, loss, cfg.grad_clip))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        if not math.isfinite(m["loss"]):
-            sys.exit(f"[{name}] step {step + 1}: loss is {m['loss']}; stopping. The last good checkpoint "
-                     f"is kept in {ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
         if step > start:  # the first step warms up kernels and caches: time from the second
             t_start = t_start or time.perf_counter() - dt
             timed += 1
@@ -336,7 +226,6 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
     save(final, steps)
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
-    return final
 
 
 # -----------------------------------------------------------------------------
@@ -344,81 +233,47 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
 
 def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on the text skills' prompts and teacher-style responses."""
-    final = os.path.join(cfg.out, "teacher", "model.pt")
-    if os.path.exists(final):
-        print(f"[teacher] {final} exists: skipped")
-        return final
+    if done(cfg, "teacher"):
+        return
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
     recs = [r for r in world.train if r["kind"] == "text"]
 
-    def step_fn(step, opt):
-        rows = [recs[i] for i in batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
+    def step_fn(step):
+        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item(), "tokens": ntok}
+        return loss, {"tokens": ntok}
 
-    return run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
-
-
-# Stage 2's targets: characters. The toy language is spoken as it is spelled, so a character
-# CTC head learns in a minute what the decoder would need many minutes to learn through
-# attention alone (measured: the decoder's transcription loss sits on a plateau for hundreds
-# of steps with a randomly initialised encoder).
-CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
-
-
-def ctc_targets(text):
-    """Letters and single spaces of a transcript -> ids 1.. (0 is CTC's blank)."""
-    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
-    return [CTC_CHARS.index(c) + 1 for c in " ".join(words)]
-
-
-class CTCEncoder(torch.nn.Module):
-    """The audio encoder with a character CTC head (the head is dropped after this stage)."""
-
-    def __init__(self, enc_cfg):
-        super().__init__()
-        self.enc_cfg = enc_cfg
-        self.encoder = M.AudioEncoder(**asdict(enc_cfg))
-        self.ctc_head = torch.nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
+    run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
 
 
 def stage_encoder(cfg, world, device, amp):
-    """Stage 2: pretrain the Whisper-style encoder on transcription with a CTC loss, the toy
-    analog of a speech LLM starting from Whisper's ASR-trained encoder."""
-    final = os.path.join(cfg.out, "encoder", "model.pt")
-    if os.path.exists(final):
-        print(f"[encoder] {final} exists: skipped")
-        return final
+    """Stage 2: pretrain the Whisper-style encoder on transcription with a character CTC loss
+    (model.CTCEncoder says why characters), the toy analog of a speech LLM starting from
+    Whisper's ASR-trained encoder."""
+    if done(cfg, "encoder"):
+        return
     enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed + 1)
-    m = CTCEncoder(enc_cfg).to(device)
-    recs = [r for r in world.train if ctc_targets(r["transcript"])]
+    m = M.CTCEncoder(enc_cfg).to(device)
+    recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
 
-    def step_fn(step, opt):
-        rows = [recs[i] for i in batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+    def step_fn(step):
+        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
         mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
-        targets = [ctc_targets(r["transcript"]) for r in rows]
+        targets = [M.ctc_targets(r["transcript"]) for r in rows]
         with autocast(device, amp):
             x, lens = m.encoder(mels.to(device), mel_lens.to(device))
             logp = m.ctc_head(x).float().log_softmax(-1).transpose(0, 1)  # (T, B, C) as ctc_loss wants
         loss = torch.nn.functional.ctc_loss(
             logp, torch.tensor(sum(targets, []), device=device), lens,
             torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item(), "tokens": sum(len(t) for t in targets)}
+        return loss, {"tokens": sum(len(t) for t in targets)}
 
-    return run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
+    run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
 
 
 # The omni mix, per step: like a real speech LLM's training data. Every training clip also
@@ -432,12 +287,10 @@ def stage_omni(cfg, world, device, amp):
     """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
     the multimodal mix."""
-    final = os.path.join(cfg.out, "omni", "model.pt")
-    if os.path.exists(final):
-        print(f"[omni] {final} exists: skipped")
-        return final
-    teacher, _ = load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
-    encoder, _ = load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
+    if done(cfg, "omni"):
+        return
+    teacher, _ = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
+    encoder, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
     enc_cfg, adp_cfg, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed + 2)
     student = M.student_from_teacher(teacher, encoder.enc_cfg, adp_cfg, audio_token_id=world.audio_id).to(device)
@@ -453,8 +306,8 @@ def stage_omni(cfg, world, device, amp):
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
     target = lambda r: r["teacher"] or r["reference"]
 
-    def step_fn(step, opt):
-        rows = {k: [pools[k][i] for i in batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
+    def step_fn(step):
+        rows = {k: [pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
                 for j, k in enumerate(OMNI_MIX) if pools[k]}
         speech_rows = rows.get("asr", []) + rows.get("audio_qa", []) + rows.get("spoken", [])
         written = rows.get("written", [])
@@ -464,13 +317,9 @@ def stage_omni(cfg, world, device, amp):
             ls, ns = xopd.response_nll(student, bs, "speech")
             lt, nt = xopd.response_nll(student, bt, "text")
             loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        return {"loss": loss.item(), "loss_s": ls.item(), "loss_t": lt.item(), "tokens": ns + nt}
+        return loss, {"loss_s": ls.item(), "loss_t": lt.item(), "tokens": ns + nt}
 
-    return run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
+    run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
 
 
 def align_name(cfg):
@@ -489,56 +338,52 @@ def teacher_responses(cfg, world, teacher, recs, device, amp):
         rows = recs[i:i + 64]
         b = world.batch(rows, device=device, speech=False)
         with autocast(device, amp):
-            ids, mask, _ = xopd.sample(teacher, b["text_lens"], input_ids=b["text_ids"], max_new_tokens=cfg.max_new_tokens,
+            ids, mask, _ = xopd.sample(teacher, b.text_lens, input_ids=b.text_ids, max_new_tokens=cfg.max_new_tokens,
                                        eos_id=world.end_id, temperature=0.0)
         for r, row in zip(rows, ids.tolist()):
             out[r["id"]] = data.decode_response(world.tok, row)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f)
-    os.replace(tmp, path)
+    M.atomic_write(path, lambda f: json.dump(out, f))
     return out
 
 
 def stage_align(cfg, world, device, amp):
-    """Stage 3: one alignment method on the paired (speech, text) training prompts of the
-    text skills. Same prompts, steps and frozen audio side for every method; λ weighs the
-    text-prompt (in-modal) half against the speech-prompt (cross-modal) half in all of them."""
+    """Stage 4: one alignment method on the paired (speech, text) training prompts of the
+    text skills. Same prompts, steps, gradient clipping and frozen audio side for every
+    method; X-OPD's λ weighs its text-prompt (in-modal) term against its speech-prompt
+    (cross-modal) term, the baselines train from the speech prompt."""
     name = "align/" + align_name(cfg)
-    final = os.path.join(cfg.out, name, "model.pt")
-    if os.path.exists(final):
-        print(f"[{name}] {final} exists: skipped")
-        return final
-    teacher, t_ck = load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
-    student, s_ck = load_model(os.path.join(cfg.out, "omni", "model.pt"), device)
-    xopd.check_same_tokenizer(tokenizer_of(t_ck), tokenizer_of(s_ck))
+    if done(cfg, name):
+        return
+    teacher, t_ck = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
+    student, s_ck = M.load_model(os.path.join(cfg.out, "omni", "model.pt"), device)
+    xopd.check_same_tokenizer(Tokenizer.from_str(t_ck["tokenizer"]), Tokenizer.from_str(s_ck["tokenizer"]))
     teacher.requires_grad_(False).eval()
     student.freeze_audio()
     recs = [r for r in world.train if r["kind"] == "text"]
     kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
 
-    def step_fn(step, opt):
-        rows = [recs[i] for i in batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
+    def step_fn(step):
+        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
         # the sampling seed of a step depends on (seed, step) only: resumable and repeatable
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         if cfg.method == "xopd":
             b = world.batch(rows, device=device)
             with autocast(device, amp):
-                return xopd.xopd_step(student, teacher, opt, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
+                return xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
-                                      clip_eps=cfg.clip, grad_clip=1.0)
+                                      ratio_clip=cfg.ratio_clip)
         if cfg.method == "gkd":
             b = world.batch(rows, [r["reference"] for r in rows], device)
             with autocast(device, amp):
-                return xopd.gkd_step(student, teacher, opt, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
+                return xopd.gkd_step(student, teacher, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen, grad_clip=1.0)
+                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
         targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
         b = world.batch(rows, targets, device)
         with autocast(device, amp):
-            return xopd.sft_step(student, opt, b, grad_clip=1.0)
+            return xopd.sft_step(student, b)
 
-    return run_stage(name, cfg, student, cfg.align_steps, cfg.align_lr, step_fn, device, world.tok.to_str())
+    run_stage(name, cfg, student, cfg.align_steps, cfg.align_lr, step_fn, device, world.tok.to_str())
 
 
 # -----------------------------------------------------------------------------
@@ -546,20 +391,19 @@ def stage_align(cfg, world, device, amp):
 def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.time()
-    device, amp, why = pick_device()
+    device, amp, why = M.pick_device()
     print(f"device: {device} ({why})")
     print("settings: " + json.dumps(asdict(cfg)))
     torch.manual_seed(cfg.seed)
     if not os.path.exists(os.path.join(cfg.data, "train.jsonl")):
         print(f"[data] no manifests in {cfg.data}: generating the {cfg.preset} toy world there")
         data.make_toy_data(cfg.data, seed=cfg.seed, preset="tiny" if cfg.preset == "tiny" else "cpu")
-    world = World(cfg.data)
+    world = data.World(cfg.data)
     stage_teacher(cfg, world, device, amp)
     stage_encoder(cfg, world, device, amp)
     stage_omni(cfg, world, device, amp)
     stage_align(cfg, world, device, amp)
-    import eval as E  # eval imports train for World and load_model
-    E.evaluate_all(cfg.out, world, device, cfg)
+    E.evaluate_all(cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)  # stage 5
     E.report(cfg.out)
     print(f"wall time {fmt_time(time.time() - t0)}")
 

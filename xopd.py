@@ -3,9 +3,11 @@ X-OPD: cross-modal on-policy distillation (Cao et al., arXiv 2603.24596), and th
 baselines it is compared with (SFT / offline KD, GKD).
 
 Top to bottom: sampling (one pure function of logits, then KV-cached rollouts), the
-fused log-prob gather, the losses, one training step per method.
+fused log-prob gather, the losses, one training step per method. A step returns its loss
+and its diagnostics; the caller (train.py) does the backward pass and the optimiser step.
 
-Equation numbers follow the order of the method in DESIGN.md §1 (the paper's §3):
+The method's equations, numbered here in the order the paper's method section introduces
+them (the numbers are this file's):
   Eq. 1  in-modal advantage     A_im(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | T, y<t)
   Eq. 2  cross-modal advantage  A_cm(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | S, y<t)
   Eq. 3  importance ratio       r_t = pi_theta(y_t | .) / pi_theta_old(y_t | .)
@@ -207,7 +209,7 @@ def _seq_mean(x, mask):
     return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-def pg_term(logp, logp_old, logp_teacher, mask, clip_eps=0.0):
+def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0):
     """
     One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with
     grad; logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L).
@@ -215,21 +217,19 @@ def pg_term(logp, logp_old, logp_teacher, mask, clip_eps=0.0):
     The advantage is taken from the recomputed student log-probs, detached, not from the
     sampling-time ones: on-policy they are equal, but the recomputation goes through the
     same code path as the teacher's (full causal pass + fused gather), so a teacher equal
-    to the student gives an advantage of exactly 0 rather than KV-cache rounding noise,
-    and the advantage stays the log-ratio of the two full distributions even when the
-    rollouts were drawn with top-k / top-p.
+    to the student gives an advantage of exactly 0 rather than KV-cache rounding noise.
     Returns (loss, mean advantage per real token).
     """
     adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
     ratio = torch.exp(logp - logp_old)  # Eq. 3, = 1 in value on-policy; its gradient is grad log pi
     obj = ratio * adv
-    if clip_eps > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
-        obj = torch.minimum(obj, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if ratio_clip > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
+        obj = torch.minimum(obj, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * adv)
     loss = -_seq_mean(obj, mask)  # Eq. 4: per-sequence mean over real tokens, then mean over sequences
     return loss, adv[mask].mean()
 
 
-def xopd_loss(im=None, cm=None, lam=0.5, clip_eps=0.0):
+def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0):
     """
     Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im and cm are tuples
     (logp, logp_old, logp_teacher, mask), each (B, L), for rollouts from the text prompt T
@@ -244,7 +244,7 @@ def xopd_loss(im=None, cm=None, lam=0.5, clip_eps=0.0):
             assert w == 0, f"the {name} term has weight {w} but no rollouts"
             continue
         logp, logp_old, logp_teacher, mask = term
-        term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, clip_eps)
+        term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, ratio_clip)
         loss = loss + w * term_loss  # Eq. 5
         stats[f"adv_{name}"] = adv.item()
         stats[f"rkl_{name}"] = -((logp_teacher - logp).detach() * mask).sum(1).mean().item()
@@ -302,7 +302,7 @@ def sft_loss(hidden, weight, targets, mask, chunk_size=1024):
 
 
 # -----------------------------------------------------------------------------
-# training steps (batch format: see interfaces.md)
+# training steps, on a data.Batch
 
 
 def check_same_tokenizer(teacher_tok, student_tok):
@@ -335,24 +335,24 @@ def prompt_embeds(model, batch, modality):
     The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)).
     A model.Decoder (the text teacher) always reads the text prompt. A model.SpeechLM reads
     the text prompt (modality "text") or the speech prompt, its audio encoded from
-    batch["mels"], or from precomputed encoder outputs batch["feats"] when the encoder is
+    batch.mels, or from precomputed encoder outputs batch.feats when the encoder is
     frozen. No graph is kept through a frozen audio side.
     """
     if isinstance(model, M.Decoder):
-        return model.embed_tokens(batch["text_ids"]), batch["text_lens"]
+        return model.embed_tokens(batch.text_ids), batch.text_lens
     if modality == "text":
-        return model.embed(batch["text_ids"], batch["text_lens"])
+        return model.embed(batch.text_ids, batch.text_lens)
     audio_trainable = any(p.requires_grad for p in (*model.encoder.parameters(), *model.adapter.parameters()))
     with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
-        if "feats" in batch:
-            audio = model.adapter(batch["feats"], batch["feat_lens"])
+        if batch.feats is not None:
+            audio = model.adapter(batch.feats, batch.feat_lens)
         else:
-            audio = model.encode_audio(batch["mels"], batch["mel_lens"])
-    return model.embed(batch["speech_ids"], batch["speech_lens"], *audio)
+            audio = model.encode_audio(batch.mels, batch.mel_lens)
+    return model.embed(batch.speech_ids, batch.speech_lens, *audio)
 
 
 def _fixed_responses(batch):
-    ids, lens = batch["response_ids"], batch["response_lens"]
+    ids, lens = batch.response_ids, batch.response_lens
     mask = torch.arange(ids.size(1), device=ids.device)[None] < lens[:, None]
     return ids, mask
 
@@ -367,39 +367,28 @@ def response_nll(model, batch, modality, chunk_size=1024):
     return sft_loss(h, dec.lm_head.weight, ids, mask, chunk_size), int(mask.sum())
 
 
-def _update(student, optimizer, loss, grad_clip):
-    """Backward and one optimiser step, the same for every method; grad_clip > 0 clips the
-    decoder's gradient norm first (and reports it)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    stats = {}
-    if grad_clip > 0:
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(student.decoder.parameters(), grad_clip).item()
-    optimizer.step()
-    return stats
-
-
 def _ms(t0):
     return (time.perf_counter() - t0) * 1e3
 
 
-def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_tokens,
-              temperature=1.0, top_k=0, top_p=1.0, eos_id, generator=None, clip_eps=0.0,
-              grad_clip=0.0, chunk_size=1024):
+def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
+              eos_id, generator=None, ratio_clip=0.0, chunk_size=1024):
     """
-    One X-OPD step on a batch of paired prompts (S, T). The student (a model.SpeechLM)
+    The X-OPD loss of a batch of paired prompts (S, T). The student (a model.SpeechLM)
     samples n responses from T (in-modal) and n from S (cross-modal); the frozen teacher
     (a model.Decoder) scores both on T + response; the student's log-probs are recomputed
-    with grad; Eq. 5; one optimiser step. Rollouts default to temperature 1 with no
-    top-k / top-p so that they come from the student's own distribution, which is what
-    the estimator assumes; the same temperature scales the student's and the teacher's
-    log-probs. grad_clip > 0 clips the gradient norm before the step. Returns a metrics dict.
+    with grad; Eq. 5. Returns (loss, stats).
+
+    Rollouts come from the student's full distribution at `temperature` (1 by default: the
+    student's own), and the same temperature scales the student's and the teacher's
+    log-probs. There is no top-k / top-p here, on purpose: with them the old log-probs of
+    Eq. 3 would come from a truncated distribution, and tokens outside it are never
+    sampled, so the estimate would drop that tail of the KL.
     """
     assert temperature > 0, "training rollouts must be stochastic"
     _check_vocab(student, teacher)
     t0 = time.perf_counter()
-    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
-              top_k=top_k, top_p=top_p, generator=generator)
+    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, generator=generator)
     prompts, rollouts = {}, {}
     if lam > 0:  # in-modal: the student reads the transcript T (no audio)
         prompts["im"] = prompt_embeds(student, batch, "text")
@@ -410,7 +399,7 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
     t_rollout = _ms(t0)
 
     t0 = time.perf_counter()
-    text_lens = batch["text_lens"].repeat_interleave(n)
+    text_lens = batch.text_lens.repeat_interleave(n)
     teacher_lp = {}
     with torch.no_grad():  # the teacher always reads T, never audio
         teacher_prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
@@ -426,26 +415,25 @@ def xopd_step(student, teacher, optimizer, batch, *, n=4, lam=0.5, max_new_token
         logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
                                  lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
         terms[k] = (logp, logp_old, teacher_lp[k], mask)
-    loss, stats = xopd_loss(terms.get("im"), terms.get("cm"), lam, clip_eps)
-    stats.update(_update(student, optimizer, loss, grad_clip))
-    t_update = _ms(t0)
+    loss, stats = xopd_loss(terms.get("im"), terms.get("cm"), lam, ratio_clip)
 
     masks = [m for _, m, _ in rollouts.values()]
     ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]
-    return dict(loss=loss.item(), **stats,
-                resp_len=torch.cat([m.sum(1) for m in masks]).float().mean().item(),
-                frac_ended=torch.cat(ends).float().mean().item(),
-                tokens=int(sum(m.sum() for m in masks)),
-                ms_rollout=t_rollout, ms_teacher=t_teacher, ms_update=t_update)
+    return loss, dict(**stats,
+                      resp_len=torch.cat([m.sum(1) for m in masks]).float().mean().item(),
+                      frac_ended=torch.cat(ends).float().mean().item(),
+                      tokens=int(sum(m.sum() for m in masks)),
+                      ms_rollout=t_rollout, ms_teacher=t_teacher, ms_loss=_ms(t0))
 
 
-def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
-             temperature=1.0, eos_id, pad_id=None, generator=None, grad_clip=0.0, chunk_size=1024):
+def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
+             temperature=1.0, eos_id, pad_id=None, generator=None, chunk_size=1024):
     """
-    One GKD step (the paper's baseline: forward KL, beta = 0): each row's response is,
+    The GKD loss (the paper's baseline: forward KL, beta = 0): each row's response is,
     with probability student_frac, sampled from the student hearing S, otherwise the
     fixed batch response; the loss is the full-vocabulary divergence between the
     student (S + response) and the teacher (T + response), mean over real tokens.
+    Returns (loss, stats).
     """
     _check_vocab(student, teacher)
     t0 = time.perf_counter()
@@ -472,18 +460,15 @@ def gkd_step(student, teacher, optimizer, batch, *, beta=0.0, student_frac=0.5, 
     div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
                    temperature, chunk_size)
     loss = div.mean()
-    stats = _update(student, optimizer, loss, grad_clip)
-    return dict(loss=loss.item(), **stats, frac_student=on_policy.float().mean().item(),
-                resp_len=mask.sum(1).float().mean().item(), tokens=int(mask.sum()),
-                ms_rollout=t_rollout, ms_update=_ms(t0))
+    return loss, dict(frac_student=on_policy.float().mean().item(), resp_len=mask.sum(1).float().mean().item(),
+                      tokens=int(mask.sum()), ms_rollout=t_rollout, ms_loss=_ms(t0))
 
 
-def sft_step(student, optimizer, batch, *, grad_clip=0.0, chunk_size=1024):
+def sft_step(student, batch, *, chunk_size=1024):
     """
-    One SFT step: cross-entropy of the batch's fixed responses given the speech prompt S.
-    Offline KD is this step with teacher-generated responses in the batch.
+    The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S.
+    Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats).
     """
     t0 = time.perf_counter()
     loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
-    stats = _update(student, optimizer, loss, grad_clip)
-    return dict(loss=loss.item(), **stats, tokens=n_tokens, ms_update=_ms(t0))
+    return loss, dict(tokens=n_tokens, ms_loss=_ms(t0))

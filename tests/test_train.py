@@ -1,21 +1,14 @@
-"""The pipeline end to end on the tiny preset, resume, the guards, and eval's metrics."""
+"""The pipeline end to end on the tiny preset, resume, the guards, and the tables it ends with."""
 import json
 import os
 
 import pytest
 import torch
 
-import data
 import eval as E
+import model as M
 import train
 import xopd
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("data"))
-    data.make_toy_data(d, seed=0, preset="tiny")
-    return d
 
 
 def tiny(out, data_dir, *extra):
@@ -42,7 +35,7 @@ def read_log(path):
 def test_every_stage_and_method_writes_a_checkpoint_and_a_log(tiny_run):
     names = ["teacher", "encoder", "omni"] + [f"align/{m}" for m in ("xopd", "sft", "kd", "gkd", "xopd_lam0", "xopd_lam1")]
     for name in names:
-        ck = train.load_checkpoint(os.path.join(tiny_run, name, "model.pt"))
+        ck = M.load_checkpoint(os.path.join(tiny_run, name, "model.pt"))
         assert ck["train"]["preset"] == "tiny"
         assert not os.path.exists(os.path.join(tiny_run, name, "ckpt.pt"))  # finished runs leave only model.pt
         log = read_log(os.path.join(tiny_run, name, "log.jsonl"))
@@ -55,9 +48,9 @@ def test_every_stage_and_method_writes_a_checkpoint_and_a_log(tiny_run):
 
 
 def test_alignment_keeps_the_audio_side_frozen_and_changes_the_decoder(tiny_run):
-    base = train.load_checkpoint(os.path.join(tiny_run, "omni", "model.pt"))["model"]
+    base = M.load_checkpoint(os.path.join(tiny_run, "omni", "model.pt"))["model"]
     for m in ("xopd", "sft", "gkd"):
-        new = train.load_checkpoint(os.path.join(tiny_run, "align", m, "model.pt"))["model"]
+        new = M.load_checkpoint(os.path.join(tiny_run, "align", m, "model.pt"))["model"]
         for k in base:
             if k.startswith(("encoder.", "adapter.")):
                 assert torch.equal(base[k], new[k]), f"{m} changed the frozen {k}"
@@ -74,7 +67,10 @@ def test_eval_writes_all_three_tables(tiny_run):
     fams = set(res["teacher"]["T"])
     assert fams == {"arith", "instruct", "facts"} and res["teacher"]["S"] == {}
     assert set(res["omni"]["S"]) == fams and set(res["omni"]["audio"]) == {"pitch", "rate", "emotion", "noise"}
-    assert 0.0 <= res["omni"]["asr_wer"]
+    # Table 3's rows carry each student's own ASR WER, the teacher (no audio) has none
+    rows = {line.split("|")[1].strip(): line for line in t["table3"].splitlines()[2:]}
+    assert rows["base student"].rstrip(" |").endswith(f"| {res['omni']['asr_wer']:.1f}")
+    assert "asr_wer" not in res["teacher"] and "text teacher (T only)" not in rows
 
 
 def test_rerun_skips_finished_stages(tiny_run, tiny_data, capsys):
@@ -103,7 +99,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeyp
     monkeypatch.setattr(train, "lr_at", interrupt_at(6, 4))
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny(part, tiny_data, *steps))
-    assert train.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 4
+    assert M.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 4
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     monkeypatch.setattr(train, "stage_align", lambda *a: None)  # stop after omni this time
     monkeypatch.setattr(E, "evaluate_all", lambda *a: None)
@@ -132,7 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, 
     monkeypatch.setattr(xopd, "response_nll", poisoned)
     with pytest.raises(SystemExit, match="loss is nan"):
         train.main(tiny(tmp_path, tiny_data, "--teacher_steps", "6", "--ckpt_every", "2"))
-    ck = train.load_checkpoint(str(tmp_path / "teacher" / "ckpt.pt"))
+    ck = M.load_checkpoint(str(tmp_path / "teacher" / "ckpt.pt"))
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert not os.path.exists(tmp_path / "teacher" / "model.pt")
@@ -156,17 +152,7 @@ def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="model.pt: not a readable checkpoint"):
-        train.load_checkpoint(str(path))
+        M.load_checkpoint(str(path))
     torch.save({"model": {}}, path)
     with pytest.raises(ValueError, match="lacks the field"):
-        train.load_checkpoint(str(path))
-
-
-def test_metrics_on_hand_made_predictions():
-    rec = {"task": "arith", "kind": "text", "answer": "sixteen"}
-    assert data.score(rec, "seven times four is twenty eight . the answer is sixteen") == 1.0
-    assert data.score(rec, "the answer is fifteen") == 0.0
-    assert data.wer("a b c d", "a x c") == pytest.approx(2 / 4)  # one substitution, one deletion
-    # ΔS: teacher scores 80 / 50; student 60 / 50 -> drops 25 % and 0 % -> 12.5
-    assert E.avg_drop({"arith": 60.0, "facts": 50.0}, {"arith": 80.0, "facts": 50.0}) == pytest.approx(12.5)
-    assert E.relative_drop(40.0, 50.0) == pytest.approx(20.0)
+        M.load_checkpoint(str(path))
