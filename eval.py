@@ -310,7 +310,7 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     for s in (seed, seed + 1):  # a warm-up step, then the timed one
         loss, m = xopd.xopd_step(student, teacher, b, generator=torch.Generator().manual_seed(s), **kw)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)  # train.update's work, without the clipping
+        opt.zero_grad(set_to_none=True)  # train.update_weights' work, without the clipping
         loss.backward()
         opt.step()
         m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3

@@ -18,8 +18,8 @@ Every stage writes <out>/<stage>/model.pt when it is done and is skipped when th
 exists; while it runs it keeps <out>/<stage>/ckpt.pt (model + optimiser + step) and
 <out>/<stage>/log.jsonl. The batch at step k and the sampling seed of step k depend only on
 (seed, k), so a resumed run reproduces the losses of an uninterrupted one. A stage's step
-function returns a loss; one function, update, does the backward pass and the optimiser step
-for every stage.
+function returns a loss; one function, update_weights, does the backward pass and the
+optimiser step for every stage.
 """
 import argparse
 import json
@@ -142,7 +142,7 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def update(params, opt, loss, grad_clip):
+def update_weights(params, opt, loss, grad_clip):
     """The one optimiser update of every stage: backward, clip the gradient norm of the
     trainable parameters to grad_clip (0 = no clipping), step. Returns the stats it adds to
     the step's log: the gradient norm before clipping."""
@@ -165,7 +165,7 @@ def done(cfg, name):
 
 def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
     """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
-    with a graph) and a stats dict holding at least 'tokens'; update does the rest. Writes
+    with a graph) and a stats dict holding at least 'tokens'; update_weights does the rest. Writes
     <out>/<name>/model.pt at the end."""
     stage_dir = os.path.join(cfg.out, name)
     final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
@@ -205,7 +205,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
         if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
             sys.exit(f"[{name}] step {step + 1}: loss is {m['loss']}; stopping. The last good checkpoint "
                      f"is kept in {ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
-        m.update(update(params, opt, loss, cfg.grad_clip))
+        m.update(update_weights(params, opt, loss, cfg.grad_clip))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -252,7 +252,7 @@ def stage_teacher(cfg, world, device, amp):
 
 def stage_encoder(cfg, world, device, amp):
     """Stage 2: pretrain the Whisper-style encoder on transcription with a character CTC loss
-    (model.CTCEncoder says why characters), the toy analog of a speech LLM starting from
+    (model.py says why characters, above CTC_CHARS), the toy analog of a speech LLM starting from
     Whisper's ASR-trained encoder."""
     if done(cfg, "encoder"):
         return
