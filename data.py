@@ -362,22 +362,26 @@ def entity_names(rng, n):
 # SFT baseline trains on `reference`; both styles score the same with extract_answer.
 
 
+ARITH_MAX = 30   # every intermediate result stays in 0..30: a table of ~600 facts a small model learns
+
+
 def arith_example(rng):
-    """Two or three operations in words, left to right: 'what is three times four plus two ?'"""
+    """Two or three operations in words, left to right: 'what is three times four plus two ?'
+    Operands of plus / minus are 1..9; a product, when there is one, comes first (2..5 x 2..5)."""
     for _ in range(1000):
         n_ops = int(rng.integers(2, 4))
-        if rng.random() < 0.4:
-            a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+        if rng.random() < 0.3:
+            a, b = int(rng.integers(2, 6)), int(rng.integers(2, 6))
             steps, acc = [("times", b, a * b)], a * b
         else:
             a = int(rng.integers(0, 21))
             steps, acc = [], a
         while len(steps) < n_ops:
             op = "plus" if rng.random() < 0.5 else "minus"
-            b = int(rng.integers(1, 21))
+            b = int(rng.integers(1, 10))
             acc = acc + b if op == "plus" else acc - b
             steps.append((op, b, acc))
-        if all(0 <= s[2] <= 99 for s in steps):
+        if all(0 <= s[2] <= ARITH_MAX for s in steps):
             break
     expr = number_words(a) + "".join(f" {op} {number_words(b)}" for op, b, _ in steps)
     prompt = f"what is {expr} ?"
@@ -390,62 +394,68 @@ def arith_example(rng):
 
 
 def instruct_example(rng):
-    """Instruction following over a few words: count, repeat, reverse, sort."""
+    """Instruction following over a few words: count them, repeat them, reverse their order."""
     pool = COLORS + ANIMALS
-    kind = ["count", "repeat", "reverse", "sort"][int(rng.integers(4))]
-    if kind == "repeat":
-        w, k = pool[int(rng.integers(len(pool)))], int(rng.integers(2, 5))
-        prompt, answer = f"repeat the word {w} {number_words(k)} times .", " ".join([w] * k)
-        teacher = f"{w} said {number_words(k)} times . the answer is {answer}"
+    kind = ["count", "repeat", "reverse"][int(rng.integers(3))]
+    if kind == "repeat":   # one or two words, two or three times
+        ws = [pool[i] for i in rng.choice(len(pool), int(rng.integers(1, 3)), replace=False)]
+        w, k = " ".join(ws), int(rng.integers(2, 4))
+        prompt = f"repeat the word{'s' if len(ws) > 1 else ''} {w} {number_words(k)} times ."
+        answer = " ".join([w] * k)
+        teacher = " , ".join(f"{number_words(i + 1)} {w}" for i in range(k)) + f" . the answer is {answer}"
     else:
-        words = [pool[i] for i in rng.choice(len(pool), int(rng.integers(2, 6)), replace=False)]
+        n_words = int(rng.integers(2, 6 if kind == "count" else 5))   # count 2..5; reverse 2..4
+        words = [pool[i] for i in rng.choice(len(pool), n_words, replace=False)]
         seq = " ".join(words)
         if kind == "count":
             prompt, answer = f"how many words are in : {seq} ?", number_words(len(words))
             teacher = " , ".join(f"{w} is {number_words(i + 1)}" for i, w in enumerate(words))
             teacher += f" . the answer is {answer}"
-        elif kind == "reverse":
+        else:
             prompt, answer = f"reverse the words : {seq} .", " ".join(words[::-1])
             teacher = f"the last word is {words[-1]}" + "".join(f" , then {w}" for w in words[-2::-1])
-            teacher += f" . the answer is {answer}"
-        else:
-            prompt, answer = f"sort the words : {seq} .", " ".join(sorted(words))
-            s = sorted(words)
-            teacher = f"{s[0]} comes first" + "".join(f" , then {w}" for w in s[1:])
             teacher += f" . the answer is {answer}"
     return {"task": "instruct", "transcript": prompt, "answer": answer, "teacher": teacher,
             "reference": answer}
 
 
-# facts: each (entity, attribute) is asked with four phrasings; per fact one phrasing is held out
-# for the test split, so test prompts never occur in training while the fact itself does.
+# facts: each (entity, attribute) is asked with eight phrasings. Per fact, a random four of them
+# are training phrasings (the omni pool, which the teacher also reads) and one each belongs to the
+# align, val and test pools: the fact is known, but an align / val / test prompt is never trained on.
 FACT_TEMPLATES = {
     "city": ["where does {e} live ?", "in which city does {e} live ?",
-             "what is the home city of {e} ?", "which city is {e} from ?"],
+             "what is the home city of {e} ?", "which city is {e} from ?",
+             "tell me the city where {e} lives .", "what city is home to {e} ?",
+             "where is the home of {e} ?", "name the city of {e} ."],
     "color": ["what color does {e} like ?", "what is the favorite color of {e} ?",
-              "which color is liked by {e} ?", "name the color that {e} likes ."],
+              "which color is liked by {e} ?", "name the color that {e} likes .",
+              "tell me the color {e} likes .", "which color does {e} love ?",
+              "what is the color that {e} likes best ?", "what color is the favorite of {e} ?"],
     "pet": ["what pet does {e} have ?", "which animal does {e} keep ?",
-            "what is the pet of {e} ?", "name the animal that {e} owns ."],
+            "what is the pet of {e} ?", "name the animal that {e} owns .",
+            "tell me the pet of {e} .", "which pet does {e} own ?",
+            "what animal lives with {e} ?", "what kind of animal does {e} have ?"],
 }
 FACT_TEACHER = {"city": "{e} lives in {v} . the answer is {v}",
                 "color": "{e} likes {v} . the answer is {v}",
                 "pet": "{e} has a {v} . the answer is {v}"}
+FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
 
 def fact_examples(rng, n_entities):
-    """-> (train, test) lists of fact questions about generated entities."""
-    train, test = [], []
+    """-> {pool: [fact questions]} about generated entities, pools as in FACT_POOLS."""
+    out = {p: [] for p in set(FACT_POOLS)}
     for e in entity_names(rng, n_entities):
         facts = {"city": CITIES[int(rng.integers(len(CITIES)))],
                  "color": COLORS[int(rng.integers(len(COLORS)))],
                  "pet": ANIMALS[int(rng.integers(len(ANIMALS)))]}
         for attr, v in facts.items():
-            held_out = int(rng.integers(4))
-            for i, tpl in enumerate(FACT_TEMPLATES[attr]):
-                ex = {"task": "facts", "transcript": tpl.format(e=e), "answer": v,
-                      "teacher": FACT_TEACHER[attr].format(e=e, v=v), "reference": v}
-                (test if i == held_out else train).append(ex)
-    return train, test
+            order = rng.permutation(len(FACT_TEMPLATES[attr]))
+            for pool, i in zip(FACT_POOLS, order):
+                out[pool].append({"task": "facts", "transcript": FACT_TEMPLATES[attr][i].format(e=e),
+                                  "answer": v, "teacher": FACT_TEACHER[attr].format(e=e, v=v),
+                                  "reference": v})
+    return out
 
 
 def unique_examples(make, rng, n, seen):
@@ -472,6 +482,12 @@ AUDIO_INSTRUCTIONS = {
 }
 AUDIO_LABELS = {"pitch": pitch_label, "rate": rate_label, "emotion": emotion_label,
                 "noise": noise_label}
+VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
+
+
+def voice_labels(voice):
+    """{question: label} for every voice attribute a record's `voice` carries (all, in the toy world)."""
+    return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 
 
@@ -501,29 +517,36 @@ def sample_voice(rng, speaker, noisy_p=0.3):
                  loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
 
 
+# The pools. Every text-family prompt lies in exactly one pool:
+#   text   unspoken prompts the text teacher alone learns from (text is free to generate)
+#   train  what the speech LLM's own (omni) training sees, spoken; the teacher reads these too
+#   align  the paired speech / text prompts every alignment method uses (new to the student)
+#   val    for choosing settings (learning rates), never for reporting
+#   test   for the tables only
+# Audio skills (transcription, voice questions) have train and test clips.
+POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
+
 PRESETS = {
-    # examples per split: text families and audio tasks; speakers seen in training / unseen
-    "tiny": dict(arith=(40, 12), instruct=(40, 12), facts_entities=5, asr=(30, 10),
-                 audio_q=(16, 6), speakers=(6, 3)),
-    "cpu": dict(arith=(900, 150), instruct=(900, 150), facts_entities=40, asr=(800, 150),
-                audio_q=(250, 60), speakers=(24, 8)),
+    # text prompts per family (arith, instruct) and pool; facts: entities, each asked 3 x 4 times
+    # in train and 3 times in align, val and test; audio clips per task; speakers seen / unseen
+    "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
+                 asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
+    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300), facts_entities=100,
+                asr=dict(train=3000, test=200), audio_q=dict(train=400, test=100), speakers=(24, 8)),
 }
 
 
 def build_world(seed=0, preset="cpu"):
-    """-> list of records (without audio written) for both splits, deterministic in the seed."""
+    """-> list of records (without audio written) for every pool, deterministic in the seed."""
     cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
-    seen = set()
-    text = {"train": [], "test": []}
+    seen = set()   # every prompt string, whatever its pool: pools are disjoint by construction
+    text = {p: [] for p in ("text",) + POOLS}
     for task, make in (("arith", arith_example), ("instruct", instruct_example)):
-        n_train, n_test = cfg[task]
-        exs = unique_examples(make, rng, n_train + n_test, seen)
-        text["train"] += exs[:n_train]
-        text["test"] += exs[n_train:]
-    f_train, f_test = fact_examples(rng, cfg["facts_entities"])
-    text["train"] += f_train
-    text["test"] += f_test
+        for pool in ("test", "val", "align", "train", "text"):
+            text[pool] += unique_examples(make, rng, cfg["text"][pool], seen)
+    for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
+        text[pool] += exs
     vocab = sorted({w for exs in text.values() for ex in exs for w in ex["transcript"].split()
                     if w.isalpha()})
 
@@ -533,28 +556,29 @@ def build_world(seed=0, preset="cpu"):
         s["speaker"] = f"spk{i:02d}"
     seen_spk, unseen_spk = speakers[:n_seen], speakers[n_seen:]
 
-    def pick_speaker(split):   # test: half the utterances from speakers never heard in training
-        pool = seen_spk if split == "train" or rng.random() < 0.5 else unseen_spk
-        return pool[int(rng.integers(len(pool)))]
+    def pick_speaker(pool):   # val / test: half the utterances from speakers never heard in training
+        spk = seen_spk if pool in ("train", "align") or rng.random() < 0.5 else unseen_spk
+        return spk[int(rng.integers(len(spk)))]
 
     def random_sentence():     # 3-6 words of the world's vocabulary, for ASR and voice questions
         return " ".join(vocab[i] for i in rng.integers(0, len(vocab), int(rng.integers(3, 7))))
 
     records = []
-    for split in ("train", "test"):
-        for i, ex in enumerate(text[split]):
-            records.append({"id": f"{split}-{ex['task']}-{i:05d}", "split": split,
-                            "task": ex["task"], "kind": "text", "transcript": ex["transcript"],
-                            "instruction": "", "reference": ex["reference"],
-                            "teacher": ex["teacher"], "answer": ex["answer"],
-                            "voice": asdict(sample_voice(rng, pick_speaker(split)))})
+    for pool in ("text",) + POOLS:
+        for i, ex in enumerate(text[pool]):
+            r = {"id": f"{pool}-{ex['task']}-{i:05d}", "split": pool, "task": ex["task"],
+                 "kind": "text", "transcript": ex["transcript"], "instruction": "",
+                 "reference": ex["reference"], "teacher": ex["teacher"], "answer": ex["answer"]}
+            if pool != "text":   # the teacher's own pool is never spoken
+                r["voice"] = asdict(sample_voice(rng, pick_speaker(pool)))
+            records.append(r)
     seen_audio = set()
-    for split in ("train", "test"):
-        prompts = [ex["transcript"] for ex in text[split]]
+    for pool in ("train", "test"):
+        prompts = [ex["transcript"] for ex in text[pool]]
         for task in AUDIO_TASKS:
-            n = cfg["asr" if task == "asr" else "audio_q"][split == "test"]
+            n = cfg["asr" if task == "asr" else "audio_q"][pool]
             for i in range(n):
-                for _ in range(100):   # ASR half spoken prompts of this split, half random words
+                for _ in range(100):   # ASR half spoken prompts of this pool, half random words
                     if task == "asr" and rng.random() < 0.5:
                         s = prompts[int(rng.integers(len(prompts)))]
                     else:
@@ -562,49 +586,57 @@ def build_world(seed=0, preset="cpu"):
                     if (task, s) not in seen_audio:
                         break
                 seen_audio.add((task, s))
-                voice = asdict(sample_voice(rng, pick_speaker(split),
+                voice = asdict(sample_voice(rng, pick_speaker(pool),
                                             noisy_p=0.5 if task == "noise" else 0.3))
                 answer = s if task == "asr" else AUDIO_LABELS[task](voice)
-                records.append({"id": f"{split}-{task}-{i:05d}", "split": split, "task": task,
+                records.append({"id": f"{pool}-{task}-{i:05d}", "split": pool, "task": task,
                                 "kind": "audio", "transcript": s,
                                 "instruction": AUDIO_INSTRUCTIONS[task], "reference": answer,
                                 "teacher": None, "answer": answer, "voice": voice})
     for r in records:
-        r["audio"] = f"wavs/{r['id']}.wav"
+        if "voice" in r:
+            r["audio"] = f"wavs/{r['id']}.wav"
     return records
 
 
+WORLD_FORMAT = 2   # bump when build_world changes what a seed produces
+
+
 def make_toy_data(out_dir, seed=0, preset="cpu"):
-    """Write the toy world: out_dir/{train,test}.jsonl, out_dir/wavs/*.wav, out_dir/tokenizer.json.
-    Skips the work when out_dir already holds the same (seed, preset). Returns the paths."""
-    paths = {"train": os.path.join(out_dir, "train.jsonl"),
-             "test": os.path.join(out_dir, "test.jsonl"),
-             "tokenizer": os.path.join(out_dir, "tokenizer.json"),
-             "wavs": os.path.join(out_dir, "wavs")}
+    """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
+    teacher's unspoken prompts out_dir/text.jsonl, and out_dir/tokenizer.json. Skips the work
+    when out_dir already holds the same (seed, preset, format). Returns the paths."""
+    paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
+    paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"), wavs=os.path.join(out_dir, "wavs"))
     stamp = os.path.join(out_dir, "done.json")
+    want = {"seed": seed, "preset": preset, "format": WORLD_FORMAT}
     if os.path.exists(stamp):
         with open(stamp) as fh:
-            if json.load(fh) == {"seed": seed, "preset": preset}:
+            if json.load(fh) == want:
                 return paths
     t0 = time.time()
     os.makedirs(paths["wavs"], exist_ok=True)
     records = build_world(seed, preset)
-    n_samples = 0
+    n_samples = n_clips = 0
     for i, r in enumerate(records):   # one seed per clip, so any clip can be regenerated alone
+        if "audio" not in r:
+            continue
         audio = synthesize(r["transcript"], Voice(**r["voice"]), seed=seed * 1_000_003 + i)
         sf.write(os.path.join(out_dir, r["audio"]), audio, SAMPLE_RATE, subtype="PCM_16")
         n_samples += len(audio)
-    for split in ("train", "test"):
-        with open(paths[split], "w") as fh:
+        n_clips += 1
+    for pool in ("text",) + POOLS:
+        with open(paths[pool], "w") as fh:
             for r in records:
-                if r["split"] == split:
+                if r["split"] == pool:
                     fh.write(json.dumps(r) + "\n")
     train_tokenizer(toy_corpus(records)).save(paths["tokenizer"])
     with open(stamp, "w") as fh:
-        json.dump({"seed": seed, "preset": preset}, fh)
-    print(f"toy data ({preset}, seed {seed}): {len(records)} clips, "
-          f"{n_samples / SAMPLE_RATE / 3600:.2f} h of audio, {time.time() - t0:.1f} s -> {out_dir}")
+        json.dump(want, fh)
+    print(f"toy data ({preset}, seed {seed}): {n_clips} clips, {n_samples / SAMPLE_RATE / 3600:.2f} h "
+          f"of audio, {len(records) - n_clips} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
     return paths
+
 
 # -----------------------------------------------------------------------------
 # scoring
@@ -715,9 +747,10 @@ MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instru
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
 
 
-def read_manifest(path):
+def read_manifest(path, audio=True):
     """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
-    a malformed line raises ValueError naming the file and line number."""
+    a malformed line raises ValueError naming the file and line number. audio=False reads
+    unspoken prompts (the teacher's text.jsonl): no 'audio' field is needed."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     records = []
@@ -731,13 +764,15 @@ def read_manifest(path):
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(r, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-            missing = [k for k in ("id", "audio", "transcript") if not isinstance(r.get(k), str)]
+            required = ("id", "audio", "transcript") if audio else ("id", "transcript")
+            missing = [k for k in required if not isinstance(r.get(k), str)]
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {missing}")
             if r.get("kind", "text") not in ("text", "audio"):
                 raise ValueError(f"{path}:{lineno}: kind must be 'text' or 'audio'")
             r = {**MANIFEST_DEFAULTS, **r}
-            r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
+            if audio:
+                r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
             records.append(r)
     return records
 
@@ -806,14 +841,18 @@ def batch_indices(n_items, batch_size, step, seed):
 
 
 class World:
-    """A data folder (train.jsonl, test.jsonl, tokenizer.json) loaded once per run: the tokenizer,
-    the train/test records, their log-mels cached in memory, and batches of them."""
+    """A data folder loaded once per run: tokenizer.json, a manifest per pool (train.jsonl and
+    test.jsonl required; align.jsonl, val.jsonl and the teacher's unspoken text.jsonl optional),
+    the records' log-mels cached in memory, and batches of them."""
 
     def __init__(self, data_dir):
         self.dir = data_dir
+        path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
         self.tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-        self.train = read_manifest(os.path.join(data_dir, "train.jsonl"))
-        self.test = read_manifest(os.path.join(data_dir, "test.jsonl"))
+        self.train, self.test = read_manifest(path("train")), read_manifest(path("test"))
+        self.align = read_manifest(path("align")) if os.path.exists(path("align")) else []
+        self.val = read_manifest(path("val")) if os.path.exists(path("val")) else []
+        self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
         self.pad_id = self.tok.token_to_id(PAD)
         self.end_id = self.tok.token_to_id(END)
         self.audio_id = self.tok.token_to_id(AUDIO)

@@ -2,10 +2,13 @@
 Score runs on the toy benchmarks, from speech (S) and from text (T), and build the paper's tables.
 
     python eval.py --out runs/cpu        # evaluate what the run folder holds, print + write the tables
+    python eval.py --out runs/s0 runs/s1 runs/s2   # one folder per seed: mean ± standard error
     python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
                                          # KV-cached vs recomputed sampling, fused vs naive log-probs,
                                          # one X-OPD step split into its parts
 
+Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
+         speakers) / 15 % (unseen), ΔS >= 10, 0 < ΔT < ΔS, audio questions >= 80 % on average.
 Table 1  S and T score per text-skill family; ΔS / ΔT = mean over families of the relative drop
          (%) against the text teacher's T score (the paper's "Avg. Drop").
 Table 2  the λ ablation of X-OPD: λ = 0 (speech only), 0.5, 1 (text only).
@@ -47,13 +50,14 @@ def avg_drop(scores, reference):
 # Scoring one model
 
 @torch.no_grad()
-def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64):
-    """Greedy answers (temperature 0) to recs, from the text or the speech prompt."""
+def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64, encoder=None):
+    """Greedy answers (temperature 0) to recs, from the text or the speech prompt (with a frozen
+    encoder given, from its cached outputs)."""
     dec = model if isinstance(model, M.Decoder) else model.decoder
     outs = []
     for i in range(0, len(recs), batch_size):
         rows = recs[i:i + batch_size]
-        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech")
+        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech", encoder=encoder)
         embeds, lens = xopd.prompt_embeds(model, b, modality)
         ids, _, _ = xopd.sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
                                 eos_id=world.end_id, temperature=0.0)
@@ -61,18 +65,27 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
     return outs
 
 
+def text_sets(records, per_family):
+    """{family: its first `per_family` text-skill records} (the val or the test pool)."""
+    fams = {}
+    for r in records:
+        if r["kind"] == "text":
+            fams.setdefault(r["task"], []).append(r)
+    return {t: rs[:per_family] for t, rs in sorted(fams.items())}
+
+
 def test_sets(world, per_family):
     """The first `per_family` test records of every family, split into text and audio skills."""
-    fams = {}
+    audio = {}
     for r in world.test:
-        fams.setdefault((r["kind"], r["task"]), []).append(r)
-    text = {t: rs[:per_family] for (k, t), rs in sorted(fams.items()) if k == "text"}
-    audio = {t: rs[:per_family] for (k, t), rs in sorted(fams.items()) if k == "audio"}
-    return text, audio
+        if r["kind"] == "audio":
+            audio.setdefault(r["task"], []).append(r)
+    return text_sets(world.test, per_family), {t: rs[:per_family] for t, rs in sorted(audio.items())}
 
 
 def evaluate_model(model, world, device, per_family, max_new_tokens):
-    """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": wer, "examples": [...]}."""
+    """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": WER, "asr_wer_seen" /
+    "asr_wer_unseen": WER on clips of speakers heard / never heard in training, "examples": [...]}."""
     model.eval()
     text, audio = test_sets(world, per_family)
     res, examples = {"T": {}, "S": {}, "audio": {}}, []
@@ -84,13 +97,50 @@ def evaluate_model(model, world, device, per_family, max_new_tokens):
             examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"], "prediction": preds[0],
                              "answer": recs[0]["answer"]})
     if modalities == ["text", "speech"]:
+        heard = {r["voice"].get("speaker") for r in world.train} - {None, ""}
         for task, recs in audio.items():
             preds = generate(model, world, recs, "speech", device, max_new_tokens)
-            if task == "asr":
-                res["asr_wer"] = 100.0 * sum(data.wer(r["transcript"], p) for r, p in zip(recs, preds)) / len(recs)
-            else:
+            if task != "asr":
                 res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
+                continue
+            wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
+            res["asr_wer"] = 100.0 * sum(w for w, _ in wers) / len(wers)
+            for key, want in (("asr_wer_seen", True), ("asr_wer_unseen", False)):
+                part = [w for w, seen in wers if seen == want]
+                if part:
+                    res[key] = 100.0 * sum(part) / len(part)
     res["examples"] = examples
+    return res
+
+
+@torch.no_grad()
+def evaluate_encoder(m, world, device, per_task, batch_size=64):
+    """A pretrained model.CTCEncoder on its own, on the test clips: greedy CTC WER of the
+    transcription clips (all, seen and unseen speakers) and the voice heads' accuracy on the
+    clips of each audio question. Perception measured before any decoder reads it."""
+    m.eval()
+    _, audio = test_sets(world, per_task)
+    heard = {r["voice"].get("speaker") for r in world.train} - {None, ""}
+    res = {"voice": {}}
+    for task, recs in audio.items():
+        preds, voice = [], {}
+        for i in range(0, len(recs), batch_size):
+            mels, mel_lens = data.collate_mels([world.mel(r) for r in recs[i:i + batch_size]])
+            logp, lens, v = m(mels.to(device), mel_lens.to(device))
+            preds += M.ctc_greedy(logp, lens)
+            for k, logits in v.items():
+                voice.setdefault(k, []).extend(logits.argmax(-1).tolist())
+        if task == "asr":
+            wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
+            res["ctc_wer"] = 100.0 * sum(w for w, _ in wers) / len(wers)
+            for key, want in (("ctc_wer_seen", True), ("ctc_wer_unseen", False)):
+                part = [w for w, seen in wers if seen == want]
+                if part:
+                    res[key] = 100.0 * sum(part) / len(part)
+            res["example"] = {"transcript": recs[0]["transcript"], "ctc": preds[0]}
+        elif task in M.VOICE_CLASSES:
+            classes = M.VOICE_CLASSES[task]
+            res["voice"][task] = 100.0 * sum(classes[p] == r["answer"] for r, p in zip(recs, voice[task])) / len(recs)
     return res
 
 
@@ -126,58 +176,133 @@ def label(name):
     return {"teacher": "text teacher (T only)", "omni": "base student"}.get(name, name.replace("align/", ""))
 
 
-def tables(results):
-    """The three tables as markdown strings, from {run name: eval.json contents}."""
-    if "teacher" not in results:
+def mean_se(xs):
+    """Mean and standard error of the mean (sample std / sqrt(n)); se is nan for one value."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
+def fmt(xs, digits=1):
+    """One table cell from the per-seed values: 'mean' for one seed, 'mean ± se' for several."""
+    m, se = mean_se(xs)
+    return f"{m:.{digits}f}" if len(xs) < 2 else f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def drops(seeds, name, modality):
+    """ΔS or ΔT of run `name` in every seed, each against that seed's own text teacher."""
+    return [avg_drop(r[name][modality], r["teacher"]["T"]) for r in seeds]
+
+
+# The premise (the paper's setting, in miniature): a strong text teacher; a base student that
+# hears well but answers worse from speech than its text backbone does, and lost a little
+# from text; audio skills worth forgetting. name, value from one seed's results, target, test.
+PREMISE = [
+    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()), ">= 90", lambda v: v >= 90),
+    ("base student ASR WER, seen speakers (%)", lambda r: r["omni"].get("asr_wer_seen", float("nan")), "<= 10", lambda v: v <= 10),
+    ("base student ASR WER, unseen speakers (%)", lambda r: r["omni"].get("asr_wer_unseen", float("nan")), "<= 15", lambda v: v <= 15),
+    ("base student ΔS (%)", lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), ">= 10", lambda v: v >= 10),
+    ("base student ΔT (%)", lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]), "> 0 and < ΔS", None),
+    ("base student audio questions, mean accuracy (%)",
+     lambda r: sum(r["omni"]["audio"].values()) / max(1, len(r["omni"]["audio"])), ">= 80", lambda v: v >= 80),
+]
+
+
+def premise(seeds):
+    """The premise table's rows [(name, per-seed values, target, met)] from per-seed results
+    ({run name: eval.json contents}, one dict per seed). A row is met when the mean meets it."""
+    rows = []
+    for name, value, target, test in PREMISE:
+        vals = [value(r) for r in seeds]
+        m = sum(vals) / len(vals)
+        if test is None:  # ΔT: between 0 and the same seeds' mean ΔS
+            ds = sum(avg_drop(r["omni"]["S"], r["teacher"]["T"]) for r in seeds) / len(seeds)
+            met = 0 < m < ds
+        else:
+            met = test(m)
+        rows.append((name, vals, target, met))
+    return rows
+
+
+def tables(seeds):
+    """The premise table and the paper's three tables as markdown, from a list of per-seed
+    results ({run name: eval.json contents}); a cell is the mean ± standard error over seeds.
+    Only runs present in every seed are shown."""
+    seeds = [r for r in seeds if "teacher" in r]
+    if not seeds:
         return {}
-    ref = results["teacher"]["T"]
-    fams = list(ref)
+    names = [n for n in seeds[0] if all(n in r for r in seeds)]
+    fams = list(seeds[0]["teacher"]["T"])
     out = {}
+    if "omni" in names:
+        rows = ["| premise | value | target | met |", "|---|---|---|---|"]
+        rows += [f"| {n} | {fmt(v)} | {t} | {'yes' if ok else 'NO'} |" for n, v, t, ok in premise(seeds)]
+        out["premise"] = "\n".join(rows)
     # Table 1
     rows = ["| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |",
             "|---|" + "---|---|" * len(fams) + "---|---|"]
-    for name, r in results.items():
-        cells = [f"{r['S'][f]:.1f} | {r['T'][f]:.1f}" if f in r["S"] else f"- | {r['T'][f]:.1f}" for f in fams]
-        ds = f"{avg_drop(r['S'], ref):.2f}" if r["S"] else "-"
-        rows.append(f"| {label(name)} | " + " | ".join(cells) + f" | {ds} | {avg_drop(r['T'], ref):.2f} |")
+    for n in names:
+        cells = []
+        for f in fams:
+            s = fmt([r[n]["S"][f] for r in seeds]) if f in seeds[0][n]["S"] else "-"
+            cells.append(f"{s} | {fmt([r[n]['T'][f] for r in seeds])}")
+        ds = fmt(drops(seeds, n, "S"), 2) if seeds[0][n]["S"] else "-"
+        rows.append(f"| {label(n)} | " + " | ".join(cells) + f" | {ds} | {fmt(drops(seeds, n, 'T'), 2)} |")
     out["table1"] = "\n".join(rows)
     # Table 2: λ ablation
-    lam_runs = [(lam, n) for lam, n in ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1")) if n in results]
+    lam_runs = [(lam, n) for lam, n in ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1")) if n in names]
     if lam_runs:
         rows = ["| λ | ΔS | ΔT |", "|---|---|---|"]
-        rows += [f"| {lam:g} | {avg_drop(results[n]['S'], ref):.2f} | {avg_drop(results[n]['T'], ref):.2f} |" for lam, n in lam_runs]
+        rows += [f"| {lam:g} | {fmt(drops(seeds, n, 'S'), 2)} | {fmt(drops(seeds, n, 'T'), 2)} |" for lam, n in lam_runs]
         out["table2"] = "\n".join(rows)
-    # Table 3: audio skills against the base student
-    students = {n: r for n, r in results.items() if r.get("audio")}
+    # Table 3: audio skills against the base student (forgetting)
+    students = [n for n in names if seeds[0][n].get("audio")]
     if "omni" in students:
-        tasks = list(students["omni"]["audio"])
-        base = students["omni"]
+        tasks = list(seeds[0]["omni"]["audio"])
+        avg = lambda r: sum(r["audio"].values()) / len(r["audio"])
         rows = ["| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |", "|---|" + "---|" * (len(tasks) + 3)]
-        for n, r in students.items():
-            avg = sum(r["audio"].values()) / len(r["audio"])
-            base_avg = sum(base["audio"].values()) / len(base["audio"])
-            rows.append(f"| {label(n)} | " + " | ".join(f"{r['audio'][t]:.1f}" for t in tasks) +
-                        f" | {avg:.1f} | {avg - base_avg:+.1f} | {r.get('asr_wer', float('nan')):.1f} |")
+        for n in students:
+            rows.append(f"| {label(n)} | " + " | ".join(fmt([r[n]["audio"][t] for r in seeds]) for t in tasks) +
+                        f" | {fmt([avg(r[n]) for r in seeds])} | {fmt([avg(r[n]) - avg(r['omni']) for r in seeds])} |"
+                        f" {fmt([r[n].get('asr_wer', float('nan')) for r in seeds])} |")
         out["table3"] = "\n".join(rows)
     return out
 
 
-def report(out):
-    """Print the tables of the runs in out and write them as tables.md and tables.json."""
+TITLES = {
+    "premise": "Premise: the paper's setting in miniature (base student = after the omni stage)",
+    "table1": "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative drop (%) vs the text teacher",
+    "table2": "Table 2: λ ablation of X-OPD",
+    "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student",
+}
+
+
+def load_results(out):
+    """{run name: eval.json contents} for every evaluated run in a run folder."""
     results = {}
     for name, d in run_dirs(out).items():
         p = os.path.join(d, "eval.json")
         if os.path.exists(p):
             with open(p) as f:
                 results[name] = json.load(f)
-    t = tables(results)
-    titles = {"table1": "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative drop (%) vs the text teacher",
-              "table2": "Table 2: λ ablation of X-OPD", "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"}
-    md = "\n\n".join(f"### {titles[k]}\n\n{v}" for k, v in t.items())
+    return results
+
+
+def report(outs, write_to=None):
+    """Print the tables of one run folder, or of several (one per seed: mean ± standard error),
+    and write them as tables.md and tables.json into write_to (default: the first folder)."""
+    outs = [outs] if isinstance(outs, str) else list(outs)
+    seeds = [load_results(o) for o in outs]
+    t = tables(seeds)
+    head = f"{len(outs)} seed(s): " + ", ".join(outs) + ("; cells are mean ± standard error over seeds" if len(outs) > 1 else "")
+    md = head + "\n\n" + "\n\n".join(f"### {TITLES[k]}\n\n{v}" for k, v in t.items())
     print(md)
-    M.atomic_write(os.path.join(out, "tables.md"), lambda f: f.write(md + "\n"))
-    summary = {"results": {n: {k: v for k, v in r.items() if k != "examples"} for n, r in results.items()}, "tables": t}
-    M.atomic_write(os.path.join(out, "tables.json"), lambda f: json.dump(summary, f, indent=1))
+    dest = write_to or outs[0]
+    M.atomic_write(os.path.join(dest, "tables.md"), lambda f: f.write(md + "\n"))
+    summary = {"runs": outs, "results": [{n: {k: v for k, v in r.items() if k != "examples"} for n, r in s.items()} for s in seeds],
+               "tables": t}
+    M.atomic_write(os.path.join(dest, "tables.json"), lambda f: json.dump(summary, f, indent=1))
     return t
 
 
@@ -378,22 +503,25 @@ def main(argv=None):
         else:
             print(json.dumps(bench_mem(args.variant, args.N, args.V, args.d, args.chunk_size)))
         return
-    ap.add_argument("--out", required=True, help="a run folder written by train.py")
-    ap.add_argument("--data", default=None, help="data folder (default: the one the run was trained on)")
+    ap.add_argument("--out", required=True, nargs="+",
+                    help="run folder(s) written by train.py; several (one per seed) give mean ± standard error")
+    ap.add_argument("--data", default=None, help="data folder (default: the one each run was trained on)")
     ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family (default: the run's)")
     ap.add_argument("--max_new_tokens", type=int, default=None, help="answer length limit (default: the run's)")
     args = ap.parse_args(argv)
-    runs = run_dirs(args.out)
-    if "teacher" not in runs:
-        ap.error(f"--out: {args.out} holds no finished teacher ({args.out}/teacher/model.pt); run train.py first")
-    # what the flags leave out comes from the settings the run was trained with
-    trained = M.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
-    data_dir, per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
-                                            for k in ("data", "eval_per_family", "max_new_tokens"))
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
-    evaluate_all(args.out, data.World(data_dir), device, per_family, max_new_tokens)
-    report(args.out)
+    for out in args.out:
+        runs = run_dirs(out)
+        if "teacher" not in runs:
+            ap.error(f"--out: {out} holds no finished teacher ({out}/teacher/model.pt); run train.py first")
+        # what the flags leave out comes from the settings the run was trained with
+        trained = M.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
+        data_dir, per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
+                                                for k in ("data", "eval_per_family", "max_new_tokens"))
+        evaluate_all(out, data.World(data_dir), device, per_family, max_new_tokens)
+    # one folder: its tables beside its runs; several seeds: in the folder that holds them all
+    report(args.out, args.out[0] if len(args.out) == 1 else os.path.commonpath([os.path.abspath(o) for o in args.out]))
 
 
 if __name__ == "__main__":

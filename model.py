@@ -521,13 +521,19 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
 
 
 # -----------------------------------------------------------------------------
-# the encoder's pretraining: a character CTC head
+# the encoder's pretraining: a character CTC head and voice heads
 #
 # The toy language is spoken as it is spelled, so a character CTC head learns in a minute what
 # the decoder would need many minutes to learn through attention alone (measured: the decoder's
 # transcription loss sits on a plateau for hundreds of steps with a randomly initialised encoder).
+# CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
+# speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
+# audio encoders: audio captioning and classification too), so four voice heads on the encoder's
+# time-averaged output learn the speaker's pitch, speaking rate, emotion and background noise.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
+VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
+                 "emotion": ("neutral", "happy", "sad"), "noise": ("clean", "noisy")}
 
 
 def ctc_targets(text):
@@ -536,14 +542,34 @@ def ctc_targets(text):
     return [CTC_CHARS.index(c) + 1 for c in " ".join(words)]
 
 
+def ctc_greedy(logp, lens):
+    """Best-path CTC decoding: (B, T, C) log-probs, lens (B,) -> strings (repeats merged, blanks dropped)."""
+    out = []
+    for path, n in zip(logp.argmax(-1).tolist(), lens.tolist()):
+        ids = [c for i, c in enumerate(path[:n]) if c != 0 and (i == 0 or c != path[i - 1])]
+        out.append("".join(CTC_CHARS[c - 1] for c in ids))
+    return out
+
+
 class CTCEncoder(nn.Module):
-    """The audio encoder with a character CTC head (the head is dropped after its stage)."""
+    """The audio encoder with a character CTC head and voice heads (the heads are dropped after
+    their stage: the speech LLM keeps the encoder alone)."""
 
     def __init__(self, enc_cfg: EncoderConfig):
         super().__init__()
         self.enc_cfg = enc_cfg
         self.encoder = AudioEncoder(**asdict(enc_cfg))
         self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
+        self.voice_heads = nn.ModuleDict({k: nn.Linear(enc_cfg.n_state, len(v)) for k, v in VOICE_CLASSES.items()})
+
+    def forward(self, mel, mel_lens):
+        """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
+        lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
+        x, lens = self.encoder(mel, mel_lens)
+        keep = (torch.arange(x.size(1), device=x.device)[None] < lens[:, None]).to(x.dtype)[..., None]
+        pooled = (x * keep).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # (B, n_state)
+        voice = {k: head(pooled) for k, head in self.voice_heads.items()}
+        return self.ctc_head(x).float().log_softmax(-1), lens, voice
 
 
 # -----------------------------------------------------------------------------

@@ -27,9 +27,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 import data
@@ -41,6 +42,10 @@ import xopd
 # Settings: one dataclass, presets override its defaults, flags override presets.
 
 METHODS = ("sft", "kd", "gkd", "xopd")
+# The align stage's learning rate per method (X-OPD's λ ablations use X-OPD's), each chosen from
+# one grid on the val prompts by `python train.py --method M --lr_grid 3e-5,1e-4,3e-4` (select_lr;
+# README, "Choosing the learning rates"). --align_lr overrides it.
+ALIGN_LR = {"sft": 1e-4, "kd": 1e-4, "gkd": 1e-4, "xopd": 1e-4}
 
 
 @dataclass
@@ -64,7 +69,8 @@ class TrainConfig:
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
-    align_lr: float = 1e-4
+    align_lr: float = 0.0        # 0: the method's rate in ALIGN_LR (chosen on val with --lr_grid)
+    lr_grid: str = ""            # e.g. 3e-5,1e-4,3e-4: run align at each, keep the best on val (select_lr)
     align_batch: int = 8         # prompts per step (paper: 256)
     n: int = 4                   # samples per prompt and modality (paper: 4)
     lam: float = 0.5             # λ: weight of the in-modal term (paper: 0.5)
@@ -79,7 +85,10 @@ class TrainConfig:
     grad_clip: float = 1.0       # max gradient norm before each optimiser step (0 = no clipping)
     ckpt_every: int = 50
     log_every: int = 10
-    eval_per_family: int = 100   # test prompts per benchmark family
+    eval_per_family: int = 300   # test prompts per benchmark family
+    val_every: int = 20          # align: measure on the val prompts every this many steps
+    val_per_family: int = 100    # align: val prompts per family for the val score from speech
+    val_rkl_prompts: int = 48    # align: val prompts (spread over families) for the reverse-KL estimates
 
 
 TRAIN_PRESETS = {
@@ -163,10 +172,11 @@ def done(cfg, name):
     return os.path.exists(final)
 
 
-def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
+def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=None):
     """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
     with a graph) and a stats dict holding at least 'tokens'; update_weights does the rest. Writes
-    <out>/<name>/model.pt at the end."""
+    <out>/<name>/model.pt at the end. monitor(), if given, measures the model on held-out data
+    before step 1, every cfg.val_every steps and at the end, into <out>/<name>/val.jsonl."""
     stage_dir = os.path.join(cfg.out, name)
     final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
     log_path = os.path.join(stage_dir, "log.jsonl")
@@ -183,10 +193,20 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
             print(f"[{name}] resuming from {ckpt_path} at step {start}/{steps}")
         else:
             print(f"[{name}] found an interrupted run in {stage_dir}; starting over (pass --resume to continue it)")
-    # the log keeps exactly the steps the model has seen: drop lines past the checkpoint
-    old = open(log_path).read().splitlines() if start and os.path.exists(log_path) else []
-    with open(log_path, "w") as f:
-        f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= start)
+    # the logs keep exactly the steps the model has seen: drop lines past the checkpoint
+    val_path = os.path.join(stage_dir, "val.jsonl")
+    for path in (log_path, val_path):
+        old = open(path).read().splitlines() if start and os.path.exists(path) else []
+        with open(path, "w") as f:
+            f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= start)
+
+    def measure(step):
+        model.eval()
+        rec = {"step": step, **monitor()}
+        model.train()
+        with open(val_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"[{name}] val at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
     n_params = sum(p.numel() for p in params)
     print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
 
@@ -196,6 +216,8 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
 
     model.train()
     t_start, timed = None, 0
+    if monitor and start == 0:
+        measure(0)
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
@@ -221,6 +243,8 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
             diag = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("loss", "tokens") and not k.startswith("ms_"))
             print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
                   f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {fmt_time(eta) if timed else '-'}")
+        if monitor and ((step + 1) % cfg.val_every == 0 or step + 1 == steps):
+            measure(step + 1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             save(ckpt_path, step + 1)
     save(final, steps)
@@ -232,13 +256,15 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer):
 # The stages.
 
 def stage_teacher(cfg, world, device, amp):
-    """Stage 1: the text LLM. Trained on the text skills' prompts and teacher-style responses."""
+    """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
+    train pool and of the unspoken text pool (text is free: the teacher learns from far more
+    prompts than are spoken); never on align, val or test prompts."""
     if done(cfg, "teacher"):
         return
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
-    recs = [r for r in world.train if r["kind"] == "text"]
+    recs = [r for r in world.text + world.train if r["kind"] == "text" and r["teacher"]]
 
     def step_fn(step):
         rows = [recs[i] for i in data.batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
@@ -252,35 +278,51 @@ def stage_teacher(cfg, world, device, amp):
 
 def stage_encoder(cfg, world, device, amp):
     """Stage 2: pretrain the Whisper-style encoder on transcription with a character CTC loss
-    (model.py says why characters, above CTC_CHARS), the toy analog of a speech LLM starting from
-    Whisper's ASR-trained encoder."""
-    if done(cfg, "encoder"):
-        return
-    enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
-    torch.manual_seed(cfg.seed + 1)
-    m = M.CTCEncoder(enc_cfg).to(device)
-    recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
+    and on the speaker's voice with four small heads (model.py says why, above CTC_CHARS): the
+    toy analog of a speech LLM starting from a pretrained audio encoder. Prints the encoder's
+    own greedy CTC WER and voice accuracy on the test clips, where perception is measured first."""
+    if not done(cfg, "encoder"):
+        enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
+        torch.manual_seed(cfg.seed + 1)
+        m = M.CTCEncoder(enc_cfg).to(device)
+        recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
 
-    def step_fn(step):
-        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
-        mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
-        targets = [M.ctc_targets(r["transcript"]) for r in rows]
-        with autocast(device, amp):
-            x, lens = m.encoder(mels.to(device), mel_lens.to(device))
-            logp = m.ctc_head(x).float().log_softmax(-1).transpose(0, 1)  # (T, B, C) as ctc_loss wants
-        loss = torch.nn.functional.ctc_loss(
-            logp, torch.tensor(sum(targets, []), device=device), lens,
-            torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
-        return loss, {"tokens": sum(len(t) for t in targets)}
+        def step_fn(step):
+            rows = [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+            mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
+            targets = [M.ctc_targets(r["transcript"]) for r in rows]
+            with autocast(device, amp):
+                logp, lens, voice = m(mels.to(device), mel_lens.to(device))
+            ctc = F.ctc_loss(logp.transpose(0, 1), torch.tensor(sum(targets, []), device=device), lens,  # (T, B, C)
+                             torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
+            labels = [data.voice_labels(r["voice"]) for r in rows]
+            voice_loss = ctc.new_zeros(())
+            for task, classes in M.VOICE_CLASSES.items():
+                has = [i for i, lab in enumerate(labels) if task in lab]
+                if has:
+                    y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device)
+                    voice_loss = voice_loss + F.cross_entropy(voice[task][has].float(), y)
+            return ctc + voice_loss, {"ctc": ctc.item(), "voice": voice_loss.item(), "tokens": sum(len(t) for t in targets)}
 
-    run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
+        run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
+    path = os.path.join(cfg.out, "encoder", "eval.json")
+    if not os.path.exists(path):
+        m, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
+        res = E.evaluate_encoder(m, world, device, cfg.eval_per_family)
+        M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
+        print(f"[encoder] on its own, test clips: greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
+              f"{res.get('ctc_wer_seen', float('nan')):.1f}, unseen {res.get('ctc_wer_unseen', float('nan')):.1f}); "
+              f"voice heads {E.fmt_scores(res['voice'])}")
 
 
-# The omni mix, per step: like a real speech LLM's training data. Every training clip also
-# serves as transcription data; spoken and written instructions carry teacher-style
-# responses (speech LLMs are commonly trained on instruction data distilled from their text
-# backbone); audio questions carry their reference answers.
-OMNI_MIX = {"asr": 0.4, "audio_qa": 0.15, "spoken": 0.3, "written": 0.15}
+# The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN, Qwen2-Audio,
+# Qwen-Omni): mostly transcription (every training clip doubles as one) and audio questions; spoken
+# instructions from speech datasets, whose responses are the dataset's own ('reference': the bare
+# answer); and a little written text, the text LLM's own instruction data replayed to keep its text
+# skills (teacher-style responses). Only train-pool prompts: the align, val and test prompts are new
+# to the student. The mix was chosen from how such models are trained, not from any alignment
+# method's score.
+OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 
 
 def stage_omni(cfg, world, device, amp):
@@ -304,15 +346,16 @@ def stage_omni(cfg, world, device, amp):
     qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr"]
     pools = {"asr": asr, "audio_qa": qa_recs, "spoken": text_recs, "written": text_recs}
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
-    target = lambda r: r["teacher"] or r["reference"]
+    target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
     def step_fn(step):
         rows = {k: [pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
                 for j, k in enumerate(OMNI_MIX) if pools[k]}
-        speech_rows = rows.get("asr", []) + rows.get("audio_qa", []) + rows.get("spoken", [])
+        speech = [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])]
+        speech_rows = [r for r, _ in speech]
         written = rows.get("written", [])
-        bs = world.batch(speech_rows, [target(r) for r in speech_rows], device, text=False, encoder=student.encoder)
-        bt = world.batch(written, [target(r) for r in written], device, speech=False)
+        bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
+        bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
         with autocast(device, amp):
             ls, ns = xopd.response_nll(student, bs, "speech")
             lt, nt = xopd.response_nll(student, bt, "text")
@@ -347,10 +390,12 @@ def teacher_responses(cfg, world, teacher, recs, device, amp):
 
 
 def stage_align(cfg, world, device, amp):
-    """Stage 4: one alignment method on the paired (speech, text) training prompts of the
-    text skills. Same prompts, steps, gradient clipping and frozen audio side for every
-    method; X-OPD's λ weighs its text-prompt (in-modal) term against its speech-prompt
-    (cross-modal) term, the baselines train from the speech prompt."""
+    """Stage 4: one alignment method on the align pool's paired (speech, text) prompts, which
+    the student has never seen. Same prompts, steps, batch, gradient clipping and frozen audio
+    side for every method; X-OPD's λ weighs its text-prompt (in-modal) term against its
+    speech-prompt (cross-modal) term, the baselines train from the speech prompt. On the val
+    prompts the run logs, every cfg.val_every steps, the reverse-KL estimates against the
+    teacher and the greedy score from speech (val.jsonl)."""
     name = "align/" + align_name(cfg)
     if done(cfg, name):
         return
@@ -359,31 +404,74 @@ def stage_align(cfg, world, device, amp):
     xopd.check_same_tokenizer(Tokenizer.from_str(t_ck["tokenizer"]), Tokenizer.from_str(s_ck["tokenizer"]))
     teacher.requires_grad_(False).eval()
     student.freeze_audio()
-    recs = [r for r in world.train if r["kind"] == "text"]
+    recs = [r for r in world.align if r["kind"] == "text"]
+    if not recs:
+        recs = [r for r in world.train if r["kind"] == "text"]
+        print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken prompts, "
+              "which the omni stage has already seen")
     kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
+    lr = cfg.align_lr or ALIGN_LR[cfg.method]
 
     def step_fn(step):
         rows = [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
         # the sampling seed of a step depends on (seed, step) only: resumable and repeatable
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         if cfg.method == "xopd":
-            b = world.batch(rows, device=device)
+            b = world.batch(rows, device=device, encoder=student.encoder)
             with autocast(device, amp):
                 return xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
                                       ratio_clip=cfg.ratio_clip)
         if cfg.method == "gkd":
-            b = world.batch(rows, [r["reference"] for r in rows], device)
+            b = world.batch(rows, [r["reference"] for r in rows], device, encoder=student.encoder)
             with autocast(device, amp):
                 return xopd.gkd_step(student, teacher, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
         targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
-        b = world.batch(rows, targets, device)
+        b = world.batch(rows, targets, device, text=False, encoder=student.encoder)
         with autocast(device, amp):
             return xopd.sft_step(student, b)
 
-    run_stage(name, cfg, student, cfg.align_steps, cfg.align_lr, step_fn, device, world.tok.to_str())
+    val = E.text_sets(world.val, cfg.val_per_family)  # {family: records}, never test records
+    probe = [r for rs in val.values() for r in rs[:cfg.val_rkl_prompts // max(1, len(val))]]
+
+    def monitor():
+        if not val:
+            return {}
+        # the same rollout seed at every measurement, so the curve moves only with the model
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 - 1)
+        with autocast(device, amp):
+            out = xopd.reverse_kl(student, teacher, world.batch(probe, device=device, encoder=student.encoder),
+                                  n=1, max_new_tokens=cfg.max_new_tokens, eos_id=world.end_id, generator=gen)
+            for fam, rs in val.items():
+                preds = E.generate(student, world, rs, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
+                out[f"val_S_{fam}"] = 100.0 * sum(data.score(r, p) for r, p in zip(rs, preds)) / len(rs)
+        out["val_S"] = sum(out[f"val_S_{fam}"] for fam in val) / len(val)
+        return out
+
+    run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor)
+
+
+def select_lr(cfg, world, device, amp):
+    """Run the align stage once per learning rate of cfg.lr_grid (folders align/<name>_lr<lr>)
+    and keep the one with the best final greedy score from speech on the val prompts (ties: the
+    smaller rate). Reads val.jsonl only: the test pool plays no part. Writes
+    <out>/align/lr_<name>.json and returns the chosen rate."""
+    grid = sorted(float(x) for x in cfg.lr_grid.split(","))
+    scores = {}
+    for lr in grid:
+        run = replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_"))
+        stage_align(run, world, device, amp)
+        with open(os.path.join(cfg.out, "align", align_name(run), "val.jsonl")) as f:
+            scores[lr] = [json.loads(line) for line in f][-1]["val_S"]
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    name = align_name(cfg)
+    M.atomic_write(os.path.join(cfg.out, "align", f"lr_{name}.json"),
+                   lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best}, f, indent=1))
+    print(f"[select] {name}: val score from speech " + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}" for lr in grid)
+          + f"; chosen lr {best:g}")
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -402,6 +490,10 @@ def main(argv=None):
     stage_teacher(cfg, world, device, amp)
     stage_encoder(cfg, world, device, amp)
     stage_omni(cfg, world, device, amp)
+    if cfg.lr_grid:  # choosing the rate on val: no test-set evaluation
+        select_lr(cfg, world, device, amp)
+        print(f"wall time {fmt_time(time.time() - t0)}")
+        return
     stage_align(cfg, world, device, amp)
     E.evaluate_all(cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)  # stage 5
     E.report(cfg.out)

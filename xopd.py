@@ -371,6 +371,40 @@ def _ms(t0):
     return (time.perf_counter() - t0) * 1e3
 
 
+def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens, temperature=1.0,
+                     eos_id, generator=None):
+    """The student (a model.SpeechLM) samples n responses per prompt from T (term "im",
+    in-modal) and/or hearing S ("cm", cross-modal). Returns prompts {term: (embeds, lens)}
+    and rollouts {term: (ids, mask, logp_old)}, rows (B*n, L), as xopd.sample gives them."""
+    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, generator=generator)
+    modality = {"im": "text", "cm": "speech"}
+    prompts = {k: prompt_embeds(student, batch, modality[k]) for k in terms}
+    return prompts, {k: sample(student.decoder, lens, inputs_embeds=emb, **kw) for k, (emb, lens) in prompts.items()}
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
+    """The teacher (a model.Decoder) scores every sampled token reading T + response, never
+    audio: {term: (B*n, L)}, the first half of Eq. 1 and 2."""
+    text_lens = batch.text_lens.repeat_interleave(n)
+    prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
+    return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
+            for k, (ids, mask, _) in rollouts.items()}
+
+
+@torch.no_grad()
+def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generator=None):
+    """Monte Carlo estimates of the sequence-level reverse KL from the student reading T
+    ("rkl_im") and hearing S ("rkl_cm") to the teacher reading T, in nats per response:
+    the mean over rollouts of sum_t log pi_theta(y_t | .) - log pi_phi(y_t | T, y<t). On
+    held-out prompts it shows what alignment does to the gap without training on them."""
+    _check_vocab(student, teacher)
+    _, rollouts = student_rollouts(student, batch, n=n, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                   generator=generator)
+    teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n)
+    return {f"rkl_{k}": ((lp - teacher_lp[k]) * mask).sum(1).mean().item() for k, (_, mask, lp) in rollouts.items()}
+
+
 def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
               eos_id, generator=None, ratio_clip=0.0, chunk_size=1024):
     """
@@ -388,34 +422,22 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     assert temperature > 0, "training rollouts must be stochastic"
     _check_vocab(student, teacher)
     t0 = time.perf_counter()
-    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, generator=generator)
-    prompts, rollouts = {}, {}
-    if lam > 0:  # in-modal: the student reads the transcript T (no audio)
-        prompts["im"] = prompt_embeds(student, batch, "text")
-    if lam < 1:  # cross-modal: the student hears S
-        prompts["cm"] = prompt_embeds(student, batch, "speech")
-    for k, (emb, lens) in prompts.items():
-        rollouts[k] = sample(student.decoder, lens, inputs_embeds=emb, **kw)
+    terms = tuple(k for k, w in (("im", lam), ("cm", 1.0 - lam)) if w > 0)  # a weight-0 term needs no rollouts
+    prompts, rollouts = student_rollouts(student, batch, terms=terms, n=n, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, eos_id=eos_id, generator=generator)
     t_rollout = _ms(t0)
-
     t0 = time.perf_counter()
-    text_lens = batch.text_lens.repeat_interleave(n)
-    teacher_lp = {}
-    with torch.no_grad():  # the teacher always reads T, never audio
-        teacher_prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
-        for k, (ids, mask, _) in rollouts.items():
-            teacher_lp[k] = sequence_logprobs(teacher, teacher_prompt, text_lens, ids, mask,
-                                              chunk_size, temperature)
+    teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n, temperature=temperature, chunk_size=chunk_size)
     t_teacher = _ms(t0)
 
     t0 = time.perf_counter()
-    terms = {}
+    scored = {}
     for k, (ids, mask, logp_old) in rollouts.items():
         emb, lens = prompts[k]
         logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
                                  lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
-        terms[k] = (logp, logp_old, teacher_lp[k], mask)
-    loss, stats = xopd_loss(terms.get("im"), terms.get("cm"), lam, ratio_clip)
+        scored[k] = (logp, logp_old, teacher_lp[k], mask)
+    loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip)
 
     masks = [m for _, m, _ in rollouts.values()]
     ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]
