@@ -11,7 +11,7 @@ import data  # noqa: E402  (needs the path above)
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """The folder of the tiny toy corpus, seed 0 (train.jsonl, test.jsonl, wavs/, tokenizer.json)."""
+    """The folder of the tiny toy corpus, seed 0 (a manifest per pool, text.jsonl, wavs/, tokenizer.json)."""
     d = str(tmp_path_factory.mktemp("data"))
     data.make_toy_data(d, seed=0, preset="tiny")
     return d

@@ -209,21 +209,34 @@ def test_toy_world_families_and_files(toy):
     assert 0.5 < len(x) / SR < 6.0
 
 
-def test_splits_disjoint_and_unseen_speakers(toy):
-    _, train, test, _ = toy
-    key = lambda r: (r["transcript"], r["instruction"])
-    assert not {key(r) for r in train} & {key(r) for r in test}
-    assert len({r["id"] for r in train + test}) == len(train) + len(test)
-    train_spk = {r["voice"]["speaker"] for r in train}
-    assert {r["voice"]["speaker"] for r in test} - train_spk   # unseen voices in test
-    # facts: every test fact is taught in training under a different phrasing
+def test_pools_are_disjoint_and_facts_are_taught_under_other_phrasings(toy):
+    paths = toy[0]
+    pools = {p: data.read_manifest(paths[p]) for p in data.POOLS}
+    pools["text"] = data.read_manifest(paths["text"], audio=False)
+    assert all(pools.values()) and not any("audio" in r for r in pools["text"])
+    # no text-skill prompt lies in two pools (the teacher's unspoken pool included)
+    prompts = {p: [r["transcript"] for r in rs if r["kind"] == "text"] for p, rs in pools.items()}
+    for p, ps in prompts.items():
+        assert len(set(ps)) == len(ps), f"a prompt repeats inside {p}"
+    for p in prompts:
+        for q in prompts:
+            if p < q:
+                assert not set(prompts[p]) & set(prompts[q]), f"{p} and {q} share prompts"
+    every = [r for rs in pools.values() for r in rs]
+    assert len({r["id"] for r in every}) == len(every)
+    # unseen voices in val and test; train and align speak with the training speakers only
+    heard = {r["voice"]["speaker"] for r in pools["train"]}
+    assert {r["voice"]["speaker"] for r in pools["align"]} <= heard
+    assert {r["voice"]["speaker"] for r in pools["test"]} - heard
+    # facts: every align / val / test fact is taught in train, under a phrasing that pool never uses
     tpl_words = {w for tpls in data.FACT_TEMPLATES.values() for t in tpls for w in t.split()}
     entity = lambda r: [w for w in r["transcript"].split() if w not in tpl_words]
-    taught = {(tuple(entity(r)), r["answer"]) for r in train if r["task"] == "facts"}
-    facts_test = [r for r in test if r["task"] == "facts"]
-    assert facts_test
-    for r in facts_test:
-        assert len(entity(r)) == 1 and (tuple(entity(r)), r["answer"]) in taught
+    taught = {(tuple(entity(r)), r["answer"]) for r in pools["train"] if r["task"] == "facts"}
+    for p in ("align", "val", "test"):
+        facts = [r for r in pools[p] if r["task"] == "facts"]
+        assert facts
+        for r in facts:
+            assert len(entity(r)) == 1 and (tuple(entity(r)), r["answer"]) in taught
 
 
 def test_toy_world_deterministic():
@@ -234,6 +247,7 @@ def test_toy_world_deterministic():
 def test_audio_labels_follow_voice(toy):
     _, train, test, _ = toy
     for r in train + test:
+        assert data.voice_labels(r["voice"]) == {t: f(r["voice"]) for t, f in data.AUDIO_LABELS.items()}
         v = r["voice"]
         if r["task"] in data.AUDIO_LABELS:
             assert r["answer"] == data.AUDIO_LABELS[r["task"]](v)

@@ -33,3 +33,40 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     assert res["audio"] == {t: pytest.approx(100.0 * len(recs[::2]) / len(recs)) for t, recs in audio.items() if t != "asr"}
     asr = audio["asr"]
     assert res["asr_wer"] == pytest.approx(100.0 * sum(1 / len(r["transcript"].split()) for r in asr) / len(asr))
+
+
+def _run(T, S=None, audio=None, seen=5.0, unseen=12.0):
+    r = {"T": T, "S": S or {}, "audio": audio or {}}
+    if S is not None:
+        r.update(asr_wer_seen=seen, asr_wer_unseen=unseen)
+    return r
+
+
+def test_premise_on_hand_made_scores():
+    teacher = _run({"arith": 95.0, "facts": 100.0})
+    # ΔS = mean(drop 50 %, drop 10 %) = 30; ΔT = mean(drop 10 %, drop 0 %) = 5; audio mean 85
+    omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 47.5, "facts": 90.0}, {"pitch": 90.0, "rate": 80.0})
+    rows = E.premise([{"teacher": teacher, "omni": omni}])
+    values = {name: vals[0] for name, vals, _, _ in rows}
+    met = {name: ok for name, _, _, ok in rows}
+    assert values["base student ΔS (%)"] == pytest.approx(30.0)
+    assert values["base student ΔT (%)"] == pytest.approx(5.0)
+    assert values["text teacher, worst family from text (%)"] == 95.0
+    assert values["base student audio questions, mean accuracy (%)"] == pytest.approx(85.0)
+    assert all(met.values())
+    # each criterion fails on its own
+    weak = E.premise([{"teacher": _run({"arith": 89.0, "facts": 100.0}), "omni": omni}])
+    assert [ok for _, _, _, ok in weak] == [False] + [True] * 5  # ΔS, ΔT move with the teacher but stay within
+    deaf = E.premise([{"teacher": teacher, "omni": {**omni, "asr_wer_seen": 10.5, "asr_wer_unseen": 15.5}}])
+    assert [ok for _, _, _, ok in deaf] == [True, False, False, True, True, True]
+    better_from_text = _run({"arith": 96.0, "facts": 100.0}, omni["S"], omni["audio"])  # ΔT < 0
+    assert [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": better_from_text}])][4] is False
+
+
+def test_mean_and_standard_error_over_seeds():
+    m, se = E.mean_se([1.0, 2.0, 6.0])
+    assert m == pytest.approx(3.0) and se == pytest.approx((7.0 / 3) ** 0.5)  # sample var (4+1+9)/2 = 7, / n
+    assert E.fmt([2.0]) == "2.0" and E.fmt([1.0, 2.0, 6.0]) == "3.0 ± 1.5"
+    seeds = [{"teacher": _run({"arith": 100.0}), "omni": _run({"arith": 90.0}, {"arith": s})} for s in (50.0, 70.0)]
+    row = [line for line in E.tables(seeds)["table1"].splitlines() if line.startswith("| base student")][0]
+    assert "| 60.0 ± 10.0 | 90.0 ± 0.0 | 40.00 ± 10.00 | 10.00 ± 0.00 |" in row

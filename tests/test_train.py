@@ -1,10 +1,12 @@
 """The pipeline end to end on the tiny preset, resume, the guards, and the tables it ends with."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
+import data
 import eval as E
 import model as M
 import train
@@ -156,3 +158,23 @@ def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(ValueError, match="lacks the field"):
         M.load_checkpoint(str(path))
+
+
+def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp_path, monkeypatch):
+    for stage in ("teacher", "encoder", "omni"):  # the same base; only the align runs are new
+        shutil.copytree(os.path.join(tiny_run, stage), tmp_path / stage)
+
+    class Untouchable(list):
+        def _refuse(self, *a):
+            raise AssertionError("the test pool was read while choosing a learning rate")
+        __iter__ = __getitem__ = __len__ = __bool__ = _refuse
+
+    real = data.read_manifest
+    monkeypatch.setattr(data, "read_manifest", lambda path, audio=True: Untouchable(real(path, audio))
+                        if os.path.basename(path) == "test.jsonl" else real(path, audio))
+    train.main(tiny(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
+    choice = json.load(open(tmp_path / "align" / "lr_sft.json"))
+    final = {lr: read_log(tmp_path / "align" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
+    assert choice["val_S"] == final
+    assert choice["chosen"] == max((1e-4, 1e-3), key=lambda lr: (final[f"{lr:g}"], -lr))
+    assert not os.path.exists(tmp_path / "align" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
