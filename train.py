@@ -483,21 +483,28 @@ def main(argv=None):
     print(f"device: {device} ({why})")
     print("settings: " + json.dumps(asdict(cfg)))
     torch.manual_seed(cfg.seed)
-    if not os.path.exists(os.path.join(cfg.data, "train.jsonl")):
-        print(f"[data] no manifests in {cfg.data}: generating the {cfg.preset} toy world there")
-        data.make_toy_data(cfg.data, seed=cfg.seed, preset="tiny" if cfg.preset == "tiny" else "cpu")
+    times = {}
+
+    def timed(name, fn, *args):
+        t = time.time()
+        fn(*args)
+        times[name] = time.time() - t
+
+    # a folder this project generated (done.json) is regenerated when its world is out of date
+    if not os.path.exists(os.path.join(cfg.data, "train.jsonl")) or os.path.exists(os.path.join(cfg.data, "done.json")):
+        timed("data", data.make_toy_data, cfg.data, cfg.seed, "tiny" if cfg.preset == "tiny" else "cpu")
     world = data.World(cfg.data)
-    stage_teacher(cfg, world, device, amp)
-    stage_encoder(cfg, world, device, amp)
-    stage_omni(cfg, world, device, amp)
+    timed("teacher", stage_teacher, cfg, world, device, amp)
+    timed("encoder", stage_encoder, cfg, world, device, amp)
+    timed("omni", stage_omni, cfg, world, device, amp)
     if cfg.lr_grid:  # choosing the rate on val: no test-set evaluation
-        select_lr(cfg, world, device, amp)
-        print(f"wall time {fmt_time(time.time() - t0)}")
-        return
-    stage_align(cfg, world, device, amp)
-    E.evaluate_all(cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)  # stage 5
-    E.report(cfg.out)
-    print(f"wall time {fmt_time(time.time() - t0)}")
+        timed("select", select_lr, cfg, world, device, amp)
+    else:
+        timed("align", stage_align, cfg, world, device, amp)
+        timed("eval", E.evaluate_all, cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)  # stage 5
+        E.report(cfg.out)
+    print("time per stage: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in times.items()) +
+          f"; wall time {fmt_time(time.time() - t0)}")
 
 
 if __name__ == "__main__":
