@@ -57,10 +57,10 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     # teacher stage: text decoder on text skills
-    teacher_steps: int = 1000
+    teacher_steps: int = 2500
     teacher_lr: float = 3e-3
     # encoder stage: character CTC pretraining of the audio encoder
-    encoder_steps: int = 300
+    encoder_steps: int = 600
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
     # omni stage: adapter + decoder on the multimodal mix, encoder frozen
@@ -264,10 +264,17 @@ def stage_teacher(cfg, world, device, amp):
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
-    recs = [r for r in world.text + world.train if r["kind"] == "text" and r["teacher"]]
+    fams = {}
+    for r in world.text + world.train:
+        if r["kind"] == "text" and r["teacher"]:
+            fams.setdefault(r["task"], []).append(r)
+    # every family gets an equal share of each batch: the text pool holds far more arithmetic
+    # and instruction prompts than the train pool holds facts, which only it teaches
+    share = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(sorted(fams))}
 
     def step_fn(step):
-        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.batch_size, step, cfg.seed)]
+        rows = [fams[f][i] for j, f in enumerate(sorted(fams))
+                for i in data.batch_indices(len(fams[f]), share[f], step, cfg.seed + 100 * j)]
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
