@@ -5,7 +5,8 @@ encoder with a character CTC head that pretrains it. Then checkpoints: every mod
 is saved with its configs and rebuilt from them by load_model, with this one import.
 
 Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives
-50 frames/s -> the adapter stacks 4 frames -> 12.5 audio tokens/s (80 ms each).
+50 frames/s -> the adapter stacks 4 frames -> 12.5 audio tokens/s (80 ms each), after one
+summary token per clip (the mean of its frames: who speaks, and how).
 Lengths are floored at both steps (T // 2, then T // 4): a trailing half frame or
 partial stack is dropped, so every output vector sees only real input frames.
 
@@ -196,23 +197,31 @@ def load_whisper_encoder(path_or_checkpoint):
 
 class Adapter(nn.Module):
     """Stacks `stack` consecutive encoder frames (a 4x shorter sequence) and maps them with a
-    two-layer MLP into the decoder's width."""
+    two-layer MLP into the decoder's width, after one summary token: the same MLP on the mean of
+    the clip's frames. Who speaks and how (pitch, rate, emotion, noise) is a property of the whole
+    clip; the pretrained encoder's voice heads read it from exactly that mean, so one token hands
+    it to the decoder at once instead of asking attention to average it over every frame."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
         self.stack = cfg.stack
         self.proj1 = nn.Linear(cfg.stack * cfg.d_in, cfg.hidden)
+        self.summary_proj = nn.Linear(cfg.d_in, cfg.hidden)
         self.proj2 = nn.Linear(cfg.hidden, cfg.d_out)
 
     def forward(self, x, lens):
-        """x (B, T, d_in), lens (B,) -> y (B, T // stack, d_out), lens // stack (floored: a partial
-        last stack is dropped, so no output mixes real frames with padding)."""
+        """x (B, T, d_in), lens (B,) -> y (B, 1 + T // stack, d_out), 1 + lens // stack: the summary
+        token, then the stacks (floored: a partial last stack is dropped, so no output mixes real
+        frames with padding)."""
         B, T, C = x.shape
+        valid = (torch.arange(T, device=x.device)[None, :] < lens[:, None]).to(x.dtype)[..., None]
+        mean = (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # (B, d_in), padding left out
         Ta = T // self.stack
         x = x[:, :Ta * self.stack].reshape(B, Ta, self.stack * C)  # (B, Ta, stack * d_in), frames in time order
-        y = self.proj2(F.gelu(self.proj1(x)))
-        lens = lens // self.stack
-        keep = torch.arange(Ta, device=x.device)[None, :] < lens[:, None]
+        h = torch.cat([self.summary_proj(mean)[:, None], self.proj1(x)], dim=1)  # (B, 1 + Ta, hidden)
+        y = self.proj2(F.gelu(h))
+        lens = 1 + lens // self.stack
+        keep = torch.arange(1 + Ta, device=x.device)[None, :] < lens[:, None]
         return y * keep[..., None], lens
 
 
@@ -469,7 +478,7 @@ class SpeechLM(nn.Module):
         self.enc_cfg, self.adp_cfg = enc_cfg, adp_cfg  # with decoder.cfg: what a checkpoint stores
 
     def encode_audio(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, T // 8, dim), audio_lens (B,)."""
+        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, 1 + T // 8, dim), audio_lens (B,)."""
         return self.adapter(*self.encoder(mel, mel_lens))
 
     def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):

@@ -348,20 +348,22 @@ def test_encoder_padding_invariance():
         assert lens.tolist() == [0, 256] and torch.isfinite(x).all() and (x[0] == 0).all()
 
 
-def test_adapter_stacks_frames():
+def test_adapter_summary_token_then_stacked_frames():
     _, adp_cfg, _ = M.make_configs("tiny", 97)
     torch.manual_seed(9)
     adp = M.Adapter(adp_cfg)
     x = torch.randn(2, 23, adp_cfg.d_in)
     with torch.no_grad():
         y, lens = adp(x, torch.tensor([23, 10]))
-        assert y.shape == (2, 5, adp_cfg.d_out) and lens.tolist() == [5, 2]
-        for b, n in enumerate([5, 2]):
+        assert y.shape == (2, 6, adp_cfg.d_out) and lens.tolist() == [6, 3]
+        for b, (n_frames, n) in enumerate([(23, 5), (10, 2)]):
+            mean = x[b, :n_frames].mean(0)  # the padding frames of row 1 stay out of its summary
+            assert torch.allclose(y[b, 0], adp.proj2(F.gelu(adp.summary_proj(mean))), atol=1e-6)
             for j in range(n):
                 stacked = torch.cat([x[b, 4 * j + i] for i in range(4)])  # frames 4j..4j+3, in time order
                 want = adp.proj2(F.gelu(adp.proj1(stacked)))
-                assert torch.allclose(y[b, j], want, atol=1e-6)
-        assert (y[1, 2:] == 0).all()
+                assert torch.allclose(y[b, 1 + j], want, atol=1e-6)
+        assert (y[1, 3:] == 0).all()
 
 
 def tiny_speech_lm(audio_token_id=5):
@@ -400,13 +402,13 @@ def test_audio_splicing_lands_at_the_placeholder():
 
 def test_speech_lm_end_to_end_and_freeze():
     m = tiny_speech_lm()
-    mel = torch.randn(2, 80, 160)  # 1.6 s -> 80 encoder frames -> 20 audio tokens
+    mel = torch.randn(2, 80, 160)  # 1.6 s -> 80 encoder frames -> a summary token + 20 stacks
     emb, alens = m.encode_audio(mel, torch.tensor([160, 96]))
-    assert emb.shape == (2, 20, m.decoder.cfg.dim) and alens.tolist() == [20, 12]
+    assert emb.shape == (2, 21, m.decoder.cfg.dim) and alens.tolist() == [21, 13]
     ids = torch.tensor([[1, 2, 5, 3], [1, 5, 3, 0]])
     m.freeze_audio()
     h, lens = m(ids, torch.tensor([4, 3]), mel, torch.tensor([160, 96]))
-    assert lens.tolist() == [23, 14] and h.shape == (2, 23, m.decoder.cfg.dim)
+    assert lens.tolist() == [24, 15] and h.shape == (2, 24, m.decoder.cfg.dim)
     h[0, lens[0] - 1].sum().backward()
     assert all(p.grad is None for p in m.encoder.parameters()) and all(p.grad is None for p in m.adapter.parameters())
     assert m.decoder.layers[0].mlp.up_proj.weight.grad is not None
