@@ -444,8 +444,6 @@ def stage_align(cfg, world, device, amp):
     probe = [r for rs in val.values() for r in rs[:cfg.val_rkl_prompts // max(1, len(val))]]
 
     def monitor():
-        if not val:
-            return {}
         # the same rollout seed at every measurement, so the curve moves only with the model
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 - 1)
         with autocast(device, amp):
@@ -457,7 +455,7 @@ def stage_align(cfg, world, device, amp):
         out["val_S"] = sum(out[f"val_S_{fam}"] for fam in val) / len(val)
         return out
 
-    run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor)
+    run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor if val else None)
 
 
 def select_lr(cfg, world, device, amp):
@@ -465,7 +463,12 @@ def select_lr(cfg, world, device, amp):
     and keep the one with the best final greedy score from speech on the val prompts (ties: the
     smaller rate). Reads val.jsonl only: the test pool plays no part. Writes
     <out>/align/lr_<name>.json and returns the chosen rate."""
-    grid = sorted(float(x) for x in cfg.lr_grid.split(","))
+    if not any(r["kind"] == "text" for r in world.val):
+        sys.exit(f"--lr_grid: choosing a learning rate needs val prompts, and {world.dir}/val.jsonl has none")
+    try:
+        grid = sorted(float(x) for x in cfg.lr_grid.split(","))
+    except ValueError:
+        sys.exit(f"--lr_grid: expected comma-separated learning rates like 3e-5,1e-4,3e-4, got {cfg.lr_grid!r}")
     scores = {}
     for lr in grid:
         run = replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_"))
