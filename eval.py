@@ -83,6 +83,17 @@ def test_sets(world, per_family):
     return text_sets(world.test, per_family), {t: rs[:per_family] for t, rs in sorted(audio.items())}
 
 
+def wer_by_speaker(recs, preds, heard, key):
+    """{key: WER %, key_seen / key_unseen: WER % on clips of speakers in / not in `heard`}."""
+    wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
+    out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
+    for suffix, want in (("_seen", True), ("_unseen", False)):
+        part = [w for w, seen in wers if seen == want]
+        if part:
+            out[key + suffix] = 100.0 * sum(part) / len(part)
+    return out
+
+
 def evaluate_model(model, world, device, per_family, max_new_tokens):
     """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": WER, "asr_wer_seen" /
     "asr_wer_unseen": WER on clips of speakers heard / never heard in training, "examples": [...]}."""
@@ -103,12 +114,7 @@ def evaluate_model(model, world, device, per_family, max_new_tokens):
             if task != "asr":
                 res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
                 continue
-            wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
-            res["asr_wer"] = 100.0 * sum(w for w, _ in wers) / len(wers)
-            for key, want in (("asr_wer_seen", True), ("asr_wer_unseen", False)):
-                part = [w for w, seen in wers if seen == want]
-                if part:
-                    res[key] = 100.0 * sum(part) / len(part)
+            res.update(wer_by_speaker(recs, preds, heard, "asr_wer"))
     res["examples"] = examples
     return res
 
@@ -131,12 +137,7 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
             for k, logits in v.items():
                 voice.setdefault(k, []).extend(logits.argmax(-1).tolist())
         if task == "asr":
-            wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
-            res["ctc_wer"] = 100.0 * sum(w for w, _ in wers) / len(wers)
-            for key, want in (("ctc_wer_seen", True), ("ctc_wer_unseen", False)):
-                part = [w for w, seen in wers if seen == want]
-                if part:
-                    res[key] = 100.0 * sum(part) / len(part)
+            res.update(wer_by_speaker(recs, preds, heard, "ctc_wer"))
             res["example"] = {"transcript": recs[0]["transcript"], "ctc": preds[0]}
         elif task in M.VOICE_CLASSES:
             classes = M.VOICE_CLASSES[task]
