@@ -364,8 +364,10 @@ def stage_omni(cfg, world, device, amp):
         bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
         bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
         with autocast(device, amp):
-            ls, ns = xopd.response_nll(student, bs, "speech")
-            lt, nt = xopd.response_nll(student, bt, "text")
+            # per sequence: the mix is in examples, and a voice question's two-token answer must
+            # weigh as much as a transcript (per token, audio questions got ~3 % of the gradient)
+            ls, ns = xopd.response_nll(student, bs, "speech", per_sequence=True)
+            lt, nt = xopd.response_nll(student, bt, "text", per_sequence=True)
             loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
         return loss, {"loss_s": ls.item(), "loss_t": lt.item(), "tokens": ns + nt}
 

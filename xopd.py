@@ -295,9 +295,13 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, bet
     return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sft_loss(hidden, weight, targets, mask, chunk_size=1024):
-    """Masked cross-entropy, mean over real response tokens. hidden (B, L, d), targets/mask (B, L)."""
+def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False):
+    """Masked cross-entropy, mean over real response tokens. hidden (B, L, d), targets/mask (B, L).
+    per_sequence: mean over each row's tokens, then over rows, so every example weighs the same
+    whatever its length (a two-token answer as much as a sentence-long transcript)."""
     lp = token_logprobs(hidden[mask], weight, targets[mask], chunk_size)
+    if per_sequence:
+        return -_seq_mean(torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask)
     return -lp.mean()
 
 
@@ -357,14 +361,15 @@ def _fixed_responses(batch):
     return ids, mask
 
 
-def response_nll(model, batch, modality, chunk_size=1024):
+def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
     """Mean cross-entropy of the batch's fixed responses given its text or speech prompts,
-    through the fused gather -> (loss, number of response tokens)."""
+    through the fused gather (per token, or per_sequence: see sft_loss) -> (loss, number of
+    response tokens)."""
     emb, lens = prompt_embeds(model, batch, modality)
     dec = model if isinstance(model, M.Decoder) else model.decoder
     ids, mask = _fixed_responses(batch)
     h = response_hidden(dec, emb, lens, ids)  # (B, L, dim)
-    return sft_loss(h, dec.lm_head.weight, ids, mask, chunk_size), int(mask.sum())
+    return sft_loss(h, dec.lm_head.weight, ids, mask, chunk_size, per_sequence), int(mask.sum())
 
 
 def _ms(t0):

@@ -520,6 +520,12 @@ def test_sft_loss_matches_cross_entropy():
     ref = F.cross_entropy((h @ w.T)[mask], t[mask])
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(torch.autograd.grad(loss, w)[0], torch.autograd.grad(ref, w)[0], rtol=0, atol=1e-10)
+    # per sequence: each row's mean cross-entropy, then the mean over rows (rows of 5, 2, 3 tokens)
+    per_row = xopd.sft_loss(h, w, t, mask, chunk_size=4, per_sequence=True)
+    ce = F.cross_entropy((h @ w.T).reshape(15, 20), t.reshape(15), reduction="none").reshape(3, 5)
+    ref_rows = sum(ce[b, :n].mean() for b, n in enumerate((5, 2, 3))) / 3
+    torch.testing.assert_close(per_row, ref_rows, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(per_row, h)[0], torch.autograd.grad(ref_rows, h)[0], rtol=0, atol=1e-10)
 
 
 def test_check_same_tokenizer():
