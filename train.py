@@ -398,14 +398,14 @@ def teacher_responses(cfg, world, teacher, recs, device, amp):
     return out
 
 
-def stage_align(cfg, world, device, amp):
+def stage_align(cfg, world, device, amp, folder="align"):
     """Stage 4: one alignment method on the align pool's paired (speech, text) prompts, which
     the student has never seen. Same prompts, steps, batch, gradient clipping and frozen audio
     side for every method; X-OPD's λ weighs its text-prompt (in-modal) term against its
     speech-prompt (cross-modal) term, the baselines train from the speech prompt. On the val
     prompts the run logs, every cfg.val_every steps, the reverse-KL estimates against the
     teacher and the greedy score from speech (val.jsonl)."""
-    name = "align/" + align_name(cfg)
+    name = f"{folder}/{align_name(cfg)}"
     if done(cfg, name):
         return
     teacher, t_ck = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
@@ -461,10 +461,10 @@ def stage_align(cfg, world, device, amp):
 
 
 def select_lr(cfg, world, device, amp):
-    """Run the align stage once per learning rate of cfg.lr_grid (folders align/<name>_lr<lr>)
-    and keep the one with the best final greedy score from speech on the val prompts (ties: the
-    smaller rate). Reads val.jsonl only: the test pool plays no part. Writes
-    <out>/align/lr_<name>.json and returns the chosen rate."""
+    """Run the align stage once per learning rate of cfg.lr_grid (folders select/<name>_lr<lr>,
+    apart from align/, so the tables never show them) and keep the one with the best final
+    greedy score from speech on the val prompts (ties: the smaller rate). Reads val.jsonl only:
+    the test pool plays no part. Writes <out>/select/lr_<name>.json and returns the chosen rate."""
     if not any(r["kind"] == "text" for r in world.val):
         sys.exit(f"--lr_grid: choosing a learning rate needs val prompts, and {world.dir}/val.jsonl has none")
     try:
@@ -474,12 +474,12 @@ def select_lr(cfg, world, device, amp):
     scores = {}
     for lr in grid:
         run = replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_"))
-        stage_align(run, world, device, amp)
-        with open(os.path.join(cfg.out, "align", align_name(run), "val.jsonl")) as f:
+        stage_align(run, world, device, amp, folder="select")
+        with open(os.path.join(cfg.out, "select", align_name(run), "val.jsonl")) as f:
             scores[lr] = [json.loads(line) for line in f][-1]["val_S"]
     best = max(grid, key=lambda lr: (scores[lr], -lr))
     name = align_name(cfg)
-    M.atomic_write(os.path.join(cfg.out, "align", f"lr_{name}.json"),
+    M.atomic_write(os.path.join(cfg.out, "select", f"lr_{name}.json"),
                    lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best}, f, indent=1))
     print(f"[select] {name}: val score from speech " + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}" for lr in grid)
           + f"; chosen lr {best:g}")

@@ -173,8 +173,9 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     monkeypatch.setattr(data, "read_manifest", lambda path, audio=True: Untouchable(real(path, audio))
                         if os.path.basename(path) == "test.jsonl" else real(path, audio))
     train.main(tiny(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
-    choice = json.load(open(tmp_path / "align" / "lr_sft.json"))
-    final = {lr: read_log(tmp_path / "align" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
+    choice = json.load(open(tmp_path / "select" / "lr_sft.json"))
+    final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
     assert choice["val_S"] == final
     assert choice["chosen"] == max((1e-4, 1e-3), key=lambda lr: (final[f"{lr:g}"], -lr))
-    assert not os.path.exists(tmp_path / "align" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
+    assert not os.path.exists(tmp_path / "select" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
+    assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
