@@ -823,6 +823,15 @@ class Batch:
         return replace(self, **{k: v.to(device) for k, v in present.items()})
 
 
+def text_families(records, per_family=None):
+    """{family: its text-skill records (the first per_family of them)}, families in sorted order."""
+    fams = {}
+    for r in records:
+        if r["kind"] == "text":
+            fams.setdefault(r["task"], []).append(r)
+    return {t: rs[:per_family] for t, rs in sorted(fams.items())}
+
+
 def batch_indices(n_items, batch_size, step, seed):
     """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
     so any step's batch can be rebuilt on resume without replaying the ones before it."""
@@ -847,6 +856,8 @@ class World:
         self.align = read_manifest(path("align")) if os.path.exists(path("align")) else []
         self.val = read_manifest(path("val")) if os.path.exists(path("val")) else []
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
+        # the speakers of the train pool: a clip by anyone else is an unseen speaker's
+        self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         self.pad_id = self.tok.token_to_id(PAD)
         self.end_id = self.tok.token_to_id(END)
         self.audio_id = self.tok.token_to_id(AUDIO)

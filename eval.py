@@ -65,26 +65,18 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
     return outs
 
 
-def text_sets(records, per_family):
-    """{family: its first `per_family` text-skill records} (the val or the test pool)."""
-    fams = {}
-    for r in records:
-        if r["kind"] == "text":
-            fams.setdefault(r["task"], []).append(r)
-    return {t: rs[:per_family] for t, rs in sorted(fams.items())}
-
-
 def test_sets(world, per_family):
     """The first `per_family` test records of every family, split into text and audio skills."""
     audio = {}
     for r in world.test:
         if r["kind"] == "audio":
             audio.setdefault(r["task"], []).append(r)
-    return text_sets(world.test, per_family), {t: rs[:per_family] for t, rs in sorted(audio.items())}
+    return data.text_families(world.test, per_family), {t: rs[:per_family] for t, rs in sorted(audio.items())}
 
 
 def wer_by_speaker(recs, preds, heard, key):
-    """{key: WER %, key_seen / key_unseen: WER % on clips of speakers in / not in `heard`}."""
+    """{key: WER %, key_seen / key_unseen: WER % on clips of speakers in / not in `heard`
+    (World.heard: the train pool's speakers)}."""
     wers = [(data.wer(r["transcript"], p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
     for suffix, want in (("_seen", True), ("_unseen", False)):
@@ -108,13 +100,12 @@ def evaluate_model(model, world, device, per_family, max_new_tokens):
             examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"], "prediction": preds[0],
                              "answer": recs[0]["answer"]})
     if modalities == ["text", "speech"]:
-        heard = {r["voice"].get("speaker") for r in world.train} - {None, ""}
         for task, recs in audio.items():
             preds = generate(model, world, recs, "speech", device, max_new_tokens)
             if task != "asr":
                 res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
                 continue
-            res.update(wer_by_speaker(recs, preds, heard, "asr_wer"))
+            res.update(wer_by_speaker(recs, preds, world.heard, "asr_wer"))
     res["examples"] = examples
     return res
 
@@ -126,7 +117,6 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
     clips of each audio question. Perception measured before any decoder reads it."""
     m.eval()
     _, audio = test_sets(world, per_task)
-    heard = {r["voice"].get("speaker") for r in world.train} - {None, ""}
     res = {"voice": {}}
     for task, recs in audio.items():
         preds, voice = [], {}
@@ -137,7 +127,7 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
             for k, logits in v.items():
                 voice.setdefault(k, []).extend(logits.argmax(-1).tolist())
         if task == "asr":
-            res.update(wer_by_speaker(recs, preds, heard, "ctc_wer"))
+            res.update(wer_by_speaker(recs, preds, world.heard, "ctc_wer"))
             res["example"] = {"transcript": recs[0]["transcript"], "ctc": preds[0]}
         elif task in M.VOICE_CLASSES:
             classes = M.VOICE_CLASSES[task]

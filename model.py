@@ -195,6 +195,12 @@ def load_whisper_encoder(path_or_checkpoint):
 # adapter
 
 
+def masked_mean(x, lens):
+    """x (B, T, d), lens (B,) -> (B, d): the mean over each row's first lens[b] frames, padding left out."""
+    valid = (torch.arange(x.size(1), device=x.device)[None, :] < lens[:, None]).to(x.dtype)[..., None]
+    return (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)
+
+
 class Adapter(nn.Module):
     """Stacks `stack` consecutive encoder frames (a 4x shorter sequence) and maps them with a
     two-layer MLP into the decoder's width, after one summary token: the same MLP on the mean of
@@ -214,8 +220,7 @@ class Adapter(nn.Module):
         token, then the stacks (floored: a partial last stack is dropped, so no output mixes real
         frames with padding)."""
         B, T, C = x.shape
-        valid = (torch.arange(T, device=x.device)[None, :] < lens[:, None]).to(x.dtype)[..., None]
-        mean = (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # (B, d_in), padding left out
+        mean = masked_mean(x, lens)  # (B, d_in)
         Ta = T // self.stack
         x = x[:, :Ta * self.stack].reshape(B, Ta, self.stack * C)  # (B, Ta, stack * d_in), frames in time order
         h = torch.cat([self.summary_proj(mean)[:, None], self.proj1(x)], dim=1)  # (B, 1 + Ta, hidden)
@@ -575,8 +580,7 @@ class CTCEncoder(nn.Module):
         """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
         lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
         x, lens = self.encoder(mel, mel_lens)
-        keep = (torch.arange(x.size(1), device=x.device)[None] < lens[:, None]).to(x.dtype)[..., None]
-        pooled = (x * keep).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # (B, n_state)
+        pooled = masked_mean(x, lens)  # (B, n_state): the same mean the adapter's summary token reads
         voice = {k: head(pooled) for k, head in self.voice_heads.items()}
         return self.ctc_head(x).float().log_softmax(-1), lens, voice
 

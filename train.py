@@ -264,16 +264,13 @@ def stage_teacher(cfg, world, device, amp):
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
-    fams = {}
-    for r in world.text + world.train:
-        if r["kind"] == "text" and r["teacher"]:
-            fams.setdefault(r["task"], []).append(r)
+    fams = data.text_families(r for r in world.text + world.train if r["teacher"])
     # every family gets an equal share of each batch: the text pool holds far more arithmetic
     # and instruction prompts than the train pool holds facts, which only it teaches
-    share = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(sorted(fams))}
+    share = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
 
     def step_fn(step):
-        rows = [fams[f][i] for j, f in enumerate(sorted(fams))
+        rows = [fams[f][i] for j, f in enumerate(fams)
                 for i in data.batch_indices(len(fams[f]), share[f], step, cfg.seed + 100 * j)]
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
@@ -442,7 +439,7 @@ def stage_align(cfg, world, device, amp, folder="align"):
         with autocast(device, amp):
             return xopd.sft_step(student, b)
 
-    val = E.text_sets(world.val, cfg.val_per_family)  # {family: records}, never test records
+    val = data.text_families(world.val, cfg.val_per_family)  # never test records
     probe = [r for rs in val.values() for r in rs[:cfg.val_rkl_prompts // max(1, len(val))]]
 
     def monitor():
