@@ -722,6 +722,11 @@ def encode_prompt(tok, record, modality):
             + [tok.token_to_id(ASSISTANT)])
 
 
+def spoken_word_ids(tok, transcript):
+    """The token ids of a transcript's spoken words, one per word (punctuation is silent)."""
+    return _ids(tok, " ".join(w for w in normalize_text(transcript).split() if w.isalpha()))
+
+
 def encode_response(tok, text):
     return _ids(tok, text) + [tok.token_to_id(END)]
 

@@ -1,14 +1,12 @@
-"""The models: a Whisper-compatible audio encoder, a frame-stacking adapter, a
-Llama-compatible decoder with a preallocated KV cache, the speech LLM that splices
-audio vectors into the decoder's input where the AUDIO placeholder stands, and the
-encoder with a character CTC head that pretrains it. Then checkpoints: every model
-is saved with its configs and rebuilt from them by load_model, with this one import.
+"""The models: a Whisper-compatible audio encoder with a character CTC head (the speech
+encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache,
+and the speech LLM that splices audio vectors into the decoder's input where the AUDIO
+placeholder stands. Then checkpoints: every model is saved with its configs and rebuilt
+from them by load_model, with this one import.
 
-Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives
-50 frames/s -> the adapter stacks 4 frames -> 12.5 audio tokens/s (80 ms each), after one
-summary token per clip (the mean of its frames: who speaks, and how).
-Lengths are floored at both steps (T // 2, then T // 4): a trailing half frame or
-partial stack is dropped, so every output vector sees only real input frames.
+Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives 50 frames/s
+(a trailing half frame is dropped) -> one audio token per spoken word, where the CTC head's
+best path puts it, after one token for the whole clip (who speaks, and how).
 
 Decoder.forward returns hidden states after the final norm; logits are one call
 away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
@@ -38,7 +36,7 @@ class EncoderConfig:  # exactly Whisper's AudioEncoder constructor arguments
 
 @dataclass
 class AdapterConfig:
-    stack: int = 4  # encoder frames per audio token: 50 / 4 = 12.5 tokens/s
+    bins: int = 4  # time-ordered parts each word's frames are averaged into (the adapter reads bins * d_in)
     d_in: int = 0  # encoder width (make_configs fills it)
     d_out: int = 0  # decoder width (make_configs fills it)
     hidden: int = 0  # MLP width; 0 -> d_out
@@ -71,17 +69,17 @@ class DecoderConfig:
 PRESETS = {
     # tests: trains in seconds
     "tiny": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=32, n_head=2, n_layer=1),
-                 adapter=dict(stack=4, hidden=64),
+                 adapter=dict(bins=4, hidden=64),
                  decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                               max_seq_len=512)),
     # the default toy experiment on 2 CPU cores (~2.5M parameters at vocab 2000)
     "cpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=128, n_head=4, n_layer=3),
-                adapter=dict(stack=4, hidden=256),
+                adapter=dict(bins=4, hidden=256),
                 decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
                              max_seq_len=1024)),
     # one GPU: the encoder has Whisper tiny's dims, so Whisper tiny's encoder loads into it
     "gpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4),
-                adapter=dict(stack=4, hidden=1024),
+                adapter=dict(bins=4, hidden=1024),
                 decoder=dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408,
                              max_seq_len=2048)),
 }
@@ -192,7 +190,48 @@ def load_whisper_encoder(path_or_checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# adapter
+# the speech encoder: what the speech LLM hears with
+#
+# The toy language is spoken as it is spelled, so a character CTC head learns in a few minutes what
+# the decoder would need many minutes to learn through attention alone (measured: the decoder's
+# transcription loss sits on a plateau for hundreds of steps with a randomly initialised encoder).
+# The head stays with the encoder: its best path says where each spoken word lies, and the adapter
+# hands the decoder one vector per word, the unit the decoder's word-level text already has.
+# (Measured on the cpu preset: with 12.5 stacked-frame tokens/s, ~1 per letter, the decoder had to
+# learn to spell words out of letters and transcribed with 86 % WER after the omni stage; README.)
+# CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
+# speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
+# audio encoders: audio captioning and classification too), so four voice heads on the encoder's
+# time-averaged output learn the speaker's pitch, speaking rate, emotion and background noise.
+
+CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
+SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
+VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
+                 "emotion": ("neutral", "happy", "sad"), "noise": ("clean", "noisy")}
+
+
+def spoken_letters(text):
+    """A transcript as the toy synthesiser speaks it: letters and single spaces, a doubled letter
+    once ('three' -> 'thre'). A doubled letter is one unbroken sound (as 'ee' is one vowel in
+    speech), which CTC could only write twice with a blank between, that is with a boundary the
+    audio does not have; the decoder, which knows the words, spells them."""
+    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
+    s = " ".join(words)
+    return "".join(c for i, c in enumerate(s) if i == 0 or c != s[i - 1])
+
+
+def ctc_targets(text):
+    """spoken_letters(text) -> CTC target ids 1.. (0 is the blank)."""
+    return [CTC_CHARS.index(c) + 1 for c in spoken_letters(text)]
+
+
+def ctc_greedy(logp, lens):
+    """Best-path CTC decoding: (B, T, C) log-probs, lens (B,) -> strings (repeats merged, blanks dropped)."""
+    out = []
+    for path, n in zip(logp.argmax(-1).tolist(), lens.tolist()):
+        ids = [c for i, c in enumerate(path[:n]) if c != 0 and (i == 0 or c != path[i - 1])]
+        out.append("".join(CTC_CHARS[c - 1] for c in ids))
+    return out
 
 
 def masked_mean(x, lens):
@@ -201,33 +240,115 @@ def masked_mean(x, lens):
     return (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)
 
 
+def word_spans(path):
+    """A best CTC path (a list of frame ids) -> [(start, end)] frame spans of the spoken words:
+    the frames between two emitted spaces (or an edge of the clip) that emit at least one letter."""
+    spans, start, letters = [], 0, False
+    for t, c in enumerate(path):
+        if c == SPACE:
+            if letters:
+                spans.append((start, t))
+            start, letters = t + 1, False
+        elif c != 0:
+            letters = True
+    if letters:
+        spans.append((start, len(path)))
+    return spans
+
+
+def span_pool(x, spans, bins):
+    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span's frames averaged into
+    `bins` consecutive, equally long parts in time order (a part shorter than one frame takes the
+    frame it starts in), so the word's letters keep their order."""
+    w = x.new_zeros(len(spans) * bins, x.shape[0])  # averaging weights, one row per part
+    for i, (s, e) in enumerate(spans):
+        for j in range(bins):
+            a = s + (e - s) * j // bins
+            b = max(s + (e - s) * (j + 1) // bins, a + 1)
+            w[i * bins + j, a:b] = 1.0 / (b - a)
+    return (w @ x).reshape(len(spans), bins * x.shape[1])
+
+
+class SpeechEncoder(nn.Module):
+    """What the speech LLM hears with: the pretrained audio encoder and its CTC head. The head's
+    best path cuts the clip into words; the adapter reads each word's frames, and first the whole
+    clip's (who speaks, and how: the voice heads read the clip's mean), pooled by span_pool."""
+
+    def __init__(self, enc_cfg: EncoderConfig, bins=4):
+        super().__init__()
+        self.enc_cfg, self.bins = enc_cfg, bins
+        self.encoder = AudioEncoder(**asdict(enc_cfg))
+        self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
+
+    def frames(self, mel, mel_lens):
+        """mel (B, n_mels, T), mel_lens (B,) -> frames (B, T // 2, n_state), lens, CTC log-probs (B, T // 2, C) in float32."""
+        x, lens = self.encoder(mel, mel_lens)
+        return x, lens, self.ctc_head(x).float().log_softmax(-1)
+
+    def forward(self, mel, mel_lens):
+        """-> words (B, 1 + W, bins * n_state) (the whole clip, then each spoken word; padding rows
+        zero), lens (B,) = 1 + each clip's W."""
+        x, lens, logp = self.frames(mel, mel_lens)
+        rows = [span_pool(x[b], [(0, n)] + word_spans(path[:n]), self.bins)
+                for b, (path, n) in enumerate(zip(logp.argmax(-1).tolist(), lens.tolist()))]
+        out = x.new_zeros(len(rows), max(len(r) for r in rows), self.bins * x.shape[-1])
+        for b, r in enumerate(rows):
+            out[b, :len(r)] = r
+        return out, torch.tensor([len(r) for r in rows], device=x.device)
+
+
+class CTCEncoder(SpeechEncoder):
+    """The speech encoder with the voice heads that pretrain it beside CTC (the speech LLM keeps
+    the encoder and the CTC head; the voice heads stay with their stage)."""
+
+    def __init__(self, enc_cfg: EncoderConfig):
+        super().__init__(enc_cfg)
+        self.voice_heads = nn.ModuleDict({k: nn.Linear(enc_cfg.n_state, len(v)) for k, v in VOICE_CLASSES.items()})
+
+    def heads(self, mel, mel_lens):
+        """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
+        lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
+        x, lens, logp = self.frames(mel, mel_lens)
+        pooled = masked_mean(x, lens)  # (B, n_state); the whole-clip token pools the same frames
+        return logp, lens, {k: head(pooled) for k, head in self.voice_heads.items()}
+
+    def speech_encoder_state(self):
+        """The state dict a SpeechLM's encoder loads: everything but the voice heads."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("voice_heads.")}
+
+
+# -----------------------------------------------------------------------------
+# adapter
+
+
 class Adapter(nn.Module):
-    """Stacks `stack` consecutive encoder frames (a 4x shorter sequence) and maps them with a
-    two-layer MLP into the decoder's width, after one summary token: the same MLP on the mean of
-    the clip's frames. Who speaks and how (pitch, rate, emotion, noise) is a property of the whole
-    clip; the pretrained encoder's voice heads read it from exactly that mean, so one token hands
-    it to the decoder at once instead of asking attention to average it over every frame."""
+    """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space.
+    The clip's vector (who speaks, and how): a two-layer MLP, scaled to the length of an average
+    token embedding. Each word's: a two-layer MLP to a
+    query scored against every token embedding of the decoder, and the decoder reads the
+    embeddings' average under the scores' softmax (as LegoSLM reads a CTC posterior): a word heard
+    surely arrives as its text token, a doubtful one as a mixture of the words it may be. The
+    scores do not move the embeddings (detached); the average does, as any input would."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
-        self.stack = cfg.stack
-        self.proj1 = nn.Linear(cfg.stack * cfg.d_in, cfg.hidden)
-        self.summary_proj = nn.Linear(cfg.d_in, cfg.hidden)
-        self.proj2 = nn.Linear(cfg.hidden, cfg.d_out)
+        self.clip1 = nn.Linear(cfg.bins * cfg.d_in, cfg.hidden)
+        self.clip2 = nn.Linear(cfg.hidden, cfg.d_out)
+        self.word1 = nn.Linear(cfg.bins * cfg.d_in, cfg.hidden)
+        self.word2 = nn.Linear(cfg.hidden, cfg.d_out)
 
-    def forward(self, x, lens):
-        """x (B, T, d_in), lens (B,) -> y (B, 1 + T // stack, d_out), 1 + lens // stack: the summary
-        token, then the stacks (floored: a partial last stack is dropped, so no output mixes real
-        frames with padding)."""
-        B, T, C = x.shape
-        mean = masked_mean(x, lens)  # (B, d_in)
-        Ta = T // self.stack
-        x = x[:, :Ta * self.stack].reshape(B, Ta, self.stack * C)  # (B, Ta, stack * d_in), frames in time order
-        h = torch.cat([self.summary_proj(mean)[:, None], self.proj1(x)], dim=1)  # (B, 1 + Ta, hidden)
-        y = self.proj2(F.gelu(h))
-        lens = 1 + lens // self.stack
-        keep = torch.arange(1 + Ta, device=x.device)[None, :] < lens[:, None]
-        return y * keep[..., None], lens
+    def forward(self, x, lens, embeddings):
+        """x (B, 1 + W, bins * d_in), lens (B,), embeddings (vocab, d_out) -> y (B, 1 + W, d_out)
+        (padding rows zero), lens, word logits (B, W, vocab)."""
+        # the clip's vector has the length of an average token embedding (measured: left free it
+        # grew to 200x that, and the decoder stopped reading voice and words alike)
+        clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1)  # (B, 1, d_out)
+        clip = clip * embeddings.detach().norm(dim=-1).mean()
+        logits = self.word2(F.gelu(self.word1(x[:, 1:]))) @ embeddings.detach().T  # (B, W, vocab)
+        words = logits.float().softmax(-1).to(embeddings.dtype) @ embeddings  # (B, W, d_out)
+        y = torch.cat([clip, words.to(clip.dtype)], 1)
+        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
+        return y * keep[..., None], lens, logits
 
 
 # -----------------------------------------------------------------------------
@@ -476,15 +597,20 @@ class SpeechLM(nn.Module):
     def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig, audio_token_id=-1):
         super().__init__()
         assert adp_cfg.d_in == enc_cfg.n_state and adp_cfg.d_out == dec_cfg.dim, "adapter widths mismatch"
-        self.encoder = AudioEncoder(**asdict(enc_cfg))
+        self.encoder = SpeechEncoder(enc_cfg, adp_cfg.bins)
         self.adapter = Adapter(adp_cfg)
         self.decoder = Decoder(dec_cfg)
         self.audio_token_id = audio_token_id  # the AUDIO placeholder's id in the shared tokenizer
         self.enc_cfg, self.adp_cfg = enc_cfg, adp_cfg  # with decoder.cfg: what a checkpoint stores
 
     def encode_audio(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, 1 + T // 8, dim), audio_lens (B,)."""
-        return self.adapter(*self.encoder(mel, mel_lens))
+        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, 1 + words, dim), audio_lens (B,)."""
+        return self.audio_embeds(*self.encoder(mel, mel_lens))
+
+    def audio_embeds(self, words, lens):
+        """The speech encoder's output (SpeechEncoder.forward, or its cached copy) -> the adapter's
+        audio_embeds (B, 1 + W, dim), audio_lens (B,)."""
+        return self.adapter(words, lens, self.decoder.embed_tokens.weight)[:2]
 
     def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):
         """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,).
@@ -532,57 +658,6 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
     student = SpeechLM(enc_cfg, adp_cfg, teacher.cfg, audio_token_id)
     student.decoder = copy.deepcopy(teacher)  # deepcopy keeps a tied head tied
     return student
-
-
-# -----------------------------------------------------------------------------
-# the encoder's pretraining: a character CTC head and voice heads
-#
-# The toy language is spoken as it is spelled, so a character CTC head learns in a minute what
-# the decoder would need many minutes to learn through attention alone (measured: the decoder's
-# transcription loss sits on a plateau for hundreds of steps with a randomly initialised encoder).
-# CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
-# speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
-# audio encoders: audio captioning and classification too), so four voice heads on the encoder's
-# time-averaged output learn the speaker's pitch, speaking rate, emotion and background noise.
-
-CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
-VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
-                 "emotion": ("neutral", "happy", "sad"), "noise": ("clean", "noisy")}
-
-
-def ctc_targets(text):
-    """Letters and single spaces of a transcript -> ids 1.. (0 is CTC's blank)."""
-    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
-    return [CTC_CHARS.index(c) + 1 for c in " ".join(words)]
-
-
-def ctc_greedy(logp, lens):
-    """Best-path CTC decoding: (B, T, C) log-probs, lens (B,) -> strings (repeats merged, blanks dropped)."""
-    out = []
-    for path, n in zip(logp.argmax(-1).tolist(), lens.tolist()):
-        ids = [c for i, c in enumerate(path[:n]) if c != 0 and (i == 0 or c != path[i - 1])]
-        out.append("".join(CTC_CHARS[c - 1] for c in ids))
-    return out
-
-
-class CTCEncoder(nn.Module):
-    """The audio encoder with a character CTC head and voice heads (the heads are dropped after
-    their stage: the speech LLM keeps the encoder alone)."""
-
-    def __init__(self, enc_cfg: EncoderConfig):
-        super().__init__()
-        self.enc_cfg = enc_cfg
-        self.encoder = AudioEncoder(**asdict(enc_cfg))
-        self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
-        self.voice_heads = nn.ModuleDict({k: nn.Linear(enc_cfg.n_state, len(v)) for k, v in VOICE_CLASSES.items()})
-
-    def forward(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
-        lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
-        x, lens = self.encoder(mel, mel_lens)
-        pooled = masked_mean(x, lens)  # (B, n_state): the same mean the adapter's summary token reads
-        voice = {k: head(pooled) for k, head in self.voice_heads.items()}
-        return self.ctc_head(x).float().log_softmax(-1), lens, voice
 
 
 # -----------------------------------------------------------------------------

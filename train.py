@@ -60,7 +60,7 @@ class TrainConfig:
     teacher_steps: int = 2500
     teacher_lr: float = 3e-3
     # encoder stage: character CTC pretraining of the audio encoder
-    encoder_steps: int = 600
+    encoder_steps: int = 1500
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
     # omni stage: adapter + decoder on the multimodal mix, encoder frozen
@@ -296,7 +296,7 @@ def stage_encoder(cfg, world, device, amp):
             mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
             targets = [M.ctc_targets(r["transcript"]) for r in rows]
             with autocast(device, amp):
-                logp, lens, voice = m(mels.to(device), mel_lens.to(device))
+                logp, lens, voice = m.heads(mels.to(device), mel_lens.to(device))
             ctc = F.ctc_loss(logp.transpose(0, 1), torch.tensor(sum(targets, []), device=device), lens,  # (T, B, C)
                              torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
             labels = [data.voice_labels(r["voice"]) for r in rows]
@@ -329,6 +329,20 @@ def stage_encoder(cfg, world, device, amp):
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 
 
+def word_alignment_loss(student, batch, word_ids):
+    """The adapter's word scores (model.Adapter) trained as a classifier of the word spoken
+    there: cross-entropy on the clips the CTC head cut into as many words as the transcript has
+    (the rest are left out). The alignment losses of speech LLMs such as BLSP and Wav2Prompt pull
+    speech toward the text the LLM knows; at the toy's word level that is a word classifier.
+    -> a scalar (0 when no clip qualifies)."""
+    _, lens, logits = student.adapter(batch.feats, batch.feat_lens, student.decoder.embed_tokens.weight)  # logits (B, W, vocab)
+    rows = [(b, ids) for b, ids in enumerate(word_ids) if int(lens[b]) == 1 + len(ids) and ids]
+    if not rows:
+        return logits.new_zeros(())
+    picked = torch.cat([logits[b, :len(ids)] for b, ids in rows]).float()  # (N words, vocab)
+    return F.cross_entropy(picked, torch.tensor(sum((ids for _, ids in rows), []), device=picked.device))
+
+
 def stage_omni(cfg, world, device, amp):
     """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
@@ -340,7 +354,7 @@ def stage_omni(cfg, world, device, amp):
     enc_cfg, adp_cfg, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed + 2)
     student = M.student_from_teacher(teacher, encoder.enc_cfg, adp_cfg, audio_token_id=world.audio_id).to(device)
-    student.encoder.load_state_dict(encoder.encoder.state_dict())
+    student.encoder.load_state_dict(encoder.speech_encoder_state())
     student.encoder.requires_grad_(False)
     del teacher, encoder
     asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
@@ -366,7 +380,8 @@ def stage_omni(cfg, world, device, amp):
             ls, ns = xopd.response_nll(student, bs, "speech", per_sequence=True)
             lt, nt = xopd.response_nll(student, bt, "text", per_sequence=True)
             loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
-        return loss, {"loss_s": ls.item(), "loss_t": lt.item(), "tokens": ns + nt}
+            la = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
+        return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt}
 
     run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
 

@@ -349,7 +349,7 @@ def prompt_embeds(model, batch, modality):
     audio_trainable = any(p.requires_grad for p in (*model.encoder.parameters(), *model.adapter.parameters()))
     with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
         if batch.feats is not None:
-            audio = model.adapter(batch.feats, batch.feat_lens)
+            audio = model.audio_embeds(batch.feats, batch.feat_lens)
         else:
             audio = model.encode_audio(batch.mels, batch.mel_lens)
     return model.embed(batch.speech_ids, batch.speech_lens, *audio)

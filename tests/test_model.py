@@ -348,22 +348,77 @@ def test_encoder_padding_invariance():
         assert lens.tolist() == [0, 256] and torch.isfinite(x).all() and (x[0] == 0).all()
 
 
-def test_adapter_summary_token_then_stacked_frames():
+def test_spoken_letters_and_ctc_targets():
+    assert M.spoken_letters("Three plus fifteen ?  tell me.") == "thre plus fiften tel me"
+    assert M.ctc_targets("a b") == [2, M.SPACE, 3] and M.ctc_targets("?") == []
+
+
+def test_word_spans_cut_at_emitted_spaces():
+    S, a, b = M.SPACE, 2, 3
+    assert M.word_spans([0, a, a, 0, S, 0, b, 0, S, S, 0, 0, S, a, 0]) == [(0, 4), (5, 8), (13, 15)]
+    assert M.word_spans([0, S, 0, S]) == [] and M.word_spans([a]) == [(0, 1)] and M.word_spans([]) == []
+
+
+def test_span_pool_parts_in_time_order():
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    got = M.span_pool(x, [(0, 10), (2, 4), (7, 8)], bins=4).reshape(3, 4, 3)
+    parts = [[(0, 2), (2, 5), (5, 7), (7, 10)],   # 10 frames into 4 parts
+             [(2, 3), (2, 3), (3, 4), (3, 4)],    # 2 frames: each part takes the frame it starts in
+             [(7, 8)] * 4]
+    for i, span in enumerate(parts):
+        for j, (s, e) in enumerate(span):
+            torch.testing.assert_close(got[i, j], x[s:e].mean(0), rtol=0, atol=1e-12)
+
+
+def test_speech_encoder_pools_the_clip_then_each_word(monkeypatch):
+    enc_cfg, adp_cfg, _ = M.make_configs("tiny", 97)
+    torch.manual_seed(9)
+    enc = M.SpeechEncoder(enc_cfg, adp_cfg.bins).eval()
+    S, a = M.SPACE, 2
+    paths = torch.tensor([[0, a, 0, S, a, a, S, 0, a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                          [a, S, a, 0, 0, a, S, a, S, a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # row 1 has 5 frames
+    real = enc.frames
+
+    def frames(mel, mel_lens):  # the real frames, and CTC log-probs whose best path is `paths`
+        x, lens, _ = real(mel, mel_lens)
+        return x, lens, F.one_hot(paths[:, :x.shape[1]], len(M.CTC_CHARS) + 1).float().log_softmax(-1)
+    monkeypatch.setattr(enc, "frames", frames)
+    mel = torch.randn(2, 80, 40)
+    with torch.no_grad():
+        words, lens = enc(mel, torch.tensor([40, 10]))  # 20 and 5 frames
+        x, _, _ = real(mel, torch.tensor([40, 10]))
+    assert lens.tolist() == [4, 3] and words.shape == (2, 4, adp_cfg.bins * enc_cfg.n_state)
+    for b, spans in enumerate([[(0, 20), (0, 3), (4, 6), (7, 20)], [(0, 5), (0, 1), (2, 5)]]):  # row 1's padding frames cut no words
+        torch.testing.assert_close(words[b, :len(spans)], M.span_pool(x[b], spans, adp_cfg.bins))
+    assert (words[1, 3:] == 0).all()
+    ctc = M.CTCEncoder(enc_cfg)
+    enc.load_state_dict(ctc.speech_encoder_state())  # strict: the student's encoder is the CTC encoder less its voice heads
+
+
+def test_adapter_clip_mlp_then_words_as_embedding_mixtures():
     _, adp_cfg, _ = M.make_configs("tiny", 97)
     torch.manual_seed(9)
     adp = M.Adapter(adp_cfg)
-    x = torch.randn(2, 23, adp_cfg.d_in)
+    x = torch.randn(2, 5, adp_cfg.bins * adp_cfg.d_in)
+    emb = torch.randn(97, adp_cfg.d_out)
     with torch.no_grad():
-        y, lens = adp(x, torch.tensor([23, 10]))
-        assert y.shape == (2, 6, adp_cfg.d_out) and lens.tolist() == [6, 3]
-        for b, (n_frames, n) in enumerate([(23, 5), (10, 2)]):
-            mean = x[b, :n_frames].mean(0)  # the padding frames of row 1 stay out of its summary
-            assert torch.allclose(y[b, 0], adp.proj2(F.gelu(adp.summary_proj(mean))), atol=1e-6)
-            for j in range(n):
-                stacked = torch.cat([x[b, 4 * j + i] for i in range(4)])  # frames 4j..4j+3, in time order
-                want = adp.proj2(F.gelu(adp.proj1(stacked)))
-                assert torch.allclose(y[b, 1 + j], want, atol=1e-6)
-        assert (y[1, 3:] == 0).all()
+        y, lens, logits = adp(x, torch.tensor([5, 2]), emb)
+        assert lens.tolist() == [5, 2] and (y[1, 2:] == 0).all() and logits.shape == (2, 4, 97)
+        for b, n in enumerate([5, 2]):
+            clip = adp.clip2(F.gelu(adp.clip1(x[b, 0])))
+            torch.testing.assert_close(y[b, 0], clip / clip.norm() * emb.norm(dim=1).mean())
+            for w in range(1, n):
+                q = adp.word2(F.gelu(adp.word1(x[b, w])))
+                p = torch.softmax(emb @ q, 0)  # one probability per vocabulary token
+                torch.testing.assert_close(logits[b, w - 1], emb @ q)
+                torch.testing.assert_close(y[b, w], (p[:, None] * emb).sum(0))
+    # a sure word arrives as its token's embedding exactly
+    with torch.no_grad():
+        adp.word2.weight.zero_()
+        adp.word2.bias.copy_(100.0 * emb[7] / emb[7].norm())
+        y, _, _ = adp(x, torch.tensor([5, 5]), emb / emb.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(y[0, 1:], (emb[7] / emb[7].norm()).expand(4, -1), atol=1e-4, rtol=0)
 
 
 def tiny_speech_lm(audio_token_id=5):
@@ -402,13 +457,15 @@ def test_audio_splicing_lands_at_the_placeholder():
 
 def test_speech_lm_end_to_end_and_freeze():
     m = tiny_speech_lm()
-    mel = torch.randn(2, 80, 160)  # 1.6 s -> 80 encoder frames -> a summary token + 20 stacks
+    mel = torch.randn(2, 80, 160)  # 1.6 s -> 80 encoder frames -> the clip's token + one per word
     emb, alens = m.encode_audio(mel, torch.tensor([160, 96]))
-    assert emb.shape == (2, 21, m.decoder.cfg.dim) and alens.tolist() == [21, 13]
+    words, wlens = m.encoder(mel, torch.tensor([160, 96]))
+    assert torch.equal(alens, wlens) and emb.shape == (2, int(wlens.max()), m.decoder.cfg.dim)
+    torch.testing.assert_close(emb, m.adapter(words, wlens, m.decoder.embed_tokens.weight)[0])
     ids = torch.tensor([[1, 2, 5, 3], [1, 5, 3, 0]])
     m.freeze_audio()
     h, lens = m(ids, torch.tensor([4, 3]), mel, torch.tensor([160, 96]))
-    assert lens.tolist() == [24, 15] and h.shape == (2, 24, m.decoder.cfg.dim)
+    assert lens.tolist() == [3 + int(alens[0]), 2 + int(alens[1])] and h.shape == (2, int(lens.max()), m.decoder.cfg.dim)
     h[0, lens[0] - 1].sum().backward()
     assert all(p.grad is None for p in m.encoder.parameters()) and all(p.grad is None for p in m.adapter.parameters())
     assert m.decoder.layers[0].mlp.up_proj.weight.grad is not None
