@@ -323,12 +323,14 @@ class CTCEncoder(SpeechEncoder):
 
 class Adapter(nn.Module):
     """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space.
-    The clip's vector (who speaks, and how): a two-layer MLP, scaled to the length of an average
-    token embedding. Each word's: a two-layer MLP to a
+    The clip's vector (who speaks, and how): a two-layer MLP. Each word's: a two-layer MLP to a
     query scored against every token embedding of the decoder, and the decoder reads the
     embeddings' average under the scores' softmax (as LegoSLM reads a CTC posterior): a word heard
-    surely arrives as its text token, a doubtful one as a mixture of the words it may be. The
-    scores do not move the embeddings (detached); the average does, as any input would."""
+    surely arrives as its text token, a doubtful one as a mixture of the words it may be; plus a
+    linear map of the word's frames, which carries how it was said (pitch,
+    rate, emotion, noise: measured, the decoder did not learn to read them from the clip's
+    vector alone, and LegoSLM-style inputs lose them). The scores do not move the embeddings
+    (detached); the average does, as any input would."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -336,16 +338,19 @@ class Adapter(nn.Module):
         self.clip2 = nn.Linear(cfg.hidden, cfg.d_out)
         self.word1 = nn.Linear(cfg.bins * cfg.d_in, cfg.hidden)
         self.word2 = nn.Linear(cfg.hidden, cfg.d_out)
+        self.how = nn.Linear(cfg.bins * cfg.d_in, cfg.d_out)  # how each word was said, added to what it is
 
     def forward(self, x, lens, embeddings):
         """x (B, 1 + W, bins * d_in), lens (B,), embeddings (vocab, d_out) -> y (B, 1 + W, d_out)
         (padding rows zero), lens, word logits (B, W, vocab)."""
-        # the clip's vector has the length of an average token embedding (measured: left free it
-        # grew to 200x that, and the decoder stopped reading voice and words alike)
-        clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1)  # (B, 1, d_out)
-        clip = clip * embeddings.detach().norm(dim=-1).mean()
+        # the clip's vector has the length of an average token embedding, and how a word was said
+        # half that: measured, left free they grew to 200x and 50x that length, and the decoder
+        # stopped reading the voice (the clip's vector) or the words (how they were said)
+        length = embeddings.detach().norm(dim=-1).mean()  # of an average token embedding
+        clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1) * length  # (B, 1, d_out)
         logits = self.word2(F.gelu(self.word1(x[:, 1:]))) @ embeddings.detach().T  # (B, W, vocab)
         words = logits.float().softmax(-1).to(embeddings.dtype) @ embeddings  # (B, W, d_out)
+        words = words + (F.normalize(self.how(x[:, 1:]), dim=-1) * length / 2).to(words.dtype)
         y = torch.cat([clip, words.to(clip.dtype)], 1)
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
         return y * keep[..., None], lens, logits

@@ -60,11 +60,11 @@ class TrainConfig:
     teacher_steps: int = 2500
     teacher_lr: float = 3e-3
     # encoder stage: character CTC pretraining of the audio encoder
-    encoder_steps: int = 1500
+    encoder_steps: int = 1200
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
     # omni stage: adapter + decoder on the multimodal mix, encoder frozen
-    omni_steps: int = 1200
+    omni_steps: int = 2000
     omni_lr: float = 2e-3
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)

@@ -407,18 +407,22 @@ def test_adapter_clip_mlp_then_words_as_embedding_mixtures():
         assert lens.tolist() == [5, 2] and (y[1, 2:] == 0).all() and logits.shape == (2, 4, 97)
         for b, n in enumerate([5, 2]):
             clip = adp.clip2(F.gelu(adp.clip1(x[b, 0])))
-            torch.testing.assert_close(y[b, 0], clip / clip.norm() * emb.norm(dim=1).mean())
+            torch.testing.assert_close(y[b, 0], clip / clip.norm() * emb.norm(dim=1).mean())  # an embedding's length
             for w in range(1, n):
                 q = adp.word2(F.gelu(adp.word1(x[b, w])))
                 p = torch.softmax(emb @ q, 0)  # one probability per vocabulary token
                 torch.testing.assert_close(logits[b, w - 1], emb @ q)
-                torch.testing.assert_close(y[b, w], (p[:, None] * emb).sum(0))
-    # a sure word arrives as its token's embedding exactly
+                how = adp.how(x[b, w])
+                length = emb.norm(dim=1).mean()
+                torch.testing.assert_close(y[b, w], (p[:, None] * emb).sum(0) + how / how.norm() * length / 2)
+    # a sure word arrives as its token's embedding, plus how it was said (half an embedding's length)
     with torch.no_grad():
         adp.word2.weight.zero_()
-        adp.word2.bias.copy_(100.0 * emb[7] / emb[7].norm())
-        y, _, _ = adp(x, torch.tensor([5, 5]), emb / emb.norm(dim=1, keepdim=True))
-    torch.testing.assert_close(y[0, 1:], (emb[7] / emb[7].norm()).expand(4, -1), atol=1e-4, rtol=0)
+        unit = emb / emb.norm(dim=1, keepdim=True)
+        adp.word2.bias.copy_(100.0 * unit[7])
+        y, _, _ = adp(x, torch.tensor([5, 5]), unit)
+        how = adp.how(x[:, 1:])
+    torch.testing.assert_close(y[:, 1:], unit[7] + how / how.norm(dim=-1, keepdim=True) / 2, atol=1e-4, rtol=0)
 
 
 def tiny_speech_lm(audio_token_id=5):
