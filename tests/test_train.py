@@ -179,3 +179,20 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     assert choice["chosen"] == max((1e-4, 1e-3), key=lambda lr: (final[f"{lr:g}"], -lr))
     assert not os.path.exists(tmp_path / "select" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
     assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
+
+
+def test_word_alignment_loss_on_clips_cut_into_as_many_words_as_spoken():
+    enc_cfg, adp_cfg, dec_cfg = M.make_configs("tiny", 97)
+    torch.manual_seed(4)
+    student = M.SpeechLM(enc_cfg, adp_cfg, dec_cfg, audio_token_id=5)
+    feats = torch.randn(3, 4, adp_cfg.bins * adp_cfg.d_in)
+    batch = data.Batch(feats=feats, feat_lens=torch.tensor([4, 3, 4]))  # the clip, then 3, 2, 3 words
+    word_ids = [[10, 11, 12], [13, 14, 15], [16, 17, 18]]  # row 1 was cut into 2 words of 3 spoken: left out
+    got = train.word_alignment_loss(student, batch, word_ids)
+    _, _, logits = student.adapter(feats, batch.feat_lens, student.decoder.embed_tokens.weight)
+    picked = torch.cat([logits[0, :3], logits[2, :3]])
+    want = -picked.log_softmax(-1)[torch.arange(6), torch.tensor([10, 11, 12, 16, 17, 18])].mean()
+    torch.testing.assert_close(got, want)
+    got.backward()  # it trains the adapter's word scores, never the token embeddings
+    assert student.adapter.word2.weight.grad is not None and student.decoder.embed_tokens.weight.grad is None
+    assert train.word_alignment_loss(student, batch, [[1], [2], [3]]).item() == 0.0
