@@ -72,7 +72,7 @@ PRESETS = {
                  adapter=dict(bins=4, hidden=64),
                  decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                               max_seq_len=512)),
-    # the default toy experiment on 2 CPU cores (~2.5M parameters at vocab 2000)
+    # the default toy experiment on 2 CPU cores (~3.1M parameters at vocab 2000)
     "cpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=128, n_head=4, n_layer=3),
                 adapter=dict(bins=4, hidden=256),
                 decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
@@ -198,7 +198,8 @@ def load_whisper_encoder(path_or_checkpoint):
 # The head stays with the encoder: its best path says where each spoken word lies, and the adapter
 # hands the decoder one vector per word, the unit the decoder's word-level text already has.
 # (Measured on the cpu preset: with 12.5 stacked-frame tokens/s, ~1 per letter, the decoder had to
-# learn to spell words out of letters and transcribed with 86 % WER after the omni stage; README.)
+# learn to spell words out of letters and transcribed with 86 % WER after the omni stage; README,
+# "Decisions".)
 # CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
 # speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
 # audio encoders: audio captioning and classification too), so four voice heads on the encoder's
