@@ -514,9 +514,17 @@ def main(argv=None):
         fn(*args)
         times[name] = time.time() - t
 
-    # a folder this project generated (done.json) is regenerated when its world is out of date
-    if not os.path.exists(os.path.join(cfg.data, "train.jsonl")) or os.path.exists(os.path.join(cfg.data, "done.json")):
+    # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
+    # empty folder, or one it generated before (done.json; regenerated when its world is out of
+    # date). A user's folder without manifests is an error, never overwritten.
+    ours = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data")) or not os.path.isdir(cfg.data)
+            or not os.listdir(cfg.data) or os.path.exists(os.path.join(cfg.data, "done.json")))
+    if ours and (not os.path.exists(os.path.join(cfg.data, "train.jsonl")) or os.path.exists(os.path.join(cfg.data, "done.json"))):
         timed("data", data.make_toy_data, cfg.data, cfg.seed, "tiny" if cfg.preset == "tiny" else "cpu")
+    elif not os.path.exists(os.path.join(cfg.data, "train.jsonl")):
+        sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
+                 f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
+                 f"Toy data is generated only into a new or empty folder, so nothing there was touched.")
     world = data.World(cfg.data)
     timed("teacher", stage_teacher, cfg, world, device, amp)
     timed("encoder", stage_encoder, cfg, world, device, amp)

@@ -196,3 +196,14 @@ def test_word_alignment_loss_on_clips_cut_into_as_many_words_as_spoken():
     got.backward()  # it trains the adapter's word scores, never the token embeddings
     assert student.adapter.word2.weight.grad is not None and student.decoder.embed_tokens.weight.grad is None
     assert train.word_alignment_loss(student, batch, [[1], [2], [3]]).item() == 0.0
+
+
+def test_a_users_data_folder_without_manifests_is_refused_and_left_alone(tmp_path):
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "test.jsonl").write_text("{}\n")
+    (user / "train.json").write_text("misnamed\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", str(user)])
+    assert "train.jsonl" in str(e.value) and "--data" in str(e.value)
+    assert sorted(os.listdir(user)) == ["test.jsonl", "train.json"] and (user / "test.jsonl").read_text() == "{}\n"
