@@ -22,6 +22,7 @@ function returns a loss; one function, update_weights, does the backward pass an
 optimiser step for every stage.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -157,11 +158,11 @@ def update_weights(params, opt, loss, grad_clip):
     the step's log: the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats = {}
-    if grad_clip > 0:
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+    if not math.isfinite(norm):  # before the step: a non-finite gradient never reaches the weights
+        raise FloatingPointError(f"the gradient norm is {norm}")
     opt.step()
-    return stats
+    return {"grad_norm": norm} if grad_clip > 0 else {}
 
 
 def done(cfg, name):
@@ -210,24 +211,40 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     n_params = sum(p.numel() for p in params)
     print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
 
-    def save(path, step):
-        M.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                 "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer})
+    def payload(step):  # copies: the weights go on changing in place after this
+        return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": copy.deepcopy(opt.state_dict()), "step": step,
+                "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
+
+    def stop(step, what):
+        sys.exit(f"[{name}] step {step + 1}: {what}; stopping. The last good checkpoint is kept in "
+                 f"{ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
 
     model.train()
     t_start, timed = None, 0
     if monitor and start == 0:
         measure(0)
+    # A checkpoint is written one step late, once its weights have given a finite loss (and, for
+    # X-OPD / GKD, finite rollouts): weights that diverge are never called good.
+    pending = None
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         t0 = time.perf_counter()
-        loss, stats = step_fn(step)
+        try:
+            loss, stats = step_fn(step)
+        except FloatingPointError as e:  # the sampler met non-finite logits
+            stop(step, str(e))
         m = {"loss": loss.item(), **stats}
         if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
-            sys.exit(f"[{name}] step {step + 1}: loss is {m['loss']}; stopping. The last good checkpoint "
-                     f"is kept in {ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
-        m.update(update_weights(params, opt, loss, cfg.grad_clip))
+            stop(step, f"loss is {m['loss']}")
+        if pending:
+            M.save_checkpoint(ckpt_path, pending)
+            pending = None
+        try:
+            m.update(update_weights(params, opt, loss, cfg.grad_clip))
+        except FloatingPointError as e:
+            stop(step, str(e))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -246,8 +263,10 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
         if monitor and ((step + 1) % cfg.val_every == 0 or step + 1 == steps):
             measure(step + 1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            save(ckpt_path, step + 1)
-    save(final, steps)
+            pending = payload(step + 1)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        stop(steps - 1, "the final weights are not finite")
+    M.save_checkpoint(final, payload(steps))
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
 

@@ -61,6 +61,8 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     logp = logits.log_softmax(dim=-1)
+    if torch.isnan(logp).any():  # diverged weights: say so, instead of multinomial's own error
+        raise FloatingPointError("the logits to sample from are not finite")
     ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 

@@ -101,7 +101,8 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeyp
     monkeypatch.setattr(train, "lr_at", interrupt_at(6, 4))
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny(part, tiny_data, *steps))
-    assert M.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 4
+    # step 4's checkpoint waits for step 5's finite loss, which never came: step 2's is on disk
+    assert M.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 2
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     monkeypatch.setattr(train, "stage_align", lambda *a: None)  # stop after omni this time
     monkeypatch.setattr(E, "evaluate_all", lambda *a: None)
@@ -134,6 +135,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, 
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     assert not os.path.exists(tmp_path / "teacher" / "model.pt")
+
+
+def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tmp_path, tiny_data):
+    # lr 1e10: step 1 moves every weight by ~1e10, step 2's loss is not finite; step 1's
+    # checkpoint was waiting for that loss, so no checkpoint holds the diverged weights
+    with pytest.raises(SystemExit, match="teacher.*stopping"):
+        train.main(tiny(tmp_path, tiny_data, "--teacher_lr", "1e10", "--ckpt_every", "1"))
+    ck = tmp_path / "teacher" / "ckpt.pt"
+    assert not ck.exists() or all(v.abs().max() < 1e3 for v in M.load_checkpoint(str(ck))["model"].values())
+    # X-OPD samples from the student: diverged weights stop the run by name, not inside multinomial
+    train.main(tiny(tmp_path / "ok", tiny_data, "--align_steps", "1"))
+    with pytest.raises(SystemExit, match="align/xopd.*(not finite|nan|inf).*stopping"):
+        train.main(tiny(tmp_path / "ok", tiny_data, "--align_lr", "1e10", "--align_steps", "4", "--tag", "big"))
 
 
 @pytest.mark.parametrize("argv, needle", [
