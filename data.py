@@ -746,12 +746,15 @@ MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instru
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
 
 
-def read_manifest(path, audio=True):
+def read_manifest(path, audio=True, seen=None):
     """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
     a malformed line raises ValueError naming the file and line number. audio=False reads
-    unspoken prompts (the teacher's text.jsonl): no 'audio' field is needed."""
+    unspoken prompts (the teacher's text.jsonl): no 'audio' field is needed. Ids must be unique
+    (log-mels and encoder features are cached by id): within the file, and across the files
+    read with the same `seen` dict ({id: 'file:line'}, updated)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
+    seen = {} if seen is None else seen
     records = []
     with open(path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -769,6 +772,10 @@ def read_manifest(path, audio=True):
                 raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {missing}")
             if r.get("kind", "text") not in ("text", "audio"):
                 raise ValueError(f"{path}:{lineno}: kind must be 'text' or 'audio'")
+            if r["id"] in seen:
+                raise ValueError(f"{path}:{lineno}: id {r['id']!r} is already used at {seen[r['id']]}; ids must "
+                                 f"be unique across the manifests (audio is cached by id)")
+            seen[r["id"]] = f"{path}:{lineno}"
             r = {**MANIFEST_DEFAULTS, **r}
             if audio:
                 r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
@@ -857,9 +864,10 @@ class World:
         self.dir = data_dir
         path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
         self.tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-        self.train, self.test = read_manifest(path("train")), read_manifest(path("test"))
-        self.align = read_manifest(path("align")) if os.path.exists(path("align")) else []
-        self.val = read_manifest(path("val")) if os.path.exists(path("val")) else []
+        ids = {}  # one id space for every spoken manifest: the mel and feature caches are keyed by id
+        self.train, self.test = read_manifest(path("train"), seen=ids), read_manifest(path("test"), seen=ids)
+        self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
+        self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}

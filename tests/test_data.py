@@ -1,6 +1,7 @@
 """Tests for data.py: log-mel against a float64 reference, audio I/O, the synthesizer, the toy
 world, the tokenizer and chat format, manifests, collation."""
 import json
+import shutil
 import math
 import os
 from dataclasses import asdict
@@ -349,7 +350,7 @@ def test_manifest_resolves_paths_and_reports_bad_lines(tmp_path):
     assert [r["id"] for r in recs] == ["u1", "u2"]
     assert recs[0]["audio"] == os.path.join(str(tmp_path), "clips", "u1.wav")
     assert recs[0]["instruction"] == "" and recs[0]["teacher"] is None
-    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"id": "u3", "audio"\n')
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "u2"}) + "\n" + '{"id": "u3", "audio"\n')
     with pytest.raises(ValueError, match=r"mine\.jsonl:3:"):
         data.read_manifest(path)
     path.write_text(json.dumps(good) + "\n" + json.dumps({"id": "u4"}) + "\n")
@@ -358,6 +359,23 @@ def test_manifest_resolves_paths_and_reports_bad_lines(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"mine\.jsonl:1:"):
         data.read_manifest(path)
+
+
+def test_duplicate_ids_are_refused_with_both_lines(tmp_path, tiny_data):
+    rec = {"id": "u1", "audio": "a.wav", "transcript": "hi"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "id": "u2"}) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl:3: id 'u1' is already used at .*mine\.jsonl:1"):
+        data.read_manifest(path)
+    # across manifests: a test clip with a train clip's id would be given that clip's cached audio
+    user = tmp_path / "user"
+    shutil.copytree(tiny_data, user)
+    train_line = (user / "train.jsonl").read_text().splitlines()[0]
+    test_lines = (user / "test.jsonl").read_text().splitlines()
+    test_lines[1] = json.dumps({**json.loads(test_lines[1]), "id": json.loads(train_line)["id"]})
+    (user / "test.jsonl").write_text("\n".join(test_lines) + "\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: id .* already used at .*train\.jsonl:1"):
+        data.World(str(user))
 
 
 def test_collate():
