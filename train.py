@@ -165,10 +165,37 @@ def update_weights(params, opt, loss, grad_clip):
     return {"grad_norm": norm} if grad_clip > 0 else {}
 
 
-def done(cfg, name):
-    """Whether stage `name` already finished (its model.pt exists): a rerun skips it."""
+# The settings that shape each stage's output. A stage's model.pt or ckpt.pt made under other
+# values is refused, never silently reused or continued (the stage folder's name says only which
+# stage it is).
+SHAPING = {"teacher": ("teacher_steps", "teacher_lr", "batch_size"),
+           "encoder": ("encoder_steps", "encoder_lr", "encoder_batch"),
+           "omni": ("omni_steps", "omni_lr", "batch_size"),
+           "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
+                     "gkd_beta", "gkd_mix", "ratio_clip")}
+
+
+def check_settings(cfg, name, path, saved, lr):
+    """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
+    under settings other than cfg's, or at another learning rate than lr."""
+    old = saved.get("train", {})
+    same = lambda k: (os.path.abspath(old[k]) == os.path.abspath(getattr(cfg, k)) if k == "data"
+                      else old[k] == getattr(cfg, k))
+    keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
+    diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]
+    if "lr" in saved and saved["lr"] != lr:
+        diff.append(f"learning rate {saved['lr']:g} -> {lr:g}")
+    if diff:
+        sys.exit(f"[{name}] {path} was made with other settings ({'; '.join(diff)}). Run with the same "
+                 f"settings, choose another --out, or delete {os.path.dirname(path)} to make it again.")
+
+
+def done(cfg, name, lr):
+    """Whether stage `name` already finished (its model.pt exists, made with these settings): a
+    rerun skips it."""
     final = os.path.join(cfg.out, name, "model.pt")
     if os.path.exists(final):
+        check_settings(cfg, name, final, M.load_checkpoint(final), lr)
         print(f"[{name}] {final} exists: skipped")
     return os.path.exists(final)
 
@@ -188,6 +215,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     if os.path.exists(ckpt_path):
         if cfg.resume:
             ck = M.load_checkpoint(ckpt_path)
+            check_settings(cfg, name, ckpt_path, ck, lr)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             start = ck["step"]
@@ -213,7 +241,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
 
     def payload(step):  # copies: the weights go on changing in place after this
         return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "optimizer": copy.deepcopy(opt.state_dict()), "step": step,
+                "optimizer": copy.deepcopy(opt.state_dict()), "step": step, "lr": lr,
                 "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
 
     def stop(step, what):
@@ -278,7 +306,7 @@ def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
     train pool and of the unspoken text pool (text is free: the teacher learns from far more
     prompts than are spoken); never on align, val or test prompts."""
-    if done(cfg, "teacher"):
+    if done(cfg, "teacher", cfg.teacher_lr):
         return
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
@@ -304,7 +332,7 @@ def stage_encoder(cfg, world, device, amp):
     and on the speaker's voice with four small heads (model.py says why, above CTC_CHARS): the
     toy analog of a speech LLM starting from a pretrained audio encoder. Prints the encoder's
     own greedy CTC WER and voice accuracy on the test clips, where perception is measured first."""
-    if not done(cfg, "encoder"):
+    if not done(cfg, "encoder", cfg.encoder_lr):
         enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
         torch.manual_seed(cfg.seed + 1)
         m = M.CTCEncoder(enc_cfg).to(device)
@@ -366,7 +394,7 @@ def stage_omni(cfg, world, device, amp):
     """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
     the multimodal mix."""
-    if done(cfg, "omni"):
+    if done(cfg, "omni", cfg.omni_lr):
         return
     teacher, _ = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
     encoder, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
@@ -437,7 +465,8 @@ def stage_align(cfg, world, device, amp, folder="align"):
     prompts the run logs, every cfg.val_every steps, the reverse-KL estimates against the
     teacher and the greedy score from speech (val.jsonl)."""
     name = f"{folder}/{align_name(cfg)}"
-    if done(cfg, name):
+    lr = cfg.align_lr or ALIGN_LR[cfg.method]
+    if done(cfg, name, lr):
         return
     teacher, t_ck = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
     student, s_ck = M.load_model(os.path.join(cfg.out, "omni", "model.pt"), device)
@@ -450,7 +479,6 @@ def stage_align(cfg, world, device, amp, folder="align"):
         print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken prompts, "
               "which the omni stage has already seen")
     kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
-    lr = cfg.align_lr or ALIGN_LR[cfg.method]
 
     def step_fn(step):
         rows = [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]

@@ -184,8 +184,8 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
         __iter__ = __getitem__ = __len__ = __bool__ = _refuse
 
     real = data.read_manifest
-    monkeypatch.setattr(data, "read_manifest", lambda path, audio=True: Untouchable(real(path, audio))
-                        if os.path.basename(path) == "test.jsonl" else real(path, audio))
+    monkeypatch.setattr(data, "read_manifest", lambda path, audio=True, **kw: Untouchable(real(path, audio, **kw))
+                        if os.path.basename(path) == "test.jsonl" else real(path, audio, **kw))
     train.main(tiny(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
     choice = json.load(open(tmp_path / "select" / "lr_sft.json"))
     final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
@@ -221,3 +221,32 @@ def test_a_users_data_folder_without_manifests_is_refused_and_left_alone(tmp_pat
         train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", str(user)])
     assert "train.jsonl" in str(e.value) and "--data" in str(e.value)
     assert sorted(os.listdir(user)) == ["test.jsonl", "train.json"] and (user / "test.jsonl").read_text() == "{}\n"
+
+
+def test_a_stage_made_with_other_settings_is_refused_by_name(tmp_path, tiny_data, monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))
+    train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))  # the same settings: all skipped
+    with pytest.raises(SystemExit, match=r"\[teacher\].*preset 'tiny' -> 'cpu'.*another --out"):
+        train.main(["--preset", "cpu", "--out", str(out), "--data", tiny_data])
+    with pytest.raises(SystemExit, match=r"\[teacher\].*seed 0 -> 3"):
+        train.main(tiny(out, tiny_data, "--seed", "3"))
+    with pytest.raises(SystemExit, match=r"\[align/xopd\].*align_steps 4 -> 6"):
+        train.main(tiny(out, tiny_data, "--align_steps", "6"))
+    with pytest.raises(SystemExit, match=r"\[align/xopd\].*learning rate"):
+        train.main(tiny(out, tiny_data, "--align_steps", "4", "--align_lr", "0.05"))
+    # resume: a checkpoint at step 2 of 4 is not continued as a run of 3 steps
+    shutil.rmtree(out / "align" / "xopd")
+    real_lr_at = train.lr_at
+
+    def interrupt(step, total, peak, warmup):
+        if total == 4 and step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, total, peak, warmup)
+    monkeypatch.setattr(train, "lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert M.load_checkpoint(str(out / "align" / "xopd" / "ckpt.pt"))["step"] == 2
+    with pytest.raises(SystemExit, match=r"ckpt\.pt was made with other settings \(align_steps 4 -> 3"):
+        train.main(tiny(out, tiny_data, "--align_steps", "3", "--ckpt_every", "2", "--resume"))
