@@ -184,8 +184,8 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
         __iter__ = __getitem__ = __len__ = __bool__ = _refuse
 
     real = data.read_manifest
-    monkeypatch.setattr(data, "read_manifest", lambda path, audio=True: Untouchable(real(path, audio))
-                        if os.path.basename(path) == "test.jsonl" else real(path, audio))
+    monkeypatch.setattr(data, "read_manifest", lambda path, audio=True, **kw: Untouchable(real(path, audio, **kw))
+                        if os.path.basename(path) == "test.jsonl" else real(path, audio, **kw))
     train.main(tiny(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
     choice = json.load(open(tmp_path / "select" / "lr_sft.json"))
     final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
