@@ -612,6 +612,7 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     os.makedirs(paths["wavs"], exist_ok=True)
     records = build_world(seed, preset)
     n_samples = n_clips = 0
+    todo, shown = sum("audio" in r for r in records), time.time()
     for i, r in enumerate(records):   # one seed per clip, so any clip can be regenerated alone
         if "audio" not in r:
             continue
@@ -619,6 +620,9 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
         sf.write(os.path.join(out_dir, r["audio"]), audio, SAMPLE_RATE, subtype="PCM_16")
         n_samples += len(audio)
         n_clips += 1
+        if time.time() - shown >= 5 and n_clips < todo:   # a line every 5 s
+            shown, rate = time.time(), n_clips / (time.time() - t0)
+            print(f"[data] {n_clips}/{todo} clips, {rate:.0f} clips/s, eta {(todo - n_clips) / rate:.0f} s", flush=True)
     for pool in ("text",) + POOLS:
         with open(paths[pool], "w") as fh:
             for r in records:

@@ -152,6 +152,39 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values, width=40):
+    """A curve in one line of text: the finite values cut into at most `width` consecutive bins,
+    each bin's mean drawn as one of eight bar heights between the smallest and largest mean."""
+    xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return ""
+    n = min(width, len(xs))
+    means = [sum(b) / len(b) for b in (xs[i * len(xs) // n:(i + 1) * len(xs) // n] for i in range(n))]
+    lo, hi = min(means), max(means)
+    if hi == lo:
+        return BARS[3] * n
+    return "".join(BARS[min(7, int((m - lo) / (hi - lo) * 8))] for m in means)
+
+
+def curves(name, log_path, val_path):
+    """The stage's curves as sparklines with first -> last values: the loss (and, for the align
+    stage, the val measurements). -> lines of text."""
+    out = []
+    for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S"))):
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            recs = [json.loads(line) for line in f]
+        for k in keys:
+            v = [r[k] for r in recs if k in r]
+            if len(v) > 1:
+                out.append(f"[{name}] {k:7s} {sparkline(v)} {v[0]:.4g} -> {v[-1]:.4g}")
+    return out
+
+
 def update_weights(params, opt, loss, grad_clip):
     """The one optimiser update of every stage: backward, clip the gradient norm of the
     trainable parameters to grad_clip (0 = no clipping), step. Returns the stats it adds to
@@ -295,6 +328,8 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
     M.save_checkpoint(final, payload(steps))
+    for line in curves(name, log_path, val_path):
+        print(line)
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
 
@@ -552,11 +587,17 @@ def main(argv=None):
     t0 = time.time()
     device, amp, why = M.pick_device()
     print(f"device: {device} ({why})")
-    print("settings: " + json.dumps(asdict(cfg)))
+    preset = TrainConfig(**TRAIN_PRESETS[cfg.preset])
+    changed = [f"{k} {v}" for k, v in asdict(cfg).items() if k not in ("preset", "out", "data") and v != getattr(preset, k)]
+    print(f"settings: preset {cfg.preset}, out {cfg.out}, data {cfg.data}; "
+          + (", ".join(changed) if changed else "everything else as the preset has it")
+          + " (every setting is saved in each stage's checkpoint)")
     torch.manual_seed(cfg.seed)
     times = {}
+    stages = ["data", "teacher", "encoder", "omni", "select" if cfg.lr_grid else "align"] + ([] if cfg.lr_grid else ["eval"])
 
     def timed(name, fn, *args):
+        print(f"== [{stages.index(name) + 1}/{len(stages)} {name}] (run time so far {fmt_time(time.time() - t0)})", flush=True)
         t = time.time()
         fn(*args)
         times[name] = time.time() - t

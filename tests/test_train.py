@@ -250,3 +250,10 @@ def test_a_stage_made_with_other_settings_is_refused_by_name(tmp_path, tiny_data
     assert M.load_checkpoint(str(out / "align" / "xopd" / "ckpt.pt"))["step"] == 2
     with pytest.raises(SystemExit, match=r"ckpt\.pt was made with other settings \(align_steps 4 -> 3"):
         train.main(tiny(out, tiny_data, "--align_steps", "3", "--ckpt_every", "2", "--resume"))
+
+
+def test_sparkline_draws_bin_means_between_the_extremes():
+    assert train.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert train.sparkline([0, 0, 7, 7], width=2) == "▁█"  # two bins of two: means 0 and 7
+    assert train.sparkline([3.0, float("nan"), 3.0]) == "▄▄" and train.sparkline([]) == ""
+    assert len(train.sparkline(list(range(1000)))) == 40
