@@ -272,9 +272,9 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     n_params = sum(p.numel() for p in params)
     print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
 
-    def payload(step):  # copies: the weights go on changing in place after this
-        return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "optimizer": copy.deepcopy(opt.state_dict()), "step": step, "lr": lr,
+    def payload(step, copy_state=True):  # a pending checkpoint copies: the weights go on changing in place
+        keep = (lambda x: copy.deepcopy(x)) if copy_state else (lambda x: x)
+        return {"model": keep(model.state_dict()), "optimizer": keep(opt.state_dict()), "step": step, "lr": lr,
                 "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
 
     def stop(step, what):
@@ -327,7 +327,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
             pending = payload(step + 1)
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
-    M.save_checkpoint(final, payload(steps))
+    M.save_checkpoint(final, payload(steps, copy_state=False))
     for line in curves(name, log_path, val_path):
         print(line)
     if os.path.exists(ckpt_path):
@@ -605,11 +605,13 @@ def main(argv=None):
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
     # empty folder, or one it generated before (done.json; regenerated when its world is out of
     # date). A user's folder without manifests is an error, never overwritten.
-    ours = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data")) or not os.path.isdir(cfg.data)
-            or not os.listdir(cfg.data) or os.path.exists(os.path.join(cfg.data, "done.json")))
-    if ours and (not os.path.exists(os.path.join(cfg.data, "train.jsonl")) or os.path.exists(os.path.join(cfg.data, "done.json"))):
+    generated = os.path.exists(os.path.join(cfg.data, "done.json"))
+    has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
+    free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
+            or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
+    if generated or (free and not has_manifest):
         timed("data", data.make_toy_data, cfg.data, cfg.seed, "tiny" if cfg.preset == "tiny" else "cpu")
-    elif not os.path.exists(os.path.join(cfg.data, "train.jsonl")):
+    elif not has_manifest:
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
                  f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
                  f"Toy data is generated only into a new or empty folder, so nothing there was touched.")

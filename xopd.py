@@ -61,8 +61,6 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     logp = logits.log_softmax(dim=-1)
-    if torch.isnan(logp).any():  # diverged weights: say so, instead of multinomial's own error
-        raise FloatingPointError("the logits to sample from are not finite")
     ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
@@ -88,6 +86,8 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
         cache = decoder.new_cache(B, T + max_new_tokens)
         hidden = decoder.prefill(cache, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
         logits = decoder.logits(_last(hidden, lengths))  # (B, V)
+        if not torch.isfinite(logits).all():  # diverged weights: say so once per rollout, not per token
+            raise FloatingPointError("the prompt's logits to sample from are not finite")
         if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
             cache = cache.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
