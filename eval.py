@@ -5,7 +5,8 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/s0 runs/s1 runs/s2   # one folder per seed: mean ± standard error
     python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
                                          # KV-cached vs recomputed sampling, fused vs naive log-probs,
-                                         # one X-OPD step split into its parts
+                                         # one X-OPD step split into its parts, and (with
+                                         # transformers installed) the sampler vs its generate
 
 Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
          speakers) / 15 % (unseen), ΔS >= 10, 0 < ΔT < ΔS, audio questions >= 80 % on average.
@@ -353,6 +354,71 @@ def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu"
                 same_tokens=same)
 
 
+def _linears(dec):
+    """The weights of every matrix multiply a token goes through: each layer's projections, then the head."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
+
+
+def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=3, seed=0):
+    """
+    Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
+    Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
+    top-k / top-p, no end token; the two alternate, best of `reps` each. Also the matmul GFLOP/s:
+    the linear layers' FLOPs over the sampler's whole time, against the same shapes (same weights,
+    same rows per call) run alone. None when transformers is not installed.
+    """
+    try:
+        import transformers
+    except ImportError:
+        return None
+    _, _, dcfg = M.make_configs(preset, vocab)
+    config = M.llama_config(dcfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    dec = M.load_llama(hf.state_dict(), config).eval()
+    ids = torch.randint(0, vocab, (batch, prompt))
+    lens = torch.full((batch,), prompt)
+
+    def ours(n=new_tokens, temperature=1.0):
+        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature)[0]
+
+    def theirs(n=new_tokens, greedy=False):
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=not greedy,
+                              **({} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0)))
+        assert out.shape == (batch, prompt + n), "generate stopped early"
+        return out[:, prompt:]
+
+    same = (ours(16, temperature=0.0) == theirs(16, greedy=True)).float().mean().item()
+    best = {"ours": float("inf"), "hf": float("inf")}
+    ours(), theirs()  # warm-up
+    for _ in range(reps):
+        for name, fn in (("ours", ours), ("hf", theirs)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    # the same matrix multiplies alone: the prompt's (batch * prompt rows; the head on the last
+    # position only), then one call per decoded token (batch rows)
+    ws = _linears(dec)
+    calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
+    flops = sum(2 * rows * w.numel() for rows, group in calls for w in group)
+    xs = {rows: torch.randn(rows, dcfg.dim) for rows in (batch, batch * prompt)}
+    hs = {rows: torch.randn(rows, dcfg.hidden_dim) for rows in (batch, batch * prompt)}
+
+    def alone():
+        with torch.inference_mode():
+            for rows, group in calls:
+                for w in group:
+                    F.linear(hs[rows] if w.shape[1] == dcfg.hidden_dim else xs[rows], w)
+    t_alone = M._bench(alone, reps=reps)
+    n_tok = batch * new_tokens
+    return dict(ours_tok_s=n_tok / best["ours"], hf_tok_s=n_tok / best["hf"], same_greedy=same,
+                gflops_ours=flops / best["ours"] / 1e9, gflops_alone=flops / t_alone / 1e9,
+                transformers=transformers.__version__)
+
+
 def _peak_rss_mb():
     """
     Peak resident memory of this process. On Linux, VmHWM of /proc/self/status: ru_maxrss
@@ -463,6 +529,9 @@ def bench(args):
     s = bench_sampling()
     print("3. one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens ...", flush=True)
     st = bench_step()
+    print("4. xopd.sample vs transformers' generate, cpu and gpu preset decoders, batch 32, prompt 64, "
+          "128 new tokens (alternating, best of 3 each) ...", flush=True)
+    hf = {p: bench_vs_hf(p) for p in ("cpu", "gpu")}
     nv, fu = lp["naive"], lp["fused"]
     total = st["ms_rollout"] + st["ms_teacher"] + st["ms_update"]
     rows = [
@@ -479,9 +548,21 @@ def bench(args):
         ("3 xopd_step", "update", f"{st['ms_update']:.0f} ms", f"{100 * st['ms_update'] / total:.0f}%"),
         ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens"),
     ]
+    for p, r in hf.items():
+        if r is None:
+            continue
+        rows += [(f"4 vs generate, {p}", "xopd.sample", f"{r['ours_tok_s']:.0f} tok/s",
+                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; the same matmuls alone {r['gflops_alone']:.1f}"),
+                 (f"4 vs generate, {p}", f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s",
+                  f"{100 * r['same_greedy']:.1f}% same greedy tokens"),
+                 (f"4 vs generate, {p}", "ratio", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
+                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time")]
     table = ["| item | variant | speed | other |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     print("\n".join(table))
+    if None in hf.values():
+        print("4. skipped: transformers is not installed (pip install transformers, in a venv of its own "
+              "if you like; it is not a dependency of this project)")
     return table, machine
 
 

@@ -411,9 +411,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
-        rep = self.n_heads // self.n_kv_heads  # GQA: query head h reads kv head h // rep
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # GQA: query head h reads kv head h // (n_heads // n_kv_heads), read in place (no copy of the cache)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -590,6 +590,15 @@ def load_llama(state_dict_or_path, config):
     dec = Decoder(cfg)
     dec.load_state_dict(sd, strict=True)
     return dec
+
+
+def llama_config(cfg: DecoderConfig):
+    """The inverse of load_llama's reading: a DecoderConfig as a Hugging Face Llama config.json."""
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.hidden_dim, rope_theta=cfg.rope_theta,
+                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                max_position_embeddings=cfg.max_seq_len, head_dim=cfg.head_dim, hidden_act="silu")
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """model.py: Whisper / Llama compatibility against naive float64 references written here,
 KV-cached decoding against full recomputation, padding invariance, rotary, audio splicing."""
+import json
 import math
 from dataclasses import asdict
 
@@ -204,6 +205,19 @@ def test_llama_decoder_matches_reference(tied):
         logits = dec.logits(dec(ids))[0]
     ref = ref_llama(sd, cfg, ids[0].tolist())
     assert (logits.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_llama_config_round_trip():
+    """llama_config writes what load_llama reads: a decoder comes back with its config and logits."""
+    cfg = M.DecoderConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                          rope_theta=5e5, norm_eps=1e-6, tie_embeddings=False, max_seq_len=64, head_dim=16)
+    torch.manual_seed(0)
+    dec = M.Decoder(cfg).eval()
+    back = M.load_llama(dec.state_dict(), json.loads(json.dumps(M.llama_config(cfg)))).eval()
+    assert back.cfg == cfg
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back.logits(back(ids)), dec.logits(dec(ids)))
 
 
 # -----------------------------------------------------------------------------

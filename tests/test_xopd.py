@@ -148,6 +148,27 @@ def test_sample_next_token_frequencies(temperature, top_k, top_p):
     torch.testing.assert_close(lps.double(), probs.log()[ids], rtol=0, atol=1e-5)
 
 
+def test_sample_next_token_large_vocabulary():
+    """The inverse-CDF draw over a running sum of 8192 probabilities: rows of different
+    distributions, each token's frequency pooled into 16 bins of the vocabulary (low ids, where
+    the running sum is small, and high ids, where it is near 1, alike), and the tail's many rare
+    tokens drawn as often as their total mass says (Poisson, within 4 standard deviations)."""
+    V, draws = 8192, 4000
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(5)) * 3.0
+    logits[1, -1] = logits[1].max() + 2.0  # row 1: a heavy last token, the top of the running sum
+    gen = torch.Generator().manual_seed(6)
+    for r in range(2):
+        ids, _ = xopd.sample_next_token(logits[r].expand(draws, V), gen)
+        probs = torch.softmax(logits[r].double(), -1)
+        bins = torch.arange(V) * 16 // V
+        counts = torch.zeros(16, dtype=torch.float64).index_add_(0, bins[ids], torch.ones(draws, dtype=torch.float64))
+        mass = torch.zeros(16, dtype=torch.float64).index_add_(0, bins, probs)
+        assert chi2_pvalue(counts, mass) > 1e-4
+        rare = probs < 1e-5  # the tail: each token under 1e-5, together drawn at their total mass
+        expected = draws * probs[rare].sum().item()
+        assert rare.sum() > V // 4 and abs(rare[ids].sum().item() - expected) < 4 * expected ** 0.5 + 2
+
+
 def test_sample_next_token_greedy():
     logits = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
     ids, lp = xopd.sample_next_token(logits, None, temperature=0.0)
