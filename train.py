@@ -233,6 +233,30 @@ def done(cfg, name, lr):
     return os.path.exists(final)
 
 
+def precompute(name, what, steps, records_at, compute):
+    """A stage's one-time work (log-mels, a frozen encoder's features), done before its first
+    step so that step times and the ETA stay steady: compute(records) for each step's records
+    not met at an earlier step, in step order. Those are the very groups a step would compute on
+    first use (world.features caches by id), so the values are the same to the last bit, on a
+    resumed run too. A progress line every 5 s, with rate and ETA."""
+    seen, groups = set(), []
+    for step in range(steps):
+        recs = [r for r in records_at(step) if r["id"] not in seen]  # repeats within a step stay, as on first use
+        seen.update(r["id"] for r in recs)
+        if recs:
+            groups.append(recs)
+    total, n = sum(map(len, groups)), 0
+    t0 = shown = time.time()
+    for recs in groups:
+        compute(recs)
+        n += len(recs)
+        if time.time() - shown >= 5 and n < total:
+            rate = n / (time.time() - t0)
+            print(f"[{name}] {what}: {n}/{total} clips, {rate:.0f} clips/s, eta {fmt_time((total - n) / rate)}", flush=True)
+            shown = time.time()
+    print(f"[{name}] {what}: {total} clips in {fmt_time(time.time() - t0)}, before step 1", flush=True)
+
+
 def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=None):
     """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
     with a graph) and a stats dict holding at least 'tokens'; update_weights does the rest. Writes
@@ -373,8 +397,11 @@ def stage_encoder(cfg, world, device, amp):
         m = M.CTCEncoder(enc_cfg).to(device)
         recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
 
+        def rows_at(step):
+            return [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+
         def step_fn(step):
-            rows = [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+            rows = rows_at(step)
             mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
             targets = [M.ctc_targets(r["transcript"]) for r in rows]
             with autocast(device, amp):
@@ -390,6 +417,7 @@ def stage_encoder(cfg, world, device, amp):
                     voice_loss = voice_loss + F.cross_entropy(voice[task][has].float(), y)
             return ctc + voice_loss, {"ctc": ctc.item(), "voice": voice_loss.item(), "tokens": sum(len(t) for t in targets)}
 
+        precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
         run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
     path = os.path.join(cfg.out, "encoder", "eval.json")
     if not os.path.exists(path):
@@ -448,12 +476,15 @@ def stage_omni(cfg, world, device, amp):
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
     target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
-    def step_fn(step):
+    def rows_at(step):
+        """-> (spoken records with their targets, written records) of a step."""
         rows = {k: [pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
                 for j, k in enumerate(OMNI_MIX) if pools[k]}
-        speech = [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])]
+        return [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])], rows.get("written", [])
+
+    def step_fn(step):
+        speech, written = rows_at(step)
         speech_rows = [r for r, _ in speech]
-        written = rows.get("written", [])
         bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
         bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
         with autocast(device, amp):
@@ -465,6 +496,8 @@ def stage_omni(cfg, world, device, amp):
             la = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
         return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt}
 
+    precompute("omni", "frozen encoder's features", cfg.omni_steps, lambda step: [r for r, _ in rows_at(step)[0]],
+               lambda rs: world.features(rs, student.encoder, device))
     run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
 
 
@@ -515,8 +548,11 @@ def stage_align(cfg, world, device, amp, folder="align"):
               "which the omni stage has already seen")
     kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
 
+    def rows_at(step):
+        return [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
+
     def step_fn(step):
-        rows = [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
+        rows = rows_at(step)
         # the sampling seed of a step depends on (seed, step) only: resumable and repeatable
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         if cfg.method == "xopd":
@@ -551,6 +587,8 @@ def stage_align(cfg, world, device, amp, folder="align"):
         out["val_S"] = sum(out[f"val_S_{fam}"] for fam in val) / len(val)
         return out
 
+    precompute(name, "frozen encoder's features", cfg.align_steps, rows_at,
+               lambda rs: world.features(rs, student.encoder, device))
     run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor if val else None)
 
 
@@ -580,6 +618,25 @@ def select_lr(cfg, world, device, amp):
     return best
 
 
+# Each stage's time in the README's default run (cpu preset, 2 cores; "select" is the learning-rate
+# grid of three rates): the stage headers' estimate of the time left, scaled to this machine's pace.
+REFERENCE_S = {"cpu": {"data": 111, "teacher": 323, "encoder": 253, "omni": 307, "align": 45, "select": 135, "eval": 23}}
+
+
+def finished(cfg, stage):
+    """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
+    if stage == "data":
+        return os.path.exists(os.path.join(cfg.data, "train.jsonl"))
+    if stage == "select":
+        try:
+            grid = [float(x) for x in cfg.lr_grid.split(",")]
+        except ValueError:
+            return False  # select_lr says why
+        return all(finished(replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_")), "align_select") for lr in grid)
+    folder = {"align": f"align/{align_name(cfg)}", "align_select": f"select/{align_name(cfg)}"}.get(stage, stage)
+    return stage != "eval" and os.path.exists(os.path.join(cfg.out, folder, "model.pt"))
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -596,11 +653,22 @@ def main(argv=None):
     times = {}
     stages = ["data", "teacher", "encoder", "omni", "select" if cfg.lr_grid else "align"] + ([] if cfg.lr_grid else ["eval"])
 
+    ran = {}  # stage -> (seconds, reference seconds) of the stages that did their work in this run
+
     def timed(name, fn, *args):
-        print(f"== [{stages.index(name) + 1}/{len(stages)} {name}] (run time so far {fmt_time(time.time() - t0)})", flush=True)
+        ahead = [s for s in stages[stages.index(name):] if not finished(cfg, s)]
+        ref = REFERENCE_S.get(cfg.preset, {})
+        left = ""
+        if ref and ahead:  # the reference times, at this machine's pace on the stages run so far
+            pace = sum(t for t, _ in ran.values()) / sum(r for _, r in ran.values()) if ran else 1.0
+            left = f"; about {fmt_time(pace * sum(ref[s] for s in ahead))} left" + ("" if ran else " at the README's pace")
+        print(f"== [{stages.index(name) + 1}/{len(stages)} {name}] (run time so far {fmt_time(time.time() - t0)}{left})",
+              flush=True)
         t = time.time()
         fn(*args)
         times[name] = time.time() - t
+        if name in ahead and name in ref:
+            ran[name] = (times[name], ref[name])
 
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
     # empty folder, or one it generated before (done.json; regenerated when its world is out of

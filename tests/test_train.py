@@ -83,6 +83,21 @@ def test_rerun_skips_finished_stages(tiny_run, tiny_data, capsys):
     assert os.path.getmtime(os.path.join(tiny_run, "teacher", "model.pt")) == before
 
 
+def test_stage_headers_estimate_the_time_left_from_the_stages_still_to_run(tiny_run, tiny_data, tmp_path, capsys,
+                                                                          monkeypatch):
+    """On a run whose first stages are done, only align and eval are left: at the reference pace
+    until a stage has run here, then at this machine's pace on it."""
+    monkeypatch.setitem(train.REFERENCE_S, "tiny", dict.fromkeys(train.REFERENCE_S["cpu"], 100))
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("align"))
+    train.main(tiny(out, tiny_data))
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== [")]
+    assert [h.split("]")[0] for h in heads] == [f"== [{i}/6 {s}" for i, s in
+                                                enumerate(["data", "teacher", "encoder", "omni", "align", "eval"], 1)]
+    assert all(h.endswith("about 3m20s left at the README's pace)") for h in heads[:5])  # align 100 s + eval 100 s
+    assert "pace" not in heads[5] and not heads[5].endswith("about 1m40s left)")  # align took ~1 s, not 100
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeypatch):
     steps = ["--teacher_steps", "6", "--omni_steps", "4", "--align_steps", "4", "--ckpt_every", "2"]
     full = tmp_path / "full"
@@ -257,3 +272,24 @@ def test_sparkline_draws_bin_means_between_the_extremes():
     assert train.sparkline([0, 0, 7, 7], width=2) == "▁█"  # two bins of two: means 0 and 7
     assert train.sparkline([3.0, float("nan"), 3.0]) == "▄▄" and train.sparkline([]) == ""
     assert len(train.sparkline(list(range(1000)))) == 40
+
+
+def test_precompute_gives_the_features_of_first_use_to_the_last_bit(tiny_data, capsys):
+    """Features computed ahead of the steps are those each step would have computed on first use:
+    the same groups of clips in the same order, a repeat within a step kept, so the same bits."""
+    world_lazy, world_ahead = data.World(tiny_data), data.World(tiny_data)
+    enc_cfg, _, _ = M.make_configs("tiny", world_lazy.tok.get_vocab_size())
+    torch.manual_seed(0)
+    enc = M.AudioEncoder(**vars(enc_cfg)).eval()
+    recs = world_lazy.train[:40]
+
+    def records_at(step):  # overlapping batches of clips of different lengths, one clip twice in a step
+        rows = [recs[i] for i in data.batch_indices(len(recs), 6, step, 0)]
+        return rows + rows[:1]
+    for step in range(12):
+        world_lazy.features(records_at(step), enc, "cpu")
+    train.precompute("omni", "features", 12, records_at, lambda rs: world_ahead.features(rs, enc, "cpu"))
+    lazy, ahead = world_lazy._feats[enc], world_ahead._feats[enc]
+    assert lazy.keys() == ahead.keys() and len(lazy) > 20
+    assert all(torch.equal(lazy[k], ahead[k]) for k in lazy)
+    assert "before step 1" in capsys.readouterr().out.splitlines()[-1]
