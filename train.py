@@ -13,6 +13,7 @@ The whole X-OPD story, one stage after another (the numbering is the README's):
     python train.py --method sft                     # another alignment method on the same base
     python train.py --method xopd --lam 0            # the λ ablation
     python train.py --resume                         # continue an interrupted stage
+    torchrun --nproc_per_node 2 train.py ...         # data parallel: each rank a share of every batch
 
 Every stage writes <out>/<stage>/model.pt when it is done and is skipped when that file
 exists; while it runs it keeps <out>/<stage>/ckpt.pt (model + optimiser + step) and
@@ -29,8 +30,10 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
@@ -138,6 +141,66 @@ def autocast(device, amp_dtype):
 
 
 # -----------------------------------------------------------------------------
+# Data parallel. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) every rank
+# runs the same program on its own share of each step's batch, and the gradients are averaged
+# before the update, so the ranks' weights stay equal; a plain `python train.py` is rank 0 of 1.
+# Only rank 0 writes files and prints; the others wait for it at the end of every stage.
+
+RANK, WORLD = 0, 1
+
+
+def init_distributed(device):
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) -> this rank's device."""
+    global RANK, WORLD
+    if "RANK" not in os.environ:
+        return device
+    RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:  # the ranks of one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", WORLD))))
+    # rank 0 alone evaluates and writes; the others wait at a barrier for as long as that takes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+    return device
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def shard(rows):
+    """This rank's rows of a step's global batch: every WORLD-th from RANK on (disjoint; together all)."""
+    return rows[RANK::WORLD]
+
+
+def all_sum(values, device):
+    """Sum a list of floats over the ranks (on the rank's device: nccl reduces GPU tensors only)."""
+    if WORLD == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(params):
+    """What DistributedDataParallel does after the backward pass, written out: every gradient
+    averaged over the ranks (one all_reduce of them all, flattened). The steps reach the model
+    through several of its methods, not one forward() call, which DDP's wrapper needs for its
+    bookkeeping; the result is the same average."""
+    for p in params:
+        if p.grad is None:  # a part this rank's rows did not reach: its gradient here is 0
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= WORLD
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+# -----------------------------------------------------------------------------
 # One training loop for every stage: lr schedule, logging, checkpoints, NaN guard, resume.
 
 def lr_at(step, total, peak, warmup):
@@ -186,11 +249,14 @@ def curves(name, log_path, val_path):
 
 
 def update_weights(params, opt, loss, grad_clip):
-    """The one optimiser update of every stage: backward, clip the gradient norm of the
-    trainable parameters to grad_clip (0 = no clipping), step. Returns the stats it adds to
+    """The one optimiser update of every stage: backward, the gradients averaged over the ranks
+    (under torchrun), clip the gradient norm of the trainable parameters to grad_clip (0 = no
+    clipping), step. Every rank sees the same norm, so a non-finite one stops them all. Returns the stats it adds to
     the step's log: the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if WORLD > 1:
+        average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
     if not math.isfinite(norm):  # before the step: a non-finite gradient never reaches the weights
         raise FloatingPointError(f"the gradient norm is {norm}")
@@ -261,11 +327,18 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
     with a graph) and a stats dict holding at least 'tokens'; update_weights does the rest. Writes
     <out>/<name>/model.pt at the end. monitor(), if given, measures the model on held-out data
-    before step 1, every cfg.val_every steps and at the end, into <out>/<name>/val.jsonl."""
+    before step 1, every cfg.val_every steps and at the end, into <out>/<name>/val.jsonl.
+
+    Under torchrun step_fn computes this rank's share of the batch, and its loss is a mean over
+    stats['n'] items (tokens, rows; rows when absent). The loss is reweighted to its share of the
+    global mean, so that the averaged gradient is the gradient of the whole batch's mean; the log
+    has the whole batch's loss, the other stats averaged over the ranks, tokens summed."""
     stage_dir = os.path.join(cfg.out, name)
     final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
     log_path = os.path.join(stage_dir, "log.jsonl")
-    os.makedirs(stage_dir, exist_ok=True)
+    writer = RANK == 0
+    if writer:
+        os.makedirs(stage_dir, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
@@ -281,12 +354,12 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
             print(f"[{name}] found an interrupted run in {stage_dir}; starting over (pass --resume to continue it)")
     # the logs keep exactly the steps the model has seen: drop lines past the checkpoint
     val_path = os.path.join(stage_dir, "val.jsonl")
-    for path in (log_path, val_path):
+    for path in (log_path, val_path) if writer else ():
         old = open(path).read().splitlines() if start and os.path.exists(path) else []
         with open(path, "w") as f:
             f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= start)
 
-    def measure(step):
+    def measure(step):  # on rank 0 only; the others go on to the next step and wait for it there
         model.eval()
         rec = {"step": step, **monitor()}
         model.train()
@@ -307,6 +380,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
 
     model.train()
     t_start, timed = None, 0
+    monitor = monitor if writer else None
     if monitor and start == 0:
         measure(0)
     # A checkpoint is written one step late, once its weights have given a finite loss (and, for
@@ -316,11 +390,22 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         t0 = time.perf_counter()
+        failed = ""
         try:
             loss, stats = step_fn(step)
         except FloatingPointError as e:  # the sampler met non-finite logits
-            stop(step, str(e))
+            failed = str(e)
+        if all_sum([float(bool(failed))], device)[0]:  # any rank's failure stops every rank
+            stop(step, failed or "another rank's sampler met non-finite logits")
+        n = stats.pop("n", None)
         m = {"loss": loss.item(), **stats}
+        if WORLD > 1:  # this rank's mean -> its share of the whole batch's mean (see above)
+            n = float(n or 1)
+            keys = list(m)
+            tot = all_sum([n, m["loss"] * n] + [m[k] for k in keys[1:]], device)
+            loss = loss * (n * WORLD / tot[0])
+            m = {"loss": tot[1] / tot[0], **{k: v if k == "tokens" else v / WORLD for k, v in zip(keys[1:], tot[2:])}}
+            m["tokens"] = int(m["tokens"])
         if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
             stop(step, f"loss is {m['loss']}")
         if pending:
@@ -339,23 +424,26 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
         eta = (time.perf_counter() - t_start) / timed * (steps - step - 1) if timed else float("nan")
         rec = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()},
                "lr": opt.param_groups[0]["lr"], "ms": round(dt * 1e3, 1), "tok_s": round(m["tokens"] / dt, 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if writer:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             diag = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("loss", "tokens") and not k.startswith("ms_"))
             print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
                   f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {fmt_time(eta) if timed else '-'}")
         if monitor and ((step + 1) % cfg.val_every == 0 or step + 1 == steps):
             measure(step + 1)
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps and writer:
             pending = payload(step + 1)
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
-    M.save_checkpoint(final, payload(steps, copy_state=False))
-    for line in curves(name, log_path, val_path):
-        print(line)
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    if writer:
+        M.save_checkpoint(final, payload(steps, copy_state=False))
+        for line in curves(name, log_path, val_path):
+            print(line)
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+    barrier()  # the next stage, on every rank, reads what rank 0 has just written
 
 
 # -----------------------------------------------------------------------------
@@ -376,12 +464,12 @@ def stage_teacher(cfg, world, device, amp):
     share = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
 
     def step_fn(step):
-        rows = [fams[f][i] for j, f in enumerate(fams)
-                for i in data.batch_indices(len(fams[f]), share[f], step, cfg.seed + 100 * j)]
+        rows = shard([fams[f][i] for j, f in enumerate(fams)
+                      for i in data.batch_indices(len(fams[f]), share[f], step, cfg.seed + 100 * j)])
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
-        return loss, {"tokens": ntok}
+        return loss, {"tokens": ntok, "n": ntok}  # a mean over tokens
 
     run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
 
@@ -398,7 +486,7 @@ def stage_encoder(cfg, world, device, amp):
         recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
 
         def rows_at(step):
-            return [recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)]
+            return shard([recs[i] for i in data.batch_indices(len(recs), cfg.encoder_batch, step, cfg.seed + 1)])
 
         def step_fn(step):
             rows = rows_at(step)
@@ -420,13 +508,14 @@ def stage_encoder(cfg, world, device, amp):
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
         run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
     path = os.path.join(cfg.out, "encoder", "eval.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and RANK == 0:
         m, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
         res = E.evaluate_encoder(m, world, device, cfg.eval_per_family)
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         print(f"[encoder] on its own, test clips: greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
               f"{res.get('ctc_wer_seen', float('nan')):.1f}, unseen {res.get('ctc_wer_unseen', float('nan')):.1f}); "
               f"voice heads {E.fmt_scores(res['voice'])}")
+    barrier()
 
 
 # The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN, Qwen2-Audio,
@@ -478,23 +567,28 @@ def stage_omni(cfg, world, device, amp):
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
-        rows = {k: [pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)]
+        rows = {k: shard([pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)])
                 for j, k in enumerate(OMNI_MIX) if pools[k]}
         return [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])], rows.get("written", [])
 
     def step_fn(step):
         speech, written = rows_at(step)
         speech_rows = [r for r, _ in speech]
-        bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
-        bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
+        ls = lt = la = torch.zeros((), device=device)  # a part this rank has no rows of (torchrun)
+        ns = nt = 0
         with autocast(device, amp):
             # per sequence: the mix is in examples, and a voice question's two-token answer must
             # weigh as much as a transcript (per token, audio questions got ~3 % of the gradient)
-            ls, ns = xopd.response_nll(student, bs, "speech", per_sequence=True)
-            lt, nt = xopd.response_nll(student, bt, "text", per_sequence=True)
+            if speech_rows:
+                bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
+                ls, ns = xopd.response_nll(student, bs, "speech", per_sequence=True)
+                la = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
+            if written:
+                bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
+                lt, nt = xopd.response_nll(student, bt, "text", per_sequence=True)
             loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
-            la = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
-        return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt}
+        return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt,
+                           "n": len(speech_rows) + len(written)}
 
     precompute("omni", "frozen encoder's features", cfg.omni_steps, lambda step: [r for r, _ in rows_at(step)[0]],
                lambda rs: world.features(rs, student.encoder, device))
@@ -546,31 +640,37 @@ def stage_align(cfg, world, device, amp, folder="align"):
         recs = [r for r in world.train if r["kind"] == "text"]
         print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken prompts, "
               "which the omni stage has already seen")
+    if cfg.method == "kd" and RANK == 0:  # rank 0 writes the teacher's responses, the others read them
+        teacher_responses(cfg, world, teacher, recs, device, amp)
+    barrier()
     kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
 
     def rows_at(step):
-        return [recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)]
+        return shard([recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)])
 
     def step_fn(step):
         rows = rows_at(step)
-        # the sampling seed of a step depends on (seed, step) only: resumable and repeatable
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        # the sampling seed of a step depends on (seed, step, rank) only: resumable and repeatable
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step + RANK * 1_000_003 ** 2)
         if cfg.method == "xopd":
             b = world.batch(rows, device=device, encoder=student.encoder)
             with autocast(device, amp):
-                return xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
-                                      ratio_clip=cfg.ratio_clip)
+                loss, stats = xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
+                                             temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
+                                             ratio_clip=cfg.ratio_clip)
+            return loss, {**stats, "n": len(rows)}  # a mean over sequences (n per prompt for each prompt)
         if cfg.method == "gkd":
             b = world.batch(rows, [r["reference"] for r in rows], device, encoder=student.encoder)
             with autocast(device, amp):
-                return xopd.gkd_step(student, teacher, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
-                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
-        targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
-        b = world.batch(rows, targets, device, text=False, encoder=student.encoder)
-        with autocast(device, amp):
-            return xopd.sft_step(student, b)
+                loss, stats = xopd.gkd_step(student, teacher, b, beta=cfg.gkd_beta, student_frac=cfg.gkd_mix,
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            eos_id=world.end_id, pad_id=world.pad_id, generator=gen)
+        else:
+            targets = [kd[r["id"]] for r in rows] if cfg.method == "kd" else [r["reference"] for r in rows]
+            b = world.batch(rows, targets, device, text=False, encoder=student.encoder)
+            with autocast(device, amp):
+                loss, stats = xopd.sft_step(student, b)
+        return loss, {**stats, "n": stats["tokens"]}  # a mean over tokens
 
     val = data.text_families(world.val, cfg.val_per_family)  # never test records
     probe = [r for rs in val.values() for r in rs[:cfg.val_rkl_prompts // max(1, len(val))]]
@@ -611,8 +711,9 @@ def select_lr(cfg, world, device, amp):
             scores[lr] = [json.loads(line) for line in f][-1]["val_S"]
     best = max(grid, key=lambda lr: (scores[lr], -lr))
     name = align_name(cfg)
-    M.atomic_write(os.path.join(cfg.out, "select", f"lr_{name}.json"),
-                   lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best}, f, indent=1))
+    if RANK == 0:
+        M.atomic_write(os.path.join(cfg.out, "select", f"lr_{name}.json"),
+                       lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best}, f, indent=1))
     print(f"[select] {name}: val score from speech " + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}" for lr in grid)
           + f"; chosen lr {best:g}")
     return best
@@ -643,7 +744,15 @@ def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.time()
     device, amp, why = M.pick_device()
-    print(f"device: {device} ({why})")
+    device = init_distributed(device)
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    for name in ("batch_size", "encoder_batch", "align_batch"):
+        if getattr(cfg, name) % WORLD:
+            sys.exit(f"--{name} {getattr(cfg, name)}: under torchrun each step's batch is split evenly over "
+                     f"the {WORLD} ranks; expected a multiple of {WORLD}")
+    print(f"device: {device} ({why})" + (f"; rank 0 of {WORLD} (torchrun), each a 1/{WORLD} share of every batch"
+                                         if WORLD > 1 else ""))
     preset = TrainConfig(**TRAIN_PRESETS[cfg.preset])
     changed = [f"{k} {v}" for k, v in asdict(cfg).items() if k not in ("preset", "out", "data") and v != getattr(preset, k)]
     print(f"settings: preset {cfg.preset}, out {cfg.out}, data {cfg.data}; "
@@ -672,13 +781,17 @@ def main(argv=None):
 
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
     # empty folder, or one it generated before (done.json; regenerated when its world is out of
-    # date). A user's folder without manifests is an error, never overwritten.
+    # date). A user's folder without manifests is an error, never overwritten. Every rank decides
+    # on the folder as it was before rank 0 writes there.
+    barrier()
     generated = os.path.exists(os.path.join(cfg.data, "done.json"))
     has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
     if generated or (free and not has_manifest):
-        timed("data", data.make_toy_data, cfg.data, cfg.seed, "tiny" if cfg.preset == "tiny" else "cpu")
+        timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed,
+              "tiny" if cfg.preset == "tiny" else "cpu")
+        barrier()
     elif not has_manifest:
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
                  f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
@@ -691,10 +804,14 @@ def main(argv=None):
         timed("select", select_lr, cfg, world, device, amp)
     else:
         timed("align", stage_align, cfg, world, device, amp)
-        timed("eval", E.evaluate_all, cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)  # stage 5
-        E.report(cfg.out)
+        if RANK == 0:  # evaluation on rank 0 alone (stage 5); the others wait at the barrier below
+            timed("eval", E.evaluate_all, cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)
+            E.report(cfg.out)
     print("time per stage: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in times.items()) +
           f"; wall time {fmt_time(time.time() - t0)}")
+    if WORLD > 1:
+        barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
