@@ -185,6 +185,15 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def share(mean, n, device):
+    """This rank's mean over its n items (tokens, rows, words) -> its share of the mean over every
+    rank's items, times WORLD: averaged over the ranks, as the gradients are, that is the mean
+    over the whole batch, exactly. One process: the mean itself."""
+    if WORLD == 1:
+        return mean
+    return mean * (n * WORLD / max(all_sum([float(n)], device)[0], 1.0))
+
+
 def average_gradients(params):
     """What DistributedDataParallel does after the backward pass, written out: every gradient
     averaged over the ranks (one all_reduce of them all, flattened). The steps reach the model
@@ -329,10 +338,8 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
     <out>/<name>/model.pt at the end. monitor(), if given, measures the model on held-out data
     before step 1, every cfg.val_every steps and at the end, into <out>/<name>/val.jsonl.
 
-    Under torchrun step_fn computes this rank's share of the batch, and its loss is a mean over
-    stats['n'] items (tokens, rows; rows when absent). The loss is reweighted to its share of the
-    global mean, so that the averaged gradient is the gradient of the whole batch's mean; the log
-    has the whole batch's loss, the other stats averaged over the ranks, tokens summed."""
+    Under torchrun step_fn computes this rank's share of the batch (its means weighted by share);
+    the log has the whole batch's loss and tokens, the other stats averaged over the ranks."""
     stage_dir = os.path.join(cfg.out, name)
     final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
     log_path = os.path.join(stage_dir, "log.jsonl")
@@ -397,14 +404,9 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
             failed = str(e)
         if all_sum([float(bool(failed))], device)[0]:  # any rank's failure stops every rank
             stop(step, failed or "another rank's sampler met non-finite logits")
-        n = stats.pop("n", None)
         m = {"loss": loss.item(), **stats}
-        if WORLD > 1:  # this rank's mean -> its share of the whole batch's mean (see above)
-            n = float(n or 1)
-            keys = list(m)
-            tot = all_sum([n, m["loss"] * n] + [m[k] for k in keys[1:]], device)
-            loss = loss * (n * WORLD / tot[0])
-            m = {"loss": tot[1] / tot[0], **{k: v if k == "tokens" else v / WORLD for k, v in zip(keys[1:], tot[2:])}}
+        if WORLD > 1:
+            m = {k: v if k == "tokens" else v / WORLD for k, v in zip(m, all_sum(list(m.values()), device))}
             m["tokens"] = int(m["tokens"])
         if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
             stop(step, f"loss is {m['loss']}")
@@ -461,15 +463,15 @@ def stage_teacher(cfg, world, device, amp):
     fams = data.text_families(r for r in world.text + world.train if r["teacher"])
     # every family gets an equal share of each batch: the text pool holds far more arithmetic
     # and instruction prompts than the train pool holds facts, which only it teaches
-    share = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
+    quota = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
 
     def step_fn(step):
         rows = shard([fams[f][i] for j, f in enumerate(fams)
-                      for i in data.batch_indices(len(fams[f]), share[f], step, cfg.seed + 100 * j)])
+                      for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)])
         b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
         with autocast(device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
-        return loss, {"tokens": ntok, "n": ntok}  # a mean over tokens
+        return share(loss, ntok, device), {"tokens": ntok}  # a mean over tokens
 
     run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
 
@@ -494,15 +496,16 @@ def stage_encoder(cfg, world, device, amp):
             targets = [M.ctc_targets(r["transcript"]) for r in rows]
             with autocast(device, amp):
                 logp, lens, voice = m.heads(mels.to(device), mel_lens.to(device))
-            ctc = F.ctc_loss(logp.transpose(0, 1), torch.tensor(sum(targets, []), device=device), lens,  # (T, B, C)
-                             torch.tensor([len(t) for t in targets], device=device), zero_infinity=True)
+            ctc = share(F.ctc_loss(logp.transpose(0, 1), torch.tensor(sum(targets, []), device=device), lens,  # (T, B, C)
+                                   torch.tensor([len(t) for t in targets], device=device), zero_infinity=True),
+                        len(rows), device)
             labels = [data.voice_labels(r["voice"]) for r in rows]
             voice_loss = ctc.new_zeros(())
             for task, classes in M.VOICE_CLASSES.items():
                 has = [i for i, lab in enumerate(labels) if task in lab]
-                if has:
-                    y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device)
-                    voice_loss = voice_loss + F.cross_entropy(voice[task][has].float(), y)
+                y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device, dtype=torch.long)
+                ce = F.cross_entropy(voice[task][has].float(), y) if has else voice[task].sum() * 0.0
+                voice_loss = voice_loss + share(ce, len(has), device)  # every rank joins the sum, rows or not
             return ctc + voice_loss, {"ctc": ctc.item(), "voice": voice_loss.item(), "tokens": sum(len(t) for t in targets)}
 
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
@@ -533,13 +536,13 @@ def word_alignment_loss(student, batch, word_ids):
     there: cross-entropy on the clips the CTC head cut into as many words as the transcript has
     (the rest are left out). The alignment losses of speech LLMs such as BLSP and Wav2Prompt pull
     speech toward the text the LLM knows; at the toy's word level that is a word classifier.
-    -> a scalar (0 when no clip qualifies)."""
+    -> (the mean over the words, their number); (0, 0) when no clip qualifies."""
     _, lens, logits = student.adapter(batch.feats, batch.feat_lens, student.decoder.embed_tokens.weight)  # logits (B, W, vocab)
     rows = [(b, ids) for b, ids in enumerate(word_ids) if int(lens[b]) == 1 + len(ids) and ids]
     if not rows:
-        return logits.new_zeros(())
+        return logits.sum() * 0.0, 0  # zero, in the graph: under torchrun every rank reduces the same gradients
     picked = torch.cat([logits[b, :len(ids)] for b, ids in rows]).float()  # (N words, vocab)
-    return F.cross_entropy(picked, torch.tensor(sum((ids for _, ids in rows), []), device=picked.device))
+    return F.cross_entropy(picked, torch.tensor(sum((ids for _, ids in rows), []), device=picked.device)), len(picked)
 
 
 def stage_omni(cfg, world, device, amp):
@@ -575,20 +578,21 @@ def stage_omni(cfg, world, device, amp):
         speech, written = rows_at(step)
         speech_rows = [r for r, _ in speech]
         ls = lt = la = torch.zeros((), device=device)  # a part this rank has no rows of (torchrun)
-        ns = nt = 0
+        ns = nt = n_words = 0
         with autocast(device, amp):
             # per sequence: the mix is in examples, and a voice question's two-token answer must
             # weigh as much as a transcript (per token, audio questions got ~3 % of the gradient)
             if speech_rows:
                 bs = world.batch(speech_rows, [t for _, t in speech], device, text=False, encoder=student.encoder)
                 ls, ns = xopd.response_nll(student, bs, "speech", per_sequence=True)
-                la = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
+                la, n_words = word_alignment_loss(student, bs, [data.spoken_word_ids(world.tok, r["transcript"]) for r in speech_rows])
             if written:
                 bt = world.batch(written, [r["teacher"] for r in written], device, speech=False)
                 lt, nt = xopd.response_nll(student, bt, "text", per_sequence=True)
-            loss = (ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written))
-        return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt,
-                           "n": len(speech_rows) + len(written)}
+            loss = share((ls * len(speech_rows) + lt * len(written)) / (len(speech_rows) + len(written)),
+                         len(speech_rows) + len(written), device)
+        la = share(la, n_words, device)
+        return loss + la, {"loss_s": ls.item(), "loss_t": lt.item(), "loss_align": la.item(), "tokens": ns + nt}
 
     precompute("omni", "frozen encoder's features", cfg.omni_steps, lambda step: [r for r, _ in rows_at(step)[0]],
                lambda rs: world.features(rs, student.encoder, device))
@@ -658,7 +662,7 @@ def stage_align(cfg, world, device, amp, folder="align"):
                 loss, stats = xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
                                              temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
                                              ratio_clip=cfg.ratio_clip)
-            return loss, {**stats, "n": len(rows)}  # a mean over sequences (n per prompt for each prompt)
+            return share(loss, len(rows), device), stats  # a mean over sequences (n per prompt)
         if cfg.method == "gkd":
             b = world.batch(rows, [r["reference"] for r in rows], device, encoder=student.encoder)
             with autocast(device, amp):
@@ -670,7 +674,7 @@ def stage_align(cfg, world, device, amp, folder="align"):
             b = world.batch(rows, targets, device, text=False, encoder=student.encoder)
             with autocast(device, amp):
                 loss, stats = xopd.sft_step(student, b)
-        return loss, {**stats, "n": stats["tokens"]}  # a mean over tokens
+        return share(loss, stats["tokens"], device), stats  # a mean over tokens
 
     val = data.text_families(world.val, cfg.val_per_family)  # never test records
     probe = [r for rs in val.values() for r in rs[:cfg.val_rkl_prompts // max(1, len(val))]]
