@@ -411,7 +411,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
-        # GQA: query head h reads kv head h // (n_heads // n_kv_heads), read in place (no copy of the cache)
+        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). Sampling (with a cache) lets
+        # SDPA read the grouped cache in place instead of copying all of it every step, bitwise the
+        # same output. Training repeats the heads: SDPA's grouped backward sums a group's key/value
+        # gradients in another order (equal to ~1e-6), and the README's runs were trained this way.
+        if cache is None:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
