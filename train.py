@@ -260,8 +260,8 @@ def curves(name, log_path, val_path):
 def update_weights(params, opt, loss, grad_clip):
     """The one optimiser update of every stage: backward, the gradients averaged over the ranks
     (under torchrun), clip the gradient norm of the trainable parameters to grad_clip (0 = no
-    clipping), step. Every rank sees the same norm, so a non-finite one stops them all. Returns the stats it adds to
-    the step's log: the gradient norm before clipping."""
+    clipping), step. Every rank sees the same norm, so a non-finite one stops them all. Returns
+    the stats it adds to the step's log: the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if WORLD > 1:
