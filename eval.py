@@ -7,6 +7,8 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
                                          # KV-cached vs recomputed sampling, fused vs naive log-probs,
                                          # one X-OPD step split into its parts, and (with
                                          # transformers installed) the sampler vs its generate
+    python eval.py --out runs/cpu --first_token   # does each student start its answers as the
+                                                  # teacher does, from speech and from text?
 
 Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
          speakers) / 15 % (unseen), ΔS >= 10, 0 < ΔT < ΔS, audio questions >= 80 % on average.
@@ -156,6 +158,39 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
         res = evaluate_model(m, world, device, per_family, max_new_tokens)
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+
+
+@torch.no_grad()
+def first_token_probe(out, world, device, per_family):
+    """
+    Does the student start its answers as its teacher does? On val prompts (never test ones):
+    the first token of the text teacher's greedy answer from text, and its probability under the
+    base student and every aligned one, from speech and from text. At temperature 1 that is the
+    share of a student's rollouts whose first token is the teacher's.
+    -> {run: {family: (p from speech, p from text)}}
+    """
+    runs = run_dirs(out)
+    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
+    fams = data.text_families(world.val, per_family)
+    last = lambda h, lens: h[torch.arange(h.size(0), device=h.device), lens - 1]
+    first = {}
+    for fam, rs in fams.items():
+        b = world.batch(rs, device=device, speech=False)
+        first[fam] = teacher.logits(last(teacher(b.text_ids), b.text_lens)).argmax(-1)  # (B,)
+    res = {}
+    for name, d in runs.items():
+        m, _ = M.load_model(os.path.join(d, "model.pt"), device)
+        m.eval()
+        res[name] = {}
+        for fam, rs in fams.items():
+            b = world.batch(rs, device=device, encoder=m.encoder)
+            p = []
+            for modality in ("speech", "text"):
+                emb, lens = xopd.prompt_embeds(m, b, modality)
+                logp = m.decoder.logits(last(m.decoder(inputs_embeds=emb), lens)).log_softmax(-1)
+                p.append(100.0 * logp.gather(1, first[fam][:, None]).exp().mean().item())
+            res[name][fam] = tuple(p)
+    return res
 
 
 def fmt_scores(d):
@@ -593,9 +628,23 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="data folder (default: the one each run was trained on)")
     ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family (default: the run's)")
     ap.add_argument("--max_new_tokens", type=int, default=None, help="answer length limit (default: the run's)")
+    ap.add_argument("--first_token", action="store_true",
+                    help="instead of the tables: the probability (%%) that each student starts its answer with its "
+                         "teacher's first token, from speech and from text, on val prompts (first_token_probe)")
     args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
+    if args.first_token:
+        seeds = []
+        for out in args.out:
+            trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+            seeds.append(first_token_probe(out, data.World(args.data or trained["data"]), device, trained["val_per_family"]))
+        fams = list(next(iter(seeds[0].values())))
+        print("P(first token = the teacher's), % (mean over val prompts" + (", ± se over seeds)" if len(seeds) > 1 else ")"))
+        print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
+        for name in seeds[0]:
+            print(f"| {name} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
+        return
     for out in args.out:
         runs = run_dirs(out)
         if "teacher" not in runs:

@@ -1,5 +1,6 @@
 """eval.py: the paper's drop metrics, and the scores evaluate_model assembles from predictions."""
 import pytest
+import torch
 
 import data
 import eval as E
@@ -85,3 +86,25 @@ def test_paired_differences_against_the_base_student_of_each_seed():
     seeds[2]["align/xopd"] = _run({"arith": 100.0}, {"arith": 100.0 - 30 - 9})  # worse in one seed: within noise
     row = [line for line in E.tables(seeds)["paired"].splitlines() if line.startswith("| xopd")][0]
     assert "*" not in row.split("|")[2]
+
+
+def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, tmp_path):
+    """A student that is a fresh copy of its teacher gives, from text, the teacher's own
+    probability of its greedy first token, the largest it has: a known value per prompt."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec).eval()
+    with torch.no_grad():
+        teacher.embed_tokens.weight.mul_(30.0)  # a confident teacher: its first token is no tie
+    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
+    for name, m in (("teacher", teacher), ("omni", student)):
+        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+    res = E.first_token_probe(str(tmp_path), world, "cpu", per_family=5)
+    assert set(res) == {"omni"}
+    for fam, rs in data.text_families(world.val, 5).items():
+        with torch.no_grad():
+            top = [teacher.logits(teacher(torch.tensor([data.encode_prompt(world.tok, r, "text")]))[0, -1]).softmax(-1).max()
+                   for r in rs]
+        assert res["omni"][fam][1] == pytest.approx(100.0 * float(sum(top)) / len(top), rel=1e-4)
+        assert 0.0 <= res["omni"][fam][0] <= 100.0
