@@ -283,12 +283,20 @@ SHAPING = {"teacher": ("teacher_steps", "teacher_lr", "batch_size"),
                      "gkd_beta", "gkd_mix", "ratio_clip")}
 
 
+def same_data(a, b):
+    """The same folder, or two copies of one generated toy world (equal done.json: seed, preset,
+    format); a user's manifests are known by their folder only."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    marks = [os.path.join(d, "done.json") for d in (a, b)]
+    return all(map(os.path.exists, marks)) and open(marks[0]).read() == open(marks[1]).read()
+
+
 def check_settings(cfg, name, path, saved, lr):
     """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
     under settings other than cfg's, or at another learning rate than lr."""
     old = saved.get("train", {})
-    same = lambda k: (os.path.abspath(old[k]) == os.path.abspath(getattr(cfg, k)) if k == "data"
-                      else old[k] == getattr(cfg, k))
+    same = lambda k: same_data(old[k], cfg.data) if k == "data" else old[k] == getattr(cfg, k)
     keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
     diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]
     if "lr" in saved and saved["lr"] != lr:
@@ -784,17 +792,24 @@ def main(argv=None):
             ran[name] = (times[name], ref[name])
 
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
-    # empty folder, or one it generated before (done.json; regenerated when its world is out of
-    # date). A user's folder without manifests is an error, never overwritten. Every rank decides
-    # on the folder as it was before rank 0 writes there.
+    # empty folder, or one it generated before (done.json; regenerated when its format is out of
+    # date, refused when it holds another seed's or preset's world). A user's folder without
+    # manifests is an error, never overwritten. Every rank decides on the folder as it was before
+    # rank 0 writes there.
     barrier()
     generated = os.path.exists(os.path.join(cfg.data, "done.json"))
     has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
+    world_of = {"seed": cfg.seed, "preset": "tiny" if cfg.preset == "tiny" else "cpu"}
+    if generated:  # another world there is refused, not regenerated over: stages may have been made with it
+        made = json.load(open(os.path.join(cfg.data, "done.json")))
+        if any(made.get(k) != v for k, v in world_of.items()):
+            sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} ({made.get('preset')} preset); "
+                     f"this run asks for seed {cfg.seed} ({world_of['preset']}). Choose another --data or --out, "
+                     f"or delete {cfg.data} to generate it again.")
     if generated or (free and not has_manifest):
-        timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed,
-              "tiny" if cfg.preset == "tiny" else "cpu")
+        timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed, world_of["preset"])
         barrier()
     elif not has_manifest:
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "

@@ -244,10 +244,20 @@ def test_a_stage_made_with_other_settings_is_refused_by_name(tmp_path, tiny_data
     out = tmp_path / "run"
     train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))
     train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))  # the same settings: all skipped
-    with pytest.raises(SystemExit, match=r"\[teacher\].*preset 'tiny' -> 'cpu'.*another --out"):
+    with pytest.raises(SystemExit, match=r"--data .*holds the toy world of seed 0 \(tiny preset\).*\(cpu\)"):
         train.main(["--preset", "cpu", "--out", str(out), "--data", tiny_data])
-    with pytest.raises(SystemExit, match=r"\[teacher\].*seed 0 -> 3"):
+    stamp = open(os.path.join(tiny_data, "done.json")).read()
+    with pytest.raises(SystemExit, match=r"--data .*holds the toy world of seed 0 .*asks for seed 3"):
         train.main(tiny(out, tiny_data, "--seed", "3"))
+    assert open(os.path.join(tiny_data, "done.json")).read() == stamp  # left as it was
+    with pytest.raises(SystemExit, match=r"\[teacher\].*seed 0 -> 3"):
+        train.main(tiny(out, str(tmp_path / "seed3"), "--seed", "3"))
+    # a copy of the same generated world is the same data; a user's folder is known by its path
+    shutil.copytree(tiny_data, tmp_path / "copy")
+    train.main(tiny(out, str(tmp_path / "copy"), "--align_steps", "4", "--ckpt_every", "2"))
+    os.remove(tmp_path / "copy" / "done.json")
+    with pytest.raises(SystemExit, match=r"\[teacher\].*data '.*' -> '.*copy'"):
+        train.main(tiny(out, str(tmp_path / "copy"), "--align_steps", "4", "--ckpt_every", "2"))
     with pytest.raises(SystemExit, match=r"\[align/xopd\].*align_steps 4 -> 6"):
         train.main(tiny(out, tiny_data, "--align_steps", "6"))
     with pytest.raises(SystemExit, match=r"\[align/xopd\].*learning rate"):
