@@ -396,7 +396,7 @@ def _linears(dec):
     return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
 
 
-def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=3, seed=0):
+def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0):
     """
     Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
     Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
@@ -565,7 +565,7 @@ def bench(args):
     print("3. one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens ...", flush=True)
     st = bench_step()
     print("4. xopd.sample vs transformers' generate, cpu and gpu preset decoders, batch 32, prompt 64, "
-          "128 new tokens (alternating, best of 3 each) ...", flush=True)
+          "128 new tokens (alternating, best of 5 each) ...", flush=True)
     hf = {p: bench_vs_hf(p) for p in ("cpu", "gpu")}
     nv, fu = lp["naive"], lp["fused"]
     total = st["ms_rollout"] + st["ms_teacher"] + st["ms_update"]
