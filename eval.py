@@ -89,9 +89,10 @@ def wer_by_speaker(recs, preds, heard, key, reference=lambda text: text):
     return out
 
 
-def evaluate_model(model, world, device, per_family, max_new_tokens):
+def evaluate_model(model, world, device, per_family, max_new_tokens, done=lambda part: None):
     """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": WER, "asr_wer_seen" /
-    "asr_wer_unseen": WER on clips of speakers heard / never heard in training, "examples": [...]}."""
+    "asr_wer_unseen": WER on clips of speakers heard / never heard in training, "examples": [...]}.
+    done(part) is called as each family or audio task is scored (for progress lines)."""
     model.eval()
     text, audio = test_sets(world, per_family)
     res, examples = {"T": {}, "S": {}, "audio": {}}, []
@@ -102,9 +103,11 @@ def evaluate_model(model, world, device, per_family, max_new_tokens):
             res["T" if mod == "text" else "S"][fam] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
             examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"], "prediction": preds[0],
                              "answer": recs[0]["answer"]})
+        done(fam)
     if modalities == ["text", "speech"]:
         for task, recs in audio.items():
             preds = generate(model, world, recs, "speech", device, max_new_tokens)
+            done(task)
             if task != "asr":
                 res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
                 continue
@@ -155,7 +158,14 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
         if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt):
             continue
         m, _ = M.load_model(ckpt, device)
-        res = evaluate_model(m, world, device, per_family, max_new_tokens)
+        t0 = shown = time.time()
+
+        def done(part):  # a line at most every 5 s while one model is scored
+            nonlocal shown
+            if time.time() - shown >= 5:
+                print(f"[eval] {name}: ... {part} scored ({time.time() - t0:.0f} s)", flush=True)
+                shown = time.time()
+        res = evaluate_model(m, world, device, per_family, max_new_tokens, done)
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
 
