@@ -182,7 +182,7 @@ def first_token_probe(out, world, device, per_family):
     runs = run_dirs(out)
     teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
     fams = data.text_families(world.val, per_family)
-    last = lambda h, lens: h[torch.arange(h.size(0), device=h.device), lens - 1]
+    last = xopd.last_hidden  # (B, T, d) -> (B, d) at each row's last prompt position
     first = {}
     for fam, rs in fams.items():
         b = world.batch(rs, device=device, speech=False)

@@ -704,6 +704,13 @@ def stage_align(cfg, world, device, amp, folder="align"):
     run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor if val else None)
 
 
+def grid_runs(cfg):
+    """The align runs of cfg.lr_grid, [(lr, their settings)], each in select/<name>_lr<lr>.
+    ValueError when the grid is not a list of numbers."""
+    return [(lr, replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_")))
+            for lr in sorted(float(x) for x in cfg.lr_grid.split(","))]
+
+
 def select_lr(cfg, world, device, amp):
     """Run the align stage once per learning rate of cfg.lr_grid (folders select/<name>_lr<lr>,
     apart from align/, so the tables never show them) and keep the one with the best final
@@ -712,12 +719,11 @@ def select_lr(cfg, world, device, amp):
     if not any(r["kind"] == "text" for r in world.val):
         sys.exit(f"--lr_grid: choosing a learning rate needs val prompts, and {world.dir}/val.jsonl has none")
     try:
-        grid = sorted(float(x) for x in cfg.lr_grid.split(","))
+        runs = grid_runs(cfg)
     except ValueError:
         sys.exit(f"--lr_grid: expected comma-separated learning rates like 3e-5,1e-4,3e-4, got {cfg.lr_grid!r}")
-    scores = {}
-    for lr in grid:
-        run = replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_"))
+    grid, scores = [lr for lr, _ in runs], {}
+    for lr, run in runs:
         stage_align(run, world, device, amp, folder="select")
         with open(os.path.join(cfg.out, "select", align_name(run), "val.jsonl")) as f:
             scores[lr] = [json.loads(line) for line in f][-1]["val_S"]
@@ -740,14 +746,14 @@ def finished(cfg, stage):
     """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
     if stage == "data":
         return os.path.exists(os.path.join(cfg.data, "train.jsonl"))
-    if stage == "select":
-        try:
-            grid = [float(x) for x in cfg.lr_grid.split(",")]
-        except ValueError:
-            return False  # select_lr says why
-        return all(finished(replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_")), "align_select") for lr in grid)
-    folder = {"align": f"align/{align_name(cfg)}", "align_select": f"select/{align_name(cfg)}"}.get(stage, stage)
-    return stage != "eval" and os.path.exists(os.path.join(cfg.out, folder, "model.pt"))
+    if stage == "eval":
+        return False
+    try:
+        folders = ([f"select/{align_name(run)}" for _, run in grid_runs(cfg)] if stage == "select" else
+                   [f"align/{align_name(cfg)}" if stage == "align" else stage])
+    except ValueError:
+        return False  # select_lr says why
+    return all(os.path.exists(os.path.join(cfg.out, f, "model.pt")) for f in folders)
 
 
 # -----------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
-def _last(hidden, lengths):
+def last_hidden(hidden, lengths):
     """hidden (B, T, d) -> (B, d) at each row's last real position."""
     return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
 
@@ -90,7 +90,7 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
         B, T = prompt.shape[:2]
         cache = decoder.new_cache(B, T + max_new_tokens)
         hidden = decoder.prefill(cache, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
-        logits = decoder.logits(_last(hidden, lengths))  # (B, V)
+        logits = decoder.logits(last_hidden(hidden, lengths))  # (B, V)
         if not torch.isfinite(logits).all():  # diverged weights: say so once per rollout, not per token
             raise FloatingPointError("the prompt's logits to sample from are not finite")
         if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
