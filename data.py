@@ -685,6 +685,46 @@ UNK = "<|unk|>"
 SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this order
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """The strings around a turn: a prompt is user + content + " " + instruction + assistant, a
+    response ends with `end` (one token: the sampler stops on its id), and a speech prompt's content
+    is `audio` (one token, replaced by the audio vectors before the decoder reads it). A real
+    teacher's format comes as a JSON file of these fields (`--chat_format`); `pad` is optional
+    (padding is masked; the end token serves when it is absent)."""
+    user: str = USER
+    assistant: str = ASSISTANT
+    end: str = END
+    audio: str = AUDIO
+    pad: str = PAD
+
+
+TOY_FORMAT = ChatFormat()
+
+
+def read_chat_format(path):
+    """A chat-format JSON file -> ChatFormat; a missing file, unknown field or non-string value is
+    an error naming the file and the field."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable chat-format JSON file ({e})") from None
+    names = [f.name for f in fields(ChatFormat)]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object with the fields {names}")
+    for k, v in raw.items():
+        if k not in names:
+            raise ValueError(f"{path}: unknown field {k!r}; expected some of {names}")
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{path}: field {k!r} must be a non-empty string, got {v!r}")
+    missing = [k for k in ("user", "assistant", "end") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing} (the strings before a user turn and an "
+                         f"assistant turn, and the end-of-turn token)")
+    return ChatFormat(**raw)
+
+
 def toy_corpus(records):
     for r in records:
         for key in ("transcript", "instruction", "reference", "teacher"):
@@ -703,42 +743,70 @@ def train_tokenizer(corpus):
 
 def load_tokenizer(path):
     from tokenizers import Tokenizer
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: tokenizer not found (a Hugging Face tokenizer.json is expected)")
     return Tokenizer.from_file(os.fspath(path))
+
+
+def chat_ids(tok, fmt, where="the chat format"):
+    """The ids of a chat format's single tokens -> {"end", "audio", "pad"}. The audio placeholder is
+    added to the tokenizer when it lacks it (a real teacher's never has it); the decoder never
+    embeds it, so it needs no row of the vocabulary. The end token and the placeholder must each
+    be one token (a string that splits is refused, naming the field)."""
+    if tok.token_to_id(fmt.audio) is None:
+        tok.add_special_tokens([fmt.audio])
+    out = {}
+    for field in ("end", "audio", "pad"):
+        ids = tok.encode(getattr(fmt, field), add_special_tokens=False).ids
+        if len(ids) != 1:
+            if field == "pad":
+                out["pad"] = out["end"]  # padding is masked: any valid id will do
+                continue
+            raise ValueError(f"{where}: field {field!r} = {getattr(fmt, field)!r} is {len(ids)} tokens for the "
+                             f"tokenizer, expected exactly one")
+        out[field] = ids[0]
+    return out
 
 
 def _ids(tok, text):
     return tok.encode(text, add_special_tokens=False).ids if text else []
 
 
-def encode_prompt(tok, record, modality):
+def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     """The chat format, for the teacher's text prompt and the student's speech prompt alike:
-        text:   <|user|> transcript instruction <|assistant|>
-        speech: <|user|> <|audio|>  instruction <|assistant|>
-    The prompt ends with the assistant role, so response ids (encode_response) follow directly
-    and are the same in both modalities."""
+        text:   user transcript instruction assistant
+        speech: user <|audio|>  instruction assistant
+    (toy: <|user|> ... <|assistant|>). The instruction is encoded with the space before it, as a
+    byte-level BPE sees it mid-sentence (a word-level tokenizer drops the space). The prompt ends
+    with the assistant string, so response ids (encode_response) follow directly and are the same
+    in both modalities."""
     if modality == "text":
         content = _ids(tok, record["transcript"])
     elif modality == "speech":
-        content = [tok.token_to_id(AUDIO)]
+        content = [tok.token_to_id(fmt.audio)]
     else:
         raise ValueError(f"modality must be 'text' or 'speech', got {modality!r}")
-    return ([tok.token_to_id(USER)] + content + _ids(tok, record.get("instruction", ""))
-            + [tok.token_to_id(ASSISTANT)])
+    instruction = record.get("instruction", "")
+    return (_ids(tok, fmt.user) + content + _ids(tok, " " + instruction if instruction else "")
+            + _ids(tok, fmt.assistant))
 
 
 def spoken_word_ids(tok, transcript):
-    """The token ids of a transcript's spoken words, one per word (punctuation is silent)."""
-    return _ids(tok, " ".join(w for w in normalize_text(transcript).split() if w.isalpha()))
+    """The token ids of a transcript's spoken words (punctuation is silent), one list per word:
+    one id each with a word-level tokenizer, a word's pieces with a BPE (mid-sentence words with
+    the space before them, as they occur in text)."""
+    words = [w for w in normalize_text(transcript).split() if w.isalpha()]
+    return [_ids(tok, w if i == 0 else " " + w) for i, w in enumerate(words)]
 
 
-def encode_response(tok, text):
-    return _ids(tok, text) + [tok.token_to_id(END)]
+def encode_response(tok, text, fmt=TOY_FORMAT):
+    return _ids(tok, text) + [tok.token_to_id(fmt.end)]
 
 
-def decode_response(tok, ids):
-    """Ids -> text, stopping at the first END and dropping special tokens."""
+def decode_response(tok, ids, fmt=TOY_FORMAT):
+    """Ids -> text, stopping at the first end token and dropping special tokens."""
     ids = [int(i) for i in ids]
-    end = tok.token_to_id(END)
+    end = tok.token_to_id(fmt.end)
     if end in ids:
         ids = ids[:ids.index(end)]
     return tok.decode(ids, skip_special_tokens=True)
@@ -860,14 +928,15 @@ def batch_indices(n_items, batch_size, step, seed):
 
 
 class World:
-    """A data folder loaded once per run: tokenizer.json, a manifest per pool (train.jsonl and
-    test.jsonl required; align.jsonl, val.jsonl and the teacher's unspoken text.jsonl optional),
-    the records' log-mels cached in memory, and batches of them."""
+    """A data folder loaded once per run: a manifest per pool (train.jsonl and test.jsonl required;
+    align.jsonl, val.jsonl and the teacher's unspoken text.jsonl optional), the tokenizer (the
+    folder's tokenizer.json, or a real teacher's) with its chat format, the records' log-mels
+    (n_mels bands: 80, or what a Whisper checkpoint takes) cached in memory, and batches of them."""
 
-    def __init__(self, data_dir):
-        self.dir = data_dir
+    def __init__(self, data_dir, tokenizer=None, fmt=TOY_FORMAT, n_mels=N_MELS):
+        self.dir, self.fmt, self.n_mels = data_dir, fmt, n_mels
         path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
-        self.tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        self.tok = load_tokenizer(tokenizer or os.path.join(data_dir, "tokenizer.json"))
         ids = {}  # one id space for every spoken manifest: the mel and feature caches are keyed by id
         self.train, self.test = read_manifest(path("train"), seen=ids), read_manifest(path("test"), seen=ids)
         self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
@@ -875,17 +944,25 @@ class World:
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
-        self.pad_id = self.tok.token_to_id(PAD)
-        self.end_id = self.tok.token_to_id(END)
-        self.audio_id = self.tok.token_to_id(AUDIO)
+        special = chat_ids(self.tok, fmt, "the chat format" if fmt == TOY_FORMAT else "--chat_format")
+        self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
         self._mels = {}
         # encoder -> {record id: features}; weak, so an encoder's features go with it, and
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
 
+    def prompt(self, record, modality):
+        return encode_prompt(self.tok, record, modality, self.fmt)
+
+    def response(self, text):
+        return encode_response(self.tok, text, self.fmt)
+
+    def decode(self, ids):
+        return decode_response(self.tok, ids, self.fmt)
+
     def mel(self, rec):
         if rec["id"] not in self._mels:
-            self._mels[rec["id"]] = log_mel_spectrogram(load_audio(rec["audio"]))
+            self._mels[rec["id"]] = log_mel_spectrogram(load_audio(rec["audio"]), self.n_mels)
         return self._mels[rec["id"]]
 
     def features(self, recs, encoder, device):
@@ -911,15 +988,15 @@ class World:
         """A Batch of recs: text and/or speech prompts, and optional fixed responses (a list of
         strings, one per record). Speech comes as mels, or, given a frozen encoder, as its
         cached outputs (see features)."""
-        tok, b = self.tok, Batch()
+        b = Batch()
         if text:
-            b.text_ids, b.text_lens = collate_tokens([encode_prompt(tok, r, "text") for r in recs], self.pad_id)
+            b.text_ids, b.text_lens = collate_tokens([self.prompt(r, "text") for r in recs], self.pad_id)
         if speech:
-            b.speech_ids, b.speech_lens = collate_tokens([encode_prompt(tok, r, "speech") for r in recs], self.pad_id)
+            b.speech_ids, b.speech_lens = collate_tokens([self.prompt(r, "speech") for r in recs], self.pad_id)
             if encoder is None:
                 b.mels, b.mel_lens = collate_mels([self.mel(r) for r in recs])
             else:
                 b.feats, b.feat_lens = self.features(recs, encoder, device)
         if responses is not None:
-            b.response_ids, b.response_lens = collate_tokens([encode_response(tok, t) for t in responses], self.pad_id)
+            b.response_ids, b.response_lens = collate_tokens([self.response(t) for t in responses], self.pad_id)
         return b.to(device)

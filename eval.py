@@ -64,7 +64,7 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
         embeds, lens = xopd.prompt_embeds(model, b, modality)
         ids, _, _ = xopd.sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
                                 eos_id=world.end_id, temperature=0.0)
-        outs += [data.decode_response(world.tok, row) for row in ids.tolist()]
+        outs += [world.decode(row) for row in ids.tolist()]
     return outs
 
 

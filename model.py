@@ -12,6 +12,7 @@ Decoder.forward returns hidden states after the final norm; logits are one call
 away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
 """
 import copy
+import json
 import math
 import os
 import time
@@ -176,16 +177,41 @@ class AudioEncoder(nn.Module):
         return x * keep[..., None], lens  # padded frames are zeros
 
 
+WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
+
+
+def read_whisper(path):
+    """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
+    file of another layout is a ValueError naming the file and the missing field."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable Whisper checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("dims"), dict) or "model_state_dict" not in ckpt:
+        raise ValueError(f"{path}: expected openai-whisper's layout, a dict with 'dims' and 'model_state_dict'")
+    missing = [k for k in WHISPER_DIMS if k not in ckpt["dims"]]
+    if missing:
+        raise ValueError(f"{path}: field 'dims' lacks {missing}")
+    return ckpt
+
+
+def whisper_config(ckpt):
+    """The EncoderConfig of a Whisper checkpoint's encoder (read_whisper's dict)."""
+    return EncoderConfig(*(ckpt["dims"][k] for k in WHISPER_DIMS))
+
+
 def load_whisper_encoder(path_or_checkpoint):
     """A Whisper checkpoint as distributed ({"dims": ..., "model_state_dict": ...}, a path or
     the loaded dict) -> its AudioEncoder with the weights loaded strict."""
     ckpt = path_or_checkpoint
     if not isinstance(ckpt, dict):
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
-    d = ckpt["dims"]
-    enc = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+        ckpt = read_whisper(ckpt)
+    enc = AudioEncoder(**asdict(whisper_config(ckpt)))
     sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
-    enc.load_state_dict(sd, strict=True)
+    try:
+        enc.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the Whisper checkpoint's encoder weights do not match its dims ({e})") from None
     return enc
 
 
@@ -573,29 +599,108 @@ class Decoder(nn.Module):
 def load_llama(state_dict_or_path, config):
     """A Llama-family checkpoint in the Hugging Face layout (keys with or without the leading
     "model."; tied checkpoints may lack lm_head.weight) and its config.json contents -> Decoder.
-    A path is read with torch.load (a .bin / .pt state dict; load .safetensors yourself)."""
+    A path is read with torch.load (a .bin / .pt state dict; load_llama_folder reads .safetensors).
+    A config naming a feature this decoder lacks, a missing field or tensor: ValueError naming it."""
     sd = state_dict_or_path
     if not isinstance(sd, dict):
         sd = torch.load(sd, map_location="cpu", weights_only=True)
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if config.get(key):
-            raise ValueError(f"load_llama: {key}={config[key]!r} is not supported (plain Llama only)")
+            raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama only)")
     if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"load_llama: hidden_act {config['hidden_act']!r} is not supported")
-    cfg = DecoderConfig(
-        vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        hidden_dim=config["intermediate_size"], rope_theta=float(config.get("rope_theta", 10000.0)),
-        norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_seq_len=config.get("max_position_embeddings", 2048), head_dim=config.get("head_dim") or 0)
+        raise ValueError(f"field 'hidden_act' = {config['hidden_act']!r} is not supported (silu only)")
+    try:
+        cfg = DecoderConfig(
+            vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+            n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            hidden_dim=config["intermediate_size"], rope_theta=float(config.get("rope_theta", 10000.0)),
+            norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_seq_len=config.get("max_position_embeddings", 2048), head_dim=config.get("head_dim") or 0)
+    except KeyError as e:
+        raise ValueError(f"missing field {e.args[0]!r}") from None
     sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()
           if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved this buffer
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "embed_tokens.weight" in sd:
         sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
     dec = Decoder(cfg)
+    want = dec.state_dict()
+    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    if missing or extra:
+        raise ValueError(f"the weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''} and have "
+                         f"{extra[:5]}{' ...' if len(extra) > 5 else ''} beyond what the config describes")
+    bad = [f"{k} {tuple(sd[k].shape)} (config: {tuple(v.shape)})" for k, v in want.items() if sd[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"tensor shapes disagree with the config: {bad[:3]}")
     dec.load_state_dict(sd, strict=True)
     return dec
+
+
+# A model folder's weights, in the order they are looked for: sharded files come with an index
+# ({"weight_map": {tensor name: file}}) beside them.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def read_weights(path):
+    """One weights file -> state dict: .bin with torch.load(weights_only=True), .safetensors with
+    the optional safetensors package (a clear error when it is not installed)."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"{path}: reading .safetensors needs the optional package safetensors "
+                             f"(pip install safetensors), or give the weights as pytorch_model.bin") from None
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+
+
+def read_hf_config(folder):
+    """A Hugging Face model folder's config.json -> its contents (a Llama-architecture model's)."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"{cfg_path}: not found (expected a Hugging Face model folder: config.json, "
+                         f"weights as {' / '.join(WEIGHT_FILES)}, tokenizer.json)")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"{cfg_path}: field 'model_type' = {config['model_type']!r} is not supported "
+                         f"(a Llama-architecture model is expected)")
+    if not isinstance(config.get("vocab_size"), int):
+        raise ValueError(f"{cfg_path}: field 'vocab_size' is missing or not an integer")
+    return config
+
+
+def load_llama_folder(folder):
+    """A Llama-architecture model folder in the Hugging Face layout (config.json and its weights,
+    WEIGHT_FILES) -> (Decoder, the config.json contents). Every problem is a ValueError naming the
+    file (and the field or tensor)."""
+    config, cfg_path = read_hf_config(folder), os.path.join(folder, "config.json")
+    found = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(folder, name))]
+    if not found:
+        raise ValueError(f"{folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    where = os.path.join(folder, found[0])
+    if where.endswith(".index.json"):
+        with open(where) as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{where}: field 'weight_map' is missing or empty")
+        sd = {}
+        for name in shards:
+            if not os.path.exists(os.path.join(folder, name)):
+                raise ValueError(f"{where}: names the shard {name}, which is not in {folder}")
+            sd.update(read_weights(os.path.join(folder, name)))
+    else:
+        sd = read_weights(where)
+    try:
+        return load_llama(sd, config), config
+    except ValueError as e:  # the config's or the weights' fault: name the file it is in
+        raise ValueError(f"{cfg_path if str(e).startswith(('field', 'missing field')) else where}: {e}") from None
 
 
 def llama_config(cfg: DecoderConfig):
@@ -639,7 +744,8 @@ class SpeechLM(nn.Module):
         no placeholder are plain token embeddings. Right padded with zeros."""
         if audio_embeds is not None and self.audio_token_id < 0:
             raise ValueError("SpeechLM.audio_token_id is not set: the audio placeholder cannot be found")
-        tok = self.decoder.embed_tokens(input_ids)  # (B, T, dim)
+        # the placeholder's own row is never read (a real teacher's vocabulary has none): embed 0 there
+        tok = self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.audio_token_id, 0))  # (B, T, dim)
         rows, new_lens = [], []
         for b in range(input_ids.shape[0]):
             n = int(lengths[b])

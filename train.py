@@ -60,6 +60,11 @@ class TrainConfig:
     data: str = ""               # toy data / manifest folder (default <out>/data, generated if absent)
     seed: int = 0
     resume: bool = False
+    # your own models (README, "Your own models"): each replaces the stage that would make it
+    teacher: str = ""            # a Llama-architecture model folder (Hugging Face layout): the teacher stage imports it
+    whisper: str = ""            # an openai-whisper checkpoint (.pt): its encoder, frozen; the encoder stage trains the heads
+    chat_format: str = ""        # JSON with the strings of a turn (data.ChatFormat); default: the toy format
+    student: str = ""            # a speech LLM checkpoint of this project (model.pt): the omni stage imports it
     # teacher stage: text decoder on text skills
     teacher_steps: int = 2500
     teacher_lr: float = 3e-3
@@ -276,9 +281,9 @@ def update_weights(params, opt, loss, grad_clip):
 # The settings that shape each stage's output. A stage's model.pt or ckpt.pt made under other
 # values is refused, never silently reused or continued (the stage folder's name says only which
 # stage it is).
-SHAPING = {"teacher": ("teacher_steps", "teacher_lr", "batch_size"),
-           "encoder": ("encoder_steps", "encoder_lr", "encoder_batch"),
-           "omni": ("omni_steps", "omni_lr", "batch_size"),
+SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "batch_size"),
+           "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
+           "omni": ("student", "omni_steps", "omni_lr", "batch_size"),
            "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
                      "gkd_beta", "gkd_mix", "ratio_clip")}
 
@@ -459,16 +464,39 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
 # -----------------------------------------------------------------------------
 # The stages.
 
+def import_stage(cfg, name, model, world, source):
+    """A stage whose model is the user's own (--teacher, --student): written as the stage's
+    model.pt, in this project's format, so every later stage reads it as if trained here."""
+    if RANK == 0:
+        M.save_checkpoint(os.path.join(cfg.out, name, "model.pt"),
+                          {"model": model.state_dict(), "configs": M.model_configs(model), "train": asdict(cfg),
+                           "tokenizer": world.tok.to_str(), "source": source})
+        n = sum(p.numel() for p in model.parameters())
+        print(f"[{name}] imported {source}: {n / 1e6:.2f}M parameters -> {os.path.join(cfg.out, name, 'model.pt')}")
+    barrier()
+
+
 def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
     train pool and of the unspoken text pool (text is free: the teacher learns from far more
     prompts than are spoken); never on align, val or test prompts."""
     if done(cfg, "teacher", cfg.teacher_lr):
         return
+    if cfg.teacher:  # the user's own text model is the teacher
+        try:
+            teacher, _ = M.load_llama_folder(cfg.teacher)
+        except ValueError as e:
+            sys.exit(f"--teacher: {e}")
+        import_stage(cfg, "teacher", teacher, world, cfg.teacher)
+        return
+    fams = data.text_families(r for r in world.text + world.train if r["teacher"])
+    if not fams:
+        sys.exit(f"[teacher] {world.dir}: no text prompts with a `teacher` response (text.jsonl, or train.jsonl's "
+                 f'kind "text" records) to train the teacher on; give a text model of your own with --teacher DIR '
+                 f"(README, 'Your own models')")
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
-    fams = data.text_families(r for r in world.text + world.train if r["teacher"])
     # every family gets an equal share of each batch: the text pool holds far more arithmetic
     # and instruction prompts than the train pool holds facts, which only it teaches
     quota = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
@@ -491,8 +519,13 @@ def stage_encoder(cfg, world, device, amp):
     own greedy CTC WER and voice accuracy on the test clips, where perception is measured first."""
     if not done(cfg, "encoder", cfg.encoder_lr):
         enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
+        whisper = M.read_whisper(cfg.whisper) if cfg.whisper else None  # main has checked it reads
         torch.manual_seed(cfg.seed + 1)
-        m = M.CTCEncoder(enc_cfg).to(device)
+        m = M.CTCEncoder(M.whisper_config(whisper) if whisper else enc_cfg)
+        if whisper:  # a real encoder stays as it is: only the CTC and voice heads learn to read it
+            m.encoder = M.load_whisper_encoder(whisper).requires_grad_(False)
+            print(f"[encoder] {cfg.whisper}: Whisper's encoder ({M.whisper_config(whisper)}), frozen; training the heads")
+        m = m.to(device)
         recs = [r for r in world.train if M.ctc_targets(r["transcript"])]
 
         def rows_at(step):
@@ -539,18 +572,27 @@ def stage_encoder(cfg, world, device, amp):
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 
 
-def word_alignment_loss(student, batch, word_ids):
+def word_alignment_loss(student, batch, word_pieces):
     """The adapter's word scores (model.Adapter) trained as a classifier of the word spoken
     there: cross-entropy on the clips the CTC head cut into as many words as the transcript has
     (the rest are left out). The alignment losses of speech LLMs such as BLSP and Wav2Prompt pull
-    speech toward the text the LLM knows; at the toy's word level that is a word classifier.
+    speech toward the text the LLM knows; at the toy's word level that is a word classifier. A word
+    a real tokenizer splits into k pieces (data.spoken_word_ids) is a target of 1/k on each piece,
+    so its vector becomes the pieces' mean embedding.
     -> (the mean over the words, their number); (0, 0) when no clip qualifies."""
     _, lens, logits = student.adapter(batch.feats, batch.feat_lens, student.decoder.embed_tokens.weight)  # logits (B, W, vocab)
-    rows = [(b, ids) for b, ids in enumerate(word_ids) if int(lens[b]) == 1 + len(ids) and ids]
+    rows = [(b, words) for b, words in enumerate(word_pieces) if int(lens[b]) == 1 + len(words) and words]
     if not rows:
         return logits.sum() * 0.0, 0  # zero, in the graph: under torchrun every rank reduces the same gradients
-    picked = torch.cat([logits[b, :len(ids)] for b, ids in rows]).float()  # (N words, vocab)
-    return F.cross_entropy(picked, torch.tensor(sum((ids for _, ids in rows), []), device=picked.device)), len(picked)
+    picked = torch.cat([logits[b, :len(words)] for b, words in rows]).float()  # (N words, vocab)
+    words = [w for _, ws in rows for w in ws]
+    if all(len(w) == 1 for w in words):  # a word-level tokenizer: one class per word
+        return F.cross_entropy(picked, torch.tensor([w[0] for w in words], device=picked.device)), len(picked)
+    target = torch.zeros_like(picked)
+    for i, w in enumerate(words):
+        for piece in w:
+            target[i, piece] += 1.0 / len(w)
+    return F.cross_entropy(picked, target), len(picked)
 
 
 def stage_omni(cfg, world, device, amp):
@@ -558,6 +600,17 @@ def stage_omni(cfg, world, device, amp):
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
     the multimodal mix."""
     if done(cfg, "omni", cfg.omni_lr):
+        return
+    if cfg.student:  # the user's own speech LLM of this project is the base student
+        student, ck = M.load_model(cfg.student, device)
+        if not isinstance(student, M.SpeechLM):
+            sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a speech LLM "
+                     f"(an omni or align stage's model.pt)")
+        try:
+            xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
+        except ValueError as e:
+            sys.exit(f"--student {cfg.student}: {e}")
+        import_stage(cfg, "omni", student, world, cfg.student)
         return
     teacher, _ = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
     encoder, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
@@ -570,9 +623,12 @@ def stage_omni(cfg, world, device, amp):
     asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
     asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction, "reference": r["transcript"],
                                            "teacher": None, "id": r["id"]} for r in world.train]
+    # each part of the mix from the records that carry its target (a manifest may have transcripts only)
+    asr = [r for r in asr if r["transcript"]]
     text_recs = [r for r in world.train if r["kind"] == "text"]
-    qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr"]
-    pools = {"asr": asr, "audio_qa": qa_recs, "spoken": text_recs, "written": text_recs}
+    qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr" and r["reference"]]
+    pools = {"asr": asr, "audio_qa": qa_recs, "spoken": [r for r in text_recs if r["reference"]],
+             "written": [r for r in text_recs if r["teacher"]]}
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
     target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
@@ -626,7 +682,7 @@ def teacher_responses(cfg, world, teacher, recs, device, amp):
             ids, mask, _ = xopd.sample(teacher, b.text_lens, input_ids=b.text_ids, max_new_tokens=cfg.max_new_tokens,
                                        eos_id=world.end_id, temperature=0.0)
         for r, row in zip(rows, ids.tolist()):
-            out[r["id"]] = data.decode_response(world.tok, row)
+            out[r["id"]] = world.decode(row)
     M.atomic_write(path, lambda f: json.dump(out, f))
     return out
 
@@ -742,6 +798,26 @@ def select_lr(cfg, world, device, amp):
 REFERENCE_S = {"cpu": {"data": 111, "teacher": 323, "encoder": 253, "omni": 307, "align": 45, "select": 135, "eval": 23}}
 
 
+def load_world(cfg):
+    """The data folder, read with the tokenizer, chat format and log-mel size of the models in
+    use: a --teacher folder brings its tokenizer.json, --chat_format its strings, --whisper (or a
+    --student's encoder) its n_mels. Every model is checked before any stage runs."""
+    tokenizer, fmt, n_mels = None, data.TOY_FORMAT, data.N_MELS
+    if cfg.chat_format:
+        fmt = data.read_chat_format(cfg.chat_format)
+    if cfg.teacher:
+        config, tokenizer = M.read_hf_config(cfg.teacher), os.path.join(cfg.teacher, "tokenizer.json")
+        size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+        if size > config["vocab_size"]:  # ids past the end of the embedding table
+            raise ValueError(f"{tokenizer}: {size} tokens, more than the {config['vocab_size']} of "
+                             f"{os.path.join(cfg.teacher, 'config.json')}'s field 'vocab_size'; the tokenizer must be the model's own")
+    if cfg.whisper:
+        n_mels = M.read_whisper(cfg.whisper)["dims"]["n_mels"]
+    if cfg.student:
+        n_mels = M.load_checkpoint(cfg.student)["configs"].get("encoder", {}).get("n_mels", n_mels)
+    return data.World(cfg.data, tokenizer, fmt, n_mels)
+
+
 def finished(cfg, stage):
     """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
     if stage == "data":
@@ -821,7 +897,10 @@ def main(argv=None):
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
                  f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
                  f"Toy data is generated only into a new or empty folder, so nothing there was touched.")
-    world = data.World(cfg.data)
+    try:
+        world = load_world(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(str(e))
     timed("teacher", stage_teacher, cfg, world, device, amp)
     timed("encoder", stage_encoder, cfg, world, device, amp)
     timed("omni", stage_omni, cfg, world, device, amp)

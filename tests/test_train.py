@@ -216,17 +216,24 @@ def test_word_alignment_loss_on_clips_cut_into_as_many_words_as_spoken():
     student = M.SpeechLM(enc_cfg, adp_cfg, dec_cfg, audio_token_id=5)
     feats = torch.randn(3, 4, adp_cfg.bins * adp_cfg.d_in)
     batch = data.Batch(feats=feats, feat_lens=torch.tensor([4, 3, 4]))  # the clip, then 3, 2, 3 words
-    word_ids = [[10, 11, 12], [13, 14, 15], [16, 17, 18]]  # row 1 was cut into 2 words of 3 spoken: left out
+    word_ids = [[[10], [11], [12]], [[13], [14], [15]], [[16], [17], [18]]]  # row 1 was cut into 2 words of 3 spoken: left out
     got, n = train.word_alignment_loss(student, batch, word_ids)
     assert n == 6
     _, _, logits = student.adapter(feats, batch.feat_lens, student.decoder.embed_tokens.weight)
     picked = torch.cat([logits[0, :3], logits[2, :3]])
-    want = -picked.log_softmax(-1)[torch.arange(6), torch.tensor([10, 11, 12, 16, 17, 18])].mean()
+    logp = picked.log_softmax(-1)
+    want = -logp[torch.arange(6), torch.tensor([10, 11, 12, 16, 17, 18])].mean()
     torch.testing.assert_close(got, want)
     got.backward()  # it trains the adapter's word scores, never the token embeddings
     assert student.adapter.word2.weight.grad is not None and student.decoder.embed_tokens.weight.grad is None
-    none, n = train.word_alignment_loss(student, batch, [[1], [2], [3]])
+    none, n = train.word_alignment_loss(student, batch, [[[1]], [[2]], [[3]]])
     assert none.item() == 0.0 and n == 0
+    # a BPE splits words into pieces: each piece of a k-piece word is a target of weight 1/k
+    word_ids[2][1] = [17, 20, 20]  # a word written with a repeated piece counts that piece twice
+    got, n = train.word_alignment_loss(student, batch, word_ids)
+    per_word = -logp[torch.arange(6), torch.tensor([10, 11, 12, 16, 17, 18])]
+    per_word[4] = -(logp[4, 17] + 2 * logp[4, 20]) / 3
+    torch.testing.assert_close(got, per_word.mean())
 
 
 def test_a_users_data_folder_without_manifests_is_refused_and_left_alone(tmp_path):
