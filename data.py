@@ -12,7 +12,7 @@ import os
 import re
 import time
 import weakref
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -697,6 +697,7 @@ class ChatFormat:
     end: str = END
     audio: str = AUDIO
     pad: str = PAD
+    source: str = field(default="", compare=False)  # the file it was read from, for error messages
 
 
 TOY_FORMAT = ChatFormat()
@@ -710,7 +711,7 @@ def read_chat_format(path):
             raw = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable chat-format JSON file ({e})") from None
-    names = [f.name for f in fields(ChatFormat)]
+    names = [f.name for f in fields(ChatFormat) if f.name != "source"]
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object with the fields {names}")
     for k, v in raw.items():
@@ -722,7 +723,7 @@ def read_chat_format(path):
     if missing:
         raise ValueError(f"{path}: missing field(s) {missing} (the strings before a user turn and an "
                          f"assistant turn, and the end-of-turn token)")
-    return ChatFormat(**raw)
+    return ChatFormat(**raw, source=os.fspath(path))
 
 
 def toy_corpus(records):
@@ -748,7 +749,7 @@ def load_tokenizer(path):
     return Tokenizer.from_file(os.fspath(path))
 
 
-def chat_ids(tok, fmt, where="the chat format"):
+def chat_ids(tok, fmt):
     """The ids of a chat format's single tokens -> {"end", "audio", "pad"}. The audio placeholder is
     added to the tokenizer when it lacks it (a real teacher's never has it); the decoder never
     embeds it, so it needs no row of the vocabulary. The end token and the placeholder must each
@@ -756,15 +757,15 @@ def chat_ids(tok, fmt, where="the chat format"):
     if tok.token_to_id(fmt.audio) is None:
         tok.add_special_tokens([fmt.audio])
     out = {}
-    for field in ("end", "audio", "pad"):
-        ids = tok.encode(getattr(fmt, field), add_special_tokens=False).ids
+    for name in ("end", "audio", "pad"):
+        ids = tok.encode(getattr(fmt, name), add_special_tokens=False).ids
         if len(ids) != 1:
-            if field == "pad":
+            if name == "pad":
                 out["pad"] = out["end"]  # padding is masked: any valid id will do
                 continue
-            raise ValueError(f"{where}: field {field!r} = {getattr(fmt, field)!r} is {len(ids)} tokens for the "
+            raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = {getattr(fmt, name)!r} is {len(ids)} tokens for the "
                              f"tokenizer, expected exactly one")
-        out[field] = ids[0]
+        out[name] = ids[0]
     return out
 
 
@@ -944,7 +945,7 @@ class World:
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
-        special = chat_ids(self.tok, fmt, "the chat format" if fmt == TOY_FORMAT else "--chat_format")
+        special = chat_ids(self.tok, fmt)
         self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
         self._mels = {}
         # encoder -> {record id: features}; weak, so an encoder's features go with it, and

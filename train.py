@@ -556,9 +556,9 @@ def stage_encoder(cfg, world, device, amp):
         m, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
         res = E.evaluate_encoder(m, world, device, cfg.eval_per_family)
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-        print(f"[encoder] on its own, test clips: greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
-              f"{res.get('ctc_wer_seen', float('nan')):.1f}, unseen {res.get('ctc_wer_unseen', float('nan')):.1f}); "
-              f"voice heads {E.fmt_scores(res['voice'])}")
+        wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
+               f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")
+        print(f"[encoder] on its own, test clips: {wer}; voice heads {E.fmt_scores(res['voice']) or '-'}")
     barrier()
 
 
