@@ -13,6 +13,7 @@ The whole X-OPD story, one stage after another (the numbering is the README's):
     python train.py --method sft                     # another alignment method on the same base
     python train.py --method xopd --lam 0            # the λ ablation
     python train.py --resume                         # continue an interrupted stage
+    python train.py --teacher DIR --whisper FILE --chat_format FILE --data DIR   # your own models
     torchrun --nproc_per_node 2 train.py ...         # data parallel: each rank a share of every batch
 
 Every stage writes <out>/<stage>/model.pt when it is done and is skipped when that file
@@ -75,6 +76,7 @@ class TrainConfig:
     # omni stage: adapter + decoder on the multimodal mix, encoder frozen
     omni_steps: int = 2000
     omni_lr: float = 2e-3
+    omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: another omni mix (parts of OMNI_MIX); "" = OMNI_MIX
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
@@ -135,6 +137,7 @@ def parse_args(argv=None):
             p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.temperature < 0:
         p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
+    omni_mix(cfg)  # refused here, not after the stages before omni
     cfg.out = cfg.out or os.path.join("runs", cfg.preset)
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
     return cfg
@@ -283,7 +286,7 @@ def update_weights(params, opt, loss, grad_clip):
 # stage it is).
 SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "batch_size"),
            "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
-           "omni": ("student", "omni_steps", "omni_lr", "batch_size"),
+           "omni": ("student", "omni_mix", "omni_steps", "omni_lr", "batch_size"),
            "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
                      "gkd_beta", "gkd_mix", "ratio_clip")}
 
@@ -572,6 +575,20 @@ def stage_encoder(cfg, world, device, amp):
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 
 
+def omni_mix(cfg):
+    """--omni_mix as {part: fraction of each batch's rows} (OMNI_MIX when not given)."""
+    if not cfg.omni_mix:
+        return OMNI_MIX
+    try:
+        mix = {k.strip(): float(v) for k, v in (part.split("=") for part in cfg.omni_mix.split(","))}
+    except ValueError:
+        mix = {}
+    if not mix or set(mix) - set(OMNI_MIX) or min(mix.values()) < 0 or not sum(mix.values()) > 0:
+        sys.exit(f"--omni_mix: expected part=fraction pairs of the parts {', '.join(OMNI_MIX)}, like "
+                 f"asr=0.5,audio_qa=0.5, got {cfg.omni_mix!r}")
+    return mix
+
+
 def word_alignment_loss(student, batch, word_pieces):
     """The adapter's word scores (model.Adapter) trained as a classifier of the word spoken
     there: cross-entropy on the clips the CTC head cut into as many words as the transcript has
@@ -629,13 +646,14 @@ def stage_omni(cfg, world, device, amp):
     qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr" and r["reference"]]
     pools = {"asr": asr, "audio_qa": qa_recs, "spoken": [r for r in text_recs if r["reference"]],
              "written": [r for r in text_recs if r["teacher"]]}
-    sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in OMNI_MIX.items()}
+    mix = omni_mix(cfg)
+    sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in mix.items() if f > 0}
     target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
         rows = {k: shard([pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)])
-                for j, k in enumerate(OMNI_MIX) if pools[k]}
+                for j, k in enumerate(OMNI_MIX) if k in sizes and pools[k]}  # j: each part's own seed, whatever the mix
         return [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])], rows.get("written", [])
 
     def step_fn(step):
