@@ -312,3 +312,18 @@ def test_precompute_gives_the_features_of_first_use_to_the_last_bit(tiny_data, c
     assert lazy.keys() == ahead.keys() and len(lazy) > 20
     assert all(torch.equal(lazy[k], ahead[k]) for k in lazy)
     assert "before step 1" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_omni_mix_trains_the_parts_it_names_and_a_stage_of_another_mix_is_refused(tmp_path, tiny_run, tiny_data, capsys):
+    for stage in ("teacher", "encoder"):
+        shutil.copytree(os.path.join(tiny_run, stage), tmp_path / stage)
+    train.main(tiny(tmp_path, tiny_data, "--omni_mix", "asr=1", "--align_steps", "1", "--eval_per_family", "1"))
+    log = read_log(tmp_path / "omni" / "log.jsonl")
+    assert all(r["loss_t"] == 0 for r in log)  # no written rows
+    assert all(r["tokens"] > 8 * 3 for r in log)  # 8 transcripts a step, each several words and the end token
+    default = read_log(os.path.join(tiny_run, "omni", "log.jsonl"))
+    assert any(r["loss_t"] > 0 for r in default)
+    with pytest.raises(SystemExit, match="omni_mix 'asr=1' -> 'asr=0.5,audio_qa=0.5'"):
+        train.main(tiny(tmp_path, tiny_data, "--omni_mix", "asr=0.5,audio_qa=0.5"))
+    with pytest.raises(SystemExit, match="--omni_mix: expected part=fraction pairs"):
+        train.parse_args(["--omni_mix", "asr=1,speech=1"])
