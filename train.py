@@ -77,6 +77,7 @@ class TrainConfig:
     omni_steps: int = 2000
     omni_lr: float = 2e-3
     omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: another omni mix (parts of OMNI_MIX); "" = OMNI_MIX
+    voice_first: int = 0         # omni: the first this many steps train on the audio questions alone
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
@@ -137,6 +138,8 @@ def parse_args(argv=None):
             p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.temperature < 0:
         p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
+    if not 0 <= cfg.voice_first <= cfg.omni_steps:
+        p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
     omni_mix(cfg)  # refused here, not after the stages before omni
     cfg.out = cfg.out or os.path.join("runs", cfg.preset)
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
@@ -286,7 +289,7 @@ def update_weights(params, opt, loss, grad_clip):
 # stage it is).
 SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "batch_size"),
            "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
-           "omni": ("student", "omni_mix", "omni_steps", "omni_lr", "batch_size"),
+           "omni": ("student", "omni_mix", "voice_first", "omni_steps", "omni_lr", "batch_size"),
            "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
                      "gkd_beta", "gkd_mix", "ratio_clip")}
 
@@ -648,12 +651,14 @@ def stage_omni(cfg, world, device, amp):
              "written": [r for r in text_recs if r["teacher"]]}
     mix = omni_mix(cfg)
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in mix.items() if f > 0}
+    voice_sizes = {"audio_qa": cfg.batch_size}
     target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
-        rows = {k: shard([pools[k][i] for i in data.batch_indices(len(pools[k]), sizes[k], step, cfg.seed + j)])
-                for j, k in enumerate(OMNI_MIX) if k in sizes and pools[k]}  # j: each part's own seed, whatever the mix
+        size = voice_sizes if step < cfg.voice_first else sizes
+        rows = {k: shard([pools[k][i] for i in data.batch_indices(len(pools[k]), size[k], step, cfg.seed + j)])
+                for j, k in enumerate(OMNI_MIX) if k in size and pools[k]}  # j: each part's own seed, whatever the mix
         return [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])], rows.get("written", [])
 
     def step_fn(step):
