@@ -74,10 +74,10 @@ class TrainConfig:
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
     # omni stage: adapter + decoder on the multimodal mix, encoder frozen
-    omni_steps: int = 2000
+    omni_steps: int = 2300
     omni_lr: float = 2e-3
     omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: another omni mix (parts of OMNI_MIX); "" = OMNI_MIX
-    voice_first: int = 0         # omni: the first this many steps train on the audio questions alone
+    voice_first: int = 300       # omni: the first this many steps train on VOICE_FIRST_MIX (audio questions, written text)
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
@@ -104,10 +104,10 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(teacher_steps=30, encoder_steps=10, encoder_batch=8, omni_steps=30, align_steps=4, batch_size=8, align_batch=4,
+    "tiny": dict(teacher_steps=30, encoder_steps=10, encoder_batch=8, omni_steps=30, voice_first=5, align_steps=4, batch_size=8, align_batch=4,
                  n=2, max_new_tokens=24, warmup=2, ckpt_every=2, log_every=1, eval_per_family=4),
     "cpu": dict(),
-    "gpu": dict(teacher_steps=3000, omni_steps=4000, align_steps=300, batch_size=64,
+    "gpu": dict(teacher_steps=3000, omni_steps=4300, align_steps=300, batch_size=64,
                 align_batch=64, max_new_tokens=64, eval_per_family=500),
 }
 
@@ -578,6 +578,9 @@ def stage_encoder(cfg, world, device, amp):
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 
 
+VOICE_FIRST_MIX = {"audio_qa": 0.75, "written": 0.25}
+
+
 def omni_mix(cfg):
     """--omni_mix as {part: fraction of each batch's rows} (OMNI_MIX when not given)."""
     if not cfg.omni_mix:
@@ -651,7 +654,7 @@ def stage_omni(cfg, world, device, amp):
              "written": [r for r in text_recs if r["teacher"]]}
     mix = omni_mix(cfg)
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in mix.items() if f > 0}
-    voice_sizes = {"audio_qa": cfg.batch_size}
+    voice_sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in VOICE_FIRST_MIX.items()}
     target = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
     def rows_at(step):
