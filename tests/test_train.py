@@ -99,7 +99,7 @@ def test_stage_headers_estimate_the_time_left_from_the_stages_still_to_run(tiny_
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeypatch):
-    steps = ["--teacher_steps", "6", "--omni_steps", "4", "--align_steps", "4", "--ckpt_every", "2"]
+    steps = ["--teacher_steps", "6", "--omni_steps", "4", "--voice_first", "2", "--align_steps", "4", "--ckpt_every", "2"]
     full = tmp_path / "full"
     train.main(tiny(full, tiny_data, *steps))
     # the same run, interrupted during step 5 of the teacher and during step 3 of X-OPD
