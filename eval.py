@@ -151,6 +151,23 @@ def run_dirs(out):
     return runs
 
 
+def world_of(settings, n_mels=data.N_MELS, data_dir=None):
+    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer of
+    its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
+    fmt = data.read_chat_format(settings["chat_format"]) if settings.get("chat_format") else data.TOY_FORMAT
+    tokenizer = os.path.join(settings["teacher"], "tokenizer.json") if settings.get("teacher") else None
+    return data.World(data_dir or settings["data"], tokenizer, fmt, n_mels)
+
+
+def run_world(out, data_dir=None):
+    """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
+    run's speech encoder)."""
+    settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+    omni = os.path.join(out, "omni", "model.pt")
+    n_mels = M.load_checkpoint(omni)["configs"]["encoder"]["n_mels"] if os.path.exists(omni) else data.N_MELS
+    return world_of(settings, n_mels, data_dir)
+
+
 def evaluate_all(out, world, device, per_family, max_new_tokens):
     """Score every finished run that has no up-to-date eval.json (stage 5)."""
     for name, d in run_dirs(out).items():
@@ -648,7 +665,7 @@ def main(argv=None):
         seeds = []
         for out in args.out:
             trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
-            seeds.append(first_token_probe(out, data.World(args.data or trained["data"]), device, trained["val_per_family"]))
+            seeds.append(first_token_probe(out, run_world(out, args.data), device, trained["val_per_family"]))
         fams = list(next(iter(seeds[0].values())))
         print("P(first token = the teacher's), % (mean over val prompts" + (", ± se over seeds)" if len(seeds) > 1 else ")"))
         print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
@@ -661,9 +678,9 @@ def main(argv=None):
             ap.error(f"--out: {out} holds no finished teacher ({out}/teacher/model.pt); run train.py first")
         # what the flags leave out comes from the settings the run was trained with
         trained = M.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
-        data_dir, per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
-                                                for k in ("data", "eval_per_family", "max_new_tokens"))
-        evaluate_all(out, data.World(data_dir), device, per_family, max_new_tokens)
+        per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
+                                      for k in ("eval_per_family", "max_new_tokens"))
+        evaluate_all(out, run_world(out, args.data), device, per_family, max_new_tokens)
     # one folder: its tables beside its runs; several seeds: in the folder that holds them all
     report(args.out, args.out[0] if len(args.out) == 1 else os.path.commonpath([os.path.abspath(o) for o in args.out]))
 

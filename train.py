@@ -828,9 +828,7 @@ def load_world(cfg):
     """The data folder, read with the tokenizer, chat format and log-mel size of the models in
     use: a --teacher folder brings its tokenizer.json, --chat_format its strings, --whisper (or a
     --student's encoder) its n_mels. Every model is checked before any stage runs."""
-    tokenizer, fmt, n_mels = None, data.TOY_FORMAT, data.N_MELS
-    if cfg.chat_format:
-        fmt = data.read_chat_format(cfg.chat_format)
+    n_mels = data.N_MELS
     if cfg.teacher:
         config, tokenizer = M.read_hf_config(cfg.teacher), os.path.join(cfg.teacher, "tokenizer.json")
         size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
@@ -841,7 +839,7 @@ def load_world(cfg):
         n_mels = M.read_whisper(cfg.whisper)["dims"]["n_mels"]
     if cfg.student:
         n_mels = M.load_checkpoint(cfg.student)["configs"].get("encoder", {}).get("n_mels", n_mels)
-    return data.World(cfg.data, tokenizer, fmt, n_mels)
+    return E.world_of(asdict(cfg), n_mels)
 
 
 def finished(cfg, stage):
