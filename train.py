@@ -823,7 +823,7 @@ def select_lr(cfg, world, device, amp):
 
 # Each stage's time in the README's default run (cpu preset, 2 cores; "select" is the learning-rate
 # grid of three rates): the stage headers' estimate of the time left, scaled to this machine's pace.
-REFERENCE_S = {"cpu": {"data": 111, "teacher": 323, "encoder": 253, "omni": 307, "align": 45, "select": 135, "eval": 23}}
+REFERENCE_S = {"cpu": {"data": 66, "teacher": 381, "encoder": 340, "omni": 476, "align": 50, "select": 135, "eval": 33}}
 
 
 def load_world(cfg):
