@@ -184,7 +184,8 @@ def read_whisper(path):
     """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
     file of another layout is a ValueError naming the file and the missing field."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: train.load_world reads only the dims (n_mels), and a large checkpoint is GBs
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable Whisper checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("dims"), dict) or "model_state_dict" not in ckpt:
