@@ -220,6 +220,52 @@ def first_token_probe(out, world, device, per_family):
     return res
 
 
+def spoken_words(text):
+    """The words of a transcript that are spoken (punctuation is silent): what every hearing row
+    is scored against, so that no row loses points for punctuation it cannot hear."""
+    return " ".join(w for w in data.normalize_text(text).split() if w.isalpha())
+
+
+@torch.no_grad()
+def hearing_probe(out, world, device, per_task, max_new_tokens):
+    """
+    Where are words lost between the clip and the base student's transcript? On the test
+    transcription clips, split into clips of spoken prompts (sentences of the text families) and
+    of word lists (random words of the vocabulary, which no language model can guess), the WER of:
+    the frozen encoder's own greedy CTC output (against the words as spoken: a doubled letter
+    once); the adapter's word scores alone (each word's best-scoring token, no decoder); the base
+    student's transcript; and the text teacher copying the same transcripts from text ("repeat
+    the words : ..."), which needs no hearing at all.
+    -> {row: {"prompts": WER %, "lists": WER %, "all": WER %}}
+    """
+    student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
+    teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
+    student.eval(), teacher.eval()
+    recs = test_sets(world, per_task)[1]["asr"]
+    prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
+    ctc, adapter = [], []
+    for i in range(0, len(recs), 64):
+        rows = recs[i:i + 64]
+        mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
+        _, lens, logp = student.encoder.frames(mels.to(device), mel_lens.to(device))
+        ctc += M.ctc_greedy(logp, lens)
+        b = world.batch(rows, device=device, text=False, encoder=student.encoder)
+        _, n, logits = student.adapter(b.feats, b.feat_lens, student.decoder.embed_tokens.weight)  # (B, W, vocab)
+        adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(logits.argmax(-1).tolist(), n.tolist())]
+    copy = [{**r, "transcript": f"repeat the words : {spoken_words(r['transcript'])} .", "instruction": ""} for r in recs]
+    hyps = {"audio encoder alone, greedy CTC": ctc,
+            "adapter's word scores alone (best token per word)": adapter,
+            "base student, from speech": generate(student, world, recs, "speech", device, max_new_tokens, encoder=student.encoder),
+            "text teacher, copying the transcript from text": generate(teacher, world, copy, "text", device, max_new_tokens)}
+    res = {}
+    for row, preds in hyps.items():
+        ref = (lambda t: M.spoken_letters(spoken_words(t))) if row.startswith("audio encoder") else spoken_words
+        wers = [(data.wer(ref(r["transcript"]), spoken_words(p)), r["transcript"] in prompts) for r, p in zip(recs, preds)]
+        res[row] = {k: 100.0 * sum(w for w, _ in part) / max(1, len(part)) for k, part in
+                    (("prompts", [x for x in wers if x[1]]), ("lists", [x for x in wers if not x[1]]), ("all", wers))}
+    return res
+
+
 def fmt_scores(d):
     return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
 
@@ -658,6 +704,9 @@ def main(argv=None):
     ap.add_argument("--first_token", action="store_true",
                     help="instead of the tables: the probability (%%) that each student starts its answer with its "
                          "teacher's first token, from speech and from text, on val prompts (first_token_probe)")
+    ap.add_argument("--hearing", action="store_true",
+                    help="instead of the tables: where the base student loses words, on the test transcription "
+                         "clips (hearing_probe)")
     args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
@@ -671,6 +720,17 @@ def main(argv=None):
         print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
         for name in seeds[0]:
             print(f"| {name} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
+        return
+    if args.hearing:
+        seeds = []
+        for out in args.out:
+            trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+            seeds.append(hearing_probe(out, run_world(out, args.data), device, trained["eval_per_family"],
+                                       trained["max_new_tokens"]))
+        print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
+        print("| reads the words with | spoken prompts | word lists | all clips |\n|---|---|---|---|")
+        for row in seeds[0]:
+            print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all")) + " |")
         return
     for out in args.out:
         runs = run_dirs(out)

@@ -108,3 +108,36 @@ def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, 
                    for r in rs]
         assert res["omni"][fam][1] == pytest.approx(100.0 * float(sum(top)) / len(top), rel=1e-4)
         assert 0.0 <= res["omni"][fam][0] <= 100.0
+
+
+def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(tiny_data, tmp_path, monkeypatch):
+    """Transcripts chosen here: the student drops the last word of every clip, the teacher copies
+    every transcript with its punctuation; the WERs must be the hand-computed ones, punctuation
+    never counting, on each part of the split."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
+    for name, m in (("teacher", teacher), ("omni", student)):
+        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+
+    def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
+        if modality == "text":  # "repeat the words : <words> ." -> "<words> ." (a full stop is not a word)
+            return [r["transcript"].removeprefix("repeat the words : ") for r in recs]
+        return [r["transcript"].rsplit(" ", 1)[0] for r in recs]
+    monkeypatch.setattr(E, "generate", generate)
+    res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
+    recs = E.test_sets(world, 10)[1]["asr"]
+    prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
+    parts = {"prompts": [r for r in recs if r["transcript"] in prompts], "lists": [r for r in recs if r["transcript"] not in prompts]}
+    assert parts["prompts"] and parts["lists"]
+    words = lambda r: [w for w in data.normalize_text(r["transcript"]).split() if w.isalpha()]
+    # the last token of a prompt is often "?" or ".": dropping it loses no spoken word
+    lost = lambda r: 0.0 if not r["transcript"].split()[-1].isalpha() else 1 / len(words(r))
+    student_row, teacher_row = res["base student, from speech"], res["text teacher, copying the transcript from text"]
+    for part, rs in list(parts.items()) + [("all", recs)]:
+        assert student_row[part] == pytest.approx(100.0 * sum(lost(r) for r in rs) / len(rs))
+        assert teacher_row[part] == 0.0
+    assert set(res) == {"audio encoder alone, greedy CTC", "adapter's word scores alone (best token per word)",
+                        "base student, from speech", "text teacher, copying the transcript from text"}
