@@ -415,18 +415,6 @@ def instruct_example(rng):
             "teacher": teacher + f" . the answer is {answer}", "reference": answer}
 
 
-def repeat_example(rng, vocab):
-    """Copy 2-10 words of the whole vocabulary in order: 'repeat the words : dilu frog six .'.
-    The teacher's unspoken text pool alone has it (no test family scores it): a real text LLM's
-    corpus is full of verbatim repetition and it copies text at once, but the toy teacher learns
-    only what its corpus holds. Measured without it: the base student transcribed with 28.6 %
-    WER although its adapter's word scores alone gave 9.8 %, and given the true words' own
-    embeddings it still had 27.4 %: its decoder could not copy (README, "Decisions")."""
-    seq = " ".join(vocab[i] for i in rng.integers(0, len(vocab), int(rng.integers(2, 11))))
-    return {"task": "instruct", "transcript": f"repeat the words : {seq} .", "answer": seq,
-            "teacher": seq, "reference": seq}
-
-
 # facts: each (entity, attribute) is asked with eight phrasings. Per fact, a random four of them
 # are training phrasings (the omni pool, which the teacher also reads) and one each belongs to the
 # align, val and test pools: the fact is known, but an align / val / test prompt is never trained on.
@@ -536,11 +524,10 @@ POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest eac
 
 PRESETS = {
     # text prompts per family (arith, instruct) and pool; facts: entities, each asked 3 x 4 times
-    # in train and 3 times in align, val and test; repeat: the text pool's copying prompts (counted
-    # in instruct); audio clips per task; speakers seen / unseen
-    "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5, repeat=100,
+    # in train and 3 times in align, val and test; audio clips per task; speakers seen / unseen
+    "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
                  asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
-    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300), facts_entities=100, repeat=10000,
+    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300), facts_entities=100,
                 asr=dict(train=3000, test=200), audio_q=dict(train=400, test=100), speakers=(24, 8)),
 }
 
@@ -602,19 +589,13 @@ def build_world(seed=0, preset="cpu"):
                                 "kind": "audio", "transcript": s,
                                 "instruction": AUDIO_INSTRUCTIONS[task], "reference": answer,
                                 "teacher": None, "answer": answer, "voice": voice})
-    # copying, for the teacher alone, from a generator of its own and after every clip: every
-    # other record and clip (each clip's noise is seeded by its place in this list) is unchanged
-    repeats = unique_examples(lambda g: repeat_example(g, vocab), np.random.default_rng([seed, 1]), cfg["repeat"], seen)
-    records += [{"id": f"text-repeat-{i:05d}", "split": "text", "task": ex["task"], "kind": "text",
-                 "transcript": ex["transcript"], "instruction": "", "reference": ex["reference"],
-                 "teacher": ex["teacher"], "answer": ex["answer"]} for i, ex in enumerate(repeats)]
     for r in records:
         if "voice" in r:
             r["audio"] = f"wavs/{r['id']}.wav"
     return records
 
 
-WORLD_FORMAT = 4   # bump when build_world changes what a seed produces
+WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
 
 
 def _speak(job):
