@@ -9,6 +9,8 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
                                          # transformers installed) the sampler vs its generate
     python eval.py --out runs/cpu --first_token   # does each student start its answers as the
                                                   # teacher does, from speech and from text?
+    python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words:
+                                                  # encoder, adapter, decoder; prompts vs word lists
 
 Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
          speakers) / 15 % (unseen), ΔS >= 10, 0 < ΔT < ΔS, audio questions >= 80 % on average.

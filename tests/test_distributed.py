@@ -147,6 +147,9 @@ def xopd_rank(out):
     loss.backward()
     train.average_gradients(params)
     torch.save({"idx": idx, "rollouts": seen, "grads": [p.grad for p in params]}, os.path.join(out, f"rank{train.RANK}.pt"))
+    # leave the group together: a rank that exits with gloo's threads still up can abort (SIGABRT)
+    train.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_xopd_averaged_gradient_is_the_gradient_on_the_union_of_the_rollouts(tmp_path, monkeypatch):
