@@ -471,13 +471,14 @@ def _linears(dec):
     return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
 
 
-def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0):
+def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0, device="cpu"):
     """
     Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
     Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
     top-k / top-p, no end token; the two alternate, best of `reps` each. Also the matmul GFLOP/s:
     the linear layers' FLOPs over the sampler's whole time, against the same shapes (same weights,
-    same rows per call) run alone. None when transformers is not installed.
+    same rows per call) run alone. On a GPU (device "cuda") every timing waits for the GPU to
+    finish. None when transformers is not installed.
     """
     try:
         import transformers
@@ -486,10 +487,11 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     _, _, dcfg = M.make_configs(preset, vocab)
     config = M.llama_config(dcfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
-    dec = M.load_llama(hf.state_dict(), config).eval()
-    ids = torch.randint(0, vocab, (batch, prompt))
-    lens = torch.full((batch,), prompt)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval().to(device)
+    dec = M.load_llama(hf.state_dict(), config).eval().to(device)
+    ids = torch.randint(0, vocab, (batch, prompt)).to(device)
+    lens = torch.full((batch,), prompt, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def ours(n=new_tokens, temperature=1.0):
         return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature)[0]
@@ -506,22 +508,25 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     ours(), theirs()  # warm-up
     for _ in range(reps):
         for name, fn in (("ours", ours), ("hf", theirs)):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     # the same matrix multiplies alone: the prompt's (batch * prompt rows; the head on the last
     # position only), then one call per decoded token (batch rows)
     ws = _linears(dec)
     calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
     flops = sum(2 * rows * w.numel() for rows, group in calls for w in group)
-    xs = {rows: torch.randn(rows, dcfg.dim) for rows in (batch, batch * prompt)}
-    hs = {rows: torch.randn(rows, dcfg.hidden_dim) for rows in (batch, batch * prompt)}
+    xs = {rows: torch.randn(rows, dcfg.dim, device=device) for rows in (batch, batch * prompt)}
+    hs = {rows: torch.randn(rows, dcfg.hidden_dim, device=device) for rows in (batch, batch * prompt)}
 
     def alone():
         with torch.inference_mode():
             for rows, group in calls:
                 for w in group:
                     F.linear(hs[rows] if w.shape[1] == dcfg.hidden_dim else xs[rows], w)
+        sync()
     t_alone = M._bench(alone, reps=reps)
     n_tok = batch * new_tokens
     return dict(ours_tok_s=n_tok / best["ours"], hf_tok_s=n_tok / best["hf"], same_greedy=same,
@@ -623,6 +628,22 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     return m
 
 
+def vs_hf_rows(hf, device="cpu"):
+    """Item 4's table rows from {preset: bench_vs_hf(...)} (a preset whose result is None is left out)."""
+    rows = []
+    for p, r in hf.items():
+        if r is None:
+            continue
+        item = f"4 vs generate, {p}" if device == "cpu" else f"4 vs generate, {p} size on {device}"
+        rows += [(item, "xopd.sample", f"{r['ours_tok_s']:.0f} tok/s",
+                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; the same matmuls alone {r['gflops_alone']:.1f}"),
+                 (item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s",
+                  f"{100 * r['same_greedy']:.1f}% same greedy tokens"),
+                 (item, "ratio", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
+                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time")]
+    return rows
+
+
 def bench(args):
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -630,6 +651,16 @@ def bench(args):
         cpu = names[0] if names else cpu
     machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
+    if args.device != "cpu":  # item 4 alone: items 1-3 measure this CPU (item 2 its process memory)
+        machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
+        print(f"machine: {machine}")
+        print(f"4. xopd.sample vs transformers' generate on {args.device}, cpu and gpu preset decoders, float32, "
+              "batch 32, prompt 64, 128 new tokens (alternating, best of 5 each) ...", flush=True)
+        table = ["| item | variant | speed | other |", "|---|---|---|---|"]
+        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in
+                  vs_hf_rows({p: bench_vs_hf(p, device=args.device) for p in ("cpu", "gpu")}, args.device)]
+        print("\n".join(table))
+        return table, machine
     print(f"machine: {machine}")
     # item 2 first, while this process is small: its children start from a fresh memory map
     print("2. token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
@@ -658,15 +689,7 @@ def bench(args):
         ("3 xopd_step", "update", f"{st['ms_update']:.0f} ms", f"{100 * st['ms_update'] / total:.0f}%"),
         ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens"),
     ]
-    for p, r in hf.items():
-        if r is None:
-            continue
-        rows += [(f"4 vs generate, {p}", "xopd.sample", f"{r['ours_tok_s']:.0f} tok/s",
-                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; the same matmuls alone {r['gflops_alone']:.1f}"),
-                 (f"4 vs generate, {p}", f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s",
-                  f"{100 * r['same_greedy']:.1f}% same greedy tokens"),
-                 (f"4 vs generate, {p}", "ratio", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
-                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time")]
+    rows += vs_hf_rows(hf)
     table = ["| item | variant | speed | other |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     print("\n".join(table))
@@ -683,6 +706,7 @@ def main(argv=None):
         sub = ap.add_subparsers(dest="cmd", required=True)
         p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p.add_argument("--device", default="cpu", help="cuda: item 4 alone (the sampler vs generate), on the GPU")
         p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
         p.add_argument("--variant", choices=["naive", "fused"], required=True)
         p.add_argument("--N", type=int, default=8192)
