@@ -242,7 +242,8 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
     """
     student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
     teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
-    student.eval(), teacher.eval()
+    student.eval()
+    teacher.eval()
     recs = test_sets(world, per_task)[1]["asr"]
     prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
     ctc, adapter = [], []
@@ -652,13 +653,19 @@ def bench(args):
     machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
     if args.device != "cpu":  # item 4 alone: items 1-3 measure this CPU (item 2 its process memory)
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            sys.exit(f"--device {args.device}: not usable here ({e})")
         machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
         print(f"machine: {machine}")
         print(f"4. xopd.sample vs transformers' generate on {args.device}, cpu and gpu preset decoders, float32, "
               "batch 32, prompt 64, 128 new tokens (alternating, best of 5 each) ...", flush=True)
+        hf = {p: bench_vs_hf(p, device=args.device) for p in ("cpu", "gpu")}
+        if None in hf.values():
+            sys.exit("4. needs transformers: pip install transformers (it is not a dependency of this project)")
         table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in
-                  vs_hf_rows({p: bench_vs_hf(p, device=args.device) for p in ("cpu", "gpu")}, args.device)]
+        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in vs_hf_rows(hf, args.device)]
         print("\n".join(table))
         return table, machine
     print(f"machine: {machine}")
