@@ -743,11 +743,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
+    runs = []  # (folder, its World, its settings): what the flags leave out, as the run was trained
+    for out in args.out:
+        teacher = os.path.join(out, "teacher", "model.pt")
+        if not os.path.exists(teacher):
+            ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
+        trained = M.load_checkpoint(teacher)["train"]
+        trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens") if getattr(args, k) is not None})
+        runs.append((out, run_world(out, args.data), trained))
     if args.first_token:
-        seeds = []
-        for out in args.out:
-            trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
-            seeds.append(first_token_probe(out, run_world(out, args.data), device, trained["val_per_family"]))
+        seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
         fams = list(next(iter(seeds[0].values())))
         print("P(first token = the teacher's), % (mean over val prompts" + (", ± se over seeds)" if len(seeds) > 1 else ")"))
         print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
@@ -755,25 +760,14 @@ def main(argv=None):
             print(f"| {name} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
         return
     if args.hearing:
-        seeds = []
-        for out in args.out:
-            trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
-            seeds.append(hearing_probe(out, run_world(out, args.data), device, trained["eval_per_family"],
-                                       trained["max_new_tokens"]))
+        seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
         print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
         print("| reads the words with | spoken prompts | word lists | all clips |\n|---|---|---|---|")
         for row in seeds[0]:
             print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all")) + " |")
         return
-    for out in args.out:
-        runs = run_dirs(out)
-        if "teacher" not in runs:
-            ap.error(f"--out: {out} holds no finished teacher ({out}/teacher/model.pt); run train.py first")
-        # what the flags leave out comes from the settings the run was trained with
-        trained = M.load_checkpoint(os.path.join(runs["teacher"], "model.pt"))["train"]
-        per_family, max_new_tokens = (trained[k] if getattr(args, k) is None else getattr(args, k)
-                                      for k in ("eval_per_family", "max_new_tokens"))
-        evaluate_all(out, run_world(out, args.data), device, per_family, max_new_tokens)
+    for out, world, s in runs:
+        evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])
     # one folder: its tables beside its runs; several seeds: in the folder that holds them all
     report(args.out, args.out[0] if len(args.out) == 1 else os.path.commonpath([os.path.abspath(o) for o in args.out]))
 
