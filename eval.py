@@ -6,7 +6,8 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
                                          # KV-cached vs recomputed sampling, fused vs naive log-probs,
                                          # one X-OPD step split into its parts, and (with
-                                         # transformers installed) the sampler vs its generate
+                                         # transformers installed) the sampler, eager and
+                                         # compiled, vs its generate
     python eval.py --out runs/cpu --first_token   # does each student start its answers as the
                                                   # teacher does, from speech and from text?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words:
@@ -21,6 +22,7 @@ Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR W
          against the base student (forgetting).
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -494,8 +496,9 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     lens = torch.full((batch,), prompt, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def ours(n=new_tokens, temperature=1.0):
-        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature)[0]
+    def ours(n=new_tokens, temperature=1.0, compile=False):
+        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature,
+                           compile=compile)[0]
 
     def theirs(n=new_tokens, greedy=False):
         with torch.inference_mode():
@@ -504,11 +507,19 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
 
-    same = (ours(16, temperature=0.0) == theirs(16, greedy=True)).float().mean().item()
-    best = {"ours": float("inf"), "hf": float("inf")}
-    ours(), theirs()  # warm-up
+    greedy = theirs(16, greedy=True)
+    same = (ours(16, temperature=0.0) == greedy).float().mean().item()
+    sync()
+    t0 = time.perf_counter()
+    same_compiled = (ours(16, temperature=0.0, compile=True) == greedy).float().mean().item()  # compiles
+    sync()
+    t_compile = time.perf_counter() - t0
+    fns = {"ours": ours, "compiled": functools.partial(ours, compile=True), "hf": theirs}
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
     for _ in range(reps):
-        for name, fn in (("ours", ours), ("hf", theirs)):
+        for name, fn in fns.items():
             sync()
             t0 = time.perf_counter()
             fn()
@@ -530,9 +541,10 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
         sync()
     t_alone = M._bench(alone, reps=reps)
     n_tok = batch * new_tokens
-    return dict(ours_tok_s=n_tok / best["ours"], hf_tok_s=n_tok / best["hf"], same_greedy=same,
-                gflops_ours=flops / best["ours"] / 1e9, gflops_alone=flops / t_alone / 1e9,
-                transformers=transformers.__version__)
+    return dict(ours_tok_s=n_tok / best["ours"], compiled_tok_s=n_tok / best["compiled"], hf_tok_s=n_tok / best["hf"],
+                same_greedy=same, same_greedy_compiled=same_compiled, compile_s=t_compile,
+                gflops_ours=flops / best["ours"] / 1e9, gflops_compiled=flops / best["compiled"] / 1e9,
+                gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
 
 
 def _peak_rss_mb():
@@ -636,12 +648,17 @@ def vs_hf_rows(hf, device="cpu"):
         if r is None:
             continue
         item = f"4 vs generate, {p}" if device == "cpu" else f"4 vs generate, {p} size on {device}"
+        alone = f"the same matmuls alone {r['gflops_alone']:.1f}"
         rows += [(item, "xopd.sample", f"{r['ours_tok_s']:.0f} tok/s",
-                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; the same matmuls alone {r['gflops_alone']:.1f}"),
-                 (item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s",
-                  f"{100 * r['same_greedy']:.1f}% same greedy tokens"),
-                 (item, "ratio", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
-                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time")]
+                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; {alone}; {100 * r['same_greedy']:.1f}% same greedy tokens"),
+                 (item, "xopd.sample(compile=True)", f"{r['compiled_tok_s']:.0f} tok/s",
+                  f"{r['gflops_compiled']:.1f} matmul GFLOP/s; first call {r['compile_s']:.0f} s (compiles); "
+                  f"{100 * r['same_greedy_compiled']:.1f}% same greedy tokens"),
+                 (item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""),
+                 (item, "ratio, eager", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
+                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time"),
+                 (item, "ratio, compiled", f"{r['compiled_tok_s'] / r['hf_tok_s']:.2f}x faster",
+                  f"matmuls are {100 * r['gflops_compiled'] / r['gflops_alone']:.0f}% of its time")]
     return rows
 
 

@@ -395,7 +395,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # the statistic in float32 even under bf16, as Llama does
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the statistic in float32 even under bf16, as Llama does
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
@@ -442,6 +442,14 @@ class Attention(nn.Module):
         # SDPA read the grouped cache in place instead of copying all of it every step, bitwise the
         # same output. Training repeats the heads: SDPA's grouped backward sums a group's key/value
         # gradients in another order (equal to ~1e-6), and the README's runs were trained this way.
+        if T == 1 and cache is not None and torch.compiler.is_compiling():
+            # a decode step under torch.compile (xopd.sample's compile): one query per row as two
+            # matmuls and a softmax, which the compiler fuses; SDPA's CPU kernel would take most
+            # of the step for so little work. Query heads grouped by the kv head they read.
+            qg = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            scores = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, group, keys)
+            y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
+            return self.o_proj(y.reshape(B, T, -1))
         if cache is None:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -582,19 +590,24 @@ class Decoder(nn.Module):
         cache.end = int(cache.lengths.max())
         return h
 
-    def decode(self, cache, input_ids=None, inputs_embeds=None):
+    def decode(self, cache, input_ids=None, inputs_embeds=None, step=None):
         """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), written at each row's own
-        position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1."""
+        position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1. step: decode_step, or
+        a compiled version of it (xopd.sample's compile)."""
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)  # (B, 1, dim)
-        pos = cache.lengths
         assert cache.end < cache.max_len, "KV cache full"
+        h = (step or self.decode_step)(x, cache)
+        cache.lengths = cache.lengths + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
+        cache.end += 1
+        return h[:, 0]
+
+    def decode_step(self, x, cache):
+        """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1, dim)."""
+        pos = cache.lengths
         n = cache.end + 1  # keys up to the longest row's new length
         mask = (torch.arange(n, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, n)
         cos, sin = self.rotary(n)
-        h = self._run(x, cos[pos][:, None, None], sin[pos][:, None, None], mask, cache)  # (B, 1, 1, hd) each
-        cache.lengths = pos + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
-        cache.end += 1
-        return h[:, 0]
+        return self._run(x, cos[pos][:, None, None], sin[pos][:, None, None], mask, cache)  # (B, 1, 1, hd) each
 
 
 def load_llama(state_dict_or_path, config):

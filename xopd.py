@@ -21,6 +21,7 @@ per-step reverse KL. The sequence-level reverse KL KL(pi(y|x) || pi_phi(y|T)) ha
 addition, the terms through the prefix distribution (a reward-to-go sum_{s>=t} A_s in
 place of A_t would give them); X-OPD, like on-policy distillation in general, drops them.
 """
+import functools
 import math
 import time
 
@@ -76,7 +77,7 @@ def last_hidden(hidden, lengths):
 
 
 def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new_tokens,
-           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False):
     """
     KV-cached rollouts: prefill the right-padded prompts once, repeat the cache n times
     (row b -> rows b*n .. b*n+n-1), decode one token per step. Finished rows keep
@@ -84,6 +85,10 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
     positions, up to and including the first eos), logprobs (B*n, L) (float32, or
     float64 for a float64 model) gathered from the sampling logits (0 where masked).
     L <= max_new_tokens: the loop stops when every row has ended.
+    compile: each decode step's pass through the layers (Decoder.decode_step) goes through
+    torch.compile. Its first calls compile (seconds; once more when the number of keys first
+    changes, after which it is a symbolic size); the tokens are the eager sampler's up to float
+    rounding.
     """
     with torch.inference_mode():
         prompt = input_ids if input_ids is not None else inputs_embeds
@@ -96,21 +101,27 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
         if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
             cache = cache.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
+        step = functools.partial(compiled_decode_step, decoder) if compile else None
         done = torch.zeros(B * n, dtype=torch.bool, device=logits.device)
         ids, mask, logprobs = [], [], []
-        for step in range(max_new_tokens):
+        for t in range(max_new_tokens):
             tok, lp = sample_next_token(logits, generator, temperature, top_k, top_p)
             tok = tok.masked_fill(done, eos_id)
             ids.append(tok)
             mask.append(~done)
             logprobs.append(lp.masked_fill(done, 0.0))
             done = done | (tok == eos_id)
-            if done.all() or step == max_new_tokens - 1:
+            if done.all() or t == max_new_tokens - 1:
                 break
-            logits = decoder.logits(decoder.decode(cache, input_ids=tok))  # (B*n, V)
+            logits = decoder.logits(decoder.decode(cache, input_ids=tok, step=step))  # (B*n, V)
         out = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logprobs, 1)
     # inference tensors cannot be saved for backward; clones made outside can
     return tuple(x.clone() for x in out)
+
+
+# Decoder.decode_step through torch.compile, for sample(compile=True). One function for every
+# decoder: the compiled code is kept with it, and its guards check which version applies.
+compiled_decode_step = torch.compile(M.Decoder.decode_step)
 
 
 # -----------------------------------------------------------------------------

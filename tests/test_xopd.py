@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -242,6 +244,20 @@ def test_sample_eos_mask_seed_and_n():
     for b in range(4):
         group = {tuple(out[b * 4 + i][mask[b * 4 + i]].tolist()) for i in range(4)}
         assert len(group) > 1
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_sampling_matches_eager():
+    # rows of different lengths, n per prompt, end tokens, top-k: the compiled step (its own
+    # attention, keys a symbolic size after the first step) changes no token
+    dec = tiny_decoder(vocab=8, scale=5.0)
+    ids, lens = prompts(8, [3, 5, 4, 2])
+    kw = dict(input_ids=ids, n=3, max_new_tokens=12, eos_id=3, top_k=6)
+    eager = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2))
+    compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2), compile=True)
+    assert 0 < int((eager[0] == 3).any(1).sum()) < eager[0].size(0)  # some rows end, some run to the limit
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=1e-9)
 
 
 def test_response_hidden_matches_per_row_forward():
