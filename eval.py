@@ -239,8 +239,9 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
     the frozen encoder's own greedy CTC output (against the words as spoken: a doubled letter
     once); the adapter's word scores alone (each word's best-scoring token, no decoder); the base
     student's transcript; and the text teacher copying the same transcripts from text ("repeat
-    the words : ..."), which needs no hearing at all.
-    -> {row: {"prompts": WER %, "lists": WER %, "all": WER %}}
+    the words : ..."), which needs no hearing at all. Also the share of spoken prompts read with
+    every spoken word right: a task can only be answered from what was heard.
+    -> {row: {"prompts": WER %, "lists": WER %, "all": WER %, "whole": % of prompt clips}}
     """
     student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
     teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
@@ -268,6 +269,7 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
         wers = [(data.wer(ref(r["transcript"]), spoken_words(p)), r["transcript"] in prompts) for r, p in zip(recs, preds)]
         res[row] = {k: 100.0 * sum(w for w, _ in part) / max(1, len(part)) for k, part in
                     (("prompts", [x for x in wers if x[1]]), ("lists", [x for x in wers if not x[1]]), ("all", wers))}
+        res[row]["whole"] = 100.0 * sum(w == 0 for w, p in wers if p) / max(1, sum(p for _, p in wers))
     return res
 
 
@@ -779,9 +781,9 @@ def main(argv=None):
     if args.hearing:
         seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
         print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
-        print("| reads the words with | spoken prompts | word lists | all clips |\n|---|---|---|---|")
+        print("| reads the words with | spoken prompts | word lists | all clips | spoken prompts read whole (%) |\n|---|---|---|---|---|")
         for row in seeds[0]:
-            print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all")) + " |")
+            print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all", "whole")) + " |")
         return
     for out, world, s in runs:
         evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])

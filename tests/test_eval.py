@@ -26,6 +26,7 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
             return [r["teacher"] or r["answer"] for r in recs]
         return [r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr" else r["answer"] if i % 2 == 0 else "no"
                 for i, r in enumerate(recs)]
+    dropped = {r["id"] for r in E.test_sets(world, 10)[1]["asr"][::2]}
     monkeypatch.setattr(E, "generate", generate)
     res = E.evaluate_model(student, world, "cpu", per_family=4, max_new_tokens=8)
     text, audio = E.test_sets(world, 4)
@@ -111,9 +112,10 @@ def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, 
 
 
 def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(tiny_data, tmp_path, monkeypatch):
-    """Transcripts chosen here: the student drops the last word of every clip, the teacher copies
-    every transcript with its punctuation; the WERs must be the hand-computed ones, punctuation
-    never counting, on each part of the split."""
+    """Transcripts chosen here: the student drops the first word of every other clip and the
+    punctuation of every clip, the teacher copies every transcript with its punctuation; the WERs
+    and the share of prompts read whole must be the hand-computed ones, punctuation never
+    counting, on each part of the split."""
     world = data.World(tiny_data)
     enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
     torch.manual_seed(0)
@@ -125,7 +127,8 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
         if modality == "text":  # "repeat the words : <words> ." -> "<words> ." (a full stop is not a word)
             return [r["transcript"].removeprefix("repeat the words : ") for r in recs]
-        return [r["transcript"].rsplit(" ", 1)[0] for r in recs]
+        return [" ".join(w for w in r["transcript"].split()[r["id"] in dropped:] if w.isalpha()) for r in recs]
+    dropped = {r["id"] for r in E.test_sets(world, 10)[1]["asr"][::2]}
     monkeypatch.setattr(E, "generate", generate)
     res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
     recs = E.test_sets(world, 10)[1]["asr"]
@@ -133,11 +136,13 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     parts = {"prompts": [r for r in recs if r["transcript"] in prompts], "lists": [r for r in recs if r["transcript"] not in prompts]}
     assert parts["prompts"] and parts["lists"]
     words = lambda r: [w for w in data.normalize_text(r["transcript"]).split() if w.isalpha()]
-    # the last token of a prompt is often "?" or ".": dropping it loses no spoken word
-    lost = lambda r: 0.0 if not r["transcript"].split()[-1].isalpha() else 1 / len(words(r))
+    lost = lambda r: 1 / len(words(r)) if r["id"] in dropped else 0.0
     student_row, teacher_row = res["base student, from speech"], res["text teacher, copying the transcript from text"]
     for part, rs in list(parts.items()) + [("all", recs)]:
         assert student_row[part] == pytest.approx(100.0 * sum(lost(r) for r in rs) / len(rs))
         assert teacher_row[part] == 0.0
+    assert 0 < sum(r["id"] in dropped for r in parts["prompts"]) < len(parts["prompts"])
+    assert student_row["whole"] == pytest.approx(100.0 * sum(r["id"] not in dropped for r in parts["prompts"]) / len(parts["prompts"]))
+    assert teacher_row["whole"] == 100.0
     assert set(res) == {"audio encoder alone, greedy CTC", "adapter's word scores alone (best token per word)",
                         "base student, from speech", "text teacher, copying the transcript from text"}
