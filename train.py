@@ -91,6 +91,7 @@ class TrainConfig:
     gkd_beta: float = 0.0        # GKD: 0 = forward KL (the paper's baseline)
     gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
     ratio_clip: float = 0.0      # optional PPO-style clip of X-OPD's importance ratio (0 = off, as in the paper)
+    align_max_wer: float = -1.0  # keep the align prompts the base student transcribes within this WER % (paper: 5); < 0 all
     tag: str = ""                # suffix of the align run's folder, to keep variants apart
     # every stage
     warmup: int = 20             # linear lr warm-up steps
@@ -291,7 +292,7 @@ SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", 
            "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
            "omni": ("student", "omni_mix", "voice_first", "omni_steps", "omni_lr", "batch_size"),
            "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
-                     "gkd_beta", "gkd_mix", "ratio_clip")}
+                     "gkd_beta", "gkd_mix", "ratio_clip", "align_max_wer")}
 
 
 def same_data(a, b):
@@ -715,6 +716,21 @@ def teacher_responses(cfg, world, teacher, recs, device, amp):
     return out
 
 
+def heard_prompts(cfg, world, student, recs, device, amp, name="align"):
+    """The align prompts whose clips the base student transcribes (greedy, from speech) within
+    cfg.align_max_wer % WER, as the paper kept only prompts its student transcribed within 5 %:
+    the cross-modal feedback is then about answering what was heard, not about hearing it."""
+    asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in recs]
+    with autocast(device, amp):
+        heard = E.generate(student, world, asks, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
+    keep = [r for r, h in zip(recs, heard)
+            if 100.0 * data.wer(E.spoken_words(r["transcript"]), E.spoken_words(h)) <= cfg.align_max_wer]
+    print(f"[{name}] {len(keep)} of {len(recs)} align prompts transcribed within {cfg.align_max_wer:g} % WER: aligning on those")
+    if not keep:
+        sys.exit(f"[{name}] --align_max_wer {cfg.align_max_wer:g}: no align prompt is transcribed that well")
+    return keep
+
+
 def stage_align(cfg, world, device, amp, folder="align"):
     """Stage 4: one alignment method on the align pool's paired (speech, text) prompts, which
     the student has never seen. Same prompts, steps, batch, gradient clipping and frozen audio
@@ -736,6 +752,8 @@ def stage_align(cfg, world, device, amp, folder="align"):
         recs = [r for r in world.train if r["kind"] == "text"]
         print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken prompts, "
               "which the omni stage has already seen")
+    if cfg.align_max_wer >= 0:
+        recs = heard_prompts(cfg, world, student, recs, device, amp, name)
     if cfg.method == "kd" and RANK == 0:  # rank 0 writes the teacher's responses, the others read them
         teacher_responses(cfg, world, teacher, recs, device, amp)
     barrier()

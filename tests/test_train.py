@@ -329,3 +329,27 @@ def test_omni_mix_and_voice_first_train_the_parts_they_name_and_a_stage_of_anoth
         train.main(tiny(tmp_path, tiny_data, "--omni_mix", "asr=0.5,audio_qa=0.5"))
     with pytest.raises(SystemExit, match="--omni_mix: expected part=fraction pairs"):
         train.parse_args(["--omni_mix", "asr=1,speech=1"])
+
+
+def test_align_max_wer_keeps_the_prompts_the_student_transcribes_that_well(tiny_data, monkeypatch, capsys):
+    world = data.World(tiny_data)
+    recs = [r for r in world.align if r["kind"] == "text"]
+    asked = []
+
+    def generate(model, world, rs, modality, device, max_new_tokens, encoder=None):
+        # every third clip exactly, the others with their first spoken word replaced
+        asked.extend((r["instruction"], modality) for r in rs)
+        words = [E.spoken_words(r["transcript"]).split() for r in rs]
+        return [" ".join(w if i % 3 == 0 else ["zzz"] + w[1:]) for i, w in enumerate(words)]
+    monkeypatch.setattr(E, "generate", generate)
+    student = type("Student", (), {"encoder": None})()
+    n_words = [len(E.spoken_words(r["transcript"]).split()) for r in recs]
+    cases = ((0.0, [r for i, r in enumerate(recs) if i % 3 == 0]),
+             (15.0, [r for i, (r, n) in enumerate(zip(recs, n_words)) if i % 3 == 0 or 100 / n <= 15]),
+             (100.0, recs))
+    assert len({len(expect) for _, expect in cases}) == 3  # three different answers
+    for max_wer, expect in cases:
+        cfg = train.parse_args(["--preset", "tiny", "--align_max_wer", str(max_wer)])
+        assert train.heard_prompts(cfg, world, student, recs, torch.device("cpu"), None) == expect
+    assert set(asked) == {(data.AUDIO_INSTRUCTIONS["asr"], "speech")}
+    assert "aligning on those" in capsys.readouterr().out
