@@ -68,7 +68,7 @@ class TrainConfig:
     student: str = ""            # a speech LLM checkpoint of this project (model.pt): the omni stage imports it
     # teacher stage: text decoder on text skills
     teacher_steps: int = 2500
-    teacher_lr: float = 1e-3       # at 3e-3 the teacher never learned to copy, nor its student to transcribe (README, Decisions)
+    teacher_lr: float = 1e-3       # at 3e-3 its student could not learn to transcribe word lists (README, Decisions)
     # encoder stage: character CTC pretraining of the audio encoder
     encoder_steps: int = 1200
     encoder_lr: float = 2e-3
