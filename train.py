@@ -839,10 +839,10 @@ def select_lr(cfg, world, device, amp):
     return best
 
 
-# Each stage's time in the README's default run (cpu preset, 2 cores; "select" is the learning-rate
-# grid of three rates; teacher and omni scaled to their step counts since): the stage headers'
-# estimate of the time left, scaled to this machine's pace.
-REFERENCE_S = {"cpu": {"data": 66, "teacher": 229, "encoder": 340, "omni": 642, "align": 50, "select": 135, "eval": 33}}
+# Each stage's time in the README's default run (cpu preset, 2 cores, commit e03f8f1; "select", the
+# learning-rate grid of three rates, from an earlier run): the stage headers' estimate of the time
+# left, scaled to this machine's pace.
+REFERENCE_S = {"cpu": {"data": 58, "teacher": 193, "encoder": 265, "omni": 474, "align": 44, "select": 135, "eval": 26}}
 
 
 def load_world(cfg):
