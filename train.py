@@ -69,6 +69,7 @@ class TrainConfig:
     # teacher stage: text decoder on text skills
     teacher_steps: int = 1500
     teacher_lr: float = 1e-3       # at 3e-3 its student could not learn to transcribe word lists (README, Decisions)
+    teacher_prior: float = 0.2   # share of the teacher's targets in the data's other answer style (the bare `reference`)
     # encoder stage: character CTC pretraining of the audio encoder
     encoder_steps: int = 1200
     encoder_lr: float = 2e-3
@@ -78,6 +79,7 @@ class TrainConfig:
     omni_lr: float = 2e-3
     omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: another omni mix (parts of OMNI_MIX); "" = OMNI_MIX
     voice_first: int = 300       # omni: the first this many steps train on VOICE_FIRST_MIX (audio questions, written text)
+    omni_teacher_style: float = 0.5  # omni: share of the spoken instructions answered in the teacher's style
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
@@ -91,6 +93,7 @@ class TrainConfig:
     gkd_beta: float = 0.0        # GKD: 0 = forward KL (the paper's baseline)
     gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
     ratio_clip: float = 0.0      # optional PPO-style clip of X-OPD's importance ratio (0 = off, as in the paper)
+    loss_agg: str = "seq_mean"   # X-OPD's Eq. 4 reduction: seq_mean (the paper) | token_sum (sum / fixed count)
     align_max_wer: float = -1.0  # keep the align prompts the base student transcribes within this WER % (paper: 5); < 0 all
     tag: str = ""                # suffix of the align run's folder, to keep variants apart
     # every stage
@@ -129,6 +132,8 @@ def parse_args(argv=None):
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **given})
     if cfg.method not in METHODS:
         p.error(f"--method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.loss_agg not in xopd.LOSS_AGGS:
+        p.error(f"--loss_agg: expected one of {', '.join(xopd.LOSS_AGGS)}, got {cfg.loss_agg!r}")
     if not 0.0 <= cfg.lam <= 1.0:
         p.error(f"--lam: expected a value in [0, 1], got {cfg.lam}")
     if not 0.0 <= cfg.gkd_beta <= 1.0 or not 0.0 <= cfg.gkd_mix <= 1.0:
@@ -139,6 +144,9 @@ def parse_args(argv=None):
             p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
     if cfg.temperature < 0:
         p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
+    for name in ("teacher_prior", "omni_teacher_style"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            p.error(f"--{name}: expected a share in [0, 1], got {getattr(cfg, name)}")
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
     omni_mix(cfg)  # refused here, not after the stages before omni
@@ -288,11 +296,11 @@ def update_weights(params, opt, loss, grad_clip):
 # The settings that shape each stage's output. A stage's model.pt or ckpt.pt made under other
 # values is refused, never silently reused or continued (the stage folder's name says only which
 # stage it is).
-SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "batch_size"),
+SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "teacher_prior", "batch_size"),
            "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
-           "omni": ("student", "omni_mix", "voice_first", "omni_steps", "omni_lr", "batch_size"),
+           "omni": ("student", "omni_mix", "voice_first", "omni_steps", "omni_lr", "omni_teacher_style", "batch_size"),
            "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
-                     "gkd_beta", "gkd_mix", "ratio_clip", "align_max_wer")}
+                     "gkd_beta", "gkd_mix", "ratio_clip", "loss_agg", "align_max_wer")}
 
 
 def same_data(a, b):
@@ -483,6 +491,16 @@ def import_stage(cfg, name, model, world, source):
     barrier()
 
 
+def answer_styles(rows, own, other, share, seed):
+    """Each row's target: its field `own`, or with probability `share` its field `other` where it
+    has one. The draws depend on seed alone, so a step's targets are the same on a resumed run and
+    however torchrun splits the rows."""
+    if share <= 0:
+        return [r[own] for r in rows]
+    u = torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [r[other] if x < share and r[other] else r[own] for r, x in zip(rows, u)]
+
+
 def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
     train pool and of the unspoken text pool (text is free: the teacher learns from far more
@@ -509,9 +527,13 @@ def stage_teacher(cfg, world, device, amp):
     quota = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams)) for i, f in enumerate(fams)}
 
     def step_fn(step):
-        rows = shard([fams[f][i] for j, f in enumerate(fams)
-                      for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)])
-        b = world.batch(rows, [r["teacher"] for r in rows], device, speech=False)
+        rows = [fams[f][i] for j, f in enumerate(fams) for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)]
+        # A language prior, as a real text LLM has from pretraining on varied text: a share of the
+        # targets is the data's other way of answering (the bare `reference`), the rest its own
+        # chain of thought (the instruction tuning that fixes its style). Its greedy answers stay
+        # chains; a short answer from the student is then judged, not impossible (README, Decisions).
+        pairs = shard(list(zip(rows, answer_styles(rows, "teacher", "reference", cfg.teacher_prior, cfg.seed * 1_000_003 + step))))
+        b = world.batch([r for r, _ in pairs], [t for _, t in pairs], device, speech=False)
         with autocast(device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
         return share(loss, ntok, device), {"tokens": ntok}  # a mean over tokens
@@ -621,6 +643,20 @@ def word_alignment_loss(student, batch, word_pieces):
     return F.cross_entropy(picked, target), len(picked)
 
 
+def omni_pools(world):
+    """The omni mix's parts, {part: records}, from the train pool alone (the align, val and test
+    prompts stay new to the student); each part from the records that carry its target (a
+    manifest may have transcripts only). Every training clip doubles as a transcription example."""
+    asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
+    asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction, "reference": r["transcript"],
+                                           "teacher": None, "id": r["id"]} for r in world.train]
+    text_recs = [r for r in world.train if r["kind"] == "text"]
+    return {"asr": [r for r in asr if r["transcript"]],
+            "audio_qa": [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr" and r["reference"]],
+            "spoken": [r for r in text_recs if r["reference"]],
+            "written": [r for r in text_recs if r["teacher"]]}
+
+
 def stage_omni(cfg, world, device, amp):
     """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
@@ -646,15 +682,7 @@ def stage_omni(cfg, world, device, amp):
     student.encoder.load_state_dict(encoder.speech_encoder_state())
     student.encoder.requires_grad_(False)
     del teacher, encoder
-    asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
-    asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction, "reference": r["transcript"],
-                                           "teacher": None, "id": r["id"]} for r in world.train]
-    # each part of the mix from the records that carry its target (a manifest may have transcripts only)
-    asr = [r for r in asr if r["transcript"]]
-    text_recs = [r for r in world.train if r["kind"] == "text"]
-    qa_recs = [r for r in world.train if r["kind"] == "audio" and r["task"] != "asr" and r["reference"]]
-    pools = {"asr": asr, "audio_qa": qa_recs, "spoken": [r for r in text_recs if r["reference"]],
-             "written": [r for r in text_recs if r["teacher"]]}
+    pools = omni_pools(world)
     mix = omni_mix(cfg)
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in mix.items() if f > 0}
     voice_sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in VOICE_FIRST_MIX.items()}
@@ -663,9 +691,16 @@ def stage_omni(cfg, world, device, amp):
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
         size = voice_sizes if step < cfg.voice_first else sizes
-        rows = {k: shard([pools[k][i] for i in data.batch_indices(len(pools[k]), size[k], step, cfg.seed + j)])
-                for j, k in enumerate(OMNI_MIX) if k in size and pools[k]}  # j: each part's own seed, whatever the mix
-        return [(r, r[target[k]]) for k in ("asr", "audio_qa", "spoken") for r in rows.get(k, [])], rows.get("written", [])
+        parts = {}
+        for j, k in enumerate(OMNI_MIX):  # j: each part's own seed, whatever the mix
+            if k in size and pools[k]:
+                rows = [pools[k][i] for i in data.batch_indices(len(pools[k]), size[k], step, cfg.seed + j)]
+                # spoken instructions answered by the dataset (`reference`) or, as speech LLMs' data often
+                # is, by a text LLM reading the transcript (`teacher`): cfg.omni_teacher_style of them
+                targets = (answer_styles(rows, "reference", "teacher", cfg.omni_teacher_style, cfg.seed * 1_000_003 + step)
+                           if k == "spoken" else [r[target[k]] for r in rows])
+                parts[k] = shard(list(zip(rows, targets)))
+        return [p for k in ("asr", "audio_qa", "spoken") for p in parts.get(k, [])], [r for r, _ in parts.get("written", [])]
 
     def step_fn(step):
         speech, written = rows_at(step)
@@ -771,7 +806,7 @@ def stage_align(cfg, world, device, amp, folder="align"):
             with autocast(device, amp):
                 loss, stats = xopd.xopd_step(student, teacher, b, n=cfg.n, lam=cfg.lam, max_new_tokens=cfg.max_new_tokens,
                                              temperature=cfg.temperature, eos_id=world.end_id, generator=gen,
-                                             ratio_clip=cfg.ratio_clip)
+                                             ratio_clip=cfg.ratio_clip, loss_agg=cfg.loss_agg)
             return share(loss, len(rows), device), stats  # a mean over sequences (n per prompt)
         if cfg.method == "gkd":
             b = world.batch(rows, [r["reference"] for r in rows], device, encoder=student.encoder)

@@ -12,6 +12,7 @@ them (the numbers are this file's):
   Eq. 2  cross-modal advantage  A_cm(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | S, y<t)
   Eq. 3  importance ratio       r_t = pi_theta(y_t | .) / pi_theta_old(y_t | .)
   Eq. 4  per-term loss          L = -mean_seq( mean_t( r_t * A_t ) )        (A_t detached)
+         (loss_agg "token_sum": -sum_seq sum_t r_t * A_t / (n_seq * L_max), L_max fixed)
   Eq. 5  objective              L = lam * L_im + (1 - lam) * L_cm
 
 What Eq. 4's gradient is, exactly: per step, E_{y_t ~ pi}[grad log pi(y_t|y<t) * A_t] =
@@ -227,7 +228,26 @@ def _seq_mean(x, mask):
     return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0):
+LOSS_AGGS = ("seq_mean", "token_sum")
+
+
+def aggregate(x, mask, agg="seq_mean", norm_len=None):
+    """
+    Eq. 4's reduction of per-token terms x (B, L) over the real tokens (mask) to one number.
+    "seq_mean" (the paper): each sequence's mean over its tokens, then the mean over sequences, so
+    a token of a short answer weighs more than one of a long answer. "token_sum": the sum over every
+    real token divided by a fixed count, B * norm_len (norm_len: the longest possible response),
+    so every token weighs the same whatever its sequence's length (the "length-unbiased" form of
+    Dr. GRPO, arXiv 2503.20783).
+    """
+    if agg == "seq_mean":
+        return _seq_mean(x, mask)
+    if agg == "token_sum":
+        return (x * mask.to(x.dtype)).sum() / (x.size(0) * norm_len)
+    raise ValueError(f"loss aggregation: expected one of {', '.join(LOSS_AGGS)}, got {agg!r}")
+
+
+def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
     """
     One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with
     grad; logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L).
@@ -236,6 +256,7 @@ def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0):
     sampling-time ones: on-policy they are equal, but the recomputation goes through the
     same code path as the teacher's (full causal pass + fused gather), so a teacher equal
     to the student gives an advantage of exactly 0 rather than KV-cache rounding noise.
+    agg, norm_len: Eq. 4's reduction over tokens and sequences (aggregate).
     Returns (loss, mean advantage per real token).
     """
     adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
@@ -243,11 +264,11 @@ def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0):
     obj = ratio * adv
     if ratio_clip > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
         obj = torch.minimum(obj, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * adv)
-    loss = -_seq_mean(obj, mask)  # Eq. 4: per-sequence mean over real tokens, then mean over sequences
+    loss = -aggregate(obj, mask, agg, norm_len)  # Eq. 4: per-sequence mean over real tokens, then over sequences
     return loss, adv[mask].mean()
 
 
-def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0):
+def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0, agg="seq_mean", norm_len=None):
     """
     Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im and cm are tuples
     (logp, logp_old, logp_teacher, mask), each (B, L), for rollouts from the text prompt T
@@ -262,7 +283,7 @@ def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0):
             assert w == 0, f"the {name} term has weight {w} but no rollouts"
             continue
         logp, logp_old, logp_teacher, mask = term
-        term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, ratio_clip)
+        term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, ratio_clip, agg, norm_len)
         loss = loss + w * term_loss  # Eq. 5
         stats[f"adv_{name}"] = adv.item()
         stats[f"rkl_{name}"] = -((logp_teacher - logp).detach() * mask).sum(1).mean().item()
@@ -429,7 +450,7 @@ def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generato
 
 
 def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
-              eos_id, generator=None, ratio_clip=0.0, chunk_size=1024):
+              eos_id, generator=None, ratio_clip=0.0, loss_agg="seq_mean", chunk_size=1024):
     """
     The X-OPD loss of a batch of paired prompts (S, T). The student (a model.SpeechLM)
     samples n responses from T (in-modal) and n from S (cross-modal); the frozen teacher
@@ -441,6 +462,7 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     log-probs. There is no top-k / top-p here, on purpose: with them the old log-probs of
     Eq. 3 would come from a truncated distribution, and tokens outside it are never
     sampled, so the estimate would drop that tail of the KL.
+    loss_agg: Eq. 4's reduction (aggregate); "token_sum" divides by max_new_tokens per sequence.
     """
     assert temperature > 0, "training rollouts must be stochastic"
     _check_vocab(student, teacher)
@@ -460,7 +482,7 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
         logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
                                  lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
         scored[k] = (logp, logp_old, teacher_lp[k], mask)
-    loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip)
+    loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip, loss_agg, max_new_tokens)
 
     masks = [m for _, m, _ in rollouts.values()]
     ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]

@@ -5,6 +5,7 @@ import torch
 import data
 import eval as E
 import model as M
+import xopd
 
 
 def test_relative_and_average_drop():
@@ -37,32 +38,42 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     assert res["asr_wer"] == pytest.approx(100.0 * sum(1 / len(r["transcript"].split()) for r in asr) / len(asr))
 
 
-def _run(T, S=None, audio=None, seen=5.0, unseen=12.0):
+def _run(T, S=None, audio=None, seen=5.0, unseen=12.0, teacher_lp=None, rkl_cm=2.0):
     r = {"T": T, "S": S or {}, "audio": audio or {}}
     if S is not None:
-        r.update(asr_wer_seen=seen, asr_wer_unseen=unseen)
+        r.update(asr_wer_seen=seen, asr_wer_unseen=unseen,
+                 judge={"teacher_lp": teacher_lp or {f: -2.0 for f in S}, "rkl_cm": rkl_cm})
     return r
 
 
 def test_premise_on_hand_made_scores():
     teacher = _run({"arith": 95.0, "facts": 100.0})
-    # ΔS = mean(drop 50 %, drop 10 %) = 30; ΔT = mean(drop 10 %, drop 0 %) = 5; audio mean 85
-    omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 47.5, "facts": 90.0}, {"pitch": 90.0, "rate": 80.0})
+    # ΔS = mean(drop 30 %, drop 10 %) = 20; ΔT = mean(drop 10 %, drop 0 %) = 5; audio mean 85;
+    # the teacher's log-prob per token of the student's answers: worst family -2.9
+    omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 66.5, "facts": 90.0}, {"pitch": 90.0, "rate": 80.0},
+                teacher_lp={"arith": -2.9, "facts": -1.0}, rkl_cm=2.5)
     rows = E.premise([{"teacher": teacher, "omni": omni}])
     values = {name: vals[0] for name, vals, _, _ in rows}
-    met = {name: ok for name, _, _, ok in rows}
-    assert values["base student ΔS (%)"] == pytest.approx(30.0)
+    met = [ok for _, _, _, ok in rows]
+    assert values["base student ΔS (%)"] == pytest.approx(20.0)
     assert values["base student ΔT (%)"] == pytest.approx(5.0)
     assert values["text teacher, worst family from text (%)"] == 95.0
     assert values["base student audio questions, mean accuracy (%)"] == pytest.approx(85.0)
-    assert all(met.values())
+    assert values["teacher's log-prob per token of the base student's greedy answers from speech, worst family, val (nats)"] == -2.9
+    assert values["base student's per-token cross-modal reverse KL to the teacher, val (nats)"] == 2.5
+    assert met == [True] * 8
     # each criterion fails on its own
     weak = E.premise([{"teacher": _run({"arith": 89.0, "facts": 100.0}), "omni": omni}])
-    assert [ok for _, _, _, ok in weak] == [False] + [True] * 5  # ΔS, ΔT move with the teacher but stay within
+    assert [ok for _, _, _, ok in weak] == [False] + [True] * 7  # ΔS, ΔT move with the teacher but stay within
     deaf = E.premise([{"teacher": teacher, "omni": {**omni, "asr_wer_seen": 10.5, "asr_wer_unseen": 15.5}}])
-    assert [ok for _, _, _, ok in deaf] == [True, False, False, True, True, True]
-    better_from_text = _run({"arith": 96.0, "facts": 100.0}, omni["S"], omni["audio"])  # ΔT < 0
+    assert [ok for _, _, _, ok in deaf] == [True, False, False] + [True] * 5
+    for s_arith, ok in ((47.5, False), (95.0 * 0.86, True), (95.0 * 0.94, False)):  # ΔS 30, 12, 8 (ΔT 5 > 8 / 2)
+        r = E.premise([{"teacher": teacher, "omni": {**omni, "S": {"arith": s_arith, "facts": 90.0}}}])
+        assert [x[3] for x in r][3:5] == ([False, True] if s_arith == 47.5 else [True, True] if ok else [True, False])
+    better_from_text = {**omni, "T": {"arith": 96.0, "facts": 100.0}}  # ΔT < 0
     assert [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": better_from_text}])][4] is False
+    unjudged = {**omni, "judge": {"teacher_lp": {"arith": -12.7, "facts": -1.0}, "rkl_cm": 12.5}}
+    assert [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": unjudged}])] == [True] * 6 + [False, False]
 
 
 def test_mean_and_standard_error_over_seeds():
@@ -146,3 +157,48 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     assert teacher_row["whole"] == 100.0
     assert set(res) == {"audio encoder alone, greedy CTC", "adapter's word scores alone (best token per word)",
                         "base student, from speech", "text teacher, copying the transcript from text"}
+
+
+def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_data):
+    """judge's teacher log-probs (per token, pooled per family, split right / wrong) and the
+    per-token reverse KL, against the teacher's full-vocabulary log_softmax over prompt + answer,
+    one row at a time, on the very answers the student gives (greedy, and sampled with the same
+    generator in the same order)."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec).eval()
+    student = M.SpeechLM(enc, adp, dec, audio_token_id=world.audio_id).eval()
+    res = E.judge(teacher, student, world, "cpu", max_new_tokens=6, seed=3)
+
+    def teacher_lp(rec, ids):  # (len,) log-probs of ids after the text prompt, full forward
+        prompt = data.encode_prompt(world.tok, rec, "text")
+        with torch.no_grad():
+            logits = teacher.logits(teacher(torch.tensor([prompt + ids]))[0])
+        return logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+
+    gen = torch.Generator().manual_seed(3)
+    rkl = {}
+    for fam, recs in data.text_families(world.val).items():
+        b = world.batch(recs, encoder=student.encoder)
+        kw = dict(terms=("cm",), n=1, max_new_tokens=6, eos_id=world.end_id, generator=gen)
+        greedy = xopd.student_rollouts(student, b, temperature=0.0, **kw)[1]["cm"]
+        sampled = xopd.student_rollouts(student, b, temperature=1.0, **kw)[1]["cm"]
+        sums = {"right": [0.0, 0], "wrong": [0.0, 0]}
+        for r, ids, mask in zip(recs, greedy[0].tolist(), greedy[1]):
+            ids = ids[:int(mask.sum())]
+            key = "right" if data.score(r, world.decode(ids)) == 1.0 else "wrong"
+            sums[key][0] += float(teacher_lp(r, ids).sum())
+            sums[key][1] += len(ids)
+        total = [sums["right"][0] + sums["wrong"][0], sums["right"][1] + sums["wrong"][1]]
+        assert res["teacher_lp"][fam] == pytest.approx(total[0] / total[1], rel=1e-4)
+        for key in ("right", "wrong"):
+            if sums[key][1]:
+                assert res[f"teacher_lp_{key}"][fam] == pytest.approx(sums[key][0] / sums[key][1], rel=1e-4)
+        rkl[fam] = [0.0, 0]
+        for r, ids, mask, lp in zip(recs, sampled[0].tolist(), sampled[1], sampled[2]):
+            k = int(mask.sum())
+            rkl[fam][0] += float(lp[:k].sum() - teacher_lp(r, ids[:k]).sum())
+            rkl[fam][1] += k
+        assert res["rkl_cm_by_family"][fam] == pytest.approx(rkl[fam][0] / rkl[fam][1], rel=1e-4)
+    assert res["rkl_cm"] == pytest.approx(sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values()), rel=1e-4)

@@ -353,3 +353,25 @@ def test_align_max_wer_keeps_the_prompts_the_student_transcribes_that_well(tiny_
         assert train.heard_prompts(cfg, world, student, recs, torch.device("cpu"), None) == expect
     assert set(asked) == {(data.AUDIO_INSTRUCTIONS["asr"], "speech")}
     assert "aligning on those" in capsys.readouterr().out
+
+
+def test_omni_pools_hold_train_prompts_only_and_answer_styles_mix_as_asked(tiny_data):
+    """The omni stage never sees an align, val or test prompt, whatever style answers it; the
+    share of spoken instructions answered in the teacher's style is the one asked for, drawn
+    the same on every call (resume) and never a missing target."""
+    world = data.World(tiny_data)
+    held_out = {r["transcript"] for r in world.align + world.val + world.test if r["kind"] == "text"}
+    pools = train.omni_pools(world)
+    assert all(pools[k] for k in ("asr", "audio_qa", "spoken", "written"))
+    for part, recs in pools.items():
+        assert all(r["split"] == "train" for r in recs), part
+        assert not {r["transcript"] for r in recs} & held_out, part
+    spoken = pools["spoken"] * 50
+    for share in (0.0, 0.5, 1.0):
+        targets = train.answer_styles(spoken, "reference", "teacher", share, seed=7)
+        assert targets == train.answer_styles(spoken, "reference", "teacher", share, seed=7)
+        teacher_style = [t == r["teacher"] != r["reference"] for r, t in zip(spoken, targets)]
+        assert all(t in (r["reference"], r["teacher"]) for r, t in zip(spoken, targets))
+        assert sum(teacher_style) / len(spoken) == pytest.approx(share, abs=0.05)
+    no_teacher = [{**r, "teacher": None} for r in spoken]  # a manifest without teacher answers keeps its own
+    assert train.answer_styles(no_teacher, "reference", "teacher", 1.0, seed=7) == [r["reference"] for r in spoken]

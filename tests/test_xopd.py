@@ -305,6 +305,40 @@ def test_xopd_loss_reduction_and_lambda():
     torch.testing.assert_close(clipped, -(obj_c[0, :3].mean() + obj_c[1, :1].mean()) / 2, rtol=0, atol=1e-12)
 
 
+def test_token_sum_aggregation_matches_a_float64_reference():
+    """Eq. 4 with loss_agg "token_sum": the sum of r_t * A_t over every real token divided by
+    rows * a fixed length, written out row by row; its gradient against autograd of that
+    reference. Rows of different lengths: unlike the per-sequence mean, every token weighs 1 / (B * L)."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    lp = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    old = lp.detach() + 0.1 * torch.randn(3, 5, dtype=torch.float64, generator=g)
+    teacher = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    norm_len = 7
+    loss, stats = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, agg="token_sum", norm_len=norm_len)
+    ref = 0.0
+    for b in range(3):
+        for t in range(int(mask[b].sum())):
+            ref -= math.exp(lp[b, t].item() - old[b, t].item()) * (teacher[b, t].item() - lp[b, t].item())
+    assert loss.item() == pytest.approx(ref / (3 * norm_len), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, lp)
+    lp_ref = lp.detach().clone().requires_grad_(True)
+    obj = torch.exp(lp_ref - old) * (teacher - lp_ref.detach())
+    ref_loss = -sum(obj[b, t] for b in range(3) for t in range(int(mask[b].sum()))) / (3 * norm_len)
+    (ref_grad,) = torch.autograd.grad(ref_loss, lp_ref)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-14)
+    assert stats["adv_im"] == pytest.approx((teacher - lp.detach())[mask].mean().item())
+    # the paper's reduction differs on rows of different lengths; on rows of one full length the two
+    # are the same up to L / norm_len
+    seq = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0)[0]
+    assert abs(seq.item() - loss.item()) > 1e-3
+    full = torch.ones(3, 5, dtype=torch.bool)
+    a = xopd.xopd_loss((lp, old, teacher, full), None, lam=1.0, agg="token_sum", norm_len=5)[0]
+    torch.testing.assert_close(a, xopd.xopd_loss((lp, old, teacher, full), None, lam=1.0)[0], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="seq_mean, token_sum"):
+        xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, agg="mean")
+
+
 def test_xopd_mc_gradient_matches_per_step_reverse_kl():
     """
     Tabular policy, vocab 3, fixed length 3, no eos (so the per-sequence 1/T weight is a
