@@ -85,7 +85,7 @@ class TrainConfig:
     align_steps: int = 80
     align_lr: float = 0.0        # 0: the method's rate in ALIGN_LR (chosen on val with --lr_grid)
     lr_grid: str = ""            # e.g. 3e-5,1e-4,3e-4: run align at each, keep the best on val (select_lr)
-    align_batch: int = 8         # prompts per step (paper: 256)
+    align_batch: int = 16        # prompts per step (paper: 256); at 8 the gradient was mostly noise (docs/experiments.md)
     n: int = 4                   # samples per prompt and modality (paper: 4)
     lam: float = 0.5             # λ: weight of the in-modal term (paper: 0.5)
     temperature: float = 1.0     # rollout temperature (1 = the student's own distribution)
@@ -303,6 +303,11 @@ SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", 
                      "gkd_beta", "gkd_mix", "ratio_clip", "loss_agg", "align_max_wer")}
 
 
+# What a setting was, in effect, in checkpoints made before it existed: such a checkpoint is
+# compared as if it had been saved with this value, not skipped.
+BEFORE_THEY_EXISTED = {"teacher_prior": 0.0, "omni_teacher_style": 0.0, "loss_agg": "seq_mean"}
+
+
 def same_data(a, b):
     """The same folder, or two copies of one generated toy world (equal done.json: seed, preset,
     format); a user's manifests are known by their folder only."""
@@ -315,7 +320,7 @@ def same_data(a, b):
 def check_settings(cfg, name, path, saved, lr):
     """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
     under settings other than cfg's, or at another learning rate than lr."""
-    old = saved.get("train", {})
+    old = {**BEFORE_THEY_EXISTED, **saved.get("train", {})}
     same = lambda k: same_data(old[k], cfg.data) if k == "data" else old[k] == getattr(cfg, k)
     keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
     diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]

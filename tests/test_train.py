@@ -375,3 +375,14 @@ def test_omni_pools_hold_train_prompts_only_and_answer_styles_mix_as_asked(tiny_
         assert sum(teacher_style) / len(spoken) == pytest.approx(share, abs=0.05)
     no_teacher = [{**r, "teacher": None} for r in spoken]  # a manifest without teacher answers keeps its own
     assert train.answer_styles(no_teacher, "reference", "teacher", 1.0, seed=7) == [r["reference"] for r in spoken]
+
+
+def test_a_checkpoint_older_than_a_setting_is_compared_as_it_was_made():
+    """A teacher saved before --teacher_prior existed was trained without the prior (0): the
+    default 0.2 must refuse it by name, and 0 must accept it."""
+    cfg = train.parse_args(["--out", "/tmp/x"])
+    saved = {"train": {k: v for k, v in vars(cfg).items() if k != "teacher_prior"}, "lr": cfg.teacher_lr}
+    with pytest.raises(SystemExit, match=r"teacher_prior 0\.0 -> 0\.2"):
+        train.check_settings(cfg, "teacher", "/tmp/x/teacher/model.pt", saved, cfg.teacher_lr)
+    train.check_settings(train.parse_args(["--out", "/tmp/x", "--teacher_prior", "0"]), "teacher",
+                         "/tmp/x/teacher/model.pt", saved, cfg.teacher_lr)
