@@ -868,14 +868,20 @@ def select_lr(cfg, world, device, amp):
     for lr, run in runs:
         stage_align(run, world, device, amp, folder="select")
         with open(os.path.join(cfg.out, "select", align_name(run), "val.jsonl")) as f:
-            scores[lr] = [json.loads(line) for line in f][-1]["val_S"]
+            recs = [json.loads(line) for line in f]
+        base, scores[lr] = recs[0], recs[-1]["val_S"]  # step 0: the base student, the same in every run
+    # the base score's standard error: each family's binomial se, averaged over the families as val_S is
+    fams = data.text_families(world.val, cfg.val_per_family)
+    se = sum(base[f"val_S_{f}"] * (100 - base[f"val_S_{f}"]) / len(rs) for f, rs in fams.items()) ** 0.5 / len(fams)
     best = max(grid, key=lambda lr: (scores[lr], -lr))
     name = align_name(cfg)
     if RANK == 0:
         M.atomic_write(os.path.join(cfg.out, "select", f"lr_{name}.json"),
-                       lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best}, f, indent=1))
-    print(f"[select] {name}: val score from speech " + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}" for lr in grid)
-          + f"; chosen lr {best:g}")
+                       lambda f: json.dump({"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best,
+                                            "base_val_S": base["val_S"], "base_se": se}, f, indent=1))
+    print(f"[select] {name}: val score from speech, base student {base['val_S']:.1f} ± {se:.1f}; "
+          + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}" + (" *" if abs(scores[lr] - base["val_S"]) > 2 * se else "") for lr in grid)
+          + f" (* moved beyond two standard errors); chosen lr {best:g}")
     return best
 
 

@@ -206,6 +206,12 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
     assert choice["val_S"] == final
     assert choice["chosen"] == max((1e-4, 1e-3), key=lambda lr: (final[f"{lr:g}"], -lr))
+    # the base student's val score (step 0) and its binomial standard error, by hand
+    start = read_log(tmp_path / "select" / "sft_lr0.001" / "val.jsonl")[0]
+    fams = data.text_families(data.World(tiny_data).val, 100)
+    var = sum(start[f"val_S_{f}"] / 100 * (1 - start[f"val_S_{f}"] / 100) / len(rs) for f, rs in fams.items())
+    assert choice["base_val_S"] == start["val_S"]
+    assert choice["base_se"] == pytest.approx(100 * var ** 0.5 / len(fams))
     assert not os.path.exists(tmp_path / "select" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
     assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
 
