@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from types import SimpleNamespace
 from datetime import timedelta
 
 import torch
@@ -277,18 +278,18 @@ def curves(name, log_path, val_path):
     return out
 
 
-def update_weights(params, opt, loss, grad_clip):
+def update_weights(params, opt, loss, grad_clip, stop):
     """The one optimiser update of every stage: backward, the gradients averaged over the ranks
     (under torchrun), clip the gradient norm of the trainable parameters to grad_clip (0 = no
-    clipping), step. Every rank sees the same norm, so a non-finite one stops them all. Returns
-    the stats it adds to the step's log: the gradient norm before clipping."""
+    clipping), step. Every rank sees the same norm, so a non-finite one stops them all (stop(what),
+    before the step). Returns the stats it adds to the step's log: the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if WORLD > 1:
         average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
     if not math.isfinite(norm):  # before the step: a non-finite gradient never reaches the weights
-        raise FloatingPointError(f"the gradient norm is {norm}")
+        stop(f"the gradient norm is {norm}")
     opt.step()
     return {"grad_norm": norm} if grad_clip > 0 else {}
 
@@ -366,119 +367,153 @@ def precompute(name, what, steps, records_at, compute):
 
 
 def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=None):
-    """Train `model` for `steps` optimiser steps. step_fn(step) returns the step's loss (a tensor
-    with a graph) and a stats dict holding at least 'tokens'; update_weights does the rest. Writes
-    <out>/<name>/model.pt at the end. monitor(), if given, measures the model on held-out data
-    before step 1, every cfg.val_every steps and at the end, into <out>/<name>/val.jsonl.
-
-    Under torchrun step_fn computes this rank's share of the batch (its means weighted by share);
-    the log has the whole batch's loss and tokens, the other stats averaged over the ranks."""
-    stage_dir = os.path.join(cfg.out, name)
-    final, ckpt_path = os.path.join(stage_dir, "model.pt"), os.path.join(stage_dir, "ckpt.pt")
-    log_path = os.path.join(stage_dir, "log.jsonl")
-    writer = RANK == 0
-    if writer:
-        os.makedirs(stage_dir, exist_ok=True)
+    """Train `model` for `steps` optimiser steps: step_fn(step) -> (loss with a graph, stats with
+    'tokens'; under torchrun this rank's share), update_weights does the rest; <out>/<name>/model.pt
+    at the end. monitor(), if given, measures on held-out data before step 1, every cfg.val_every
+    steps and at the end (val.jsonl)."""
+    f = stage_files(cfg.out, name)
+    writer = RANK == 0  # rank 0 writes and measures; the others go on and wait for it at the next step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start = 0
-    if os.path.exists(ckpt_path):
-        if cfg.resume:
-            ck = M.load_checkpoint(ckpt_path)
-            check_settings(cfg, name, ckpt_path, ck, lr)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            start = ck["step"]
-            print(f"[{name}] resuming from {ckpt_path} at step {start}/{steps}")
-        else:
-            print(f"[{name}] found an interrupted run in {stage_dir}; starting over (pass --resume to continue it)")
-    # the logs keep exactly the steps the model has seen: drop lines past the checkpoint
-    val_path = os.path.join(stage_dir, "val.jsonl")
-    for path in (log_path, val_path) if writer else ():
-        old = open(path).read().splitlines() if start and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= start)
-
-    def measure(step):  # on rank 0 only; the others go on to the next step and wait for it there
-        model.eval()
-        rec = {"step": step, **monitor()}
-        model.train()
-        with open(val_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"[{name}] val at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
-    n_params = sum(p.numel() for p in params)
-    print(f"[{name}] {steps} steps, lr {lr:g}, {n_params / 1e6:.2f}M trainable parameters")
-
-    def payload(step, copy_state=True):  # a pending checkpoint copies: the weights go on changing in place
-        keep = (lambda x: copy.deepcopy(x)) if copy_state else (lambda x: x)
-        return {"model": keep(model.state_dict()), "optimizer": keep(opt.state_dict()), "step": step, "lr": lr,
-                "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
-
-    def stop(step, what):
-        sys.exit(f"[{name}] step {step + 1}: {what}; stopping. The last good checkpoint is kept in "
-                 f"{ckpt_path if os.path.exists(ckpt_path) else stage_dir} (nothing written after it).")
-
-    model.train()
-    t_start, timed = None, 0
+    start = resume_point(cfg, name, f, model, opt, lr, steps)
+    if writer:
+        trim_logs(f, start)
+    print(f"[{name}] {steps} steps, lr {lr:g}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    payload = lambda step: {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "lr": lr,
+                            "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
+    stop = lambda step, what: stop_stage(name, f, step, what)
     monitor = monitor if writer else None
     if monitor and start == 0:
-        measure(0)
-    # A checkpoint is written one step late, once its weights have given a finite loss (and, for
-    # X-OPD / GKD, finite rollouts): weights that diverge are never called good.
-    pending = None
+        validate(name, model, monitor, f, 0)
+    model.train()
+    clock, pending = Clock(start, steps), None
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         t0 = time.perf_counter()
-        failed = ""
-        try:
-            loss, stats = step_fn(step)
-        except FloatingPointError as e:  # the sampler met non-finite logits
-            failed = str(e)
-        if all_sum([float(bool(failed))], device)[0]:  # any rank's failure stops every rank
-            stop(step, failed or "another rank's sampler met non-finite logits")
-        m = {"loss": loss.item(), **stats}
-        if WORLD > 1:
-            m = {k: v if k == "tokens" else v / WORLD for k, v in zip(m, all_sum(list(m.values()), device))}
-            m["tokens"] = int(m["tokens"])
-        if not math.isfinite(m["loss"]):  # before the update: a NaN never reaches the weights
-            stop(step, f"loss is {m['loss']}")
-        if pending:
-            M.save_checkpoint(ckpt_path, pending)
+        loss, m = checked_step(step_fn, step, device, stop)
+        if pending:  # written one step late: its weights have now given a finite loss (and rollouts)
+            M.save_checkpoint(f.ckpt, pending)
             pending = None
-        try:
-            m.update(update_weights(params, opt, loss, cfg.grad_clip))
-        except FloatingPointError as e:
-            stop(step, str(e))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if step > start:  # the first step warms up kernels and caches: time from the second
-            t_start = t_start or time.perf_counter() - dt
-            timed += 1
-        eta = (time.perf_counter() - t_start) / timed * (steps - step - 1) if timed else float("nan")
-        rec = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()},
-               "lr": opt.param_groups[0]["lr"], "ms": round(dt * 1e3, 1), "tok_s": round(m["tokens"] / dt, 1)}
-        if writer:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            diag = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("loss", "tokens") and not k.startswith("ms_"))
-            print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
-                  f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {fmt_time(eta) if timed else '-'}")
+        m.update(update_weights(params, opt, loss, cfg.grad_clip, lambda what: stop(step, what)))
+        log_step(name, cfg, f if writer else None, step, steps, m, opt.param_groups[0]["lr"], t0, clock, device)
         if monitor and ((step + 1) % cfg.val_every == 0 or step + 1 == steps):
-            measure(step + 1)
+            validate(name, model, monitor, f, step + 1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps and writer:
-            pending = payload(step + 1)
+            pending = copy.deepcopy(payload(step + 1))  # a copy: the weights go on changing in place
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
     if writer:
-        M.save_checkpoint(final, payload(steps, copy_state=False))
-        for line in curves(name, log_path, val_path):
-            print(line)
-        if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+        finish_stage(name, f, payload(steps))
     barrier()  # the next stage, on every rank, reads what rank 0 has just written
+
+
+def stage_files(out, name):
+    """The files of stage `name`: model.pt when done, ckpt.pt (model, optimiser, step) while it
+    runs, log.jsonl (one line per step), val.jsonl (the monitor's measurements)."""
+    d = os.path.join(out, name)
+    return SimpleNamespace(dir=d, final=os.path.join(d, "model.pt"), ckpt=os.path.join(d, "ckpt.pt"),
+                           log=os.path.join(d, "log.jsonl"), val=os.path.join(d, "val.jsonl"))
+
+
+def resume_point(cfg, name, f, model, opt, lr, steps):
+    """The step to start from: with --resume and a ckpt.pt made with these settings, its step, its
+    model and optimiser loaded; otherwise 0."""
+    if not os.path.exists(f.ckpt):
+        return 0
+    if not cfg.resume:
+        print(f"[{name}] found an interrupted run in {f.dir}; starting over (pass --resume to continue it)")
+        return 0
+    ck = M.load_checkpoint(f.ckpt)
+    check_settings(cfg, name, f.ckpt, ck, lr)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
+    return ck["step"]
+
+
+def trim_logs(f, start):
+    """The logs keep exactly the steps the model has seen: the lines past `start` go (all, from 0)."""
+    os.makedirs(f.dir, exist_ok=True)
+    for path in (f.log, f.val):
+        old = open(path).read().splitlines() if start and os.path.exists(path) else []
+        with open(path, "w") as fh:
+            fh.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start)
+
+
+def stop_stage(name, f, step, what):
+    sys.exit(f"[{name}] step {step + 1}: {what}; stopping. The last good checkpoint is kept in "
+             f"{f.ckpt if os.path.exists(f.ckpt) else f.dir} (nothing written after it).")
+
+
+def checked_step(step_fn, step, device, stop):
+    """step_fn(step) -> (its loss, the step's stats {"loss", ...} over the whole batch). A sampler
+    that met non-finite logits on any rank, or a loss that is not finite, stops every rank here,
+    before the update: a NaN never reaches the weights."""
+    failed = ""
+    try:
+        loss, stats = step_fn(step)
+    except FloatingPointError as e:  # the sampler met non-finite logits
+        failed = str(e)
+    if all_sum([float(bool(failed))], device)[0]:  # any rank's failure stops every rank
+        stop(step, failed or "another rank's sampler met non-finite logits")
+    m = {"loss": loss.item(), **stats}
+    if WORLD > 1:  # the whole batch's loss and tokens; the other stats averaged over the ranks
+        m = {k: v if k == "tokens" else v / WORLD for k, v in zip(m, all_sum(list(m.values()), device))}
+        m["tokens"] = int(m["tokens"])
+    if not math.isfinite(m["loss"]):
+        stop(step, f"loss is {m['loss']}")
+    return loss, m
+
+
+class Clock:
+    """Steps timed from the second one on (the first warms up kernels and caches) -> the ETA."""
+
+    def __init__(self, start, steps):
+        self.start, self.steps, self.t0, self.timed = start, steps, None, 0
+
+    def eta(self, step, dt):
+        if step > self.start:
+            self.t0 = self.t0 or time.perf_counter() - dt
+            self.timed += 1
+        return (time.perf_counter() - self.t0) / self.timed * (self.steps - step - 1) if self.timed else float("nan")
+
+
+def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
+    """One JSON line per step into f.log (f None: not this rank's to write); one printed line every
+    cfg.log_every steps: step, loss, the method's diagnostics, ms, tokens/s, ETA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the step's kernels have run: the clock reads the step's time
+    dt = time.perf_counter() - t0
+    eta = clock.eta(step, dt)
+    rec = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()},
+           "lr": lr, "ms": round(dt * 1e3, 1), "tok_s": round(m["tokens"] / dt, 1)}
+    if f:
+        with open(f.log, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+        diag = " ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("loss", "tokens") and not k.startswith("ms_"))
+        print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | {dt * 1e3:6.0f} ms | "
+              f"{m['tokens'] / dt:7.0f} tok/s | eta {fmt_time(eta) if math.isfinite(eta) else '-'}")
+
+
+def validate(name, model, monitor, f, step):
+    """monitor() on the model in eval mode, appended to f.val and printed (rank 0 only)."""
+    model.eval()
+    rec = {"step": step, **monitor()}
+    model.train()
+    with open(f.val, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    print(f"[{name}] val at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+
+
+def finish_stage(name, f, payload):
+    """model.pt (atomically), the curves, and the interrupted-run checkpoint removed."""
+    M.save_checkpoint(f.final, payload)
+    for line in curves(name, f.log, f.val):
+        print(line)
+    if os.path.exists(f.ckpt):
+        os.remove(f.ckpt)
 
 
 # -----------------------------------------------------------------------------
