@@ -24,6 +24,7 @@ Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR W
 import argparse
 import functools
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -172,11 +173,43 @@ def run_world(out, data_dir=None):
     return world_of(settings, n_mels, data_dir)
 
 
+def scored_on(world, **settings):
+    """What a score depends on besides the model: the settings given (prompts per family, answer
+    length) and the data scored, known by a hash of the manifests eval reads (test.jsonl: the
+    prompts and clips; train.jsonl: which speakers count as heard) and, for a generated toy world,
+    its done.json (seed, preset, format: the clips themselves). Cached with the scores in eval.json:
+    scores cached under another key are made again, never shown as this one's."""
+    h = hashlib.sha256()
+    for name in ("test.jsonl", "train.jsonl"):
+        with open(os.path.join(world.dir, name), "rb") as f:
+            h.update(f.read())
+    done = os.path.join(world.dir, "done.json")
+    toy = json.load(open(done)) if os.path.exists(done) else None
+    return {**settings, "data": {"manifests": h.hexdigest()[:16], "toy_world": toy}}
+
+
+def cached(path, ckpt, key, name):
+    """The scores in eval.json at path when they are of this checkpoint (written after it) and of
+    this key (scored_on); else None, with a line saying why they are made again."""
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(ckpt):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    old = res.get("settings", {})
+    if old == key:
+        return res
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" if k != "data" else "another data folder" for k, v in key.items() if old.get(k) != v]
+    print(f"[eval] {name}: {path} was scored with other settings ({'; '.join(diff)}): scoring again")
+    return None
+
+
 def evaluate_all(out, world, device, per_family, max_new_tokens):
-    """Score every finished run that has no up-to-date eval.json (stage 5)."""
+    """Score every finished run whose eval.json is missing, older than its model.pt, or scored
+    with other settings or data (scored_on) (stage 5)."""
+    key = scored_on(world, per_family=per_family, max_new_tokens=max_new_tokens)
     for name, d in run_dirs(out).items():
         path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
-        if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt):
+        if cached(path, ckpt, key, name):
             continue
         m, _ = M.load_model(ckpt, device)
         t0 = shown = time.time()
@@ -186,7 +219,7 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
             if time.time() - shown >= 5:
                 print(f"[eval] {name}: ... {part} scored ({time.time() - t0:.0f} s)", flush=True)
                 shown = time.time()
-        res = evaluate_model(m, world, device, per_family, max_new_tokens, done)
+        res = {**evaluate_model(m, world, device, per_family, max_new_tokens, done), "settings": key}
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
 

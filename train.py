@@ -558,10 +558,11 @@ def stage_encoder(cfg, world, device, amp):
 
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
         run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
-    path = os.path.join(cfg.out, "encoder", "eval.json")
-    if not os.path.exists(path) and RANK == 0:
-        m, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
-        res = E.evaluate_encoder(m, world, device, cfg.eval_per_family)
+    path, ckpt = os.path.join(cfg.out, "encoder", "eval.json"), os.path.join(cfg.out, "encoder", "model.pt")
+    key = E.scored_on(world, per_family=cfg.eval_per_family)
+    if RANK == 0 and not E.cached(path, ckpt, key, "encoder"):
+        m, _ = M.load_model(ckpt, device)
+        res = {**E.evaluate_encoder(m, world, device, cfg.eval_per_family), "settings": key}
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
                f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")

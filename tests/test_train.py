@@ -353,3 +353,18 @@ def test_align_max_wer_keeps_the_prompts_the_student_transcribes_that_well(tiny_
         assert train.heard_prompts(cfg, world, student, recs, torch.device("cpu"), None) == expect
     assert set(asked) == {(data.AUDIO_INSTRUCTIONS["asr"], "speech")}
     assert "aligning on those" in capsys.readouterr().out
+
+
+def test_a_finished_run_with_another_eval_per_family_is_scored_again(tiny_run, tiny_data, tmp_path, capsys):
+    """train.py --eval_per_family N on a finished run scores every model (and the encoder on its
+    own) on N prompts per family, not the cached scores of the preset's 4."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    assert json.load(open(out / "encoder" / "eval.json"))["settings"]["per_family"] == 4
+    train.main(tiny(out, tiny_data, "--eval_per_family", "2"))
+    for name in ("encoder", "teacher", "omni", "align/xopd", "align/sft"):
+        assert json.load(open(out / name / "eval.json"))["settings"]["per_family"] == 2, name
+    # scored on 2 clips per audio question: every accuracy is 0, 50 or 100
+    assert all(v in (0.0, 50.0, 100.0) for v in json.load(open(out / "omni" / "eval.json"))["audio"].values())
+    text = capsys.readouterr().out
+    assert "[eval] omni:" in text and "per_family 4 -> 2" in text
