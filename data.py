@@ -951,7 +951,9 @@ class World:
         self.dir, self.fmt, self.n_mels = data_dir, fmt, n_mels
         path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
         self.tok = load_tokenizer(tokenizer or os.path.join(data_dir, "tokenizer.json"))
-        ids = {}  # one id space for every spoken manifest: the mel and feature caches are keyed by id
+        # one id space for every spoken manifest (the mel and feature caches are keyed by id);
+        # id -> 'file:line', where an error about a record points
+        self.lines = ids = {}
         self.train, self.test = read_manifest(path("train"), seen=ids), read_manifest(path("test"), seen=ids)
         self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
         self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []

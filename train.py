@@ -864,6 +864,19 @@ def load_world(cfg):
     return E.world_of(asdict(cfg), n_mels)
 
 
+def check_world(cfg, world):
+    """What would stop a later stage, refused before the first: SFT (and GKD's fixed rows) train
+    on the align prompts' reference responses, and a prompt without one would teach the student
+    to answer with the end token alone."""
+    if cfg.method == "sft" or (cfg.method == "gkd" and cfg.gkd_mix < 1):
+        recs = [r for r in world.align if r["kind"] == "text"] or [r for r in world.train if r["kind"] == "text"]
+        bad = [r for r in recs if not (isinstance(r["reference"], str) and r["reference"].strip())]
+        if bad:
+            sys.exit(f"{world.lines[bad[0]['id']]}: field 'reference' is missing, null or empty ({len(bad)} of the "
+                     f"{len(recs)} align prompts); --method {cfg.method} trains on each prompt's reference response, so "
+                     f"expected a non-empty string. Give every align prompt one, or use --method xopd or kd, which need none.")
+
+
 def finished(cfg, stage):
     """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
     if stage == "data":
@@ -947,6 +960,7 @@ def main(argv=None):
         world = load_world(cfg)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(str(e))
+    check_world(cfg, world)
     timed("teacher", stage_teacher, cfg, world, device, amp)
     timed("encoder", stage_encoder, cfg, world, device, amp)
     timed("omni", stage_omni, cfg, world, device, amp)

@@ -368,3 +368,41 @@ def test_a_finished_run_with_another_eval_per_family_is_scored_again(tiny_run, t
     assert all(v in (0.0, 50.0, 100.0) for v in json.load(open(out / "omni" / "eval.json"))["audio"].values())
     text = capsys.readouterr().out
     assert "[eval] omni:" in text and "per_family 4 -> 2" in text
+
+
+def user_copy(tiny_data, dest, edit=None):
+    """The tiny world as a user's folder (no done.json; wavs/ linked), manifest `edit[0]` passed
+    through edit[1] (a function of its list of records)."""
+    os.makedirs(dest)
+    for f in os.listdir(tiny_data):
+        if f.endswith(".jsonl") or f == "tokenizer.json":
+            shutil.copy(os.path.join(tiny_data, f), os.path.join(dest, f))
+    os.symlink(os.path.join(tiny_data, "wavs"), os.path.join(dest, "wavs"))
+    if edit:
+        name, fn = edit
+        recs = [json.loads(line) for line in open(os.path.join(dest, name))]
+        with open(os.path.join(dest, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in fn(recs))
+    return str(dest)
+
+
+def without_reference(recs, how):
+    for i, r in enumerate(recs):
+        if i == 1:
+            if how == "missing":
+                del r["reference"]
+            else:
+                r["reference"] = how
+    return recs
+
+
+@pytest.mark.parametrize("how", ["missing", None, "  "])
+def test_sft_without_reference_responses_is_refused_by_file_and_field_before_training(tiny_data, tmp_path, how):
+    d = user_copy(tiny_data, tmp_path / "d", ("align.jsonl", lambda recs: without_reference(recs, how)))
+    for method in ("sft", "gkd"):
+        with pytest.raises(SystemExit, match=r"align\.jsonl:2: field 'reference' is missing, null or empty \(1 of the 39 align prompts\)"):
+            train.main(tiny(tmp_path / "run", d, "--method", method))
+    assert not os.path.exists(tmp_path / "run" / "teacher")  # refused before stage 1
+    # methods that need no reference responses are not refused
+    for argv in (["--method", "xopd"], ["--method", "kd"], ["--method", "gkd", "--gkd_mix", "1"]):
+        train.check_world(train.parse_args(tiny(tmp_path / "run", d, *argv)), data.World(d))
