@@ -164,10 +164,26 @@ def world_of(settings, n_mels=data.N_MELS, data_dir=None):
     return data.World(data_dir or settings["data"], tokenizer, fmt, n_mels)
 
 
+RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
+
+
+def run_path(settings, key, out):
+    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now in
+    folder out: a path inside the run folder moves with the folder (a copied or moved run keeps its
+    own data); any other is as stored (absolute; an older version stored the path as given, relative
+    to the directory it ran in)."""
+    p, was = settings.get(key) or "", settings.get("out") or ""
+    if not p or not was:
+        return p
+    rel = os.path.relpath(p, was)
+    return p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.normpath(os.path.join(out, rel))
+
+
 def run_world(out, data_dir=None):
     """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
-    run's speech encoder)."""
+    run's speech encoder), from any directory."""
     settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+    settings = {**settings, **{k: run_path(settings, k, out) for k in RUN_PATHS}}
     omni = os.path.join(out, "omni", "model.pt")
     n_mels = M.load_checkpoint(omni)["configs"]["encoder"]["n_mels"] if os.path.exists(omni) else data.N_MELS
     return world_of(settings, n_mels, data_dir)

@@ -142,8 +142,11 @@ def parse_args(argv=None):
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
     omni_mix(cfg)  # refused here, not after the stages before omni
-    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    # absolute, as every checkpoint stores them: a run reads the same from any directory
+    cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
+    for name in E.RUN_PATHS:
+        setattr(cfg, name, getattr(cfg, name) and os.path.abspath(getattr(cfg, name)))
     return cfg
 
 
@@ -308,7 +311,14 @@ def check_settings(cfg, name, path, saved, lr):
     """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
     under settings other than cfg's, or at another learning rate than lr."""
     old = saved.get("train", {})
-    same = lambda k: same_data(old[k], cfg.data) if k == "data" else old[k] == getattr(cfg, k)
+
+    def same(k):
+        if k not in E.RUN_PATHS:
+            return old[k] == getattr(cfg, k)
+        was = E.run_path(old, k, cfg.out)  # as seen from this run's folder, wherever it is now
+        if k == "data":
+            return same_data(was, cfg.data)
+        return (was and os.path.abspath(was)) == getattr(cfg, k)
     keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
     diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]
     if "lr" in saved and saved["lr"] != lr:

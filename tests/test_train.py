@@ -406,3 +406,45 @@ def test_sft_without_reference_responses_is_refused_by_file_and_field_before_tra
     # methods that need no reference responses are not refused
     for argv in (["--method", "xopd"], ["--method", "kd"], ["--method", "gkd", "--gkd_mix", "1"]):
         train.check_world(train.parse_args(tiny(tmp_path / "run", d, *argv)), data.World(d))
+
+
+MICRO = ["--teacher_steps", "2", "--encoder_steps", "2", "--omni_steps", "2", "--voice_first", "1", "--align_steps", "1",
+         "--eval_per_family", "1"]
+
+
+def test_a_run_folder_reads_the_same_from_any_directory_and_after_a_move(tiny_data, tmp_path, monkeypatch, capsys):
+    """Made with relative paths from one directory, a run is found finished from another (given
+    by its absolute path), and again after the folder (data inside it) is moved; eval.py reads
+    its tokenizer from there too."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    shutil.copytree(tiny_data, tmp_path / "a" / "base" / "data")
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(["--preset", "tiny", "--out", "base", *MICRO])
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    train.main(["--preset", "tiny", "--out", str(tmp_path / "a" / "base"), *MICRO])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.endswith("exists: skipped")] != []
+    os.rename(tmp_path / "a" / "base", tmp_path / "moved")
+    for stage in ("teacher", "encoder", "omni", "align/xopd"):
+        os.utime(tmp_path / "moved" / stage / "model.pt")  # newer than the scores: eval.py scores again
+    train.main(["--preset", "tiny", "--out", str(tmp_path / "moved"), *MICRO])
+    text = capsys.readouterr().out
+    assert text.count("exists: skipped") == 4 and "[eval] omni: T" in text
+    E.main(["--out", str(tmp_path / "moved")])
+    assert json.load(open(tmp_path / "moved" / "omni" / "eval.json"))["settings"]["per_family"] == 1
+
+
+def test_stored_paths_inside_the_run_folder_follow_it():
+    old = {"out": "../base", "data": "../base/data", "teacher": "", "chat_format": "/models/fmt.json"}
+    assert E.run_path(old, "data", "/abs/base") == "/abs/base/data"  # relative, as an older version stored it
+    assert E.run_path(old, "teacher", "/abs/base") == ""
+    assert E.run_path(old, "chat_format", "/abs/base") == "/models/fmt.json"  # outside the run: as stored
+    moved = {"out": "/old/run", "data": "/old/run/data", "student": "/old/runner/omni/model.pt"}
+    assert E.run_path(moved, "data", "/new/place") == "/new/place/data"
+    assert E.run_path(moved, "student", "/new/place") == "/old/runner/omni/model.pt"
+    cfg = train.parse_args(["--preset", "tiny", "--out", "/abs/base", "--chat_format", "/models/fmt.json"])
+    assert cfg.data == "/abs/base/data"
+    train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {**old, "preset": "tiny", "seed": 0}}, 1e-3)
+    with pytest.raises(SystemExit, match=r"data '/old/run/data2' -> '/abs/base/data'"):
+        train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {"out": "/old/run", "data": "/old/run/data2", "preset": "tiny"}}, 1e-3)
