@@ -830,20 +830,46 @@ def decode_response(tok, ids, fmt=TOY_FORMAT):
 
 MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instruction": "",
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
+# what each field must hold, checked as a manifest is read (not when a stage first uses it):
+# (types, said as). reference and teacher may be null: a record without that response.
+FIELD_TYPES = {"split": (str, "a string"), "task": (str, "a string"), "instruction": (str, "a string"),
+               "answer": (str, "a string"), "reference": ((str, type(None)), "a string or null"),
+               "teacher": ((str, type(None)), "a string or null"), "voice": (dict, "an object of voice fields")}
+NUMBER = ((int, float), "a number")
+VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise": NUMBER, "loudness": NUMBER,
+               "emotion": (str, f"one of {', '.join(EMOTIONS)}"), "speaker": (str, "a string")}
+
+
+def field_error(r):
+    """The first field of record r (defaults filled in) that holds the wrong type -> 'field ... is
+    ...; expected ...', or None."""
+    checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
+    if isinstance(r["voice"], dict):
+        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k]) for k in VOICE_TYPES if k in r["voice"]]
+    for name, v, types, what in checks:
+        if not isinstance(v, types) or isinstance(v, bool) or (name == "voice.emotion" and v not in EMOTIONS):
+            shown = json.dumps(v)
+            return f"field {name!r} is {shown if len(shown) < 60 else shown[:57] + '...'}; expected {what}"
+    return None
 
 
 def read_manifest(path, audio=True, seen=None):
     """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
-    a malformed line raises ValueError naming the file and line number. audio=False reads
-    unspoken prompts (the teacher's text.jsonl): no 'audio' field is needed. Ids must be unique
-    (log-mels and encoder features are cached by id): within the file, and across the files
-    read with the same `seen` dict ({id: 'file:line'}, updated)."""
+    a malformed line (not UTF-8, not JSON, a field of the wrong type) raises ValueError naming the
+    file, line number and field. audio=False reads unspoken prompts (the teacher's text.jsonl): no
+    'audio' field is needed. Ids must be unique (log-mels and encoder features are cached by id):
+    within the file, and across the files read with the same `seen` dict ({id: 'file:line'}, updated)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
     records = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"expected JSON Lines in UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -861,8 +887,11 @@ def read_manifest(path, audio=True, seen=None):
             if r["id"] in seen:
                 raise ValueError(f"{path}:{lineno}: id {r['id']!r} is already used at {seen[r['id']]}; ids must "
                                  f"be unique across the manifests (audio is cached by id)")
-            seen[r["id"]] = f"{path}:{lineno}"
             r = {**MANIFEST_DEFAULTS, **r}
+            wrong = field_error(r)
+            if wrong:
+                raise ValueError(f"{path}:{lineno}: {wrong}")
+            seen[r["id"]] = f"{path}:{lineno}"
             if audio:
                 r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
             records.append(r)
@@ -958,6 +987,9 @@ class World:
         self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
         self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
+        for name in ("train", "test"):  # found here, not at the stage that first needs them
+            if not getattr(self, name):
+                raise ValueError(f"{path(name)}: no records; expected one JSON object per line (README, 'Bring your own audio')")
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         special = chat_ids(self.tok, fmt)
