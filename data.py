@@ -62,6 +62,32 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
     return out.astype(np.float32)
 
 
+MIN_SAMPLES = N_FFT  # 25 ms: two mel frames, one encoder frame (conv2 halves them); less crashes the STFT or leaves the encoder nothing
+
+
+def encoder_seconds(n_ctx):
+    """The longest clip an encoder of n_ctx positions reads whole: two mel frames per position."""
+    return 2 * n_ctx * HOP_LENGTH / SAMPLE_RATE
+
+
+def check_clip(path, where, max_seconds):
+    """One clip, by its header alone (soundfile.info: fast, no samples read): it exists, soundfile
+    can read it, and at 16 kHz it is at least MIN_SAMPLES long and at most max_seconds (the
+    encoder's window). ValueError naming `where` (the manifest's file:line), the clip and what was
+    expected."""
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: {path}: no such audio file (expected a WAV/FLAC/OGG file)")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise ValueError(f"{where}: {path}: cannot be read as audio ({e}); expected a file soundfile "
+                         f"can decode (WAV, FLAC, OGG, ...)") from None
+    seconds = info.frames / info.samplerate
+    if not MIN_SAMPLES / SAMPLE_RATE <= seconds <= max_seconds:
+        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz ({seconds:.3f} s); expected {1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms "
+                         f"to {max_seconds:g} s (the audio encoder's window)")
+
+
 def load_audio(path):
     """Read any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
     path = os.fspath(path)
@@ -998,6 +1024,12 @@ class World:
         # encoder -> {record id: features}; weak, so an encoder's features go with it, and
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
+
+    def check_clips(self, max_seconds):
+        """Every clip of the spoken manifests, by its header (check_clip): a bad one is found
+        before any stage trains, not at the first that reads it."""
+        for r in self.train + self.align + self.val + self.test:
+            check_clip(r["audio"], self.lines[r["id"]], max_seconds)
 
     def prompt(self, record, modality):
         return encode_prompt(self.tok, record, modality, self.fmt)

@@ -185,8 +185,10 @@ def run_world(out, data_dir=None):
     settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
     settings = {**settings, **{k: run_path(settings, k, out) for k in RUN_PATHS}}
     omni = os.path.join(out, "omni", "model.pt")
-    n_mels = M.load_checkpoint(omni)["configs"]["encoder"]["n_mels"] if os.path.exists(omni) else data.N_MELS
-    return world_of(settings, n_mels, data_dir)
+    enc = M.load_checkpoint(omni)["configs"]["encoder"] if os.path.exists(omni) else {}
+    world = world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
+    world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))  # before any model is scored
+    return world
 
 
 def scored_on(world, **settings):

@@ -859,8 +859,9 @@ REFERENCE_S = {"cpu": {"data": 58, "teacher": 193, "encoder": 265, "omni": 474, 
 def load_world(cfg):
     """The data folder, read with the tokenizer, chat format and log-mel size of the models in
     use: a --teacher folder brings its tokenizer.json, --chat_format its strings, --whisper (or a
-    --student's encoder) its n_mels. Every model is checked before any stage runs."""
-    n_mels = data.N_MELS
+    --student's encoder) its n_mels and window. Every model, and every clip's header, is checked
+    before any stage runs."""
+    n_mels, n_ctx = data.N_MELS, M.make_configs(cfg.preset, 1)[0].n_ctx
     if cfg.teacher:
         config, tokenizer = M.read_hf_config(cfg.teacher), os.path.join(cfg.teacher, "tokenizer.json")
         size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
@@ -868,10 +869,14 @@ def load_world(cfg):
             raise ValueError(f"{tokenizer}: {size} tokens, more than the {config['vocab_size']} of "
                              f"{os.path.join(cfg.teacher, 'config.json')}'s field 'vocab_size'; the tokenizer must be the model's own")
     if cfg.whisper:
-        n_mels = M.read_whisper(cfg.whisper)["dims"]["n_mels"]
+        dims = M.read_whisper(cfg.whisper)["dims"]
+        n_mels, n_ctx = dims["n_mels"], dims["n_audio_ctx"]
     if cfg.student:
-        n_mels = M.load_checkpoint(cfg.student)["configs"].get("encoder", {}).get("n_mels", n_mels)
-    return E.world_of(asdict(cfg), n_mels)
+        enc = M.load_checkpoint(cfg.student)["configs"].get("encoder", {})
+        n_mels, n_ctx = enc.get("n_mels", n_mels), enc.get("n_ctx", n_ctx)
+    world = E.world_of(asdict(cfg), n_mels)
+    world.check_clips(data.encoder_seconds(n_ctx))
+    return world
 
 
 def check_world(cfg, world):

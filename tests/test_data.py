@@ -455,3 +455,20 @@ def test_an_empty_train_or_test_manifest_is_refused_when_read(tmp_path, tiny_dat
     (user / name).write_text("\n")
     with pytest.raises(ValueError, match=rf"{name}: no records; expected one JSON object per line"):
         data.World(str(user))
+
+
+def test_check_clip_bounds_are_what_the_log_mel_and_encoder_take(tmp_path):
+    """The shortest clip check_clip passes goes through the log-mel and an encoder (one frame
+    out); one sample less is refused; the longest fills the encoder's positions exactly."""
+    enc = model.AudioEncoder(**vars(model.make_configs("tiny", 10)[0]))
+    for n in (data.MIN_SAMPLES - 1, data.MIN_SAMPLES):
+        sf.write(tmp_path / f"{n}.wav", np.zeros(n, dtype=np.float32), data.SAMPLE_RATE)
+    data.check_clip(str(tmp_path / f"{data.MIN_SAMPLES}.wav"), "m.jsonl:1", 30)
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: .*399\.wav: 399 samples at 16000 Hz \(0\.025 s\); expected 25 ms to 30 s"):
+        data.check_clip(str(tmp_path / f"{data.MIN_SAMPLES - 1}.wav"), "m.jsonl:1", 30)
+    x, lens = enc(data.log_mel_spectrogram(np.zeros(data.MIN_SAMPLES))[None])
+    assert x.shape[1] == 1 and lens.tolist() == [1]
+    longest = round(data.encoder_seconds(enc.n_ctx) * data.SAMPLE_RATE)
+    assert longest == 480000  # Whisper's 30 s
+    x, _ = enc(data.log_mel_spectrogram(np.zeros(longest))[None])
+    assert x.shape[1] == enc.n_ctx

@@ -448,3 +448,27 @@ def test_stored_paths_inside_the_run_folder_follow_it():
     train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {**old, "preset": "tiny", "seed": 0}}, 1e-3)
     with pytest.raises(SystemExit, match=r"data '/old/run/data2' -> '/abs/base/data'"):
         train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {"out": "/old/run", "data": "/old/run/data2", "preset": "tiny"}}, 1e-3)
+
+
+@pytest.mark.parametrize("clip, needle", [
+    (None, "no such audio file"),
+    (b"not audio", "cannot be read as audio"),
+    (0.010, r"160 samples at 16000 Hz \(0\.010 s\); expected 25 ms to 30 s"),
+    (35.0, r"560000 samples at 16000 Hz \(35\.000 s\); expected 25 ms to 30 s"),
+])
+def test_every_clip_is_checked_before_stage_1(tiny_data, tmp_path, clip, needle):
+    """A test clip that is missing, unreadable, too short for the log-mel or longer than the
+    encoder's window is refused by manifest line before the teacher trains (not at eval)."""
+    def swap(recs):
+        recs[4]["audio"] = "mine/clip.wav"
+        return recs
+    d = user_copy(tiny_data, tmp_path / "d", ("test.jsonl", swap))
+    os.makedirs(os.path.join(d, "mine"))
+    if isinstance(clip, bytes):
+        open(os.path.join(d, "mine", "clip.wav"), "wb").write(clip)
+    elif clip is not None:
+        import soundfile as sf
+        sf.write(os.path.join(d, "mine", "clip.wav"), 0.1 * torch.randn(round(clip * 16000)).numpy(), 16000)
+    with pytest.raises(SystemExit, match=rf"test\.jsonl:5: .*mine/clip\.wav: {needle}"):
+        train.main(tiny(tmp_path / "run", d))
+    assert not os.path.exists(tmp_path / "run" / "teacher")
