@@ -134,11 +134,31 @@ def parse_args(argv=None):
     if not 0.0 <= cfg.gkd_beta <= 1.0 or not 0.0 <= cfg.gkd_mix <= 1.0:
         p.error(f"--gkd_beta / --gkd_mix: expected values in [0, 1], got {cfg.gkd_beta} / {cfg.gkd_mix}")
     for name in ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps", "batch_size", "align_batch", "n",
-                 "max_new_tokens", "ckpt_every", "log_every", "eval_per_family"):
+                 "max_new_tokens", "ckpt_every", "log_every", "eval_per_family", "val_every", "val_per_family", "val_rkl_prompts"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.temperature < 0:
-        p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
+    for name in ("seed", "warmup"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name}: expected an integer >= 0, got {getattr(cfg, name)}")
+    # a rate of nan or inf trains nothing and says so only after the stages before it
+    for name in ("teacher_lr", "encoder_lr", "omni_lr"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            p.error(f"--{name}: expected a finite learning rate > 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.align_lr) and cfg.align_lr >= 0):
+        p.error(f"--align_lr: expected a finite learning rate > 0 (or 0: the method's own, ALIGN_LR), got {cfg.align_lr}")
+    try:
+        grid = [float(x) for x in cfg.lr_grid.split(",")] if cfg.lr_grid else []
+    except ValueError:
+        grid = [math.nan]
+    if not all(math.isfinite(lr) and lr > 0 for lr in grid):
+        p.error(f"--lr_grid: expected comma-separated learning rates > 0 like 3e-5,1e-4,3e-4, got {cfg.lr_grid!r}")
+    for name in ("grad_clip", "ratio_clip"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            p.error(f"--{name}: expected a finite value >= 0 (0: off), got {getattr(cfg, name)}")
+    if cfg.method in ("xopd", "gkd") and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        p.error(f"--temperature: --method {cfg.method} samples its rollouts; expected a finite temperature > 0, got {cfg.temperature}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        p.error(f"--temperature: expected a finite value >= 0, got {cfg.temperature}")
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
     omni_mix(cfg)  # refused here, not after the stages before omni
@@ -882,7 +902,8 @@ def load_world(cfg):
 def check_world(cfg, world):
     """What would stop a later stage, refused before the first: SFT (and GKD's fixed rows) train
     on the align prompts' reference responses, and a prompt without one would teach the student
-    to answer with the end token alone."""
+    to answer with the end token alone; the align stage's reverse-KL probe needs a prompt of
+    every val family."""
     if cfg.method == "sft" or (cfg.method == "gkd" and cfg.gkd_mix < 1):
         recs = [r for r in world.align if r["kind"] == "text"] or [r for r in world.train if r["kind"] == "text"]
         bad = [r for r in recs if not (isinstance(r["reference"], str) and r["reference"].strip())]
@@ -890,6 +911,10 @@ def check_world(cfg, world):
             sys.exit(f"{world.lines[bad[0]['id']]}: field 'reference' is missing, null or empty ({len(bad)} of the "
                      f"{len(recs)} align prompts); --method {cfg.method} trains on each prompt's reference response, so "
                      f"expected a non-empty string. Give every align prompt one, or use --method xopd or kd, which need none.")
+    fams = data.text_families(world.val)  # the reverse-KL probe takes val_rkl_prompts // families of each
+    if fams and cfg.val_rkl_prompts < len(fams):
+        sys.exit(f"--val_rkl_prompts {cfg.val_rkl_prompts}: expected at least one per family of {world.dir}/val.jsonl "
+                 f"({len(fams)}: {', '.join(fams)})")
 
 
 def finished(cfg, stage):

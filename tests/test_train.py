@@ -172,11 +172,42 @@ def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tmp_path,
     (["--n", "0"], "--n"),
     (["--bogus", "1"], "--bogus"),
     (["--align_steps", "ten"], "--align_steps"),
+    (["--temperature", "0"], "--temperature: --method xopd samples its rollouts; expected a finite temperature > 0, got 0.0"),
+    (["--method", "gkd", "--temperature", "nan"], "--temperature: --method gkd samples"),
+    (["--method", "sft", "--temperature", "inf"], "--temperature: expected a finite value >= 0, got inf"),
+    (["--val_rkl_prompts", "0"], "--val_rkl_prompts: expected a positive integer, got 0"),
+    (["--val_per_family", "0"], "--val_per_family: expected a positive integer"),
+    (["--val_every", "0"], "--val_every: expected a positive integer"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    (["--warmup", "-2"], "--warmup: expected an integer >= 0"),
+    (["--teacher_lr", "0"], "--teacher_lr: expected a finite learning rate > 0, got 0.0"),
+    (["--omni_lr", "nan"], "--omni_lr: expected a finite learning rate > 0, got nan"),
+    (["--encoder_lr=-1e-3"], "--encoder_lr: expected a finite learning rate > 0"),
+    (["--align_lr", "inf"], "--align_lr: expected a finite learning rate > 0 (or 0"),
+    (["--lr_grid", "1e-4,0"], "--lr_grid: expected comma-separated learning rates > 0"),
+    (["--lr_grid", "1e-4,x"], "--lr_grid: expected comma-separated learning rates > 0"),
+    (["--grad_clip", "-1"], "--grad_clip: expected a finite value >= 0 (0: off), got -1.0"),
+    (["--grad_clip", "nan"], "--grad_clip: expected a finite value >= 0"),
 ])
 def test_bad_flags_are_refused_by_name(argv, needle, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert needle in capsys.readouterr().err
+
+
+def test_edge_values_that_mean_something_are_accepted():
+    assert train.parse_args(["--method", "sft", "--temperature", "0"]).temperature == 0.0  # sft never samples
+    assert train.parse_args(["--align_lr", "0"]).align_lr == 0.0  # 0: the method's own rate
+    cfg = train.parse_args(["--seed", "0", "--warmup", "0", "--grad_clip", "0", "--lr_grid", "3e-5,1e-4"])
+    assert (cfg.seed, cfg.warmup, cfg.grad_clip, cfg.lr_grid) == (0, 0, 0.0, "3e-5,1e-4")
+
+
+def test_val_rkl_prompts_below_the_number_of_val_families_is_refused_before_stage_1(tiny_data, tmp_path):
+    world = data.World(tiny_data)
+    with pytest.raises(SystemExit, match=r"--val_rkl_prompts 2: expected at least one per family of .*val\.jsonl \(3: arith, facts, instruct\)"):
+        train.main(tiny(tmp_path / "run", tiny_data, "--val_rkl_prompts", "2"))
+    assert not os.path.exists(tmp_path / "run" / "teacher")
+    train.check_world(train.parse_args(tiny(tmp_path / "run", tiny_data, "--val_rkl_prompts", "3")), world)
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
