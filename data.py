@@ -11,10 +11,12 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 
@@ -622,6 +624,7 @@ def build_world(seed=0, preset="cpu"):
 
 
 WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
+UNFINISHED = "generating.json"   # written before the first clip, removed after done.json: a generation cut short
 
 
 def _speak(job):
@@ -632,10 +635,23 @@ def _speak(job):
     return len(audio)
 
 
+def _speak_all(jobs):
+    """A worker's share of make_toy_data: _speak on each job -> their lengths."""
+    return [_speak(job) for job in jobs]
+
+
 def make_toy_data(out_dir, seed=0, preset="cpu"):
     """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
     teacher's unspoken prompts out_dir/text.jsonl, and out_dir/tokenizer.json. Skips the work
-    when out_dir already holds the same (seed, preset, format). Returns the paths."""
+    when out_dir already holds the same (seed, preset, format). Returns the paths.
+
+    The clips are made by worker processes ('spawn': each imports the calling script); from a
+    script without an `if __name__ == "__main__":` guard they cannot start, and the clips are made
+    in this process instead, with the same bytes."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a spawned worker importing a guard-less calling script, which calls this again: leave
+        # quietly (the pool breaks and the calling process makes the clips itself)
+        raise SystemExit(0)
     paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
     paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"), wavs=os.path.join(out_dir, "wavs"))
     stamp = os.path.join(out_dir, "done.json")
@@ -644,24 +660,54 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
         with open(stamp) as fh:
             if json.load(fh) == want:
                 return paths
-    print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}", flush=True)
+    mark = os.path.join(out_dir, UNFINISHED)
+    again = " again: the last generation there was cut short" if os.path.exists(mark) else ""
+    print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}{again}", flush=True)
     t0 = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(mark, "w") as fh:  # first, so that a generation cut short is known as this project's own
+        json.dump(want, fh)
+    if os.path.exists(stamp):  # an older world is being replaced: no longer done
+        os.remove(stamp)
     os.makedirs(paths["wavs"], exist_ok=True)
     records = build_world(seed, preset)
-    n_samples = n_clips = 0
     # one seed per clip, so any clip can be made alone: in parallel, one process per core, with the
     # same bytes as one process would write
     jobs = [(r["transcript"], r["voice"], seed * 1_000_003 + i, os.path.join(out_dir, r["audio"]))
             for i, r in enumerate(records) if "audio" in r]
-    todo, shown = len(jobs), time.time()
+    made, shown = [], time.time()  # made: the clips' lengths, in job order
+
+    def collect(lengths):
+        nonlocal shown
+        for n in lengths:
+            made.append(n)
+            if time.time() - shown >= 5 and len(made) < len(jobs):   # a line every 5 s
+                shown, rate = time.time(), len(made) / (time.time() - t0)
+                print(f"[data] {len(made)}/{len(jobs)} clips, {rate:.0f} clips/s, eta {(len(jobs) - len(made)) / rate:.0f} s", flush=True)
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else nullcontext() as ex:
-        for n in (ex.map(_speak, jobs, chunksize=32) if ex else map(_speak, jobs)):
-            n_samples += n
-            n_clips += 1
-            if time.time() - shown >= 5 and n_clips < todo:   # a line every 5 s
-                shown, rate = time.time(), n_clips / (time.time() - t0)
-                print(f"[data] {n_clips}/{todo} clips, {rate:.0f} clips/s, eta {(todo - n_clips) / rate:.0f} s", flush=True)
+    if workers > 1:
+        try:
+            others = set(multiprocessing.active_children())
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                # the workers, started by submit, are born ignoring Ctrl-C (kept through exec): it is
+                # this process's to handle, not a traceback in each of them
+                main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+                handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+                try:
+                    parts = [ex.submit(_speak_all, jobs[i:i + 32]) for i in range(0, len(jobs), 32)]
+                finally:
+                    if main:
+                        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+                try:
+                    collect(n for part in parts for n in part.result())
+                except KeyboardInterrupt:  # stop now: a generation cut short is made again from the start
+                    for w in set(multiprocessing.active_children()) - others:  # the pool's workers
+                        w.terminate()
+                    raise
+        except BrokenProcessPool:
+            print("[data] the clip workers could not start (a script that calls data.make_toy_data needs its code under "
+                  "`if __name__ == \"__main__\":` for them); making the clips in this process", flush=True)
+    collect(map(_speak, jobs[len(made):]))
     for pool in ("text",) + POOLS:
         with open(paths[pool], "w") as fh:
             for r in records:
@@ -670,8 +716,9 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     train_tokenizer(toy_corpus(records)).save(paths["tokenizer"])
     with open(stamp, "w") as fh:
         json.dump(want, fh)
-    print(f"toy data ({preset}, seed {seed}): {n_clips} clips, {n_samples / SAMPLE_RATE / 3600:.2f} h "
-          f"of audio, {len(records) - n_clips} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
+    os.remove(mark)
+    print(f"toy data ({preset}, seed {seed}): {len(made)} clips, {sum(made) / SAMPLE_RATE / 3600:.2f} h "
+          f"of audio, {len(records) - len(made)} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
     return paths
 
 

@@ -820,7 +820,10 @@ def main(argv=None):
             ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
         trained = M.load_checkpoint(teacher)["train"]
         trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens") if getattr(args, k) is not None})
-        runs.append((out, run_world(out, args.data), trained))
+        try:
+            runs.append((out, run_world(out, args.data), trained))
+        except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad manifests or clips
+            sys.exit(f"--out {out}: {e}" + ("" if args.data else " (give the data folder with --data)"))
     if args.first_token:
         seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
         fams = list(next(iter(seeds[0].values())))
@@ -843,4 +846,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted. The scores written so far (each model's eval.json) are kept: run the same command "
+              "again to score the rest.", file=sys.stderr)
+        sys.exit(130)

@@ -25,6 +25,7 @@ optimiser step for every stage.
 """
 import argparse
 import copy
+import errno
 import json
 import math
 import os
@@ -920,7 +921,7 @@ def check_world(cfg, world):
 def finished(cfg, stage):
     """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
     if stage == "data":
-        return os.path.exists(os.path.join(cfg.data, "train.jsonl"))
+        return os.path.exists(os.path.join(cfg.data, "train.jsonl")) and not os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
     if stage == "eval":
         return False
     try:
@@ -933,8 +934,67 @@ def finished(cfg, stage):
 
 # -----------------------------------------------------------------------------
 
+def alive(pid):
+    """Whether process pid is running (on this machine)."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def lock_run(out):
+    """One run per folder: <out>/lock holds the process id of the run using it, made atomically
+    (O_EXCL). A live holder is refused by its id; a lock whose process is gone (killed, the
+    machine restarted) is taken over with a note. -> the lock's path."""
+    path = os.path.join(out, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip())
+            except (OSError, ValueError):  # gone meanwhile, or cut short while written
+                pid = 0
+            if pid and pid != os.getpid() and alive(pid):
+                sys.exit(f"--out {out}: in use by another run, process id {pid} (its lock: {path}). Wait for it to "
+                         f"end, or choose another --out.")
+            if pid != os.getpid():
+                print(f"[lock] {path}: left by process {pid}, which is no longer running; taking it over")
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another run took it over first: try again
+                pass
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
 def main(argv=None):
+    """Parse the flags, hold the run folder (lock_run) and run the pipeline; the folder is let go
+    however the run ends."""
     cfg = parse_args(argv)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 holds it for all
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            sys.exit(f"--out {cfg.out}: is a file; expected a run folder (new, or one this project made)")
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            lock = lock_run(cfg.out)
+        except OSError as e:
+            sys.exit(f"--out {cfg.out}: cannot write there ({e.strerror or e})")
+    try:
+        pipeline(cfg)
+    finally:
+        if lock and os.path.exists(lock):
+            os.remove(lock)
+
+
+def pipeline(cfg):
+    """Every stage in order, each skipped when done (main holds the run folder)."""
     t0 = time.time()
     device, amp, why = M.pick_device()
     device = init_distributed(device)
@@ -974,11 +1034,14 @@ def main(argv=None):
 
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
     # empty folder, or one it generated before (done.json; regenerated when its format is out of
-    # date, refused when it holds another seed's or preset's world). A user's folder without
-    # manifests is an error, never overwritten. Every rank decides on the folder as it was before
-    # rank 0 writes there.
+    # date, refused when it holds another seed's or preset's world) or began to (data.UNFINISHED:
+    # generated again). A user's folder without manifests is an error, never overwritten. Every
+    # rank decides on the folder as it was before rank 0 writes there.
     barrier()
+    if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
+        sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for the toy data)")
     generated = os.path.exists(os.path.join(cfg.data, "done.json"))
+    unfinished = os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
     has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
@@ -989,7 +1052,7 @@ def main(argv=None):
             sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} ({made.get('preset')} preset); "
                      f"this run asks for seed {cfg.seed} ({world_of['preset']}). Choose another --data or --out, "
                      f"or delete {cfg.data} to generate it again.")
-    if generated or (free and not has_manifest):
+    if generated or unfinished or (free and not has_manifest):
         timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed, world_of["preset"])
         barrier()
     elif not has_manifest:
@@ -1018,5 +1081,17 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# errors of the folders a user named (read-only, full, a file where a folder should be): one line, no traceback
+USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted. Finished stages are kept: run the same command again to go on, with --resume to continue "
+              "the stage that was cut short from its last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        sys.exit(f"{e.filename}: {e.strerror}")

@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -503,3 +507,108 @@ def test_every_clip_is_checked_before_stage_1(tiny_data, tmp_path, clip, needle)
     with pytest.raises(SystemExit, match=rf"test\.jsonl:5: .*mine/clip\.wav: {needle}"):
         train.main(tiny(tmp_path / "run", d))
     assert not os.path.exists(tmp_path / "run" / "teacher")
+
+
+def test_one_run_per_folder_a_live_holder_is_named_a_dead_ones_lock_is_taken_over(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "lock").write_text(f"{live.pid}\n")
+        with pytest.raises(SystemExit, match=rf"--out .*run: in use by another run, process id {live.pid} "):
+            train.main(tiny(out, tiny_data))
+        assert (out / "lock").read_text() == f"{live.pid}\n"  # still the live run's
+    finally:
+        live.kill()
+        live.wait()
+    # now its process is gone: the lock is taken over, and let go when the run ends (here refused early)
+    with pytest.raises(SystemExit, match="--val_rkl_prompts 1"):
+        train.main(tiny(out, tiny_data, "--val_rkl_prompts", "1"))
+    assert f"{out / 'lock'}: left by process {live.pid}, which is no longer running; taking it over" in capsys.readouterr().out
+    assert not (out / "lock").exists()
+    assert train.lock_run(str(out)) == str(out / "lock") and (out / "lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_an_out_or_data_that_is_a_file_is_refused_by_flag(tiny_data, tmp_path):
+    (tmp_path / "f").write_text("mine\n")
+    with pytest.raises(SystemExit, match=r"--out .*f: is a file; expected a run folder"):
+        train.main(tiny(tmp_path / "f", tiny_data))
+    with pytest.raises(SystemExit, match=r"--data .*f: is a file; expected a folder"):
+        train.main(tiny(tmp_path / "run", str(tmp_path / "f")))
+    assert (tmp_path / "f").read_text() == "mine\n"
+
+
+def test_an_interrupted_toy_data_generation_is_recognised_and_made_again(tiny_data, tmp_path, monkeypatch):
+    """Cut short in a new --data folder, the generation leaves its marker beside wavs/; the rerun
+    generates there again instead of refusing the folder as a user's. A finished one leaves none."""
+    new = tmp_path / "new"
+
+    def cut_short(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "build_world", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path / "run", str(new)))
+    assert sorted(os.listdir(new)) == [data.UNFINISHED, "wavs"] and not (tmp_path / "run" / "lock").exists()
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(data, "make_toy_data", lambda *a: calls.append(a) or sys.exit("generated"))
+    with pytest.raises(SystemExit, match="generated"):
+        train.main(tiny(tmp_path / "run", str(new)))
+    assert calls == [(str(new), 0, "tiny")]
+    assert os.path.exists(os.path.join(tiny_data, "done.json")) and not os.path.exists(os.path.join(tiny_data, data.UNFINISHED))
+
+
+def test_make_toy_data_from_a_script_without_a_main_guard_makes_the_clips_itself(tmp_path):
+    """Spawned workers import the calling script; without `if __name__ == "__main__":` they cannot
+    start: the clips are made in the calling process instead, with one line saying why, no
+    traceback, and the generation cut short before (its marker there) is made again."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / data.UNFINISHED).write_text("{}")
+    script = tmp_path / "make.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(data.__file__))!r})\nimport data\n"
+                      "data.PRESETS['mini'] = dict(text=dict(text=4, train=4, align=2, val=2, test=2), facts_entities=1,\n"
+                      "                            asr=dict(train=2, test=2), audio_q=dict(train=1, test=1), speakers=(2, 2))\n"
+                      f"data.make_toy_data({str(out)!r}, seed=0, preset='mini')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("[data] generating the mini toy world (seed 0)") == 1
+    assert "again: the last generation there was cut short" in r.stdout
+    assert os.path.exists(out / "done.json") and not os.path.exists(out / data.UNFINISHED)
+    recs = data.read_manifest(out / "test.jsonl") + data.read_manifest(out / "train.jsonl")
+    assert recs and all(os.path.getsize(r["audio"]) > 44 for r in recs)
+
+
+def test_ctrl_c_during_data_generation_ends_with_one_line_saying_how_to_go_on(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group, the clip workers too: one line on
+    stderr, exit status 130, the run folder let go and the generation known as cut short."""
+    root = os.path.dirname(os.path.abspath(train.__file__))
+    p = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--preset", "tiny", "--out", str(tmp_path / "run")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("[data] generating"):
+            break
+    time.sleep(1.5)  # the workers have started
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err.strip().splitlines() == ["interrupted. Finished stages are kept: run the same command again to go on, with "
+                                        "--resume to continue the stage that was cut short from its last checkpoint."]
+    assert os.path.exists(tmp_path / "run" / "data" / data.UNFINISHED) and not os.path.exists(tmp_path / "run" / "lock")
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_by_flag(tiny_data, tmp_path, monkeypatch):
+    def read_only(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(SystemExit, match=r"--out .*run: cannot write there \(Permission denied\)"):
+        train.main(tiny(tmp_path / "run", tiny_data))
+
+
+def test_eval_of_a_run_whose_data_is_gone_is_one_message(tiny_data, tmp_path):
+    settings = {"out": str(tmp_path / "run"), "data": str(tmp_path / "gone"), "eval_per_family": 1, "max_new_tokens": 2}
+    M.save_checkpoint(str(tmp_path / "run" / "teacher" / "model.pt"), {"model": {}, "configs": {}, "train": settings})
+    with pytest.raises(SystemExit, match=r"--out .*run: .*gone.*tokenizer\.json: tokenizer not found .*\(give the data folder with --data\)"):
+        E.main(["--out", str(tmp_path / "run")])
