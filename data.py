@@ -926,12 +926,13 @@ def field_error(r):
     return None
 
 
-def read_manifest(path, audio=True, seen=None):
+def read_manifest(path, audio=True, seen=None, required=False):
     """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
     a malformed line (not UTF-8, not JSON, a field of the wrong type) raises ValueError naming the
     file, line number and field. audio=False reads unspoken prompts (the teacher's text.jsonl): no
     'audio' field is needed. Ids must be unique (log-mels and encoder features are cached by id):
-    within the file, and across the files read with the same `seen` dict ({id: 'file:line'}, updated)."""
+    within the file, and across the files read with the same `seen` dict ({id: 'file:line'}, updated).
+    required: a file without records is an error too (found here, not at the stage that needs them)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
@@ -968,6 +969,8 @@ def read_manifest(path, audio=True, seen=None):
             if audio:
                 r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
             records.append(r)
+    if required and not records:
+        raise ValueError(f"{path}: no records; expected one JSON object per line (README, 'Bring your own audio')")
     return records
 
 # -----------------------------------------------------------------------------
@@ -1056,13 +1059,11 @@ class World:
         # one id space for every spoken manifest (the mel and feature caches are keyed by id);
         # id -> 'file:line', where an error about a record points
         self.lines = ids = {}
-        self.train, self.test = read_manifest(path("train"), seen=ids), read_manifest(path("test"), seen=ids)
+        self.train = read_manifest(path("train"), seen=ids, required=True)
+        self.test = read_manifest(path("test"), seen=ids, required=True)
         self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
         self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
-        for name in ("train", "test"):  # found here, not at the stage that first needs them
-            if not getattr(self, name):
-                raise ValueError(f"{path(name)}: no records; expected one JSON object per line (README, 'Bring your own audio')")
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         special = chat_ids(self.tok, fmt)
@@ -1072,10 +1073,10 @@ class World:
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
 
-    def check_clips(self, max_seconds):
-        """Every clip of the spoken manifests, by its header (check_clip): a bad one is found
-        before any stage trains, not at the first that reads it."""
-        for r in self.train + self.align + self.val + self.test:
+    def check_clips(self, max_seconds, pools=POOLS):
+        """Every clip of the spoken manifests (of `pools`), by its header (check_clip): a bad one is
+        found before any stage trains, not at the first that reads it."""
+        for r in (r for pool in pools for r in getattr(self, pool)):
             check_clip(r["audio"], self.lines[r["id"]], max_seconds)
 
     def prompt(self, record, modality):
