@@ -64,7 +64,9 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
     return out.astype(np.float32)
 
 
-MIN_SAMPLES = N_FFT  # 25 ms: two mel frames, one encoder frame (conv2 halves them); less crashes the STFT or leaves the encoder nothing
+# the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
+# crashes the STFT's reflect padding or leaves the encoder nothing
+MIN_SAMPLES = N_FFT
 
 
 def encoder_seconds(n_ctx):
@@ -86,8 +88,8 @@ def check_clip(path, where, max_seconds):
                          f"can decode (WAV, FLAC, OGG, ...)") from None
     seconds = info.frames / info.samplerate
     if not MIN_SAMPLES / SAMPLE_RATE <= seconds <= max_seconds:
-        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz ({seconds:.3f} s); expected {1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms "
-                         f"to {max_seconds:g} s (the audio encoder's window)")
+        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz ({seconds:.3f} s); expected "
+                         f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms to {max_seconds:g} s (the audio encoder's window)")
 
 
 def load_audio(path):

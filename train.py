@@ -941,8 +941,8 @@ def alive(pid):
         os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        return True
+    except PermissionError:  # another user's: it exists
+        pass
     return True
 
 
@@ -964,7 +964,8 @@ def lock_run(out):
                 sys.exit(f"--out {out}: in use by another run, process id {pid} (its lock: {path}). Wait for it to "
                          f"end, or choose another --out.")
             if pid != os.getpid():
-                print(f"[lock] {path}: left by process {pid}, which is no longer running; taking it over")
+                print(f"[lock] {path}: " + (f"left by process {pid}, which is no longer running" if pid else "unreadable")
+                      + "; taking it over")
             try:
                 os.remove(path)
             except FileNotFoundError:  # another run took it over first: try again

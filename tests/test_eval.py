@@ -1,4 +1,4 @@
-"""eval.py: the paper's drop metrics, and the scores evaluate_model assembles from predictions, and when cached scores are made again."""
+"""eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, and when cached scores are made again."""
 import json
 import os
 import shutil
