@@ -11,10 +11,12 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 
@@ -60,6 +62,34 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
         k = (n * down) // up                     # floor(t)
         out[start:start + len(n)] = (xp[k[:, None] + j + half] * table[(n * down) % up]).sum(1)
     return out.astype(np.float32)
+
+
+# the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
+# crashes the STFT's reflect padding or leaves the encoder nothing
+MIN_SAMPLES = N_FFT
+
+
+def encoder_seconds(n_ctx):
+    """The longest clip an encoder of n_ctx positions reads whole: two mel frames per position."""
+    return 2 * n_ctx * HOP_LENGTH / SAMPLE_RATE
+
+
+def check_clip(path, where, max_seconds):
+    """One clip, by its header alone (soundfile.info: fast, no samples read): it exists, soundfile
+    can read it, and at 16 kHz it is at least MIN_SAMPLES long and at most max_seconds (the
+    encoder's window). ValueError naming `where` (the manifest's file:line), the clip and what was
+    expected."""
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: {path}: no such audio file (expected a WAV/FLAC/OGG file)")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise ValueError(f"{where}: {path}: cannot be read as audio ({e}); expected a file soundfile "
+                         f"can decode (WAV, FLAC, OGG, ...)") from None
+    seconds = info.frames / info.samplerate
+    if not MIN_SAMPLES / SAMPLE_RATE <= seconds <= max_seconds:
+        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz ({seconds:.3f} s); expected "
+                         f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms to {max_seconds:g} s (the audio encoder's window)")
 
 
 def load_audio(path):
@@ -596,6 +626,7 @@ def build_world(seed=0, preset="cpu"):
 
 
 WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
+UNFINISHED = "generating.json"   # written before the first clip, removed after done.json: a generation cut short
 
 
 def _speak(job):
@@ -606,10 +637,23 @@ def _speak(job):
     return len(audio)
 
 
+def _speak_all(jobs):
+    """A worker's share of make_toy_data: _speak on each job -> their lengths."""
+    return [_speak(job) for job in jobs]
+
+
 def make_toy_data(out_dir, seed=0, preset="cpu"):
     """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
     teacher's unspoken prompts out_dir/text.jsonl, and out_dir/tokenizer.json. Skips the work
-    when out_dir already holds the same (seed, preset, format). Returns the paths."""
+    when out_dir already holds the same (seed, preset, format). Returns the paths.
+
+    The clips are made by worker processes ('spawn': each imports the calling script); from a
+    script without an `if __name__ == "__main__":` guard they cannot start, and the clips are made
+    in this process instead, with the same bytes."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a spawned worker importing a guard-less calling script, which calls this again: leave
+        # quietly (the pool breaks and the calling process makes the clips itself)
+        raise SystemExit(0)
     paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
     paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"), wavs=os.path.join(out_dir, "wavs"))
     stamp = os.path.join(out_dir, "done.json")
@@ -618,24 +662,54 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
         with open(stamp) as fh:
             if json.load(fh) == want:
                 return paths
-    print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}", flush=True)
+    mark = os.path.join(out_dir, UNFINISHED)
+    again = " again: the last generation there was cut short" if os.path.exists(mark) else ""
+    print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}{again}", flush=True)
     t0 = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(mark, "w") as fh:  # first, so that a generation cut short is known as this project's own
+        json.dump(want, fh)
+    if os.path.exists(stamp):  # an older world is being replaced: no longer done
+        os.remove(stamp)
     os.makedirs(paths["wavs"], exist_ok=True)
     records = build_world(seed, preset)
-    n_samples = n_clips = 0
     # one seed per clip, so any clip can be made alone: in parallel, one process per core, with the
     # same bytes as one process would write
     jobs = [(r["transcript"], r["voice"], seed * 1_000_003 + i, os.path.join(out_dir, r["audio"]))
             for i, r in enumerate(records) if "audio" in r]
-    todo, shown = len(jobs), time.time()
+    made, shown = [], time.time()  # made: the clips' lengths, in job order
+
+    def collect(lengths):
+        nonlocal shown
+        for n in lengths:
+            made.append(n)
+            if time.time() - shown >= 5 and len(made) < len(jobs):   # a line every 5 s
+                shown, rate = time.time(), len(made) / (time.time() - t0)
+                print(f"[data] {len(made)}/{len(jobs)} clips, {rate:.0f} clips/s, eta {(len(jobs) - len(made)) / rate:.0f} s", flush=True)
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else nullcontext() as ex:
-        for n in (ex.map(_speak, jobs, chunksize=32) if ex else map(_speak, jobs)):
-            n_samples += n
-            n_clips += 1
-            if time.time() - shown >= 5 and n_clips < todo:   # a line every 5 s
-                shown, rate = time.time(), n_clips / (time.time() - t0)
-                print(f"[data] {n_clips}/{todo} clips, {rate:.0f} clips/s, eta {(todo - n_clips) / rate:.0f} s", flush=True)
+    if workers > 1:
+        try:
+            others = set(multiprocessing.active_children())
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                # the workers, started by submit, are born ignoring Ctrl-C (kept through exec): it is
+                # this process's to handle, not a traceback in each of them
+                main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+                handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+                try:
+                    parts = [ex.submit(_speak_all, jobs[i:i + 32]) for i in range(0, len(jobs), 32)]
+                finally:
+                    if main:
+                        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+                try:
+                    collect(n for part in parts for n in part.result())
+                except KeyboardInterrupt:  # stop now: a generation cut short is made again from the start
+                    for w in set(multiprocessing.active_children()) - others:  # the pool's workers
+                        w.terminate()
+                    raise
+        except BrokenProcessPool:
+            print("[data] the clip workers could not start (a script that calls data.make_toy_data needs its code under "
+                  "`if __name__ == \"__main__\":` for them); making the clips in this process", flush=True)
+    collect(map(_speak, jobs[len(made):]))
     for pool in ("text",) + POOLS:
         with open(paths[pool], "w") as fh:
             for r in records:
@@ -644,8 +718,9 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     train_tokenizer(toy_corpus(records)).save(paths["tokenizer"])
     with open(stamp, "w") as fh:
         json.dump(want, fh)
-    print(f"toy data ({preset}, seed {seed}): {n_clips} clips, {n_samples / SAMPLE_RATE / 3600:.2f} h "
-          f"of audio, {len(records) - n_clips} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
+    os.remove(mark)
+    print(f"toy data ({preset}, seed {seed}): {len(made)} clips, {sum(made) / SAMPLE_RATE / 3600:.2f} h "
+          f"of audio, {len(records) - len(made)} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
     return paths
 
 
@@ -830,20 +905,47 @@ def decode_response(tok, ids, fmt=TOY_FORMAT):
 
 MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instruction": "",
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
+# what each field must hold, checked as a manifest is read (not when a stage first uses it):
+# (types, said as). reference and teacher may be null: a record without that response.
+FIELD_TYPES = {"split": (str, "a string"), "task": (str, "a string"), "instruction": (str, "a string"),
+               "answer": (str, "a string"), "reference": ((str, type(None)), "a string or null"),
+               "teacher": ((str, type(None)), "a string or null"), "voice": (dict, "an object of voice fields")}
+NUMBER = ((int, float), "a number")
+VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise": NUMBER, "loudness": NUMBER,
+               "emotion": (str, f"one of {', '.join(EMOTIONS)}"), "speaker": (str, "a string")}
 
 
-def read_manifest(path, audio=True, seen=None):
+def field_error(r):
+    """The first field of record r (defaults filled in) that holds the wrong type -> 'field ... is
+    ...; expected ...', or None."""
+    checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
+    if isinstance(r["voice"], dict):
+        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k]) for k in VOICE_TYPES if k in r["voice"]]
+    for name, v, types, what in checks:
+        if not isinstance(v, types) or isinstance(v, bool) or (name == "voice.emotion" and v not in EMOTIONS):
+            shown = json.dumps(v)
+            return f"field {name!r} is {shown if len(shown) < 60 else shown[:57] + '...'}; expected {what}"
+    return None
+
+
+def read_manifest(path, audio=True, seen=None, required=False):
     """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
-    a malformed line raises ValueError naming the file and line number. audio=False reads
-    unspoken prompts (the teacher's text.jsonl): no 'audio' field is needed. Ids must be unique
-    (log-mels and encoder features are cached by id): within the file, and across the files
-    read with the same `seen` dict ({id: 'file:line'}, updated)."""
+    a malformed line (not UTF-8, not JSON, a field of the wrong type) raises ValueError naming the
+    file, line number and field. audio=False reads unspoken prompts (the teacher's text.jsonl): no
+    'audio' field is needed. Ids must be unique (log-mels and encoder features are cached by id):
+    within the file, and across the files read with the same `seen` dict ({id: 'file:line'}, updated).
+    required: a file without records is an error too (found here, not at the stage that needs them)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
     records = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"expected JSON Lines in UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -861,11 +963,16 @@ def read_manifest(path, audio=True, seen=None):
             if r["id"] in seen:
                 raise ValueError(f"{path}:{lineno}: id {r['id']!r} is already used at {seen[r['id']]}; ids must "
                                  f"be unique across the manifests (audio is cached by id)")
-            seen[r["id"]] = f"{path}:{lineno}"
             r = {**MANIFEST_DEFAULTS, **r}
+            wrong = field_error(r)
+            if wrong:
+                raise ValueError(f"{path}:{lineno}: {wrong}")
+            seen[r["id"]] = f"{path}:{lineno}"
             if audio:
                 r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
             records.append(r)
+    if required and not records:
+        raise ValueError(f"{path}: no records; expected one JSON object per line (README, 'Bring your own audio')")
     return records
 
 # -----------------------------------------------------------------------------
@@ -951,8 +1058,11 @@ class World:
         self.dir, self.fmt, self.n_mels = data_dir, fmt, n_mels
         path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
         self.tok = load_tokenizer(tokenizer or os.path.join(data_dir, "tokenizer.json"))
-        ids = {}  # one id space for every spoken manifest: the mel and feature caches are keyed by id
-        self.train, self.test = read_manifest(path("train"), seen=ids), read_manifest(path("test"), seen=ids)
+        # one id space for every spoken manifest (the mel and feature caches are keyed by id);
+        # id -> 'file:line', where an error about a record points
+        self.lines = ids = {}
+        self.train = read_manifest(path("train"), seen=ids, required=True)
+        self.test = read_manifest(path("test"), seen=ids, required=True)
         self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
         self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []
         self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
@@ -964,6 +1074,12 @@ class World:
         # encoder -> {record id: features}; weak, so an encoder's features go with it, and
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
+
+    def check_clips(self, max_seconds, pools=POOLS):
+        """Every clip of the spoken manifests (of `pools`), by its header (check_clip): a bad one is
+        found before any stage trains, not at the first that reads it."""
+        for r in (r for pool in pools for r in getattr(self, pool)):
+            check_clip(r["audio"], self.lines[r["id"]], max_seconds)
 
     def prompt(self, record, modality):
         return encode_prompt(self.tok, record, modality, self.fmt)

@@ -26,6 +26,7 @@ Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR W
 import argparse
 import functools
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -214,23 +215,74 @@ def world_of(settings, n_mels=data.N_MELS, data_dir=None):
     return data.World(data_dir or settings["data"], tokenizer, fmt, n_mels)
 
 
+RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
+
+
+def run_path(settings, key, out):
+    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now in
+    folder out: a path inside the run folder moves with the folder (a copied or moved run keeps its
+    own data); any other is as stored (absolute; an older version stored the path as given, relative
+    to the directory it ran in)."""
+    p, was = settings.get(key) or "", settings.get("out") or ""
+    if not p or not was:
+        return p
+    rel = os.path.relpath(p, was)
+    return p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.normpath(os.path.join(out, rel))
+
+
 def run_world(out, data_dir=None):
     """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
-    run's speech encoder)."""
+    run's speech encoder), from any directory."""
     settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+    settings = {**settings, **{k: run_path(settings, k, out) for k in RUN_PATHS}}
     omni = os.path.join(out, "omni", "model.pt")
-    n_mels = M.load_checkpoint(omni)["configs"]["encoder"]["n_mels"] if os.path.exists(omni) else data.N_MELS
-    return world_of(settings, n_mels, data_dir)
+    enc = M.load_checkpoint(omni)["configs"]["encoder"] if os.path.exists(omni) else {}
+    world = world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
+    world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))  # before any model is scored
+    return world
+
+
+def scored_on(world, **settings):
+    """What a score depends on besides the model: the settings given (prompts per family, answer
+    length) and the data scored, known by a hash of the manifests eval reads (test.jsonl: the
+    prompts and clips; train.jsonl: which speakers count as heard; val.jsonl: judge's prompts) and, for a generated toy world,
+    its done.json (seed, preset, format: the clips themselves). Cached with the scores in eval.json:
+    scores cached under another key are made again, never shown as this one's."""
+    h = hashlib.sha256()
+    for name in ("test.jsonl", "train.jsonl", "val.jsonl"):  # val: the prompts judge reads
+        if os.path.exists(os.path.join(world.dir, name)):
+            with open(os.path.join(world.dir, name), "rb") as f:
+                h.update(f.read())
+    done = os.path.join(world.dir, "done.json")
+    toy = json.load(open(done)) if os.path.exists(done) else None
+    return {**settings, "data": {"manifests": h.hexdigest()[:16], "toy_world": toy}}
+
+
+def cached(path, ckpt, key, name):
+    """The scores in eval.json at path when they are of this checkpoint (written after it) and of
+    this key (scored_on); else None, with a line saying why they are made again."""
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(ckpt):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    old = res.get("settings", {})
+    if old == key:
+        return res
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" if k != "data" else "another data folder" for k, v in key.items() if old.get(k) != v]
+    print(f"[eval] {name}: {path} was scored with other settings ({'; '.join(diff)}): scoring again")
+    return None
 
 
 def evaluate_all(out, world, device, per_family, max_new_tokens):
-    """Score every finished run that has no up-to-date eval.json (stage 5); a student is also
-    judged by the run's teacher on the val prompts (judge, under "judge")."""
+    """Score every finished run whose eval.json is missing, older than its model.pt, or scored
+    with other settings or data (scored_on) (stage 5); a student is also judged by the run's
+    teacher on the val prompts (judge, under "judge")."""
+    key = scored_on(world, per_family=per_family, max_new_tokens=max_new_tokens)
     teacher = None
     for name, d in run_dirs(out).items():
         path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
-        if (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(ckpt)
-                and (name == "teacher" or "judge" in json.load(open(path)))):
+        old = cached(path, ckpt, key, name)
+        if old and (name == "teacher" or "judge" in old):
             continue
         m, _ = M.load_model(ckpt, device)
         t0 = shown = time.time()
@@ -240,7 +292,7 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
             if time.time() - shown >= 5:
                 print(f"[eval] {name}: ... {part} scored ({time.time() - t0:.0f} s)", flush=True)
                 shown = time.time()
-        res = evaluate_model(m, world, device, per_family, max_new_tokens, done)
+        res = {**evaluate_model(m, world, device, per_family, max_new_tokens, done), "settings": key}
         if isinstance(m, M.SpeechLM):
             teacher = teacher or M.load_model(os.path.join(out, "teacher", "model.pt"), device)[0]
             res["judge"] = judge(teacher, m, world, device, max_new_tokens)
@@ -832,7 +884,10 @@ def main(argv=None):
             ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
         trained = M.load_checkpoint(teacher)["train"]
         trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens") if getattr(args, k) is not None})
-        runs.append((out, run_world(out, args.data), trained))
+        try:
+            runs.append((out, run_world(out, args.data), trained))
+        except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad manifests or clips
+            sys.exit(f"--out {out}: {e}" + ("" if args.data else " (give the data folder with --data)"))
     if args.first_token:
         seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
         fams = list(next(iter(seeds[0].values())))
@@ -855,4 +910,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted. The scores written so far (each model's eval.json) are kept: run the same command "
+              "again to score the rest.", file=sys.stderr)
+        sys.exit(130)

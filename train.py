@@ -25,6 +25,7 @@ optimiser step for every stage.
 """
 import argparse
 import copy
+import errno
 import json
 import math
 import os
@@ -140,19 +141,42 @@ def parse_args(argv=None):
     if not 0.0 <= cfg.gkd_beta <= 1.0 or not 0.0 <= cfg.gkd_mix <= 1.0:
         p.error(f"--gkd_beta / --gkd_mix: expected values in [0, 1], got {cfg.gkd_beta} / {cfg.gkd_mix}")
     for name in ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps", "batch_size", "align_batch", "n",
-                 "max_new_tokens", "ckpt_every", "log_every", "eval_per_family"):
+                 "max_new_tokens", "ckpt_every", "log_every", "eval_per_family", "val_every", "val_per_family", "val_rkl_prompts"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.temperature < 0:
-        p.error(f"--temperature: expected >= 0, got {cfg.temperature}")
     for name in ("teacher_prior", "omni_teacher_style"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             p.error(f"--{name}: expected a share in [0, 1], got {getattr(cfg, name)}")
+    for name in ("seed", "warmup"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name}: expected an integer >= 0, got {getattr(cfg, name)}")
+    # a rate of nan or inf trains nothing and says so only after the stages before it
+    for name in ("teacher_lr", "encoder_lr", "omni_lr"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            p.error(f"--{name}: expected a finite learning rate > 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.align_lr) and cfg.align_lr >= 0):
+        p.error(f"--align_lr: expected a finite learning rate > 0 (or 0: the method's own, ALIGN_LR), got {cfg.align_lr}")
+    try:
+        grid = [float(x) for x in cfg.lr_grid.split(",")] if cfg.lr_grid else []
+    except ValueError:
+        grid = [math.nan]
+    if not all(math.isfinite(lr) and lr > 0 for lr in grid):
+        p.error(f"--lr_grid: expected comma-separated learning rates > 0 like 3e-5,1e-4,3e-4, got {cfg.lr_grid!r}")
+    for name in ("grad_clip", "ratio_clip"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            p.error(f"--{name}: expected a finite value >= 0 (0: off), got {getattr(cfg, name)}")
+    if cfg.method in ("xopd", "gkd") and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        p.error(f"--temperature: --method {cfg.method} samples its rollouts; expected a finite temperature > 0, got {cfg.temperature}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        p.error(f"--temperature: expected a finite value >= 0, got {cfg.temperature}")
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
     omni_mix(cfg)  # refused here, not after the stages before omni
-    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    # absolute, as every checkpoint stores them: a run reads the same from any directory
+    cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
+    for name in E.RUN_PATHS:
+        setattr(cfg, name, getattr(cfg, name) and os.path.abspath(getattr(cfg, name)))
     return cfg
 
 
@@ -322,7 +346,14 @@ def check_settings(cfg, name, path, saved, lr):
     """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
     under settings other than cfg's, or at another learning rate than lr."""
     old = {**BEFORE_THEY_EXISTED, **saved.get("train", {})}
-    same = lambda k: same_data(old[k], cfg.data) if k == "data" else old[k] == getattr(cfg, k)
+
+    def same(k):
+        if k not in E.RUN_PATHS:
+            return old[k] == getattr(cfg, k)
+        was = E.run_path(old, k, cfg.out)  # as seen from this run's folder, wherever it is now
+        if k == "data":
+            return same_data(was, cfg.data)
+        return (was and os.path.abspath(was)) == getattr(cfg, k)
     keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
     diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]
     if "lr" in saved and saved["lr"] != lr:
@@ -620,10 +651,11 @@ def stage_encoder(cfg, world, device, amp):
 
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
         run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
-    path = os.path.join(cfg.out, "encoder", "eval.json")
-    if not os.path.exists(path) and RANK == 0:
-        m, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
-        res = E.evaluate_encoder(m, world, device, cfg.eval_per_family)
+    path, ckpt = os.path.join(cfg.out, "encoder", "eval.json"), os.path.join(cfg.out, "encoder", "model.pt")
+    key = E.scored_on(world, per_family=cfg.eval_per_family)
+    if RANK == 0 and not E.cached(path, ckpt, key, "encoder"):
+        m, _ = M.load_model(ckpt, device)
+        res = {**E.evaluate_encoder(m, world, device, cfg.eval_per_family), "settings": key}
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
         wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
                f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")
@@ -929,8 +961,9 @@ REFERENCE_S = {"cpu": {"data": 58, "teacher": 193, "encoder": 265, "omni": 474, 
 def load_world(cfg):
     """The data folder, read with the tokenizer, chat format and log-mel size of the models in
     use: a --teacher folder brings its tokenizer.json, --chat_format its strings, --whisper (or a
-    --student's encoder) its n_mels. Every model is checked before any stage runs."""
-    n_mels = data.N_MELS
+    --student's encoder) its n_mels and window. Every model, and every clip's header, is checked
+    before any stage runs."""
+    n_mels, n_ctx = data.N_MELS, M.make_configs(cfg.preset, 1)[0].n_ctx
     if cfg.teacher:
         config, tokenizer = M.read_hf_config(cfg.teacher), os.path.join(cfg.teacher, "tokenizer.json")
         size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
@@ -938,16 +971,39 @@ def load_world(cfg):
             raise ValueError(f"{tokenizer}: {size} tokens, more than the {config['vocab_size']} of "
                              f"{os.path.join(cfg.teacher, 'config.json')}'s field 'vocab_size'; the tokenizer must be the model's own")
     if cfg.whisper:
-        n_mels = M.read_whisper(cfg.whisper)["dims"]["n_mels"]
+        dims = M.read_whisper(cfg.whisper)["dims"]
+        n_mels, n_ctx = dims["n_mels"], dims["n_audio_ctx"]
     if cfg.student:
-        n_mels = M.load_checkpoint(cfg.student)["configs"].get("encoder", {}).get("n_mels", n_mels)
-    return E.world_of(asdict(cfg), n_mels)
+        enc = M.load_checkpoint(cfg.student)["configs"].get("encoder", {})
+        n_mels, n_ctx = enc.get("n_mels", n_mels), enc.get("n_ctx", n_ctx)
+    world = E.world_of(asdict(cfg), n_mels)
+    # choosing a learning rate (--lr_grid) never reads the test pool, not even its clips' headers
+    world.check_clips(data.encoder_seconds(n_ctx), [p for p in data.POOLS if p != "test" or not cfg.lr_grid])
+    return world
+
+
+def check_world(cfg, world):
+    """What would stop a later stage, refused before the first: SFT (and GKD's fixed rows) train
+    on the align prompts' reference responses, and a prompt without one would teach the student
+    to answer with the end token alone; the align stage's reverse-KL probe needs a prompt of
+    every val family."""
+    if cfg.method == "sft" or (cfg.method == "gkd" and cfg.gkd_mix < 1):
+        recs = [r for r in world.align if r["kind"] == "text"] or [r for r in world.train if r["kind"] == "text"]
+        bad = [r for r in recs if not (isinstance(r["reference"], str) and r["reference"].strip())]
+        if bad:
+            sys.exit(f"{world.lines[bad[0]['id']]}: field 'reference' is missing, null or empty ({len(bad)} of the "
+                     f"{len(recs)} align prompts); --method {cfg.method} trains on each prompt's reference response, so "
+                     f"expected a non-empty string. Give every align prompt one, or use --method xopd or kd, which need none.")
+    fams = data.text_families(world.val)  # the reverse-KL probe takes val_rkl_prompts // families of each
+    if fams and cfg.val_rkl_prompts < len(fams):
+        sys.exit(f"--val_rkl_prompts {cfg.val_rkl_prompts}: expected at least one per family of {world.dir}/val.jsonl "
+                 f"({len(fams)}: {', '.join(fams)})")
 
 
 def finished(cfg, stage):
     """Whether a stage of this run has nothing left to do (its output is there; eval never has)."""
     if stage == "data":
-        return os.path.exists(os.path.join(cfg.data, "train.jsonl"))
+        return os.path.exists(os.path.join(cfg.data, "train.jsonl")) and not os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
     if stage == "eval":
         return False
     try:
@@ -960,8 +1016,68 @@ def finished(cfg, stage):
 
 # -----------------------------------------------------------------------------
 
+def alive(pid):
+    """Whether process pid is running (on this machine)."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        pass
+    return True
+
+
+def lock_run(out):
+    """One run per folder: <out>/lock holds the process id of the run using it, made atomically
+    (O_EXCL). A live holder is refused by its id; a lock whose process is gone (killed, the
+    machine restarted) is taken over with a note. -> the lock's path."""
+    path = os.path.join(out, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip())
+            except (OSError, ValueError):  # gone meanwhile, or cut short while written
+                pid = 0
+            if pid and pid != os.getpid() and alive(pid):
+                sys.exit(f"--out {out}: in use by another run, process id {pid} (its lock: {path}). Wait for it to "
+                         f"end, or choose another --out.")
+            if pid != os.getpid():
+                print(f"[lock] {path}: " + (f"left by process {pid}, which is no longer running" if pid else "unreadable")
+                      + "; taking it over")
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another run took it over first: try again
+                pass
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
 def main(argv=None):
+    """Parse the flags, hold the run folder (lock_run) and run the pipeline; the folder is let go
+    however the run ends."""
     cfg = parse_args(argv)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 holds it for all
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            sys.exit(f"--out {cfg.out}: is a file; expected a run folder (new, or one this project made)")
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            lock = lock_run(cfg.out)
+        except OSError as e:
+            sys.exit(f"--out {cfg.out}: cannot write there ({e.strerror or e})")
+    try:
+        pipeline(cfg)
+    finally:
+        if lock and os.path.exists(lock):
+            os.remove(lock)
+
+
+def pipeline(cfg):
+    """Every stage in order, each skipped when done (main holds the run folder)."""
     t0 = time.time()
     device, amp, why = M.pick_device()
     device = init_distributed(device)
@@ -1001,11 +1117,14 @@ def main(argv=None):
 
     # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
     # empty folder, or one it generated before (done.json; regenerated when its format is out of
-    # date, refused when it holds another seed's or preset's world). A user's folder without
-    # manifests is an error, never overwritten. Every rank decides on the folder as it was before
-    # rank 0 writes there.
+    # date, refused when it holds another seed's or preset's world) or began to (data.UNFINISHED:
+    # generated again). A user's folder without manifests is an error, never overwritten. Every
+    # rank decides on the folder as it was before rank 0 writes there.
     barrier()
+    if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
+        sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for the toy data)")
     generated = os.path.exists(os.path.join(cfg.data, "done.json"))
+    unfinished = os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
     has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
@@ -1016,7 +1135,7 @@ def main(argv=None):
             sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} ({made.get('preset')} preset); "
                      f"this run asks for seed {cfg.seed} ({world_of['preset']}). Choose another --data or --out, "
                      f"or delete {cfg.data} to generate it again.")
-    if generated or (free and not has_manifest):
+    if generated or unfinished or (free and not has_manifest):
         timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed, world_of["preset"])
         barrier()
     elif not has_manifest:
@@ -1027,6 +1146,7 @@ def main(argv=None):
         world = load_world(cfg)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(str(e))
+    check_world(cfg, world)
     timed("teacher", stage_teacher, cfg, world, device, amp)
     timed("encoder", stage_encoder, cfg, world, device, amp)
     timed("omni", stage_omni, cfg, world, device, amp)
@@ -1044,5 +1164,17 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# errors of the folders a user named (read-only, full, a file where a folder should be): one line, no traceback
+USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted. Finished stages are kept: run the same command again to go on, with --resume to continue "
+              "the stage that was cut short from its last checkpoint.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        sys.exit(f"{e.filename}: {e.strerror}")

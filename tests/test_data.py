@@ -411,3 +411,64 @@ def test_world_batches_and_per_encoder_features(toy, tiny_data):
     assert not torch.allclose(fa.feats, fb.feats)
     assert torch.equal(world.batch(recs, text=False, encoder=enc_a).feats, fa.feats)  # the cache, again
 
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"answer": 7}, "field 'answer' is 7; expected a string"),
+    ({"voice": "loud"}, "field 'voice' is \"loud\"; expected an object of voice fields"),
+    ({"task": None}, "field 'task' is null; expected a string"),
+    ({"instruction": 3}, "field 'instruction' is 3; expected a string"),
+    ({"teacher": 3}, "field 'teacher' is 3; expected a string or null"),
+    ({"reference": ["a"]}, "field 'reference' is [\"a\"]; expected a string or null"),
+    ({"voice": {"pitch_hz": "high"}}, "field 'voice.pitch_hz' is \"high\"; expected a number"),
+    ({"voice": {"noise": True}}, "field 'voice.noise' is true; expected a number"),
+    ({"voice": {"emotion": "angry"}}, "field 'voice.emotion' is \"angry\"; expected one of neutral, happy, sad"),
+])
+def test_manifest_fields_of_the_wrong_type_are_refused_by_file_line_and_field(tmp_path, change, needle):
+    good = {"id": "u1", "audio": "u1.wav", "transcript": "hello there", "teacher": None, "voice": {"pitch_hz": 120}}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "u2", **change}) + "\n")
+    with pytest.raises(ValueError) as e:
+        data.read_manifest(path)
+    assert str(e.value) == f"{path}:2: {needle}"
+    path.write_text(json.dumps(good) + "\n")
+    assert data.read_manifest(path)[0]["voice"] == {"pitch_hz": 120}  # the good line alone is read
+
+
+def test_a_manifest_that_is_not_utf8_is_refused_by_line(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    line = json.dumps({"id": "u1", "audio": "u1.wav", "transcript": "café"}, ensure_ascii=False).encode()
+    path.write_bytes(line + b"\n" + line.replace(b'"u1"', b'"u2"').replace("é".encode(), b"\xe9") + b"\n")
+    column = line.index("é".encode()) + 1  # the same in both lines: "u1" and "u2" are as long
+    with pytest.raises(ValueError, match=rf"mine\.jsonl:2: not UTF-8 \(byte 0xe9 at column {column}\)"):
+        data.read_manifest(path)
+    path.write_bytes(line + b"\n")
+    assert data.read_manifest(path)[0]["transcript"] == "café"
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "test.jsonl"])
+def test_an_empty_train_or_test_manifest_is_refused_when_read(tmp_path, tiny_data, name):
+    user = tmp_path / "user"
+    user.mkdir()
+    for f in ("train.jsonl", "test.jsonl", "tokenizer.json"):
+        shutil.copy(os.path.join(tiny_data, f), user / f)
+    (user / name).write_text("\n")
+    with pytest.raises(ValueError, match=rf"{name}: no records; expected one JSON object per line"):
+        data.World(str(user))
+
+
+def test_check_clip_bounds_are_what_the_log_mel_and_encoder_take(tmp_path):
+    """The shortest clip check_clip passes goes through the log-mel and an encoder (one frame
+    out); one sample less is refused; the longest fills the encoder's positions exactly."""
+    enc = model.AudioEncoder(**vars(model.make_configs("tiny", 10)[0]))
+    for n in (data.MIN_SAMPLES - 1, data.MIN_SAMPLES):
+        sf.write(tmp_path / f"{n}.wav", np.zeros(n, dtype=np.float32), data.SAMPLE_RATE)
+    data.check_clip(str(tmp_path / f"{data.MIN_SAMPLES}.wav"), "m.jsonl:1", 30)
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: .*399\.wav: 399 samples at 16000 Hz \(0\.025 s\); expected 25 ms to 30 s"):
+        data.check_clip(str(tmp_path / f"{data.MIN_SAMPLES - 1}.wav"), "m.jsonl:1", 30)
+    x, lens = enc(data.log_mel_spectrogram(np.zeros(data.MIN_SAMPLES))[None])
+    assert x.shape[1] == 1 and lens.tolist() == [1]
+    longest = round(data.encoder_seconds(enc.n_ctx) * data.SAMPLE_RATE)
+    assert longest == 480000  # Whisper's 30 s
+    x, _ = enc(data.log_mel_spectrogram(np.zeros(longest))[None])
+    assert x.shape[1] == enc.n_ctx

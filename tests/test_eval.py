@@ -1,4 +1,8 @@
-"""eval.py: the paper's drop metrics, and the scores evaluate_model assembles from predictions."""
+"""eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, and when cached scores are made again."""
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -202,3 +206,69 @@ def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_d
             rkl[fam][1] += k
         assert res["rkl_cm_by_family"][fam] == pytest.approx(rkl[fam][0] / rkl[fam][1], rel=1e-4)
     assert res["rkl_cm"] == pytest.approx(sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values()), rel=1e-4)
+
+
+def test_cached_scores_are_made_again_when_their_settings_or_data_differ(tiny_data, tmp_path, monkeypatch):
+    """eval.json carries what it was scored with: the prompts per family, the answer length and
+    the data (its manifests, a toy world's done.json). Another value of any of them scores again;
+    the same values, or a copy of the same world, reuse it."""
+    out = tmp_path / "run"
+    for name in ("teacher", "omni"):
+        M.save_checkpoint(str(out / name / "model.pt"), {"model": {}, "configs": {}, "train": {}})
+    calls = []
+
+    def evaluate_model(m, world, device, per_family, max_new_tokens, done=None):
+        calls.append((world.dir, per_family, max_new_tokens))
+        return {"T": {"arith": float(per_family)}, "S": {}, "audio": {}}
+    monkeypatch.setattr(E, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(M, "load_model", lambda path, device: (None, None))
+    world = type("World", (), {"dir": tiny_data})()
+    scored = lambda: [json.load(open(out / n / "eval.json"))["T"]["arith"] for n in ("teacher", "omni")]
+    E.evaluate_all(str(out), world, "cpu", 2, 8)
+    assert len(calls) == 2 and scored() == [2.0, 2.0]
+    E.evaluate_all(str(out), world, "cpu", 2, 8)
+    assert len(calls) == 2  # the same settings: cached
+    E.evaluate_all(str(out), world, "cpu", 3, 8)
+    assert calls[2:] == [(tiny_data, 3, 8)] * 2 and scored() == [3.0, 3.0]
+    E.evaluate_all(str(out), world, "cpu", 3, 16)
+    assert calls[4:] == [(tiny_data, 3, 16)] * 2
+    # a copy of the same generated world is the same data
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("train.jsonl", "test.jsonl", "done.json"):
+        shutil.copy(os.path.join(tiny_data, f), copy / f)
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 6
+    # a user's folder of three test prompts is other data, and so is an edited test.jsonl
+    os.remove(copy / "done.json")
+    (copy / "test.jsonl").write_text("".join(open(os.path.join(tiny_data, "test.jsonl")).readlines()[:3]))
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert calls[6:] == [(str(copy), 3, 16)] * 2
+    with open(copy / "test.jsonl", "a") as f:
+        f.write(open(os.path.join(tiny_data, "test.jsonl")).readlines()[3])
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 10
+    # an eval.json without its settings (an older version's) is scored again
+    res = json.load(open(out / "omni" / "eval.json"))
+    del res["settings"]
+    json.dump(res, open(out / "omni" / "eval.json", "w"))
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 11
+
+
+def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path, capsys):
+    """python eval.py --out RUN --eval_per_family N on a run scored with another N prints N's
+    tables, not the cached ones."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    settings = {"data": tiny_data, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "", "chat_format": ""}
+    M.save_checkpoint(str(tmp_path / "teacher" / "model.pt"),
+                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher), "train": settings})
+    E.main(["--out", str(tmp_path)])
+    assert json.load(open(tmp_path / "teacher" / "eval.json"))["settings"]["per_family"] == 1
+    E.main(["--out", str(tmp_path), "--eval_per_family", "2"])
+    res = json.load(open(tmp_path / "teacher" / "eval.json"))
+    assert res["settings"]["per_family"] == 2
+    assert "scored with other settings (per_family 1 -> 2)" in capsys.readouterr().out

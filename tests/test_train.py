@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -172,11 +176,42 @@ def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tmp_path,
     (["--n", "0"], "--n"),
     (["--bogus", "1"], "--bogus"),
     (["--align_steps", "ten"], "--align_steps"),
+    (["--temperature", "0"], "--temperature: --method xopd samples its rollouts; expected a finite temperature > 0, got 0.0"),
+    (["--method", "gkd", "--temperature", "nan"], "--temperature: --method gkd samples"),
+    (["--method", "sft", "--temperature", "inf"], "--temperature: expected a finite value >= 0, got inf"),
+    (["--val_rkl_prompts", "0"], "--val_rkl_prompts: expected a positive integer, got 0"),
+    (["--val_per_family", "0"], "--val_per_family: expected a positive integer"),
+    (["--val_every", "0"], "--val_every: expected a positive integer"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    (["--warmup", "-2"], "--warmup: expected an integer >= 0"),
+    (["--teacher_lr", "0"], "--teacher_lr: expected a finite learning rate > 0, got 0.0"),
+    (["--omni_lr", "nan"], "--omni_lr: expected a finite learning rate > 0, got nan"),
+    (["--encoder_lr=-1e-3"], "--encoder_lr: expected a finite learning rate > 0"),
+    (["--align_lr", "inf"], "--align_lr: expected a finite learning rate > 0 (or 0"),
+    (["--lr_grid", "1e-4,0"], "--lr_grid: expected comma-separated learning rates > 0"),
+    (["--lr_grid", "1e-4,x"], "--lr_grid: expected comma-separated learning rates > 0"),
+    (["--grad_clip", "-1"], "--grad_clip: expected a finite value >= 0 (0: off), got -1.0"),
+    (["--grad_clip", "nan"], "--grad_clip: expected a finite value >= 0"),
 ])
 def test_bad_flags_are_refused_by_name(argv, needle, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert needle in capsys.readouterr().err
+
+
+def test_edge_values_that_mean_something_are_accepted():
+    assert train.parse_args(["--method", "sft", "--temperature", "0"]).temperature == 0.0  # sft never samples
+    assert train.parse_args(["--align_lr", "0"]).align_lr == 0.0  # 0: the method's own rate
+    cfg = train.parse_args(["--seed", "0", "--warmup", "0", "--grad_clip", "0", "--lr_grid", "3e-5,1e-4"])
+    assert (cfg.seed, cfg.warmup, cfg.grad_clip, cfg.lr_grid) == (0, 0, 0.0, "3e-5,1e-4")
+
+
+def test_val_rkl_prompts_below_the_number_of_val_families_is_refused_before_stage_1(tiny_data, tmp_path):
+    world = data.World(tiny_data)
+    with pytest.raises(SystemExit, match=r"--val_rkl_prompts 2: expected at least one per family of .*val\.jsonl \(3: arith, facts, instruct\)"):
+        train.main(tiny(tmp_path / "run", tiny_data, "--val_rkl_prompts", "2"))
+    assert not os.path.exists(tmp_path / "run" / "teacher")
+    train.check_world(train.parse_args(tiny(tmp_path / "run", tiny_data, "--val_rkl_prompts", "3")), world)
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
@@ -392,3 +427,227 @@ def test_a_checkpoint_older_than_a_setting_is_compared_as_it_was_made():
         train.check_settings(cfg, "teacher", "/tmp/x/teacher/model.pt", saved, cfg.teacher_lr)
     train.check_settings(train.parse_args(["--out", "/tmp/x", "--teacher_prior", "0"]), "teacher",
                          "/tmp/x/teacher/model.pt", saved, cfg.teacher_lr)
+
+
+def test_a_finished_run_with_another_eval_per_family_is_scored_again(tiny_run, tiny_data, tmp_path, capsys):
+    """train.py --eval_per_family N on a finished run scores every model (and the encoder on its
+    own) on N prompts per family, not the cached scores of the preset's 4."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    assert json.load(open(out / "encoder" / "eval.json"))["settings"]["per_family"] == 4
+    train.main(tiny(out, tiny_data, "--eval_per_family", "2"))
+    for name in ("encoder", "teacher", "omni", "align/xopd", "align/sft"):
+        assert json.load(open(out / name / "eval.json"))["settings"]["per_family"] == 2, name
+    # scored on 2 clips per audio question: every accuracy is 0, 50 or 100
+    assert all(v in (0.0, 50.0, 100.0) for v in json.load(open(out / "omni" / "eval.json"))["audio"].values())
+    text = capsys.readouterr().out
+    assert "[eval] omni:" in text and "per_family 4 -> 2" in text
+
+
+def user_copy(tiny_data, dest, edit=None):
+    """The tiny world as a user's folder (no done.json; wavs/ linked), manifest `edit[0]` passed
+    through edit[1] (a function of its list of records)."""
+    os.makedirs(dest)
+    for f in os.listdir(tiny_data):
+        if f.endswith(".jsonl") or f == "tokenizer.json":
+            shutil.copy(os.path.join(tiny_data, f), os.path.join(dest, f))
+    os.symlink(os.path.join(tiny_data, "wavs"), os.path.join(dest, "wavs"))
+    if edit:
+        name, fn = edit
+        recs = [json.loads(line) for line in open(os.path.join(dest, name))]
+        with open(os.path.join(dest, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in fn(recs))
+    return str(dest)
+
+
+def without_reference(recs, how):
+    for i, r in enumerate(recs):
+        if i == 1:
+            if how == "missing":
+                del r["reference"]
+            else:
+                r["reference"] = how
+    return recs
+
+
+@pytest.mark.parametrize("how", ["missing", None, "  "])
+def test_sft_without_reference_responses_is_refused_by_file_and_field_before_training(tiny_data, tmp_path, how):
+    d = user_copy(tiny_data, tmp_path / "d", ("align.jsonl", lambda recs: without_reference(recs, how)))
+    for method in ("sft", "gkd"):
+        with pytest.raises(SystemExit, match=r"align\.jsonl:2: field 'reference' is missing, null or empty \(1 of the 39 align prompts\)"):
+            train.main(tiny(tmp_path / "run", d, "--method", method))
+    assert not os.path.exists(tmp_path / "run" / "teacher")  # refused before stage 1
+    # methods that need no reference responses are not refused
+    for argv in (["--method", "xopd"], ["--method", "kd"], ["--method", "gkd", "--gkd_mix", "1"]):
+        train.check_world(train.parse_args(tiny(tmp_path / "run", d, *argv)), data.World(d))
+
+
+MICRO = ["--teacher_steps", "2", "--encoder_steps", "2", "--omni_steps", "2", "--voice_first", "1", "--align_steps", "1",
+         "--eval_per_family", "1"]
+
+
+def test_a_run_folder_reads_the_same_from_any_directory_and_after_a_move(tiny_data, tmp_path, monkeypatch, capsys):
+    """Made with relative paths from one directory, a run is found finished from another (given
+    by its absolute path), and again after the folder (data inside it) is moved; eval.py reads
+    its tokenizer from there too."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    shutil.copytree(tiny_data, tmp_path / "a" / "base" / "data")
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(["--preset", "tiny", "--out", "base", *MICRO])
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    train.main(["--preset", "tiny", "--out", str(tmp_path / "a" / "base"), *MICRO])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.endswith("exists: skipped")] != []
+    os.rename(tmp_path / "a" / "base", tmp_path / "moved")
+    for stage in ("teacher", "encoder", "omni", "align/xopd"):
+        os.utime(tmp_path / "moved" / stage / "model.pt")  # newer than the scores: eval.py scores again
+    train.main(["--preset", "tiny", "--out", str(tmp_path / "moved"), *MICRO])
+    text = capsys.readouterr().out
+    assert text.count("exists: skipped") == 4 and "[eval] omni: T" in text
+    E.main(["--out", str(tmp_path / "moved")])
+    assert json.load(open(tmp_path / "moved" / "omni" / "eval.json"))["settings"]["per_family"] == 1
+
+
+def test_stored_paths_inside_the_run_folder_follow_it():
+    old = {"out": "../base", "data": "../base/data", "teacher": "", "chat_format": "/models/fmt.json"}
+    assert E.run_path(old, "data", "/abs/base") == "/abs/base/data"  # relative, as an older version stored it
+    assert E.run_path(old, "teacher", "/abs/base") == ""
+    assert E.run_path(old, "chat_format", "/abs/base") == "/models/fmt.json"  # outside the run: as stored
+    moved = {"out": "/old/run", "data": "/old/run/data", "student": "/old/runner/omni/model.pt"}
+    assert E.run_path(moved, "data", "/new/place") == "/new/place/data"
+    assert E.run_path(moved, "student", "/new/place") == "/old/runner/omni/model.pt"
+    cfg = train.parse_args(["--preset", "tiny", "--out", "/abs/base", "--chat_format", "/models/fmt.json"])
+    assert cfg.data == "/abs/base/data"
+    train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {**old, "preset": "tiny", "seed": 0}}, 1e-3)
+    with pytest.raises(SystemExit, match=r"data '/old/run/data2' -> '/abs/base/data'"):
+        train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {"out": "/old/run", "data": "/old/run/data2", "preset": "tiny"}}, 1e-3)
+
+
+@pytest.mark.parametrize("clip, needle", [
+    (None, "no such audio file"),
+    (b"not audio", "cannot be read as audio"),
+    (0.010, r"160 samples at 16000 Hz \(0\.010 s\); expected 25 ms to 30 s"),
+    (35.0, r"560000 samples at 16000 Hz \(35\.000 s\); expected 25 ms to 30 s"),
+])
+def test_every_clip_is_checked_before_stage_1(tiny_data, tmp_path, clip, needle):
+    """A test clip that is missing, unreadable, too short for the log-mel or longer than the
+    encoder's window is refused by manifest line before the teacher trains (not at eval)."""
+    def swap(recs):
+        recs[4]["audio"] = "mine/clip.wav"
+        return recs
+    d = user_copy(tiny_data, tmp_path / "d", ("test.jsonl", swap))
+    os.makedirs(os.path.join(d, "mine"))
+    if isinstance(clip, bytes):
+        open(os.path.join(d, "mine", "clip.wav"), "wb").write(clip)
+    elif clip is not None:
+        import soundfile as sf
+        sf.write(os.path.join(d, "mine", "clip.wav"), 0.1 * torch.randn(round(clip * 16000)).numpy(), 16000)
+    with pytest.raises(SystemExit, match=rf"test\.jsonl:5: .*mine/clip\.wav: {needle}"):
+        train.main(tiny(tmp_path / "run", d))
+    assert not os.path.exists(tmp_path / "run" / "teacher")
+
+
+def test_one_run_per_folder_a_live_holder_is_named_a_dead_ones_lock_is_taken_over(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "lock").write_text(f"{live.pid}\n")
+        with pytest.raises(SystemExit, match=rf"--out .*run: in use by another run, process id {live.pid} "):
+            train.main(tiny(out, tiny_data))
+        assert (out / "lock").read_text() == f"{live.pid}\n"  # still the live run's
+    finally:
+        live.kill()
+        live.wait()
+    # now its process is gone: the lock is taken over, and let go when the run ends (here refused early)
+    with pytest.raises(SystemExit, match="--val_rkl_prompts 1"):
+        train.main(tiny(out, tiny_data, "--val_rkl_prompts", "1"))
+    assert f"{out / 'lock'}: left by process {live.pid}, which is no longer running; taking it over" in capsys.readouterr().out
+    assert not (out / "lock").exists()
+    assert train.lock_run(str(out)) == str(out / "lock") and (out / "lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_an_out_or_data_that_is_a_file_is_refused_by_flag(tiny_data, tmp_path):
+    (tmp_path / "f").write_text("mine\n")
+    with pytest.raises(SystemExit, match=r"--out .*f: is a file; expected a run folder"):
+        train.main(tiny(tmp_path / "f", tiny_data))
+    with pytest.raises(SystemExit, match=r"--data .*f: is a file; expected a folder"):
+        train.main(tiny(tmp_path / "run", str(tmp_path / "f")))
+    assert (tmp_path / "f").read_text() == "mine\n"
+
+
+def test_an_interrupted_toy_data_generation_is_recognised_and_made_again(tiny_data, tmp_path, monkeypatch):
+    """Cut short in a new --data folder, the generation leaves its marker beside wavs/; the rerun
+    generates there again instead of refusing the folder as a user's. A finished one leaves none."""
+    new = tmp_path / "new"
+
+    def cut_short(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "build_world", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path / "run", str(new)))
+    assert sorted(os.listdir(new)) == [data.UNFINISHED, "wavs"] and not (tmp_path / "run" / "lock").exists()
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(data, "make_toy_data", lambda *a: calls.append(a) or sys.exit("generated"))
+    with pytest.raises(SystemExit, match="generated"):
+        train.main(tiny(tmp_path / "run", str(new)))
+    assert calls == [(str(new), 0, "tiny")]
+    assert os.path.exists(os.path.join(tiny_data, "done.json")) and not os.path.exists(os.path.join(tiny_data, data.UNFINISHED))
+
+
+def test_make_toy_data_from_a_script_without_a_main_guard_makes_the_clips_itself(tmp_path):
+    """Spawned workers import the calling script; without `if __name__ == "__main__":` they cannot
+    start: the clips are made in the calling process instead, with one line saying why, no
+    traceback, and the generation cut short before (its marker there) is made again."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / data.UNFINISHED).write_text("{}")
+    script = tmp_path / "make.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(data.__file__))!r})\nimport data\n"
+                      "data.PRESETS['mini'] = dict(text=dict(text=4, train=4, align=2, val=2, test=2), facts_entities=1,\n"
+                      "                            asr=dict(train=2, test=2), audio_q=dict(train=1, test=1), speakers=(2, 2))\n"
+                      f"data.make_toy_data({str(out)!r}, seed=0, preset='mini')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("[data] generating the mini toy world (seed 0)") == 1
+    assert "again: the last generation there was cut short" in r.stdout
+    assert os.path.exists(out / "done.json") and not os.path.exists(out / data.UNFINISHED)
+    recs = data.read_manifest(out / "test.jsonl") + data.read_manifest(out / "train.jsonl")
+    assert recs and all(os.path.getsize(r["audio"]) > 44 for r in recs)
+
+
+def test_ctrl_c_during_data_generation_ends_with_one_line_saying_how_to_go_on(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group, the clip workers too: one line on
+    stderr, exit status 130, the run folder let go and the generation known as cut short."""
+    root = os.path.dirname(os.path.abspath(train.__file__))
+    p = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--preset", "tiny", "--out", str(tmp_path / "run")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("[data] generating"):
+            break
+    time.sleep(1.5)  # the workers have started
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err.strip().splitlines() == ["interrupted. Finished stages are kept: run the same command again to go on, with "
+                                        "--resume to continue the stage that was cut short from its last checkpoint."]
+    assert os.path.exists(tmp_path / "run" / "data" / data.UNFINISHED) and not os.path.exists(tmp_path / "run" / "lock")
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_by_flag(tiny_data, tmp_path, monkeypatch):
+    def read_only(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(SystemExit, match=r"--out .*run: cannot write there \(Permission denied\)"):
+        train.main(tiny(tmp_path / "run", tiny_data))
+
+
+def test_eval_of_a_run_whose_data_is_gone_is_one_message(tiny_data, tmp_path):
+    settings = {"out": str(tmp_path / "run"), "data": str(tmp_path / "gone"), "eval_per_family": 1, "max_new_tokens": 2}
+    M.save_checkpoint(str(tmp_path / "run" / "teacher" / "model.pt"), {"model": {}, "configs": {}, "train": settings})
+    with pytest.raises(SystemExit, match=r"--out .*run: .*gone.*tokenizer\.json: tokenizer not found .*\(give the data folder with --data\)"):
+        E.main(["--out", str(tmp_path / "run")])
