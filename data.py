@@ -741,6 +741,12 @@ def extract_answer(text):
     return s[i + len(key):].strip() if i >= 0 else s
 
 
+def spoken_words(text):
+    """The words of a transcript that are spoken (punctuation is silent): what every hearing row
+    is scored against, so that no row loses points for punctuation it cannot hear."""
+    return " ".join(w for w in normalize_text(text).split() if w.isalpha())
+
+
 def wer(reference, hypothesis):
     """Word error rate: word-level edit distance / number of reference words."""
     ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
@@ -1130,3 +1136,29 @@ class World:
         if responses is not None:
             b.response_ids, b.response_lens = collate_tokens([self.response(t) for t in responses], self.pad_id)
         return b.to(device)
+
+
+# -----------------------------------------------------------------------------
+# a run's world
+
+def world_of(settings, n_mels=N_MELS, data_dir=None):
+    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer of
+    its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
+    fmt = read_chat_format(settings["chat_format"]) if settings.get("chat_format") else TOY_FORMAT
+    tokenizer = os.path.join(settings["teacher"], "tokenizer.json") if settings.get("teacher") else None
+    return World(data_dir or settings["data"], tokenizer, fmt, n_mels)
+
+
+RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
+
+
+def run_path(settings, key, out):
+    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now in
+    folder out: a path inside the run folder moves with the folder (a copied or moved run keeps its
+    own data); any other is as stored (absolute; an older version stored the path as given, relative
+    to the directory it ran in)."""
+    p, was = settings.get(key) or "", settings.get("out") or ""
+    if not p or not was:
+        return p
+    rel = os.path.relpath(p, was)
+    return p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.normpath(os.path.join(out, rel))

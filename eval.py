@@ -59,20 +59,7 @@ def avg_drop(scores, reference):
 # -----------------------------------------------------------------------------
 # Scoring one model
 
-@torch.no_grad()
-def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64, encoder=None):
-    """Greedy answers (temperature 0) to recs, from the text or the speech prompt (with a frozen
-    encoder given, from its cached outputs)."""
-    dec = model if isinstance(model, M.Decoder) else model.decoder
-    outs = []
-    for i in range(0, len(recs), batch_size):
-        rows = recs[i:i + batch_size]
-        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech", encoder=encoder)
-        embeds, lens = xopd.prompt_embeds(model, b, modality)
-        ids, _, _ = xopd.sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                                eos_id=world.end_id, temperature=0.0)
-        outs += [world.decode(row) for row in ids.tolist()]
-    return outs
+generate = xopd.generate  # greedy answers (tests replace E.generate)
 
 
 def test_sets(world, per_family):
@@ -207,37 +194,14 @@ def run_dirs(out):
     return runs
 
 
-def world_of(settings, n_mels=data.N_MELS, data_dir=None):
-    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer of
-    its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
-    fmt = data.read_chat_format(settings["chat_format"]) if settings.get("chat_format") else data.TOY_FORMAT
-    tokenizer = os.path.join(settings["teacher"], "tokenizer.json") if settings.get("teacher") else None
-    return data.World(data_dir or settings["data"], tokenizer, fmt, n_mels)
-
-
-RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
-
-
-def run_path(settings, key, out):
-    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now in
-    folder out: a path inside the run folder moves with the folder (a copied or moved run keeps its
-    own data); any other is as stored (absolute; an older version stored the path as given, relative
-    to the directory it ran in)."""
-    p, was = settings.get(key) or "", settings.get("out") or ""
-    if not p or not was:
-        return p
-    rel = os.path.relpath(p, was)
-    return p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.normpath(os.path.join(out, rel))
-
-
 def run_world(out, data_dir=None):
     """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
     run's speech encoder), from any directory."""
     settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
-    settings = {**settings, **{k: run_path(settings, k, out) for k in RUN_PATHS}}
+    settings = {**settings, **{k: data.run_path(settings, k, out) for k in data.RUN_PATHS}}
     omni = os.path.join(out, "omni", "model.pt")
     enc = M.load_checkpoint(omni)["configs"]["encoder"] if os.path.exists(omni) else {}
-    world = world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
+    world = data.world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
     world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))  # before any model is scored
     return world
 
@@ -273,16 +237,31 @@ def cached(path, ckpt, key, name):
     return None
 
 
+def score_encoder(out, world, device, per_task):
+    """The pretrained encoder on its own, into encoder/eval.json (unless cached), printed."""
+    path, ckpt = os.path.join(out, "encoder", "eval.json"), os.path.join(out, "encoder", "model.pt")
+    key = scored_on(world, per_family=per_task)
+    if not os.path.exists(ckpt) or cached(path, ckpt, key, "encoder"):
+        return
+    m, _ = M.load_model(ckpt, device)
+    res = {**evaluate_encoder(m, world, device, per_task), "settings": key}
+    M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
+    wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
+           f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")
+    print(f"[eval] encoder on its own, test clips: {wer}; voice heads {fmt_scores(res['voice']) or '-'}")
+
+
 def evaluate_all(out, world, device, per_family, max_new_tokens):
     """Score every finished run whose eval.json is missing, older than its model.pt, or scored
     with other settings or data (scored_on) (stage 5); a student is also judged by the run's
     teacher on the val prompts (judge, under "judge")."""
     key = scored_on(world, per_family=per_family, max_new_tokens=max_new_tokens)
+    score_encoder(out, world, device, per_family)
     teacher = None
     for name, d in run_dirs(out).items():
         path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
         old = cached(path, ckpt, key, name)
-        if old and (name == "teacher" or "judge" in old):
+        if old and ("judge" in old or not old["S"]):  # a student (scored from speech) is judged too
             continue
         m, _ = M.load_model(ckpt, device)
         t0 = shown = time.time()
@@ -333,12 +312,6 @@ def first_token_probe(out, world, device, per_family):
     return res
 
 
-def spoken_words(text):
-    """The words of a transcript that are spoken (punctuation is silent): what every hearing row
-    is scored against, so that no row loses points for punctuation it cannot hear."""
-    return " ".join(w for w in data.normalize_text(text).split() if w.isalpha())
-
-
 @torch.no_grad()
 def hearing_probe(out, world, device, per_task, max_new_tokens):
     """
@@ -367,15 +340,15 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
         b = world.batch(rows, device=device, text=False, encoder=student.encoder)
         _, n, logits = student.adapter(b.feats, b.feat_lens, student.decoder.embed_tokens.weight)  # (B, W, vocab)
         adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(logits.argmax(-1).tolist(), n.tolist())]
-    copy = [{**r, "transcript": f"repeat the words : {spoken_words(r['transcript'])} .", "instruction": ""} for r in recs]
+    copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .", "instruction": ""} for r in recs]
     hyps = {"audio encoder alone, greedy CTC": ctc,
             "adapter's word scores alone (best token per word)": adapter,
             "base student, from speech": generate(student, world, recs, "speech", device, max_new_tokens, encoder=student.encoder),
             "text teacher, copying the transcript from text": generate(teacher, world, copy, "text", device, max_new_tokens)}
     res = {}
     for row, preds in hyps.items():
-        ref = (lambda t: M.spoken_letters(spoken_words(t))) if row.startswith("audio encoder") else spoken_words
-        wers = [(data.wer(ref(r["transcript"]), spoken_words(p)), r["transcript"] in prompts) for r, p in zip(recs, preds)]
+        ref = (lambda t: M.spoken_letters(data.spoken_words(t))) if row.startswith("audio encoder") else data.spoken_words
+        wers = [(data.wer(ref(r["transcript"]), data.spoken_words(p)), r["transcript"] in prompts) for r, p in zip(recs, preds)]
         res[row] = {k: 100.0 * sum(w for w, _ in part) / max(1, len(part)) for k, part in
                     (("prompts", [x for x in wers if x[1]]), ("lists", [x for x in wers if not x[1]]), ("all", wers))}
         res[row]["whole"] = 100.0 * sum(w == 0 for w, p in wers if p) / max(1, sum(p for _, p in wers))

@@ -175,7 +175,7 @@ def parse_args(argv=None):
     # absolute, as every checkpoint stores them: a run reads the same from any directory
     cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
-    for name in E.RUN_PATHS:
+    for name in data.RUN_PATHS:
         setattr(cfg, name, getattr(cfg, name) and os.path.abspath(getattr(cfg, name)))
     return cfg
 
@@ -348,9 +348,9 @@ def check_settings(cfg, name, path, saved, lr):
     old = {**BEFORE_THEY_EXISTED, **saved.get("train", {})}
 
     def same(k):
-        if k not in E.RUN_PATHS:
+        if k not in data.RUN_PATHS:
             return old[k] == getattr(cfg, k)
-        was = E.run_path(old, k, cfg.out)  # as seen from this run's folder, wherever it is now
+        was = data.run_path(old, k, cfg.out)  # as seen from this run's folder, wherever it is now
         if k == "data":
             return same_data(was, cfg.data)
         return (was and os.path.abspath(was)) == getattr(cfg, k)
@@ -615,8 +615,8 @@ def stage_teacher(cfg, world, device, amp):
 def stage_encoder(cfg, world, device, amp):
     """Stage 2: pretrain the Whisper-style encoder on transcription with a character CTC loss
     and on the speaker's voice with four small heads (model.py says why, above CTC_CHARS): the
-    toy analog of a speech LLM starting from a pretrained audio encoder. Prints the encoder's
-    own greedy CTC WER and voice accuracy on the test clips, where perception is measured first."""
+    toy analog of a speech LLM starting from a pretrained audio encoder. Stage 5 scores it on its
+    own (eval.evaluate_encoder), where perception is measured before any decoder reads it."""
     if not done(cfg, "encoder", cfg.encoder_lr):
         enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
         whisper = M.read_whisper(cfg.whisper) if cfg.whisper else None  # main has checked it reads
@@ -651,16 +651,6 @@ def stage_encoder(cfg, world, device, amp):
 
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
         run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
-    path, ckpt = os.path.join(cfg.out, "encoder", "eval.json"), os.path.join(cfg.out, "encoder", "model.pt")
-    key = E.scored_on(world, per_family=cfg.eval_per_family)
-    if RANK == 0 and not E.cached(path, ckpt, key, "encoder"):
-        m, _ = M.load_model(ckpt, device)
-        res = {**E.evaluate_encoder(m, world, device, cfg.eval_per_family), "settings": key}
-        M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-        wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
-               f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")
-        print(f"[encoder] on its own, test clips: {wer}; voice heads {E.fmt_scores(res['voice']) or '-'}")
-    barrier()
 
 
 # The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN, Qwen2-Audio,
@@ -829,9 +819,9 @@ def heard_prompts(cfg, world, student, recs, device, amp, name="align"):
     the cross-modal feedback is then about answering what was heard, not about hearing it."""
     asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in recs]
     with autocast(device, amp):
-        heard = E.generate(student, world, asks, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
+        heard = xopd.generate(student, world, asks, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
     keep = [r for r, h in zip(recs, heard)
-            if 100.0 * data.wer(E.spoken_words(r["transcript"]), E.spoken_words(h)) <= cfg.align_max_wer]
+            if 100.0 * data.wer(data.spoken_words(r["transcript"]), data.spoken_words(h)) <= cfg.align_max_wer]
     print(f"[{name}] {len(keep)} of {len(recs)} align prompts transcribed within {cfg.align_max_wer:g} % WER: aligning on those")
     if not keep:
         sys.exit(f"[{name}] --align_max_wer {cfg.align_max_wer:g}: no align prompt is transcribed that well")
@@ -903,7 +893,7 @@ def stage_align(cfg, world, device, amp, folder="align"):
             out = xopd.reverse_kl(student, teacher, world.batch(probe, device=device, encoder=student.encoder),
                                   n=1, max_new_tokens=cfg.max_new_tokens, eos_id=world.end_id, generator=gen)
             for fam, rs in val.items():
-                preds = E.generate(student, world, rs, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
+                preds = xopd.generate(student, world, rs, "speech", device, cfg.max_new_tokens, encoder=student.encoder)
                 out[f"val_S_{fam}"] = 100.0 * sum(data.score(r, p) for r, p in zip(rs, preds)) / len(rs)
         out["val_S"] = sum(out[f"val_S_{fam}"] for fam in val) / len(val)
         return out
@@ -976,7 +966,7 @@ def load_world(cfg):
     if cfg.student:
         enc = M.load_checkpoint(cfg.student)["configs"].get("encoder", {})
         n_mels, n_ctx = enc.get("n_mels", n_mels), enc.get("n_ctx", n_ctx)
-    world = E.world_of(asdict(cfg), n_mels)
+    world = data.world_of(asdict(cfg), n_mels)
     # choosing a learning rate (--lr_grid) never reads the test pool, not even its clips' headers
     world.check_clips(data.encoder_seconds(n_ctx), [p for p in data.POOLS if p != "test" or not cfg.lr_grid])
     return world
@@ -1076,6 +1066,37 @@ def main(argv=None):
             os.remove(lock)
 
 
+def toy_preset(cfg):
+    return "tiny" if cfg.preset == "tiny" else "cpu"
+
+
+def toy_data_to_generate(cfg):
+    """Whether the toy world is to be generated into cfg.data. Only into a folder this project owns:
+    the run's own <out>/data, a new or empty folder, or one it generated before (done.json;
+    regenerated when its format is out of date, refused when it holds another seed's or preset's
+    world) or began to (data.UNFINISHED: generated again). A user's folder with manifests is read
+    as it is; one without is an error, never overwritten."""
+    if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
+        sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for the toy data)")
+    generated = os.path.exists(os.path.join(cfg.data, "done.json"))
+    unfinished = os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
+    has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
+    free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
+            or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
+    want = {"seed": cfg.seed, "preset": toy_preset(cfg)}
+    if generated:  # another world there is refused, not regenerated over: stages may have been made with it
+        made = json.load(open(os.path.join(cfg.data, "done.json")))
+        if any(made.get(k) != v for k, v in want.items()):
+            sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} ({made.get('preset')} preset); "
+                     f"this run asks for seed {cfg.seed} ({want['preset']}). Choose another --data or --out, "
+                     f"or delete {cfg.data} to generate it again.")
+    if not (generated or unfinished or free or has_manifest):
+        sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
+                 f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
+                 f"Toy data is generated only into a new or empty folder, so nothing there was touched.")
+    return generated or unfinished or (free and not has_manifest)
+
+
 def pipeline(cfg):
     """Every stage in order, each skipped when done (main holds the run folder)."""
     t0 = time.time()
@@ -1115,33 +1136,10 @@ def pipeline(cfg):
         if name in ahead and name in ref:
             ran[name] = (times[name], ref[name])
 
-    # toy data is generated only into a folder this project owns: the run's own <out>/data, a new or
-    # empty folder, or one it generated before (done.json; regenerated when its format is out of
-    # date, refused when it holds another seed's or preset's world) or began to (data.UNFINISHED:
-    # generated again). A user's folder without manifests is an error, never overwritten. Every
-    # rank decides on the folder as it was before rank 0 writes there.
-    barrier()
-    if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
-        sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for the toy data)")
-    generated = os.path.exists(os.path.join(cfg.data, "done.json"))
-    unfinished = os.path.exists(os.path.join(cfg.data, data.UNFINISHED))
-    has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
-    free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
-            or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
-    world_of = {"seed": cfg.seed, "preset": "tiny" if cfg.preset == "tiny" else "cpu"}
-    if generated:  # another world there is refused, not regenerated over: stages may have been made with it
-        made = json.load(open(os.path.join(cfg.data, "done.json")))
-        if any(made.get(k) != v for k, v in world_of.items()):
-            sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} ({made.get('preset')} preset); "
-                     f"this run asks for seed {cfg.seed} ({world_of['preset']}). Choose another --data or --out, "
-                     f"or delete {cfg.data} to generate it again.")
-    if generated or unfinished or (free and not has_manifest):
-        timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed, world_of["preset"])
+    barrier()  # every rank decides on the folder as it was before rank 0 writes there
+    if toy_data_to_generate(cfg):
+        timed("data", data.make_toy_data if RANK == 0 else lambda *a: None, cfg.data, cfg.seed, toy_preset(cfg))
         barrier()
-    elif not has_manifest:
-        sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, optionally "
-                 f"align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, 'Bring your own audio'). "
-                 f"Toy data is generated only into a new or empty folder, so nothing there was touched.")
     try:
         world = load_world(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -411,6 +411,22 @@ def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
     return sft_loss(h, dec.lm_head.weight, ids, mask, chunk_size, per_sequence), int(mask.sum())
 
 
+@torch.no_grad()
+def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64, encoder=None):
+    """Greedy answers (temperature 0) to recs, from the text or the speech prompt (with a frozen
+    encoder given, from its cached outputs)."""
+    dec = model if isinstance(model, M.Decoder) else model.decoder
+    outs = []
+    for i in range(0, len(recs), batch_size):
+        rows = recs[i:i + batch_size]
+        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech", encoder=encoder)
+        embeds, lens = prompt_embeds(model, b, modality)
+        ids, _, _ = sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=world.end_id,
+                           temperature=0.0)
+        outs += [world.decode(row) for row in ids.tolist()]
+    return outs
+
+
 def _ms(t0):
     return (time.perf_counter() - t0) * 1e3
 

@@ -74,7 +74,13 @@ def test_only_rank_0_writes_and_prints(runs):
     for stage in STAGES:
         assert [r["step"] for r in read_log(two / stage / "log.jsonl")] == list(range(1, len(read_log(one / stage / "log.jsonl")) + 1))
     assert stdout.count("time per stage") == 1 and "rank 0 of 2 (torchrun)" in stdout
-    assert json.load(open(two / "align" / "sft" / "eval.json")) == json.load(open(one / "align" / "sft" / "eval.json"))
+    a, b = (json.load(open(r / "align" / "sft" / "eval.json")) for r in (two, one))
+    # greedy scores are the same; the teacher's judgement is of sampled log-probs, equal up to the
+    # rounding of gradients averaged over two ranks
+    ja, jb = a.pop("judge"), b.pop("judge")
+    assert a == b
+    assert ja["rkl_cm"] == pytest.approx(jb["rkl_cm"], rel=1e-3)
+    assert ja["teacher_lp"] == pytest.approx(jb["teacher_lp"], rel=1e-3)
 
 
 def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_losses(runs, tiny_data, tmp_path):

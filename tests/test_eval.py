@@ -235,7 +235,7 @@ def test_cached_scores_are_made_again_when_their_settings_or_data_differ(tiny_da
     # a copy of the same generated world is the same data
     copy = tmp_path / "copy"
     copy.mkdir()
-    for f in ("train.jsonl", "test.jsonl", "done.json"):
+    for f in ("train.jsonl", "test.jsonl", "val.jsonl", "done.json"):
         shutil.copy(os.path.join(tiny_data, f), copy / f)
     E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
     assert len(calls) == 6

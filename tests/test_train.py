@@ -380,11 +380,11 @@ def test_align_max_wer_keeps_the_prompts_the_student_transcribes_that_well(tiny_
     def generate(model, world, rs, modality, device, max_new_tokens, encoder=None):
         # every third clip exactly, the others with their first spoken word replaced
         asked.extend((r["instruction"], modality) for r in rs)
-        words = [E.spoken_words(r["transcript"]).split() for r in rs]
+        words = [data.spoken_words(r["transcript"]).split() for r in rs]
         return [" ".join(w if i % 3 == 0 else ["zzz"] + w[1:]) for i, w in enumerate(words)]
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     student = type("Student", (), {"encoder": None})()
-    n_words = [len(E.spoken_words(r["transcript"]).split()) for r in recs]
+    n_words = [len(data.spoken_words(r["transcript"]).split()) for r in recs]
     cases = ((0.0, [r for i, r in enumerate(recs) if i % 3 == 0]),
              (15.0, [r for i, (r, n) in enumerate(zip(recs, n_words)) if i % 3 == 0 or 100 / n <= 15]),
              (100.0, recs))
@@ -511,15 +511,15 @@ def test_a_run_folder_reads_the_same_from_any_directory_and_after_a_move(tiny_da
 
 def test_stored_paths_inside_the_run_folder_follow_it():
     old = {"out": "../base", "data": "../base/data", "teacher": "", "chat_format": "/models/fmt.json"}
-    assert E.run_path(old, "data", "/abs/base") == "/abs/base/data"  # relative, as an older version stored it
-    assert E.run_path(old, "teacher", "/abs/base") == ""
-    assert E.run_path(old, "chat_format", "/abs/base") == "/models/fmt.json"  # outside the run: as stored
+    assert data.run_path(old, "data", "/abs/base") == "/abs/base/data"  # relative, as an older version stored it
+    assert data.run_path(old, "teacher", "/abs/base") == ""
+    assert data.run_path(old, "chat_format", "/abs/base") == "/models/fmt.json"  # outside the run: as stored
     moved = {"out": "/old/run", "data": "/old/run/data", "student": "/old/runner/omni/model.pt"}
-    assert E.run_path(moved, "data", "/new/place") == "/new/place/data"
-    assert E.run_path(moved, "student", "/new/place") == "/old/runner/omni/model.pt"
+    assert data.run_path(moved, "data", "/new/place") == "/new/place/data"
+    assert data.run_path(moved, "student", "/new/place") == "/old/runner/omni/model.pt"
     cfg = train.parse_args(["--preset", "tiny", "--out", "/abs/base", "--chat_format", "/models/fmt.json"])
     assert cfg.data == "/abs/base/data"
-    train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {**old, "preset": "tiny", "seed": 0}}, 1e-3)
+    train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {**old, "preset": "tiny", "seed": 0, "teacher_prior": 0.2}}, 1e-3)
     with pytest.raises(SystemExit, match=r"data '/old/run/data2' -> '/abs/base/data'"):
         train.check_settings(cfg, "teacher", "/abs/base/teacher/model.pt", {"train": {"out": "/old/run", "data": "/old/run/data2", "preset": "tiny"}}, 1e-3)
 
