@@ -45,15 +45,14 @@ STAGES = ("teacher", "encoder", "omni", "align/sft")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data, tiny_run):
     """The tiny pipeline with SFT, in 1 process (the shared tiny_run, which holds it among its
-    methods) and in 2 (same flags, so the same global batch). The same torchrun launch first
-    runs the X-OPD gradient check (xopd_rank) into a folder of its own: a launch costs seconds."""
-    two, grads = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("xopd")
-    p = torchrun("xopd+train", grads, "--out", two, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS)
-    return tiny_run, two, p.stdout, grads
+    methods) and in 2 (same flags, so the same global batch)."""
+    two = tmp_path_factory.mktemp("two")
+    p = torchrun("train", "--out", two, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS)
+    return tiny_run, two, p.stdout
 
 
 def test_two_ranks_give_the_losses_and_weights_of_one(runs):
-    one, two, _, _ = runs
+    one, two, _ = runs
     for stage in STAGES:
         a, b = read_log(one / stage / "log.jsonl"), read_log(two / stage / "log.jsonl")
         assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -67,7 +66,7 @@ def test_two_ranks_give_the_losses_and_weights_of_one(runs):
 
 
 def test_only_rank_0_writes_and_prints(runs):
-    one, two, stdout, _ = runs
+    one, two, stdout = runs
     # the 1-process run holds every method's align run: those of SFT alone are the 2-rank run's
     assert "align/xopd/model.pt" in files(one)
     assert files(two) == [f for f in files(one) if not f.startswith("align/") or f.startswith("align/sft/")]
@@ -85,7 +84,7 @@ def test_only_rank_0_writes_and_prints(runs):
 
 
 def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_losses(runs, tiny_data, tmp_path):
-    _, two, _, _ = runs
+    _, two, _ = runs
     part = tmp_path / "part"
     argv = ["--out", part, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS]
     p = torchrun("train", *argv, "--interrupt_at", 6, 4, check=False)  # during step 5 of the teacher
@@ -163,7 +162,6 @@ def xopd_rank(out):
         return prompts, rollouts
     xopd.student_rollouts = record
     loss, _ = xopd.xopd_step(student, teacher, rows(batch, idx), generator=torch.Generator().manual_seed(100 + train.RANK), **KW)
-    xopd.student_rollouts = real
     params = [p for p in student.parameters() if p.requires_grad]
     loss.backward()
     train.average_gradients(params)
@@ -173,8 +171,9 @@ def xopd_rank(out):
     torch.distributed.destroy_process_group()
 
 
-def test_xopd_averaged_gradient_is_the_gradient_on_the_union_of_the_rollouts(runs, monkeypatch):
-    ranks = [torch.load(runs[3] / f"rank{r}.pt") for r in range(2)]
+def test_xopd_averaged_gradient_is_the_gradient_on_the_union_of_the_rollouts(tmp_path, monkeypatch):
+    torchrun("xopd", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["idx"] != ranks[1]["idx"]
     for a, b in zip(ranks[0]["grads"], ranks[1]["grads"]):
         assert torch.equal(a, b)  # every rank updates with the same gradient
@@ -203,10 +202,9 @@ def test_xopd_averaged_gradient_is_the_gradient_on_the_union_of_the_rollouts(run
 
 if __name__ == "__main__":  # one rank, under torchrun
     mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "xopd+train":  # the X-OPD check, then (a new process group) the pipeline
-        xopd_rank(args.pop(0))
-        mode = "train"
-    if mode == "train":
+    if mode == "xopd":
+        xopd_rank(args[0])
+    else:
         if "--interrupt_at" in args:  # raise during step `at` of the stage with `steps` steps, on every rank
             i = args.index("--interrupt_at")
             steps, at = int(args[i + 1]), int(args[i + 2])
