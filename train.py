@@ -1097,6 +1097,14 @@ def toy_data_to_generate(cfg):
     return generated or unfinished or (free and not has_manifest)
 
 
+def check_batches_split(cfg, ranks):
+    """Under torchrun each step's batch is split evenly over the ranks: refuse one that is not."""
+    for name in ("batch_size", "encoder_batch", "align_batch"):
+        if getattr(cfg, name) % ranks:
+            sys.exit(f"--{name} {getattr(cfg, name)}: under torchrun each step's batch is split evenly over "
+                     f"the {ranks} ranks; expected a multiple of {ranks}")
+
+
 def pipeline(cfg):
     """Every stage in order, each skipped when done (main holds the run folder)."""
     t0 = time.time()
@@ -1104,10 +1112,7 @@ def pipeline(cfg):
     device = init_distributed(device)
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
-    for name in ("batch_size", "encoder_batch", "align_batch"):
-        if getattr(cfg, name) % WORLD:
-            sys.exit(f"--{name} {getattr(cfg, name)}: under torchrun each step's batch is split evenly over "
-                     f"the {WORLD} ranks; expected a multiple of {WORLD}")
+    check_batches_split(cfg, WORLD)
     print(f"device: {device} ({why})" + (f"; rank 0 of {WORLD} (torchrun), each a 1/{WORLD} share of every batch"
                                          if WORLD > 1 else ""))
     preset = TrainConfig(**TRAIN_PRESETS[cfg.preset])

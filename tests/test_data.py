@@ -246,16 +246,27 @@ def test_toy_world_deterministic():
 
 
 def test_audio_labels_follow_voice(toy):
+    """Every audio question's answer is its voice's label, by the thresholds written out here
+    (pitch from 160 Hz high, rate from 1.0 fast, noise from 0.1 noisy), not by data's own table."""
+    def label(task, v):
+        return {"pitch": "high" if v["pitch_hz"] >= 160 else "low", "rate": "fast" if v["rate"] >= 1 else "slow",
+                "noise": "noisy" if v["noise"] >= 0.1 else "clean", "emotion": v["emotion"]}[task]
     _, train, test, _ = toy
+    seen = {}
     for r in train + test:
-        assert data.voice_labels(r["voice"]) == {t: f(r["voice"]) for t, f in data.AUDIO_LABELS.items()}
-        v = r["voice"]
-        if r["task"] in data.AUDIO_LABELS:
-            assert r["answer"] == data.AUDIO_LABELS[r["task"]](v)
-        if r["task"] == "emotion":
-            assert r["answer"] == v["emotion"]
-        elif r["task"] == "asr":
+        if r["kind"] != "audio":
+            continue
+        if r["task"] == "asr":
             assert r["answer"] == r["reference"] == r["transcript"]
+        else:
+            assert r["answer"] == r["reference"] == label(r["task"], r["voice"]), r["id"]
+            seen.setdefault(r["task"], set()).add(r["answer"])
+    # both sides of every threshold are asked about
+    assert (seen["pitch"], seen["rate"], seen["noise"]) == ({"high", "low"}, {"fast", "slow"}, {"noisy", "clean"})
+    assert len(seen["emotion"]) > 1
+    assert data.voice_labels({"pitch_hz": 210.0, "rate": 0.85, "noise": 0.15, "emotion": "sad"}) == \
+        {"pitch": "high", "rate": "slow", "noise": "noisy", "emotion": "sad"}
+    assert data.voice_labels({"pitch_hz": 120.0, "emotion": "happy"}) == {"pitch": "low", "emotion": "happy"}  # what it carries
 
 
 def test_audio_label_thresholds_at_the_boundary():

@@ -17,9 +17,7 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 import xopd  # noqa: E402
-
-STEPS = ["--teacher_steps", "6", "--encoder_steps", "4", "--omni_steps", "6", "--align_steps", "4",
-         "--ckpt_every", "2", "--eval_per_family", "4"]
+from conftest import RUN_STEPS as STEPS  # noqa: E402  (the shared tiny_run's: it is the 1-process run here)
 
 
 def torchrun(*args, check=True):
@@ -45,13 +43,12 @@ STAGES = ("teacher", "encoder", "omni", "align/sft")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_data):
-    """The tiny pipeline with SFT, in 1 process and in 2 (same flags, so the same global batch)."""
-    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    argv = ["--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS]
-    train.main(["--out", str(one), *argv])
-    p = torchrun("train", "--out", two, *argv)
-    return one, two, p.stdout
+def runs(tmp_path_factory, tiny_data, tiny_run):
+    """The tiny pipeline with SFT, in 1 process (the shared tiny_run, which holds it among its
+    methods) and in 2 (same flags, so the same global batch)."""
+    two = tmp_path_factory.mktemp("two")
+    p = torchrun("train", "--out", two, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS)
+    return tiny_run, two, p.stdout
 
 
 def test_two_ranks_give_the_losses_and_weights_of_one(runs):
@@ -70,7 +67,10 @@ def test_two_ranks_give_the_losses_and_weights_of_one(runs):
 
 def test_only_rank_0_writes_and_prints(runs):
     one, two, stdout = runs
-    assert files(two) == files(one)  # a second writer would leave its own files, or lines twice:
+    # the 1-process run holds every method's align run: those of SFT alone are the 2-rank run's
+    assert "align/xopd/model.pt" in files(one)
+    assert files(two) == [f for f in files(one) if not f.startswith("align/") or f.startswith("align/sft/")]
+    # a second writer would leave its own files, or lines twice:
     for stage in STAGES:
         assert [r["step"] for r in read_log(two / stage / "log.jsonl")] == list(range(1, len(read_log(one / stage / "log.jsonl")) + 1))
     assert stdout.count("time per stage") == 1 and "rank 0 of 2 (torchrun)" in stdout
@@ -97,10 +97,23 @@ def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_losses(runs, t
         assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=1e-6), stage
 
 
-def test_a_batch_that_does_not_split_evenly_is_refused(tiny_data, tmp_path):
-    p = torchrun("train", "--out", tmp_path, "--preset", "tiny", "--data", tiny_data, "--align_batch", 3, check=False)
-    assert p.returncode != 0 and "--align_batch 3" in p.stderr and "multiple of 2" in p.stderr
-    assert not os.path.exists(tmp_path / "teacher")
+@pytest.mark.parametrize("flag", ["--batch_size", "--encoder_batch", "--align_batch"])
+def test_a_batch_that_does_not_split_evenly_is_refused(flag):
+    cfg = train.parse_args(["--preset", "tiny", "--out", "/tmp/x", flag, "6"])
+    train.check_batches_split(cfg, 2)  # 6 rows: 3 a rank (the preset's other batches are 8, 8 and 4)
+    with pytest.raises(SystemExit, match=rf"^{flag} 6: under torchrun each step's batch is split evenly over the 4 ranks; "
+                                         r"expected a multiple of 4$"):
+        train.check_batches_split(cfg, 4)
+    train.check_batches_split(train.parse_args(["--preset", "tiny", "--out", "/tmp/x", flag, "7"]), 1)  # one process takes any batch
+
+
+def test_the_batch_check_comes_before_stage_1(tiny_data, tmp_path, monkeypatch):
+    """The pipeline refuses by rank count before it writes anything: as rank 0 of 2 (no torchrun
+    needed to see that) a batch of 3 stops it."""
+    monkeypatch.setattr(train, "WORLD", 2)
+    with pytest.raises(SystemExit, match=r"--align_batch 3: .*expected a multiple of 2"):
+        train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", tiny_data, "--align_batch", "3"])
+    assert os.listdir(tmp_path / "run") == []  # no stage, and the lock let go
 
 
 # -----------------------------------------------------------------------------

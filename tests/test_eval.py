@@ -1,4 +1,5 @@
 """eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, and when cached scores are made again."""
+import itertools
 import json
 import os
 import shutil
@@ -106,7 +107,9 @@ def test_paired_differences_against_the_base_student_of_each_seed():
 
 def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, tmp_path):
     """A student that is a fresh copy of its teacher gives, from text, the teacher's own
-    probability of its greedy first token, the largest it has: a known value per prompt."""
+    probability of its greedy first token, the largest it has: a known value per prompt. From
+    speech, against the student's own forward pass on each clip alone (mels, not the batch's
+    cached encoder features)."""
     world = data.World(tiny_data)
     enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
     torch.manual_seed(0)
@@ -118,19 +121,27 @@ def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, 
         M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
     res = E.first_token_probe(str(tmp_path), world, "cpu", per_family=5)
     assert set(res) == {"omni"}
+    student.eval()
     for fam, rs in data.text_families(world.val, 5).items():
+        top, heard = [], []
         with torch.no_grad():
-            top = [teacher.logits(teacher(torch.tensor([data.encode_prompt(world.tok, r, "text")]))[0, -1]).softmax(-1).max()
-                   for r in rs]
-        assert res["omni"][fam][1] == pytest.approx(100.0 * float(sum(top)) / len(top), rel=1e-4)
-        assert 0.0 <= res["omni"][fam][0] <= 100.0
+            for r in rs:
+                p = teacher.logits(teacher(torch.tensor([data.encode_prompt(world.tok, r, "text")]))[0, -1]).softmax(-1)
+                top.append(float(p.max()))
+                ids, mel = torch.tensor([data.encode_prompt(world.tok, r, "speech")]), world.mel(r)[None]
+                h, lens = student(ids, torch.tensor([ids.size(1)]), mel, torch.tensor([mel.size(-1)]))
+                heard.append(float(student.decoder.logits(h[0, lens[0] - 1]).softmax(-1)[p.argmax()]))
+        assert res["omni"][fam][1] == pytest.approx(100.0 * sum(top) / len(top), rel=1e-4)
+        assert res["omni"][fam][0] == pytest.approx(100.0 * sum(heard) / len(heard), rel=1e-4)
 
 
 def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(tiny_data, tmp_path, monkeypatch):
     """Transcripts chosen here: the student drops the first word of every other clip and the
     punctuation of every clip, the teacher copies every transcript with its punctuation; the WERs
     and the share of prompts read whole must be the hand-computed ones, punctuation never
-    counting, on each part of the split."""
+    counting, on each part of the split. The encoder's greedy CTC and the adapter's best token per
+    word against a forward pass on each clip alone, decoded here (the CTC against the letters as
+    spoken: a doubled letter once)."""
     world = data.World(tiny_data)
     enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
     torch.manual_seed(0)
@@ -159,8 +170,25 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     assert 0 < sum(r["id"] in dropped for r in parts["prompts"]) < len(parts["prompts"])
     assert student_row["whole"] == pytest.approx(100.0 * sum(r["id"] not in dropped for r in parts["prompts"]) / len(parts["prompts"]))
     assert teacher_row["whole"] == 100.0
-    assert set(res) == {"audio encoder alone, greedy CTC", "adapter's word scores alone (best token per word)",
-                        "base student, from speech", "text teacher, copying the transcript from text"}
+    ctc, adapter = [], []
+    with torch.no_grad():
+        for r in recs:
+            mel = world.mel(r)[None]
+            mel_lens = torch.tensor([mel.size(-1)])
+            _, n, logp = student.encoder.frames(mel, mel_lens)
+            path = logp[0, :n[0]].argmax(-1).tolist()  # best path: repeats merged, blanks (0) dropped
+            ctc.append(data.wer(M.spoken_letters(data.spoken_words(r["transcript"])),
+                                "".join(M.CTC_CHARS[c - 1] for c, _ in itertools.groupby(path) if c)))
+            words, word_lens = student.encoder(mel, mel_lens)
+            _, k, logits = student.adapter(words, word_lens, student.decoder.embed_tokens.weight)
+            best = logits[0, :k[0] - 1].argmax(-1).tolist()  # one row per spoken word (k counts the clip's vector too)
+            adapter.append(data.wer(data.spoken_words(r["transcript"]), data.spoken_words(world.tok.decode(best))))
+    for row, wers in (("audio encoder alone, greedy CTC", ctc), ("adapter's word scores alone (best token per word)", adapter)):
+        by_part = {"prompts": [w for w, r in zip(wers, recs) if r["transcript"] in prompts],
+                   "lists": [w for w, r in zip(wers, recs) if r["transcript"] not in prompts], "all": wers}
+        for part, ws in by_part.items():
+            assert res[row][part] == pytest.approx(100.0 * sum(ws) / len(ws)), (row, part)
+        assert res[row]["whole"] == pytest.approx(100.0 * sum(w == 0 for w in by_part["prompts"]) / len(by_part["prompts"]))
 
 
 def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_data):

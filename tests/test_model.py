@@ -508,9 +508,33 @@ def test_student_copy_gives_teacher_logits_exactly():
     assert torch.equal(teacher.logits(teacher(ids)), t_logits)
 
 
-def test_configs_round_trip():
-    for preset in M.PRESETS:
+def test_a_checkpoint_rebuilds_the_model_it_was_saved_from(tmp_path):
+    """model_configs -> save_checkpoint -> load_model gives back the kind of model each stage saves
+    (teacher, pretrained encoder, student) with its weights, its audio token and its outputs; a
+    config that does not fit the weights stored with it is named. In every preset the adapter's
+    widths are the encoder's and the decoder's."""
+    for preset, p in M.PRESETS.items():
         enc, adp, dec = M.make_configs(preset, vocab_size=123)
-        assert adp.d_in == enc.n_state and adp.d_out == dec.dim and dec.vocab_size == 123
-        for cfg in (enc, adp, dec):
-            assert type(cfg)(**asdict(cfg)) == cfg
+        assert (adp.d_in, adp.d_out, dec.vocab_size) == (p["encoder"]["n_state"], p["decoder"]["dim"], 123), preset
+    enc, _, _ = M.make_configs("tiny", 97)
+    torch.manual_seed(3)
+    mel, mel_lens = torch.randn(2, 80, 160), torch.tensor([160, 96])
+    ids, lens = torch.tensor([[1, 2, 7, 3], [1, 7, 3, 0]]), torch.tensor([4, 3])
+    models = {"teacher": (tiny_decoder(seed=3), lambda m: m.logits(m(ids))),  # its norms are not the initial 1s
+              "encoder": (M.CTCEncoder(enc).eval(), lambda m: m.heads(mel, mel_lens)[0]),
+              "student": (tiny_speech_lm(audio_token_id=7), lambda m: m(ids, lens, mel, mel_lens)[0])}
+    for name, (m, run) in models.items():
+        path = str(tmp_path / name / "model.pt")
+        M.save_checkpoint(path, {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+        back, _ = M.load_model(path, "cpu")
+        assert type(back) is type(m), name
+        saved, loaded = m.state_dict(), back.state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items()), name
+        with torch.no_grad():
+            assert torch.equal(run(back.eval()), run(m)), name
+    assert back.audio_token_id == 7
+    ck = M.load_checkpoint(str(tmp_path / "teacher" / "model.pt"))
+    ck["configs"]["decoder"]["hidden_dim"] = 64
+    M.save_checkpoint(str(tmp_path / "other.pt"), ck)
+    with pytest.raises(ValueError, match=r"other\.pt: weights do not match the config stored with them"):
+        M.load_model(str(tmp_path / "other.pt"), "cpu")

@@ -15,22 +15,16 @@ import eval as E
 import model as M
 import train
 import xopd
+from conftest import RUN_STEPS  # the shared tiny_run's step counts (conftest.py)
 
 
 def tiny(out, data_dir, *extra):
     return ["--preset", "tiny", "--out", str(out), "--data", data_dir, *extra]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_data):
-    """The default pipeline (teacher -> omni -> xopd -> eval) on the tiny preset, then every other
-    method and the λ ablation on the same base."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(tiny(out, tiny_data))
-    for extra in (["--method", "sft"], ["--method", "kd"], ["--method", "gkd"],
-                  ["--method", "xopd", "--lam", "0"], ["--method", "xopd", "--lam", "1"]):
-        train.main(tiny(out, tiny_data, *extra))
-    return out
+def like_tiny_run(out, data_dir, *extra):
+    """The flags of the shared tiny_run (conftest.py), for a run that reuses its stages."""
+    return tiny(out, data_dir, *RUN_STEPS, *extra)
 
 
 def read_log(path):
@@ -63,13 +57,16 @@ def test_alignment_keeps_the_audio_side_frozen_and_changes_the_decoder(tiny_run)
         assert any(not torch.equal(base[k], new[k]) for k in base if k.startswith("decoder.")), f"{m} did not train"
 
 
-def test_eval_writes_all_three_tables(tiny_run):
-    t = E.report(str(tiny_run))
+def test_eval_writes_all_three_tables(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tables.*"))
+    t = E.report(str(run))
     assert set(t) == {"premise", "table1", "table2", "table3"}
     assert "xopd" in t["table1"] and "base student" in t["table1"]
     assert [line.split("|")[1].strip() for line in t["table2"].splitlines()[2:]] == ["0", "0.5", "1"]
-    assert os.path.exists(os.path.join(tiny_run, "tables.md"))
-    res = json.load(open(os.path.join(tiny_run, "tables.json")))["results"][0]  # one seed
+    made = open(os.path.join(tiny_run, "tables.md")).read().splitlines()  # as the pipeline wrote it, but for its folder
+    assert open(run / "tables.md").read().splitlines() == [made[0].replace(str(tiny_run), str(run))] + made[1:]
+    res = json.load(open(run / "tables.json"))["results"][0]  # one seed
     fams = set(res["teacher"]["T"])
     assert fams == {"arith", "instruct", "facts"} and res["teacher"]["S"] == {}
     assert set(res["omni"]["S"]) == fams and set(res["omni"]["audio"]) == {"pitch", "rate", "emotion", "noise"}
@@ -79,12 +76,16 @@ def test_eval_writes_all_three_tables(tiny_run):
     assert "asr_wer" not in res["teacher"] and "text teacher (T only)" not in rows
 
 
-def test_rerun_skips_finished_stages(tiny_run, tiny_data, capsys):
-    before = os.path.getmtime(os.path.join(tiny_run, "teacher", "model.pt"))
-    train.main(tiny(tiny_run, tiny_data))
+def test_rerun_skips_finished_stages(tiny_run, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    capsys.readouterr()
+    before = {s: os.path.getmtime(run / s / "model.pt") for s in ("teacher", "encoder", "omni", "align/xopd")}
+    train.main(like_tiny_run(run, tiny_data))
     out = capsys.readouterr().out
-    assert "[teacher]" in out and "skipped" in out
-    assert os.path.getmtime(os.path.join(tiny_run, "teacher", "model.pt")) == before
+    assert [line for line in out.splitlines() if line.endswith("exists: skipped")] == [
+        f"[{s}] {run / s / 'model.pt'} exists: skipped" for s in before]
+    assert {s: os.path.getmtime(run / s / "model.pt") for s in before} == before
 
 
 def test_stage_headers_estimate_the_time_left_from_the_stages_still_to_run(tiny_run, tiny_data, tmp_path, capsys,
@@ -94,7 +95,7 @@ def test_stage_headers_estimate_the_time_left_from_the_stages_still_to_run(tiny_
     monkeypatch.setitem(train.REFERENCE_S, "tiny", dict.fromkeys(train.REFERENCE_S["cpu"], 100))
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out, ignore=shutil.ignore_patterns("align"))
-    train.main(tiny(out, tiny_data))
+    train.main(like_tiny_run(out, tiny_data))
     heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== [")]
     assert [h.split("]")[0] for h in heads] == [f"== [{i}/6 {s}" for i, s in
                                                 enumerate(["data", "teacher", "encoder", "omni", "align", "eval"], 1)]
@@ -102,10 +103,11 @@ def test_stage_headers_estimate_the_time_left_from_the_stages_still_to_run(tiny_
     assert "pace" not in heads[5] and not heads[5].endswith("about 1m40s left)")  # align took ~1 s, not 100
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeypatch):
-    steps = ["--teacher_steps", "6", "--omni_steps", "4", "--voice_first", "2", "--align_steps", "4", "--ckpt_every", "2"]
-    full = tmp_path / "full"
-    train.main(tiny(full, tiny_data, *steps))
+def test_resume_reproduces_the_uninterrupted_losses(tiny_run, tmp_path, tiny_data, monkeypatch):
+    steps = RUN_STEPS
+    flags = dict(zip(steps[::2], steps[1::2]))
+    assert (flags["--teacher_steps"], flags["--align_steps"], flags["--ckpt_every"]) == ("6", "4", "2")  # as below
+    full = tiny_run  # teacher 6 steps, encoder 4, omni 6, X-OPD 4, a checkpoint every 2
     # the same run, interrupted during step 5 of the teacher and during step 3 of X-OPD
     part = tmp_path / "part"
     real_lr_at = train.lr_at
@@ -132,7 +134,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_data, monkeyp
         train.main(tiny(part, tiny_data, *steps))
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     train.main(tiny(part, tiny_data, *steps, "--resume"))
-    for stage in ("teacher", "omni", "align/xopd"):
+    for stage in ("teacher", "encoder", "omni", "align/xopd"):
         a, b = read_log(full / stage / "log.jsonl"), read_log(part / stage / "log.jsonl")
         assert [r["step"] for r in a] == [r["step"] for r in b]
         assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-6), stage
@@ -156,7 +158,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, 
     assert not os.path.exists(tmp_path / "teacher" / "model.pt")
 
 
-def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tmp_path, tiny_data):
+def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tiny_run, tmp_path, tiny_data):
     # lr 1e10: step 1 moves every weight by ~1e10, step 2's loss is not finite; step 1's
     # checkpoint was waiting for that loss, so no checkpoint holds the diverged weights
     with pytest.raises(SystemExit, match="teacher.*stopping"):
@@ -164,9 +166,11 @@ def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tmp_path,
     ck = tmp_path / "teacher" / "ckpt.pt"
     assert not ck.exists() or all(v.abs().max() < 1e3 for v in M.load_checkpoint(str(ck))["model"].values())
     # X-OPD samples from the student: diverged weights stop the run by name, not inside multinomial
-    train.main(tiny(tmp_path / "ok", tiny_data, "--align_steps", "1"))
-    with pytest.raises(SystemExit, match="align/xopd.*(not finite|nan|inf).*stopping"):
-        train.main(tiny(tmp_path / "ok", tiny_data, "--align_lr", "1e10", "--align_steps", "4", "--tag", "big"))
+    for stage in ("teacher", "encoder", "omni"):
+        shutil.copytree(os.path.join(tiny_run, stage), tmp_path / "ok" / stage)
+    with pytest.raises(SystemExit, match="align/xopd_big.*(not finite|nan|inf).*stopping"):
+        train.main(like_tiny_run(tmp_path / "ok", tiny_data, "--align_lr", "1e10", "--tag", "big"))
+    assert not (tmp_path / "ok" / "align" / "xopd_big" / "model.pt").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -236,7 +240,7 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     real = data.read_manifest
     monkeypatch.setattr(data, "read_manifest", lambda path, audio=True, **kw: Untouchable(real(path, audio, **kw))
                         if os.path.basename(path) == "test.jsonl" else real(path, audio, **kw))
-    train.main(tiny(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
+    train.main(like_tiny_run(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
     choice = json.load(open(tmp_path / "select" / "lr_sft.json"))
     final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"] for lr in ("0.0001", "0.001")}
     assert choice["val_S"] == final
@@ -288,43 +292,47 @@ def test_a_users_data_folder_without_manifests_is_refused_and_left_alone(tmp_pat
     assert sorted(os.listdir(user)) == ["test.jsonl", "train.json"] and (user / "test.jsonl").read_text() == "{}\n"
 
 
-def test_a_stage_made_with_other_settings_is_refused_by_name(tmp_path, tiny_data, monkeypatch):
-    out = tmp_path / "run"
-    train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))
-    train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))  # the same settings: all skipped
-    with pytest.raises(SystemExit, match=r"--data .*holds the toy world of seed 0 \(tiny preset\).*\(cpu\)"):
-        train.main(["--preset", "cpu", "--out", str(out), "--data", tiny_data])
+def test_a_stage_made_with_other_settings_is_refused_by_name(tiny_run, tiny_data, tmp_path):
+    """Each refusal by the check that makes it, on the shared run's own checkpoints: the data
+    folder's (toy_data_to_generate), then each stage's first check (done, through the stage
+    function: it refuses before the world is read) and a resumed checkpoint's (resume_point)."""
+    out = str(tiny_run)
+    cfg = lambda *extra, data_dir=tiny_data: train.parse_args(like_tiny_run(out, data_dir, *extra))
+    # the same settings: every stage is done (test_rerun_skips_finished_stages: main skips them)
+    same = cfg()
+    assert [train.done(same, s, lr) for s, lr in (("teacher", same.teacher_lr), ("encoder", same.encoder_lr),
+                                                   ("omni", same.omni_lr), ("align/xopd", train.ALIGN_LR["xopd"]))] == [True] * 4
     stamp = open(os.path.join(tiny_data, "done.json")).read()
+    with pytest.raises(SystemExit, match=r"--data .*holds the toy world of seed 0 \(tiny preset\).*\(cpu\)"):
+        train.toy_data_to_generate(train.parse_args(["--preset", "cpu", "--out", out, "--data", tiny_data]))
     with pytest.raises(SystemExit, match=r"--data .*holds the toy world of seed 0 .*asks for seed 3"):
-        train.main(tiny(out, tiny_data, "--seed", "3"))
+        train.toy_data_to_generate(cfg("--seed", "3"))
     assert open(os.path.join(tiny_data, "done.json")).read() == stamp  # left as it was
-    with pytest.raises(SystemExit, match=r"\[teacher\].*seed 0 -> 3"):
-        train.main(tiny(out, str(tmp_path / "seed3"), "--seed", "3"))
-    # a copy of the same generated world is the same data; a user's folder is known by its path
-    shutil.copytree(tiny_data, tmp_path / "copy")
-    train.main(tiny(out, str(tmp_path / "copy"), "--align_steps", "4", "--ckpt_every", "2"))
+    seed3 = cfg("--seed", "3", data_dir=str(tmp_path / "seed3"))
+    assert train.toy_data_to_generate(seed3)  # a new folder: generated there, then the teacher refused
+    with pytest.raises(SystemExit, match=r"^\[teacher\] .*teacher/model\.pt was made with other settings \(seed 0 -> 3; data '.*' -> '.*seed3'\)"):
+        train.stage_teacher(seed3, None, None, None)
+    # a copy of the same generated world is the same data (its done.json); a user's folder is known by its path
+    (tmp_path / "copy").mkdir()
+    shutil.copy(os.path.join(tiny_data, "done.json"), tmp_path / "copy")
+    assert train.done(cfg(data_dir=str(tmp_path / "copy")), "teacher", same.teacher_lr)
     os.remove(tmp_path / "copy" / "done.json")
-    with pytest.raises(SystemExit, match=r"\[teacher\].*data '.*' -> '.*copy'"):
-        train.main(tiny(out, str(tmp_path / "copy"), "--align_steps", "4", "--ckpt_every", "2"))
-    with pytest.raises(SystemExit, match=r"\[align/xopd\].*align_steps 4 -> 6"):
-        train.main(tiny(out, tiny_data, "--align_steps", "6"))
-    with pytest.raises(SystemExit, match=r"\[align/xopd\].*learning rate"):
-        train.main(tiny(out, tiny_data, "--align_steps", "4", "--align_lr", "0.05"))
-    # resume: a checkpoint at step 2 of 4 is not continued as a run of 3 steps
-    shutil.rmtree(out / "align" / "xopd")
-    real_lr_at = train.lr_at
-
-    def interrupt(step, total, peak, warmup):
-        if total == 4 and step == 3:
-            raise KeyboardInterrupt
-        return real_lr_at(step, total, peak, warmup)
-    monkeypatch.setattr(train, "lr_at", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(out, tiny_data, "--align_steps", "4", "--ckpt_every", "2"))
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
-    assert M.load_checkpoint(str(out / "align" / "xopd" / "ckpt.pt"))["step"] == 2
-    with pytest.raises(SystemExit, match=r"ckpt\.pt was made with other settings \(align_steps 4 -> 3"):
-        train.main(tiny(out, tiny_data, "--align_steps", "3", "--ckpt_every", "2", "--resume"))
+    with pytest.raises(SystemExit, match=r"\[teacher\] .*\(data '.*' -> '.*copy'\)"):
+        train.stage_teacher(cfg(data_dir=str(tmp_path / "copy")), None, None, None)
+    with pytest.raises(SystemExit, match=r"\[encoder\] .*\(encoder_steps 4 -> 5\)"):
+        train.stage_encoder(cfg("--encoder_steps", "5"), None, None, None)
+    with pytest.raises(SystemExit, match=r"\[align/xopd\] .*\(align_steps 4 -> 6\)"):
+        train.stage_align(cfg("--align_steps", "6"), None, None, None)
+    with pytest.raises(SystemExit, match=r"\[align/xopd\] .*\(learning rate 3e-05 -> 0\.05\)"):
+        train.stage_align(cfg("--align_lr", "0.05"), None, None, None)
+    train.stage_align(cfg("--align_lr", "3e-5"), None, None, None)  # the method's own rate, given: the same stage
+    # resume: a checkpoint at step 2 of 4 is not continued as a run of 3 steps (an interrupted
+    # run's ckpt.pt holds what its model.pt would: test_resume_reproduces_the_uninterrupted_losses)
+    f = train.stage_files(str(tmp_path), "align/xopd")
+    ck = M.load_checkpoint(os.path.join(out, "align", "xopd", "model.pt"))
+    M.save_checkpoint(f.ckpt, {**ck, "step": 2})
+    with pytest.raises(SystemExit, match=r"ckpt\.pt was made with other settings \(align_steps 4 -> 3\)"):
+        train.resume_point(cfg("--align_steps", "3", "--resume"), "align/xopd", f, None, None, train.ALIGN_LR["xopd"], 3)
 
 
 def test_sparkline_draws_bin_means_between_the_extremes():
@@ -358,16 +366,17 @@ def test_precompute_gives_the_features_of_first_use_to_the_last_bit(tiny_data, c
 def test_omni_mix_and_voice_first_train_the_parts_they_name_and_a_stage_of_another_mix_is_refused(tmp_path, tiny_run, tiny_data, capsys):
     for stage in ("teacher", "encoder"):
         shutil.copytree(os.path.join(tiny_run, stage), tmp_path / stage)
-    train.main(tiny(tmp_path, tiny_data, "--omni_mix", "asr=1", "--voice_first", "3", "--align_steps", "1",
-                    "--eval_per_family", "1"))
+    train.main(like_tiny_run(tmp_path, tiny_data, "--omni_mix", "asr=1", "--voice_first", "3", "--align_steps", "1",
+                             "--eval_per_family", "1"))
     log = read_log(tmp_path / "omni" / "log.jsonl")
     assert all(r["loss_t"] > 0 for r in log[:3])  # voice first: audio questions and written text
     assert all(r["loss_t"] == 0 for r in log[3:])  # then no written rows
     assert all(r["tokens"] > 8 * 3 for r in log[3:])  # but 8 transcripts a step, each several words and the end token
     default = read_log(os.path.join(tiny_run, "omni", "log.jsonl"))
     assert any(r["loss_t"] > 0 for r in default)
-    with pytest.raises(SystemExit, match="omni_mix 'asr=1' -> 'asr=0.5,audio_qa=0.5'"):
-        train.main(tiny(tmp_path, tiny_data, "--omni_mix", "asr=0.5,audio_qa=0.5"))
+    other = train.parse_args(like_tiny_run(tmp_path, tiny_data, "--omni_mix", "asr=0.5,audio_qa=0.5", "--voice_first", "3"))
+    with pytest.raises(SystemExit, match=r"\[omni\] .*omni/model\.pt was made with other settings \(omni_mix 'asr=1' -> 'asr=0\.5,audio_qa=0\.5'\)"):
+        train.stage_omni(other, None, None, None)  # its first check, before the world is read
     with pytest.raises(SystemExit, match="--omni_mix: expected part=fraction pairs"):
         train.parse_args(["--omni_mix", "asr=1,speech=1"])
 
@@ -435,7 +444,7 @@ def test_a_finished_run_with_another_eval_per_family_is_scored_again(tiny_run, t
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     assert json.load(open(out / "encoder" / "eval.json"))["settings"]["per_family"] == 4
-    train.main(tiny(out, tiny_data, "--eval_per_family", "2"))
+    train.main(like_tiny_run(out, tiny_data, "--eval_per_family", "2"))
     for name in ("encoder", "teacher", "omni", "align/xopd", "align/sft"):
         assert json.load(open(out / name / "eval.json"))["settings"]["per_family"] == 2, name
     # scored on 2 clips per audio question: every accuracy is 0, 50 or 100

@@ -504,14 +504,43 @@ def test_steps_refuse_a_teacher_with_another_vocabulary():
 
 
 @pytest.mark.parametrize("frac", [0.0, 1.0])
-def test_gkd_step_picks_fixed_or_sampled_responses(frac):
-    student, teacher = different_teacher_pair()
+def test_gkd_step_picks_fixed_or_sampled_responses(frac, monkeypatch):
+    """Against a naive per-row computation, float64 throughout: the forward KL (beta 0) of the
+    student hearing S + response from the teacher reading T + response, over the full
+    vocabulary, mean over every response token. The responses are the batch's fixed ones
+    (frac 0) or the student's own samples (frac 1), recorded as they are drawn."""
+    student, teacher = speech_lm_pair()
+    with torch.no_grad():  # a teacher far enough from the student for a divergence well above rounding
+        for p in teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    student, teacher = student.double(), teacher.double()
     batch, _ = paired_batch()
+    batch = dataclasses.replace(batch, mels=batch.mels.double())
+    drawn, real = [], xopd.sample
+    monkeypatch.setattr(xopd, "sample", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
     loss, m = xopd.gkd_step(student, teacher, batch, student_frac=frac, max_new_tokens=5, eos_id=3,
                             generator=torch.Generator().manual_seed(0))
-    assert m["frac_student"] == frac and loss.item() > 0
-    if frac == 0.0:  # every row keeps its fixed response
-        assert m["tokens"] == int(batch.response_lens.sum())
+    B = batch.speech_ids.size(0)
+    if frac == 0.0:  # every row keeps its fixed response, nothing is sampled
+        assert drawn == []
+        responses = [batch.response_ids[b, :batch.response_lens[b]] for b in range(B)]
+    else:
+        (ids, mask, _), = drawn
+        responses = [ids[b][mask[b]] for b in range(B)]
+        fixed = [batch.response_ids[b, :n] for b, n in enumerate(batch.response_lens.tolist())]
+        assert any(r.shape != f.shape or not torch.equal(r, f) for r, f in zip(responses, fixed))  # not the fixed ones
+    dec, div, count = student.decoder, 0.0, 0
+    with torch.no_grad():
+        emb, lens = student.embed(batch.speech_ids, batch.speech_lens, *student.encode_audio(batch.mels, batch.mel_lens))
+        for b, resp in enumerate(responses):
+            x = torch.cat([emb[b, :lens[b]], dec.embed_tokens(resp)])[None]
+            ls = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1]  # the positions predicting resp
+            n_text = int(batch.text_lens[b])
+            lt = teacher.logits(teacher(torch.cat([batch.text_ids[b, :n_text], resp])[None]))[0, n_text - 1:-1]
+            div += naive_gjsd(ls, lt, 0.0).sum().item()
+            count += len(resp)
+    assert m["frac_student"] == frac and m["tokens"] == count
+    assert loss.item() == pytest.approx(div / count, rel=1e-5)  # the step's logits are float32
 
 
 def test_sft_step_is_the_cross_entropy_of_the_responses_from_speech():
