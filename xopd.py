@@ -102,7 +102,7 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
         if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
             cache = cache.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
-        step = functools.partial(compiled_decode_step, decoder) if compile else None
+        step = functools.partial(compiled_decode_step(), decoder) if compile else None
         done = torch.zeros(B * n, dtype=torch.bool, device=logits.device)
         ids, mask, logprobs = [], [], []
         for t in range(max_new_tokens):
@@ -120,9 +120,12 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
     return tuple(x.clone() for x in out)
 
 
-# Decoder.decode_step through torch.compile, for sample(compile=True). One function for every
-# decoder: the compiled code is kept with it, and its guards check which version applies.
-compiled_decode_step = torch.compile(M.Decoder.decode_step)
+@functools.cache
+def compiled_decode_step():
+    """Decoder.decode_step through torch.compile, for sample(compile=True). One function for every
+    decoder: the compiled code is kept with it, and its guards check which version applies. Made on
+    first use: torch.compile imports the compiler stack, seconds that no other path needs."""
+    return torch.compile(M.Decoder.decode_step)
 
 
 # -----------------------------------------------------------------------------
