@@ -81,7 +81,7 @@ class TrainConfig:
     omni_lr: float = 2e-3
     omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: another omni mix (parts of OMNI_MIX); "" = OMNI_MIX
     voice_first: int = 300       # omni: the first this many steps train on VOICE_FIRST_MIX (audio questions, written text)
-    omni_teacher_style: float = 0.5  # omni: share of the spoken instructions answered in the teacher's style
+    omni_teacher_style: float = 0.9  # omni: share of the spoken instructions answered in the teacher's style (0.5, 0.8: ΔS 37, 27; docs/decisions.md)
     batch_size: int = 32         # sequences per step in teacher / omni
     # align stage (same prompts and steps for every method)
     align_steps: int = 80
