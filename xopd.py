@@ -181,18 +181,20 @@ class DecodeGraph:
             self.replay = lambda: self.out.copy_(run())
             return
         # Warm up on a side stream first (lazy initialisation, the rotary table, autocast's weight
-        # casts, which the graph then reads from its cache), as torch.cuda.graph asks. The warm-up
-        # writes this step's keys at each row's position, which every replay writes again before
-        # it reads them.
+        # casts, which the graph then reads from autocast's cache), then capture there, as
+        # torch.cuda.graph does; without its empty_cache, which would hand the allocator's cached
+        # memory back to the driver at every rollout. The warm-up writes this step's keys at each
+        # row's position, which every replay writes again before it reads them.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
                 run()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
+            self.out = run()
+            self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = run()  # nothing runs here: the kernels are recorded, with their buffers
         self.replay = self.graph.replay
 
 
