@@ -150,6 +150,25 @@ def _addresses(cache):
     return [t.data_ptr() for t in cache.k + cache.v] + [cache.lengths.data_ptr()]
 
 
+def capture_cuda_graph(fn, warmup=3):
+    """fn() captured in a CUDA graph -> (the graph, fn's output: the graph's own buffers, which
+    each graph.replay() writes). As torch.cuda.graph does: a few warm-up calls on a side stream
+    first (lazy initialisation: cuBLAS, kernel choices, tables), then the capture on that stream;
+    without its empty_cache, which would hand the allocator's cached memory back to the driver at
+    every capture (here: every rollout)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
+        out = fn()
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out
+
+
 class DecodeGraph:
     """
     Decoder.decode_step on a static cache (model.KVCache), captured in a CUDA graph at its first
@@ -180,21 +199,10 @@ class DecodeGraph:
             self.out = run()
             self.replay = lambda: self.out.copy_(run())
             return
-        # Warm up on a side stream first (lazy initialisation, the rotary table, autocast's weight
-        # casts, which the graph then reads from autocast's cache), then capture there, as
-        # torch.cuda.graph does; without its empty_cache, which would hand the allocator's cached
-        # memory back to the driver at every rollout. The warm-up writes this step's keys at each
-        # row's position, which every replay writes again before it reads them.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                run()
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
-            self.out = run()
-            self.graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
+        # The warm-up writes this step's keys at each row's position, which every replay writes
+        # again before it reads them; autocast's weight casts made there stay in its cache, where
+        # the graph reads them.
+        self.graph, self.out = capture_cuda_graph(run)
         self.replay = self.graph.replay
 
 
