@@ -9,7 +9,8 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
                                          # transformers installed) the sampler, eager,
                                          # graphed and compiled, vs its generate, and one
                                          # decode step: its matmuls' share, its bandwidth
-    python eval.py bench --device cuda   # the last two alone, on the GPU
+    python eval.py bench --device cuda   # the last two alone, on the GPU, and the align
+                                         # stage's rollouts, eager and graphed
     python eval.py --out runs/cpu --first_token   # does each student start its answers as the
                                                   # teacher does, from speech and from text?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words:
@@ -701,6 +702,56 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
                 copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
 
 
+def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0, device="cpu"):
+    """
+    Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
+    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, at fixed
+    shapes (static=True) and graph=True: seconds per rollout (best of `reps`), whether each gives
+    the same tokens run to run from the same seed, and the share of tokens equal to the eager
+    sampler's (bf16 rounds the default cache's shorter attention differently, and one different
+    token changes the rest of its row). Random weights: the end token is rare.
+    """
+    _, _, dcfg = M.make_configs(preset, vocab)
+    torch.manual_seed(seed)
+    dec = M.Decoder(dcfg).eval().to(device)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(24, 48, (prompts,), generator=g)
+    ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
+    lens = lens.to(device)
+    kind = torch.device(device).type
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+
+    def run(**way):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
+            return xopd.sample(dec, lens, input_ids=ids, n=n, max_new_tokens=new_tokens, eos_id=3,
+                               generator=torch.Generator(device).manual_seed(seed), **way)
+    res, first = {}, {}
+    for name, way in (("eager", {}), ("static", dict(static=True)), ("graph", dict(graph=True))):
+        first[name] = run(**way)
+        best = float("inf")
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            again = run(**way)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        res[f"{name}_s"] = best
+        res[f"{name}_repeats"] = all(torch.equal(a, b) for a, b in zip(first[name], again))
+        same = first[name][0].shape == first["eager"][0].shape and first[name][0] == first["eager"][0]
+        res[f"{name}_same_as_eager"] = float(torch.as_tensor(same, dtype=torch.float).mean())
+    return res | dict(tokens=prompts * n * new_tokens)
+
+
+def rollout_rows(r, device="cpu"):
+    """Item 6's table rows from bench_rollouts(...)."""
+    item = f"6 align rollouts, gpu size on {device}"
+    return [(item, name, f"{r[f'{key}_s'] * 1e3:.0f} ms",
+             f"{r['tokens'] / r[f'{key}_s']:.0f} tok/s, {r['eager_s'] / r[f'{key}_s']:.2f}x eager; "
+             f"same tokens run to run: {'yes' if r[f'{key}_repeats'] else 'NO'}; "
+             f"{100 * r[f'{key}_same_as_eager']:.1f}% of the tokens as eager")
+            for key, name in (("eager", "xopd.sample"), ("static", "static=True"), ("graph", "graph=True"))]
+
+
 def _peak_rss_mb():
     """
     Peak resident memory of this process. On Linux, VmHWM of /proc/self/status: ru_maxrss
@@ -845,7 +896,7 @@ def bench(args):
         cpu = names[0] if names else cpu
     machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
-    if args.device != "cpu":  # items 4 and 5 alone: items 1-3 measure this CPU (item 2 its process memory)
+    if args.device != "cpu":  # items 4 to 6 alone: items 1-3 measure this CPU (item 2 its process memory)
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
@@ -858,8 +909,11 @@ def bench(args):
         hf = {p: bench_vs_hf(p, device=args.device, compile=args.compile) for p in ("cpu", "gpu")}
         print("5. one decode step mid-rollout (the same sizes): eager, from a CUDA graph, its matmuls alone ...", flush=True)
         steps = {p: bench_decode_step(p, device=args.device) for p in ("cpu", "gpu")}
+        print("6. the align stage's rollouts at the gpu preset's size, bf16 autocast: eager, static, graph ...", flush=True)
+        rollouts = bench_rollouts(device=args.device)
+        rows = vs_hf_rows(hf, args.device) + step_rows(steps, args.device) + rollout_rows(rollouts, args.device)
         table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in vs_hf_rows(hf, args.device) + step_rows(steps, args.device)]
+        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
         print("\n".join(table))
         if None in hf.values():
             print("4. skipped: it needs transformers (pip install transformers; it is not a dependency of this project)")
@@ -913,8 +967,8 @@ def main(argv=None):
         sub = ap.add_subparsers(dest="cmd", required=True)
         p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-        p.add_argument("--device", default="cpu", help="cuda: items 4 and 5 alone (the samplers vs generate, "
-                       "the decode step), on the GPU")
+        p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers vs generate, "
+                       "the decode step, the align stage's rollouts), on the GPU")
         p.add_argument("--no-compile", dest="compile", action="store_false",
                        help="item 4 without xopd.sample(compile=True) (its compilation takes a while)")
         p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")

@@ -288,3 +288,6 @@ def test_bench_decode_step_and_sampling_rows_on_a_cpu():
     assert [row[1] for row in E.step_rows({"tiny": r})] == ["bytes it reads", "eager", "its matmuls alone"]
     s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
     assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
+    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
+    assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
+    assert len(E.rollout_rows(r)) == 3
