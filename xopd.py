@@ -150,13 +150,23 @@ def _addresses(cache):
     return [t.data_ptr() for t in cache.k + cache.v] + [cache.lengths.data_ptr()]
 
 
+# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the caching allocator
+# reuses memory freed on a stream for that stream only, so a new stream per rollout would keep each
+# old one's warm-up memory aside.
+_capture_streams = {}
+
+
 def capture_cuda_graph(fn, warmup=3):
-    """fn() captured in a CUDA graph -> (the graph, fn's output: the graph's own buffers, which
-    each graph.replay() writes). As torch.cuda.graph does: a few warm-up calls on a side stream
-    first (lazy initialisation: cuBLAS, kernel choices, tables), then the capture on that stream;
-    without its empty_cache, which would hand the allocator's cached memory back to the driver at
-    every capture (here: every rollout)."""
-    side = torch.cuda.Stream()
+    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: the graph's own
+    buffers, which each graph.replay() writes). As torch.cuda.graph does: a few warm-up calls on a
+    side stream first (lazy initialisation: cuBLAS, kernel choices, tables), then the capture on
+    that stream, into a memory pool of the graph's own (the allocator frees it once the graph is
+    gone and it needs the memory); without torch.cuda.graph's empty_cache, which would hand the
+    allocator's cached memory back to the driver at every capture (here: every rollout)."""
+    dev = torch.cuda.current_device()
+    if dev not in _capture_streams:
+        _capture_streams[dev] = torch.cuda.Stream()
+    side = _capture_streams[dev]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
@@ -202,7 +212,8 @@ class DecodeGraph:
         # The warm-up writes this step's keys at each row's position, which every replay writes
         # again before it reads them; autocast's weight casts made there stay in its cache, where
         # the graph reads them.
-        self.graph, self.out = capture_cuda_graph(run)
+        with torch.cuda.device(x.device):
+            self.graph, self.out = capture_cuda_graph(run)
         self.replay = self.graph.replay
 
 
