@@ -5,9 +5,12 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/s0 runs/s1 runs/s2   # one folder per seed: mean ± standard error
     python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
                                          # KV-cached vs recomputed sampling, fused vs naive log-probs,
-                                         # one X-OPD step split into its parts, and (with
-                                         # transformers installed) the sampler, eager and
-                                         # compiled, vs its generate
+                                         # one X-OPD step split into its parts, (with
+                                         # transformers installed) the sampler, eager,
+                                         # graphed and compiled, vs its generate, and one
+                                         # decode step: its matmuls' share, its bandwidth
+    python eval.py bench --device cuda   # the last two alone, on the GPU, and the align
+                                         # stage's rollouts, eager and graphed
     python eval.py --out runs/cpu --first_token   # does each student start its answers as the
                                                   # teacher does, from speech and from text?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words:
@@ -535,7 +538,8 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
 
 
 def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu", seed=0):
-    """Item 1: tokens/s with the KV cache and with full recomputation, same model and seed."""
+    """Item 1: tokens/s with the KV cache (today's, and at fixed shapes: sample(static=True)) and
+    with full recomputation, same model and seed."""
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
     dec = M.Decoder(dcfg).eval()
@@ -543,18 +547,20 @@ def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu"
     lens = torch.full((batch,), prompt)
     no_eos = -1  # never sampled: every row runs the full length, the same work for both
     xopd.sample(dec, torch.full((2,), 8), input_ids=ids[:2, :8], max_new_tokens=4, eos_id=no_eos)  # warm-up
-    t0 = time.perf_counter()
-    cached, _, _ = xopd.sample(dec, lens, input_ids=ids, max_new_tokens=new_tokens, eos_id=no_eos,
-                               generator=torch.Generator().manual_seed(seed))
-    t_cached = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    naive = sample_recompute(dec, lens, ids, max_new_tokens=new_tokens, eos_id=no_eos,
-                             generator=torch.Generator().manual_seed(seed))
-    t_naive = time.perf_counter() - t0
+    out, seconds = {}, {}
+    for name, fn in (("cached", functools.partial(xopd.sample, dec)),
+                     ("static", functools.partial(xopd.sample, dec, static=True)),
+                     ("naive", functools.partial(sample_recompute, dec))):
+        t0 = time.perf_counter()
+        out[name] = fn(lens, input_ids=ids, max_new_tokens=new_tokens, eos_id=no_eos,
+                       generator=torch.Generator().manual_seed(seed))
+        seconds[name] = time.perf_counter() - t0
+        out[name] = out[name][0] if isinstance(out[name], tuple) else out[name]
     n_tok = batch * new_tokens
-    same = (cached == naive).float().mean().item()
-    return dict(cached_tok_s=n_tok / t_cached, naive_tok_s=n_tok / t_naive, cached_s=t_cached, naive_s=t_naive,
-                same_tokens=same)
+    return dict(cached_tok_s=n_tok / seconds["cached"], static_tok_s=n_tok / seconds["static"],
+                naive_tok_s=n_tok / seconds["naive"], cached_s=seconds["cached"], static_s=seconds["static"],
+                naive_s=seconds["naive"], same_tokens=(out["cached"] == out["naive"]).float().mean().item(),
+                same_tokens_static=(out["cached"] == out["static"]).float().mean().item())
 
 
 def _linears(dec):
@@ -564,14 +570,17 @@ def _linears(dec):
     return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
 
 
-def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0, device="cpu"):
+def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0, device="cpu",
+                compile=True):
     """
     Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
     Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
-    top-k / top-p, no end token; the two alternate, best of `reps` each. Also the matmul GFLOP/s:
-    the linear layers' FLOPs over the sampler's whole time, against the same shapes (same weights,
-    same rows per call) run alone. On a GPU (device "cuda") every timing waits for the GPU to
-    finish. None when transformers is not installed.
+    top-k / top-p, no end token; the samplers alternate, best of `reps` each. Ours: eager, with
+    graph=True (each decode step replayed from a CUDA graph; on a CPU the same fixed-shape step,
+    eager) and, with compile, through torch.compile. Also the matmul GFLOP/s: the linear layers'
+    FLOPs over each sampler's whole time, against the same shapes (same weights, same rows per
+    call) run alone. On a GPU (device "cuda") every timing waits for the GPU to finish. None when
+    transformers is not installed.
     """
     try:
         import transformers
@@ -586,9 +595,8 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     lens = torch.full((batch,), prompt, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
-    def ours(n=new_tokens, temperature=1.0, compile=False):
-        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature,
-                           compile=compile)[0]
+    def ours(n=new_tokens, temperature=1.0, **way):
+        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature, **way)[0]
 
     def theirs(n=new_tokens, greedy=False):
         with torch.inference_mode():
@@ -597,14 +605,16 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
 
+    ways = {"ours": {}, "graphed": dict(graph=True)} | ({"compiled": dict(compile=True)} if compile else {})
     greedy = theirs(16, greedy=True)
-    same = (ours(16, temperature=0.0) == greedy).float().mean().item()
-    sync()
-    t0 = time.perf_counter()
-    same_compiled = (ours(16, temperature=0.0, compile=True) == greedy).float().mean().item()  # compiles
-    sync()
-    t_compile = time.perf_counter() - t0
-    fns = {"ours": ours, "compiled": functools.partial(ours, compile=True), "hf": theirs}
+    res = {}
+    for name, way in ways.items():  # the greedy tokens; the first call's time (torch.compile compiles here)
+        sync()
+        t0 = time.perf_counter()
+        res[f"same_greedy_{name}"] = (ours(16, temperature=0.0, **way) == greedy).float().mean().item()
+        sync()
+        res[f"first_s_{name}"] = time.perf_counter() - t0
+    fns = {name: functools.partial(ours, **way) for name, way in ways.items()} | {"hf": theirs}
     best = {name: float("inf") for name in fns}
     for fn in fns.values():  # warm-up
         fn()
@@ -631,10 +641,115 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
         sync()
     t_alone = M._bench(alone, reps=reps)
     n_tok = batch * new_tokens
-    return dict(ours_tok_s=n_tok / best["ours"], compiled_tok_s=n_tok / best["compiled"], hf_tok_s=n_tok / best["hf"],
-                same_greedy=same, same_greedy_compiled=same_compiled, compile_s=t_compile,
-                gflops_ours=flops / best["ours"] / 1e9, gflops_compiled=flops / best["compiled"] / 1e9,
-                gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
+    for name in fns:
+        res[f"{name}_tok_s"] = n_tok / best[name]
+        res[f"gflops_{name}"] = flops / best[name] / 1e9
+    return res | dict(gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
+
+
+def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0, device="cpu"):
+    """
+    Item 5: one decode step (Decoder.decode_step on a static cache: every layer, one token per row,
+    no head) in the middle of a rollout of item 4's size, eager and (on CUDA) replayed from a CUDA
+    graph: its time; the share of it its matrix multiplies need (the same multiplies alone, on CUDA
+    replayed from a graph of their own, so with no launch cost: the GPU's own time for them); and
+    the memory bandwidth it reaches, the bytes it must read (the layers' weights, and the keys and
+    values of all the static cache's positions, which its attention reads) over its time, against
+    what a device-to-device copy reaches (read + write). float32, as item 4.
+    """
+    _, _, dcfg = M.make_configs(preset, vocab)
+    torch.manual_seed(seed)
+    dec = M.Decoder(dcfg).eval().to(device)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def per_call(fn, n=reps):  # seconds per call: the best of 3 runs of n calls back to back
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            best = min(best, (time.perf_counter() - t0) / n)
+        return best
+
+    with torch.inference_mode():
+        written = prompt + new_tokens // 2  # keys in the cache mid-rollout
+        prefilled = dec.new_cache(batch, written)
+        dec.prefill(prefilled, torch.full((batch,), written, device=device),
+                    input_ids=torch.randint(0, vocab, (batch, written), device=device))
+        cache = prefilled.repeat_interleave(1, max_len=prompt + new_tokens)
+        x = dec.embed_tokens(torch.randint(0, vocab, (batch, 1), device=device))  # (B, 1, dim)
+        # every call writes the same position (lengths does not advance): the same work each time
+        t_eager = per_call(lambda: dec.decode_step(x, cache))
+        graphed = xopd.DecodeGraph(dec)
+        t_graph = per_call(lambda: graphed(x, cache)) if cuda else None
+        ws = _linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
+        xs, hs = torch.randn(batch, dcfg.dim, device=device), torch.randn(batch, dcfg.hidden_dim, device=device)
+
+        def matmuls():
+            for w in ws:
+                F.linear(hs if w.shape[1] == dcfg.hidden_dim else xs, w)
+        t_mm = per_call(xopd.capture_cuda_graph(matmuls)[0].replay if cuda else matmuls)
+        src = torch.zeros((2**30 if cuda else 2**26) // 4, device=device)  # 1 GiB (64 MiB on a CPU)
+        dst = torch.empty_like(src)
+        t_copy = per_call(lambda: dst.copy_(src), n=10)
+    weights = sum(w.numel() * w.element_size() for w in ws)
+    kv = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm, weight_bytes=weights, kv_bytes=kv,
+                copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
+
+
+def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0, device="cpu"):
+    """
+    Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
+    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, at fixed
+    shapes (static=True) and graph=True: seconds per rollout (best of `reps`), whether each gives
+    the same tokens run to run from the same seed, and the share of tokens equal to the eager
+    sampler's (bf16 rounds the default cache's shorter attention differently, and one different
+    token changes the rest of its row). Random weights: the end token is rare.
+    """
+    _, _, dcfg = M.make_configs(preset, vocab)
+    torch.manual_seed(seed)
+    dec = M.Decoder(dcfg).eval().to(device)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(24, 48, (prompts,), generator=g)
+    ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
+    lens = lens.to(device)
+    kind = torch.device(device).type
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+
+    def run(**way):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
+            return xopd.sample(dec, lens, input_ids=ids, n=n, max_new_tokens=new_tokens, eos_id=3,
+                               generator=torch.Generator(device).manual_seed(seed), **way)
+    res, first = {}, {}
+    for name, way in (("eager", {}), ("static", dict(static=True)), ("graph", dict(graph=True))):
+        first[name] = run(**way)
+        best = float("inf")
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            again = run(**way)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        res[f"{name}_s"] = best
+        res[f"{name}_repeats"] = all(torch.equal(a, b) for a, b in zip(first[name], again))
+        same = first[name][0].shape == first["eager"][0].shape and first[name][0] == first["eager"][0]
+        res[f"{name}_same_as_eager"] = float(torch.as_tensor(same, dtype=torch.float).mean())
+    return res | dict(tokens=prompts * n * new_tokens)
+
+
+def rollout_rows(r, device="cpu"):
+    """Item 6's table rows from bench_rollouts(...)."""
+    item = f"6 align rollouts, gpu size on {device}"
+    return [(item, name, f"{r[f'{key}_s'] * 1e3:.0f} ms",
+             f"{r['tokens'] / r[f'{key}_s']:.0f} tok/s, {r['eager_s'] / r[f'{key}_s']:.2f}x eager; "
+             f"same tokens run to run: {'yes' if r[f'{key}_repeats'] else 'NO'}; "
+             f"{100 * r[f'{key}_same_as_eager']:.1f}% of the tokens as eager")
+            for key, name in (("eager", "xopd.sample"), ("static", "static=True"), ("graph", "graph=True"))]
 
 
 def _peak_rss_mb():
@@ -734,21 +849,43 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
 def vs_hf_rows(hf, device="cpu"):
     """Item 4's table rows from {preset: bench_vs_hf(...)} (a preset whose result is None is left out)."""
     rows = []
+    names = {"ours": "xopd.sample", "graphed": "xopd.sample(graph=True)" + (" (fixed shapes, eager on a CPU)" if device == "cpu" else ""),
+             "compiled": "xopd.sample(compile=True)"}
     for p, r in hf.items():
         if r is None:
             continue
         item = f"4 vs generate, {p}" if device == "cpu" else f"4 vs generate, {p} size on {device}"
         alone = f"the same matmuls alone {r['gflops_alone']:.1f}"
-        rows += [(item, "xopd.sample", f"{r['ours_tok_s']:.0f} tok/s",
-                  f"{r['gflops_ours']:.1f} matmul GFLOP/s; {alone}; {100 * r['same_greedy']:.1f}% same greedy tokens"),
-                 (item, "xopd.sample(compile=True)", f"{r['compiled_tok_s']:.0f} tok/s",
-                  f"{r['gflops_compiled']:.1f} matmul GFLOP/s; first call {r['compile_s']:.0f} s (compiles); "
-                  f"{100 * r['same_greedy_compiled']:.1f}% same greedy tokens"),
-                 (item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""),
-                 (item, "ratio, eager", f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x faster",
-                  f"matmuls are {100 * r['gflops_ours'] / r['gflops_alone']:.0f}% of the sampler's time"),
-                 (item, "ratio, compiled", f"{r['compiled_tok_s'] / r['hf_tok_s']:.2f}x faster",
-                  f"matmuls are {100 * r['gflops_compiled'] / r['gflops_alone']:.0f}% of its time")]
+        ours = [k for k in names if f"{k}_tok_s" in r]
+        for k in ours:
+            first = f"first call {r['first_s_compiled']:.0f} s (compiles); " if k == "compiled" else ""
+            rows.append((item, names[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
+                         f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {alone + '; ' if k == 'ours' else first}"
+                         f"{100 * r[f'same_greedy_{k}']:.1f}% same greedy tokens as generate"))
+        rows.append((item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""))
+        for k in ours:
+            rows.append((item, f"ratio, {names[k]}", f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
+                         f"matmuls are {100 * r[f'gflops_{k}'] / r['gflops_alone']:.0f}% of its time"))
+    return rows
+
+
+def step_rows(steps, device="cpu"):
+    """Item 5's table rows from {preset: bench_decode_step(...)}."""
+    rows = []
+    for p, r in steps.items():
+        item = f"5 decode step, {p}" + ("" if device == "cpu" else f" size on {device}")
+        moved = r["weight_bytes"] + r["kv_bytes"]
+        copy = r["copy_bytes_s"]
+        rows.append((item, "bytes it reads", f"{moved / 1e6:.1f} MB",
+                     f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values {r['kv_bytes'] / 1e6:.1f} MB; "
+                     f"a device copy reaches {copy / 1e9:.0f} GB/s (read + write)"))
+        for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])):
+            if t is not None:
+                rows.append((item, name, f"{t * 1e6:.0f} µs",
+                             f"matmuls {100 * r['matmuls_s'] / t:.0f}% of it; {moved / t / 1e9:.0f} GB/s, "
+                             f"{100 * moved / t / copy:.0f}% of the copy's"))
+        rows.append((item, "its matmuls alone" + (", from a graph" if r["graph_s"] is not None else ""),
+                     f"{r['matmuls_s'] * 1e6:.0f} µs", f"weights read at {r['weight_bytes'] / r['matmuls_s'] / 1e9:.0f} GB/s"))
     return rows
 
 
@@ -759,21 +896,27 @@ def bench(args):
         cpu = names[0] if names else cpu
     machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
-    if args.device != "cpu":  # item 4 alone: items 1-3 measure this CPU (item 2 its process memory)
+    if args.device != "cpu":  # items 4 to 6 alone: items 1-3 measure this CPU (item 2 its process memory)
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
             sys.exit(f"--device {args.device}: not usable here ({e})")
         machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
         print(f"machine: {machine}")
-        print(f"4. xopd.sample vs transformers' generate on {args.device}, cpu and gpu preset decoders, float32, "
-              "batch 32, prompt 64, 128 new tokens (alternating, best of 5 each) ...", flush=True)
-        hf = {p: bench_vs_hf(p, device=args.device) for p in ("cpu", "gpu")}
-        if None in hf.values():
-            sys.exit("4. needs transformers: pip install transformers (it is not a dependency of this project)")
+        print(f"4. xopd.sample (eager, graph=True{', compile=True' if args.compile else ''}) vs transformers' "
+              f"generate on {args.device}, cpu and gpu preset decoders, float32, batch 32, prompt 64, 128 new tokens "
+              "(alternating, best of 5 each) ...", flush=True)
+        hf = {p: bench_vs_hf(p, device=args.device, compile=args.compile) for p in ("cpu", "gpu")}
+        print("5. one decode step mid-rollout (the same sizes): eager, from a CUDA graph, its matmuls alone ...", flush=True)
+        steps = {p: bench_decode_step(p, device=args.device) for p in ("cpu", "gpu")}
+        print("6. the align stage's rollouts at the gpu preset's size, bf16 autocast: eager, static, graph ...", flush=True)
+        rollouts = bench_rollouts(device=args.device)
+        rows = vs_hf_rows(hf, args.device) + step_rows(steps, args.device) + rollout_rows(rollouts, args.device)
         table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in vs_hf_rows(hf, args.device)]
+        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
         print("\n".join(table))
+        if None in hf.values():
+            print("4. skipped: it needs transformers (pip install transformers; it is not a dependency of this project)")
         return table, machine
     print(f"machine: {machine}")
     # item 2 first, while this process is small: its children start from a fresh memory map
@@ -786,11 +929,15 @@ def bench(args):
     st = bench_step()
     print("4. xopd.sample vs transformers' generate, cpu and gpu preset decoders, batch 32, prompt 64, "
           "128 new tokens (alternating, best of 5 each) ...", flush=True)
-    hf = {p: bench_vs_hf(p) for p in ("cpu", "gpu")}
+    hf = {p: bench_vs_hf(p, compile=args.compile) for p in ("cpu", "gpu")}
+    print("5. one decode step mid-rollout (item 4's sizes), at fixed shapes, and its matmuls alone ...", flush=True)
+    steps = {p: bench_decode_step(p, reps=10) for p in ("cpu", "gpu")}
     nv, fu = lp["naive"], lp["fused"]
     total = st["ms_rollout"] + st["ms_teacher"] + st["ms_update"]
     rows = [
         ("1 sampling", "KV cache", f"{s['cached_tok_s']:.0f} tok/s", f"{s['cached_s']:.2f} s"),
+        ("1 sampling", "KV cache, fixed shapes (static=True)", f"{s['static_tok_s']:.0f} tok/s",
+         f"{s['static_s']:.2f} s; {100 * s['same_tokens_static']:.1f}% same tokens as the KV cache"),
         ("1 sampling", "recompute prefix", f"{s['naive_tok_s']:.0f} tok/s", f"{s['naive_s']:.2f} s"),
         ("1 sampling", "ratio", f"{s['cached_tok_s'] / s['naive_tok_s']:.1f}x faster",
          f"{100 * s['same_tokens']:.1f}% same tokens"),
@@ -803,7 +950,7 @@ def bench(args):
         ("3 xopd_step", "update", f"{st['ms_update']:.0f} ms", f"{100 * st['ms_update'] / total:.0f}%"),
         ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens"),
     ]
-    rows += vs_hf_rows(hf)
+    rows += vs_hf_rows(hf) + step_rows(steps)
     table = ["| item | variant | speed | other |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     print("\n".join(table))
@@ -820,7 +967,10 @@ def main(argv=None):
         sub = ap.add_subparsers(dest="cmd", required=True)
         p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-        p.add_argument("--device", default="cpu", help="cuda: item 4 alone (the sampler vs generate), on the GPU")
+        p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers vs generate, "
+                       "the decode step, the align stage's rollouts), on the GPU")
+        p.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="item 4 without xopd.sample(compile=True) (its compilation takes a while)")
         p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
         p.add_argument("--variant", choices=["naive", "fused"], required=True)
         p.add_argument("--N", type=int, default=8192)

@@ -486,14 +486,17 @@ class KVCache:
     """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
     place by update. lengths[b] = valid positions of row b = where row b's next token is written;
     end = max(lengths), kept as a Python int so that decoding sizes its mask without a device sync.
-    Decoder.prefill and Decoder.decode advance both after their pass."""
+    Decoder.prefill and Decoder.decode advance both after their pass.
+    static: every decode step has the same shapes (what a CUDA graph replays): attention reads all
+    max_len positions, masked from lengths alone, and lengths advances in place."""
 
-    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None, device=None):
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None, device=None, static=False):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.end = 0
+        self.static = static
 
     @property
     def max_len(self):
@@ -502,21 +505,34 @@ class KVCache:
     def update(self, layer, k, v):
         """Write one layer's new keys and values k, v (B, n_kv_heads, T, head_dim): row b's T tokens
         at positions lengths[b] .. lengths[b] + T - 1. Returns that layer's keys and values at
-        positions 0 .. end + T - 1, what attention reads (its mask hides what a row has not written)."""
+        positions 0 .. end + T - 1, what attention reads (its mask hides what a row has not written);
+        a static cache returns all max_len positions, the same shape at every step."""
         kc, vc = self.k[layer], self.v[layer]
         T = k.shape[2]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         cols = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
         kc[rows, :, cols] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
         vc[rows, :, cols] = v.transpose(1, 2)
+        if self.static:
+            return kc, vc
         return kc[:, :, :self.end + T], vc[:, :, :self.end + T]
 
-    def repeat_interleave(self, n):
-        """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1."""
-        new = copy.copy(self)
-        new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        new.lengths = self.lengths.repeat_interleave(n)
+    def repeat_interleave(self, n, max_len=None):
+        """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
+        max_len: into a new static cache of that length, allocated here once at the rollout's final
+        size (B*n rows, prompt + new tokens), so the prefilled cache need only hold the prompt."""
+        if max_len is None:
+            new = copy.copy(self)
+            new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+            new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+            new.lengths = self.lengths.repeat_interleave(n)
+            return new
+        B, H, T, D = self.k[0].shape
+        new = KVCache(len(self.k), B * n, H, max_len, D, self.k[0].dtype, self.k[0].device, static=True)
+        for src, dst in zip(self.k + self.v, new.k + new.v):
+            dst.view(B, n, H, max_len, D)[:, :, :, :T] = src[:, None]  # (B, 1, H, T, D) broadcast over the n copies
+        new.lengths.copy_(self.lengths.repeat_interleave(n))
+        new.end = self.end
         return new
 
 
@@ -571,10 +587,10 @@ class Decoder(nn.Module):
         x = self._embed(input_ids, inputs_embeds)
         return self._run(x, *self.rotary(x.shape[1]))  # positions 0..T-1 for every row
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, static=False):
         w = self.embed_tokens.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                       dtype=w.dtype, device=w.device)
+                       dtype=w.dtype, device=w.device, static=static)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
         """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache.
@@ -597,14 +613,19 @@ class Decoder(nn.Module):
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)  # (B, 1, dim)
         assert cache.end < cache.max_len, "KV cache full"
         h = (step or self.decode_step)(x, cache)
-        cache.lengths = cache.lengths + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
+        if cache.static:
+            cache.lengths += 1  # in place: a CUDA graph captured on this tensor reads the new positions
+        else:
+            cache.lengths = cache.lengths + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
         cache.end += 1
         return h[:, 0]
 
     def decode_step(self, x, cache):
-        """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1, dim)."""
+        """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1, dim).
+        With a static cache every tensor's shape is fixed and nothing is read on the host: the mask
+        spans all max_len keys and comes from cache.lengths alone, so the step can be a CUDA graph."""
         pos = cache.lengths
-        n = cache.end + 1  # keys up to the longest row's new length
+        n = cache.max_len if cache.static else cache.end + 1  # keys up to the longest row's new length
         mask = (torch.arange(n, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, n)
         cos, sin = self.rotary(n)
         return self._run(x, cos[pos][:, None, None], sin[pos][:, None, None], mask, cache)  # (B, 1, 1, hd) each

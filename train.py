@@ -1125,6 +1125,7 @@ def pipeline(cfg):
     stages = ["data", "teacher", "encoder", "omni", "select" if cfg.lr_grid else "align"] + ([] if cfg.lr_grid else ["eval"])
 
     ran = {}  # stage -> (seconds, reference seconds) of the stages that did their work in this run
+    peaks = {}  # stage -> peak GPU memory, GiB (on CUDA)
 
     def timed(name, fn, *args):
         ahead = [s for s in stages[stages.index(name):] if not finished(cfg, s)]
@@ -1135,9 +1136,15 @@ def pipeline(cfg):
             left = f"; about {fmt_time(pace * sum(ref[s] for s in ahead))} left" + ("" if ran else " at the README's pace")
         print(f"== [{stages.index(name) + 1}/{len(stages)} {name}] (run time so far {fmt_time(time.time() - t0)}{left})",
               flush=True)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t = time.time()
         fn(*args)
         times[name] = time.time() - t
+        if cuda:  # the most the stage's tensors held at once (the allocator's cache aside)
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+            print(f"== [{name}] done in {fmt_time(times[name])}; peak GPU memory {peaks[name]:.2f} GiB", flush=True)
         if name in ahead and name in ref:
             ran[name] = (times[name], ref[name])
 
@@ -1160,7 +1167,8 @@ def pipeline(cfg):
         if RANK == 0:  # evaluation on rank 0 alone (stage 5); the others wait at the barrier below
             timed("eval", E.evaluate_all, cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)
             E.report(cfg.out)
-    print("time per stage: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in times.items()) +
+    print("time per stage: " + ", ".join(f"{k} {fmt_time(v)}" + (f" ({peaks[k]:.2f} GiB)" if k in peaks else "")
+                                         for k, v in times.items()) +
           f"; wall time {fmt_time(time.time() - t0)}")
     if WORLD > 1:
         barrier()

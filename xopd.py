@@ -78,7 +78,8 @@ def last_hidden(hidden, lengths):
 
 
 def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new_tokens,
-           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False):
+           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False,
+           static=False, graph=False):
     """
     KV-cached rollouts: prefill the right-padded prompts once, repeat the cache n times
     (row b -> rows b*n .. b*n+n-1), decode one token per step. Finished rows keep
@@ -90,19 +91,36 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
     torch.compile. Its first calls compile (seconds; once more when the number of keys first
     changes, after which it is a symbolic size); the tokens are the eager sampler's up to float
     rounding.
+    static: the cache is allocated once at the rollout's final size (B*n rows, the prompt plus
+    max_new_tokens) and every decode step has the same shapes (model.KVCache's static); the
+    tokens and log-probs are the default's up to float rounding.
+    graph: static, and each decode step replayed from a CUDA graph (DecodeGraph) on a CUDA
+    device; elsewhere the same static buffers are run eagerly. Sampling, the end tokens and
+    top-k / top-p stay outside the graph.
     """
+    if compile and graph:
+        raise ValueError("sample: compile and graph, choose one (torch.compile's mode='reduce-overhead' is both)")
+    static = static or graph
     with torch.inference_mode():
         prompt = input_ids if input_ids is not None else inputs_embeds
         B, T = prompt.shape[:2]
-        cache = decoder.new_cache(B, T + max_new_tokens)
+        # static: the prefill cache holds the prompt only; repeat_interleave allocates the rollout's cache
+        cache = decoder.new_cache(B, T if static else T + max_new_tokens)
         hidden = decoder.prefill(cache, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
         logits = decoder.logits(last_hidden(hidden, lengths))  # (B, V)
         if not torch.isfinite(logits).all():  # diverged weights: say so once per rollout, not per token
             raise FloatingPointError("the prompt's logits to sample from are not finite")
-        if n > 1:  # n samples per prompt without re-encoding the prompt or the audio
+        if static:
+            cache = cache.repeat_interleave(n, max_len=T + max_new_tokens)  # (B*n, nkv, T + max_new_tokens, hd) per layer
+        elif n > 1:  # n samples per prompt without re-encoding the prompt or the audio
             cache = cache.repeat_interleave(n)
+        if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
-        step = functools.partial(compiled_decode_step(), decoder) if compile else None
+        step = functools.partial(compiled_decode_step(), decoder) if compile else DecodeGraph(decoder) if graph else None
+        # Whether every row has ended is read on the host, which waits for the device: a graphed
+        # rollout asks every 8 steps and drops the trailing steps where every row had already ended
+        # (the same tokens and L; a generator shared with a later call has drawn up to 7 steps more)
+        check_every = 8 if graph else 1
         done = torch.zeros(B * n, dtype=torch.bool, device=logits.device)
         ids, mask, logprobs = [], [], []
         for t in range(max_new_tokens):
@@ -112,10 +130,13 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
             mask.append(~done)
             logprobs.append(lp.masked_fill(done, 0.0))
             done = done | (tok == eos_id)
-            if done.all() or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and done.all():
                 break
             logits = decoder.logits(decoder.decode(cache, input_ids=tok, step=step))  # (B*n, V)
         out = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logprobs, 1)
+        if check_every > 1:
+            L = int(out[1].any(0).sum())  # a row's real positions are a prefix, so these are the first L steps
+            out = tuple(x[:, :L] for x in out)
     # inference tensors cannot be saved for backward; clones made outside can
     return tuple(x.clone() for x in out)
 
@@ -126,6 +147,77 @@ def compiled_decode_step():
     decoder: the compiled code is kept with it, and its guards check which version applies. Made on
     first use: torch.compile imports the compiler stack, seconds that no other path needs."""
     return torch.compile(M.Decoder.decode_step)
+
+
+def _addresses(cache):
+    return [t.data_ptr() for t in cache.k + cache.v] + [cache.lengths.data_ptr()]
+
+
+# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the caching allocator
+# reuses memory freed on a stream for that stream only, so a new stream per rollout would keep each
+# old one's warm-up memory aside.
+_capture_streams = {}
+
+
+def capture_cuda_graph(fn, warmup=3):
+    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: the graph's own
+    buffers, which each graph.replay() writes). As torch.cuda.graph does: a few warm-up calls on a
+    side stream first (lazy initialisation: cuBLAS, kernel choices, tables), then the capture on
+    that stream, into a memory pool of the graph's own (the allocator frees it once the graph is
+    gone and it needs the memory); without torch.cuda.graph's empty_cache, which would hand the
+    allocator's cached memory back to the driver at every capture (here: every rollout)."""
+    dev = torch.cuda.current_device()
+    if dev not in _capture_streams:
+        _capture_streams[dev] = torch.cuda.Stream()
+    side = _capture_streams[dev]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
+        out = fn()
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out
+
+
+class DecodeGraph:
+    """
+    Decoder.decode_step on a static cache (model.KVCache), captured in a CUDA graph at its first
+    call and replayed after: a decode step is a few hundred small kernels, each launched from the
+    host, and a replay launches them all at once. A graph replays on the memory it was captured
+    on, so the input is copied into a buffer of its own (x (B, 1, dim)), the cache is written in
+    place, and cache.lengths is advanced in place (Decoder.decode); the output (B, 1, dim) is the
+    graph's own buffer, overwritten by the next call. On another device the same buffers are run
+    eagerly, so that CPU tests go through this code.
+    """
+
+    def __init__(self, decoder):
+        self.decoder, self.replay = decoder, None
+
+    def __call__(self, x, cache):
+        if self.replay is None:
+            self.capture(x, cache)
+        assert _addresses(cache) == self.addresses, "a graph replays on the cache it was captured with"
+        self.x.copy_(x)
+        self.replay()
+        return self.out
+
+    def capture(self, x, cache):
+        assert cache.static, "a graph needs a static cache: the same shapes at every step"
+        self.x, self.addresses = x.clone(), _addresses(cache)
+        run = functools.partial(self.decoder.decode_step, self.x, cache)
+        if not x.is_cuda:
+            self.out = run()
+            self.replay = lambda: self.out.copy_(run())
+            return
+        # The warm-up writes this step's keys at each row's position, which every replay writes
+        # again before it reads them; autocast's weight casts made there stay in its cache, where
+        # the graph reads them.
+        with torch.cuda.device(x.device):
+            self.graph, self.out = capture_cuda_graph(run)
+        self.replay = self.graph.replay
 
 
 # -----------------------------------------------------------------------------

@@ -300,3 +300,22 @@ def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path,
     res = json.load(open(tmp_path / "teacher" / "eval.json"))
     assert res["settings"]["per_family"] == 2
     assert "scored with other settings (per_family 1 -> 2)" in capsys.readouterr().out
+
+
+def test_bench_decode_step_and_sampling_rows_on_a_cpu():
+    # the bench's CPU path: the bytes a static decode step must read, from the config by hand
+    # (the layers' projections and every position of the keys and values), no graph on a CPU,
+    # and the fixed-shape sampler's tokens equal to the default's
+    r = E.bench_decode_step("tiny", batch=3, prompt=4, new_tokens=6, reps=1)
+    _, _, c = M.make_configs("tiny", 2000)
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_layer = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.hidden_dim
+    assert r["weight_bytes"] == 4 * c.n_layers * per_layer
+    assert r["kv_bytes"] == 4 * 2 * c.n_layers * 3 * kv * (4 + 6)
+    assert r["graph_s"] is None and r["eager_s"] > 0 and r["matmuls_s"] > 0
+    assert [row[1] for row in E.step_rows({"tiny": r})] == ["bytes it reads", "eager", "its matmuls alone"]
+    s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
+    assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
+    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
+    assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
+    assert len(E.rollout_rows(r)) == 3

@@ -281,6 +281,39 @@ def test_cached_decoding_rows_repeated_after_prefill():
         assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
 
 
+def test_static_cache_fixed_shapes_in_place_and_equal_to_full_recomputation():
+    # a static cache (what a CUDA graph needs): allocated once at its final size by
+    # repeat_interleave, every step reads keys of one shape, lengths advances in place, and the
+    # hidden states are full recomputation's, rows of different lengths, n samples per prompt
+    dec = tiny_decoder(seed=1)
+    g = torch.Generator().manual_seed(4)
+    lens, n_rep, steps = [3, 7], 3, 5
+    prompts = torch.randint(0, 97, (2, 7), generator=g)
+    with torch.no_grad():
+        prefilled = dec.new_cache(2, 7)  # the prompt only
+        dec.prefill(prefilled, torch.tensor(lens), input_ids=prompts)
+        cache = prefilled.repeat_interleave(n_rep, max_len=7 + steps)
+        assert cache.static and cache.k[0].shape == (6, dec.cfg.n_kv_heads, 7 + steps, dec.cfg.head_dim)
+        assert cache.lengths.tolist() == [3, 3, 3, 7, 7, 7]
+        memory = [t.data_ptr() for t in cache.k + cache.v + [cache.lengths]]
+        shapes, update = [], cache.update
+
+        def recorded(layer, k, v):  # the keys attention reads, shape by shape
+            out = update(layer, k, v)
+            shapes.append(out[0].shape)
+            return out
+        cache.update = recorded
+        conts = torch.randint(0, 97, (6, steps), generator=g)
+        outs = torch.stack([dec.decode(cache, input_ids=conts[:, j]) for j in range(steps)], 1)  # (6, steps, dim)
+        assert set(shapes) == {(6, dec.cfg.n_kv_heads, 7 + steps, dec.cfg.head_dim)}
+        assert [t.data_ptr() for t in cache.k + cache.v + [cache.lengths]] == memory
+        assert cache.lengths.tolist() == [3 + steps] * 3 + [7 + steps] * 3
+    for r in range(6):
+        b = r // n_rep
+        full = full_hidden(dec, prompts[b, :lens[b]].tolist() + conts[r].tolist())
+        assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
+
+
 def test_decoder_padding_invariance():
     dec = tiny_decoder(seed=2)
     g = torch.Generator().manual_seed(5)

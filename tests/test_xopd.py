@@ -260,6 +260,76 @@ def test_compiled_sampling_matches_eager():
     torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("seed,top_k", [(1, 0), (3, 6)])
+@pytest.mark.parametrize("way", ["static", "graph"])
+def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
+    # float64, rows of different lengths, n per prompt, end tokens: the static cache (and, on a
+    # CPU, the graph's buffers run eagerly) give the default's tokens, mask and log-probs. Seed 1:
+    # every row ends, at L = 33, so the graphed loop (which asks every 8 steps whether all rows have
+    # ended) must drop its trailing steps; seed 3: some rows run to the limit.
+    dec = tiny_decoder(vocab=8, scale=3.0)
+    ids, lens = prompts(8, [3, 5, 4, 2])
+    kw = dict(input_ids=ids, n=3, max_new_tokens=40, eos_id=3, top_k=top_k)
+    ref = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed))
+    out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), **{way: True})
+    ended = (ref[0] == 3).any(1)
+    assert ended.any() and (ended.all() and ref[0].size(1) < 40 if seed == 1 else not ended.all())
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2], rtol=0, atol=1e-12)
+    assert out[2].dtype == torch.float64
+
+
+def test_decode_graph_replays_on_its_own_buffers():
+    # the graph's bookkeeping, run eagerly on a CPU: the input goes through the graph's own buffer,
+    # the output is one buffer overwritten at each call, and a cache that is not the captured
+    # memory is refused (a replay would read and write the old one)
+    dec = tiny_decoder()
+    ids, lens = prompts(16, [4, 6])
+    with torch.inference_mode():
+        prefilled = dec.new_cache(2, 6)
+        dec.prefill(prefilled, lens, input_ids=ids)
+        cache, ref = prefilled.repeat_interleave(2, max_len=10), prefilled.repeat_interleave(2, max_len=10)
+        step = xopd.DecodeGraph(dec)
+        outs = []
+        for t in range(3):
+            tok = torch.tensor([1, 2, 3, 4]) + t
+            h = dec.decode(cache, input_ids=tok, step=step)
+            outs.append(h.clone())
+            torch.testing.assert_close(h, dec.decode(ref, input_ids=tok), rtol=0, atol=0)
+        assert step.out.data_ptr() == h.data_ptr() and not torch.equal(outs[0], outs[2])
+        cache.lengths = cache.lengths + 0  # the same values in new memory
+        with pytest.raises(AssertionError, match="captured"):
+            dec.decode(cache, input_ids=tok, step=step)
+        with pytest.raises(AssertionError, match="static"):
+            xopd.DecodeGraph(dec)(dec.embed_tokens(tok)[:, None], dec.new_cache(4, 10))
+    with pytest.raises(ValueError, match="choose one"):
+        xopd.sample(dec, lens, input_ids=ids, max_new_tokens=4, eos_id=0, compile=True, graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_sampling_matches_eager_and_repeats(amp):
+    # on the GPU: the graphed rollout gives the eager static rollout's tokens (the same kernels,
+    # replayed), the same again run to run, and float32 log-probs equal to the default's to
+    # rounding; under bf16 autocast too (the weights' casts cached outside the graph)
+    dec = tiny_decoder(vocab=64, dtype=torch.float32, scale=3.0).cuda()
+    ids, lens = prompts(64, [5, 9, 3, 7])
+    ids, lens = ids.cuda(), lens.cuda()
+    kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3, top_p=0.95)
+
+    def run(**way):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return xopd.sample(dec, lens, **kw, generator=torch.Generator("cuda").manual_seed(0), **way)
+    ref, static, graphed, again = run(), run(static=True), run(graph=True), run(graph=True)
+    assert (ref[0] == 3).any(1).any()
+    assert all(torch.equal(x, y) for x, y in zip(graphed, again))  # deterministic run to run
+    assert torch.equal(graphed[0], static[0]) and torch.equal(graphed[1], static[1])
+    torch.testing.assert_close(graphed[2], static[2], rtol=0, atol=1e-3 if amp else 1e-5)
+    if not amp:  # bf16 rounds the default's shorter attention differently
+        assert torch.equal(graphed[0], ref[0]) and torch.equal(graphed[1], ref[1])
+        torch.testing.assert_close(graphed[2], ref[2], rtol=0, atol=1e-4)
+
+
 def test_response_hidden_matches_per_row_forward():
     dec = tiny_decoder()
     ids, lens = prompts(16, [5, 2, 7])
