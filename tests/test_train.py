@@ -1,6 +1,7 @@
 """The pipeline end to end on the tiny preset, resume, the guards, and the tables it ends with."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -323,9 +324,10 @@ def test_a_stage_made_with_other_settings_is_refused_by_name(tiny_run, tiny_data
         train.stage_encoder(cfg("--encoder_steps", "5"), None, None, None)
     with pytest.raises(SystemExit, match=r"\[align/xopd\] .*\(align_steps 4 -> 6\)"):
         train.stage_align(cfg("--align_steps", "6"), None, None, None)
-    with pytest.raises(SystemExit, match=r"\[align/xopd\] .*\(learning rate 3e-05 -> 0\.05\)"):
+    own = train.ALIGN_LR["xopd"]
+    with pytest.raises(SystemExit, match=rf"\[align/xopd\] .*\(learning rate {re.escape(f'{own:g}')} -> 0\.05\)"):
         train.stage_align(cfg("--align_lr", "0.05"), None, None, None)
-    train.stage_align(cfg("--align_lr", "3e-5"), None, None, None)  # the method's own rate, given: the same stage
+    train.stage_align(cfg("--align_lr", str(own)), None, None, None)  # the method's own rate, given: the same stage
     # resume: a checkpoint at step 2 of 4 is not continued as a run of 3 steps (an interrupted
     # run's ckpt.pt holds what its model.pt would: test_resume_reproduces_the_uninterrupted_losses)
     f = train.stage_files(str(tmp_path), "align/xopd")
