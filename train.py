@@ -70,7 +70,7 @@ class TrainConfig:
     student: str = ""            # a speech LLM checkpoint of this project (model.pt): the omni stage imports it
     # teacher stage: text decoder on text skills
     teacher_steps: int = 1500
-    teacher_lr: float = 1e-3       # at 3e-3 its student could not learn to transcribe word lists (README, Decisions)
+    teacher_lr: float = 1e-3       # at 3e-3 its student could not learn to transcribe word lists (docs/decisions.md)
     teacher_prior: float = 0.2   # share of the teacher's targets in the data's other answer style (the bare `reference`)
     # encoder stage: character CTC pretraining of the audio encoder
     encoder_steps: int = 1200
@@ -602,7 +602,7 @@ def stage_teacher(cfg, world, device, amp):
         # A language prior, as a real text LLM has from pretraining on varied text: a share of the
         # targets is the data's other way of answering (the bare `reference`), the rest its own
         # chain of thought (the instruction tuning that fixes its style). Its greedy answers stay
-        # chains; a short answer from the student is then judged, not impossible (README, Decisions).
+        # chains; a short answer from the student is then judged, not impossible (docs/decisions.md).
         pairs = shard(list(zip(rows, answer_styles(rows, "teacher", "reference", cfg.teacher_prior, cfg.seed * 1_000_003 + step))))
         b = world.batch([r for r, _ in pairs], [t for _, t in pairs], device, speech=False)
         with autocast(device, amp):
@@ -655,16 +655,16 @@ def stage_encoder(cfg, world, device, amp):
 
 # The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN, Qwen2-Audio,
 # Qwen-Omni): mostly transcription (every training clip doubles as one) and audio questions; spoken
-# instructions from speech datasets, whose responses are the dataset's own ('reference': the bare
-# answer); and a little written text, the text LLM's own instruction data replayed to keep its text
-# skills (teacher-style responses). Only train-pool prompts: the align, val and test prompts are new
+# instructions, answered by the dataset ('reference': the bare answer) or, --omni_teacher_style of
+# them, by a text LLM reading the transcript ('teacher': its chain of thought); and a little written
+# text, the text LLM's own instruction data replayed to keep its text skills (teacher-style responses). Only train-pool prompts: the align, val and test prompts are new
 # to the student. The mix was chosen from how such models are trained, not from any alignment
 # method's score.
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 # The first cfg.voice_first steps: audio questions, with written text replayed to keep the text skills.
 # Measured: in the mix from the first step the decoder never learned to read the voice (chance on
 # every question, though the encoder's heads answer 93-100 % from the same features); on audio
-# questions alone it did within 400 steps (README, "Decisions"). Speech LLMs are trained in stages too.
+# questions alone it did within 400 steps (docs/decisions.md). Speech LLMs are trained in stages too.
 VOICE_FIRST_MIX = {"audio_qa": 0.75, "written": 0.25}
 
 
