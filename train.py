@@ -942,10 +942,10 @@ def select_lr(cfg, world, device, amp):
     return best
 
 
-# Each stage's time in the README's default run (cpu preset, 2 cores, commit e03f8f1; "select", the
-# learning-rate grid of three rates, from an earlier run): the stage headers' estimate of the time
+# Each stage's time in the README's default run (cpu preset, 2 cores, commit 627b881; "select", the
+# learning-rate grid of four rates, is four align stages): the stage headers' estimate of the time
 # left, scaled to this machine's pace.
-REFERENCE_S = {"cpu": {"data": 58, "teacher": 193, "encoder": 265, "omni": 474, "align": 44, "select": 135, "eval": 26}}
+REFERENCE_S = {"cpu": {"data": 60, "teacher": 185, "encoder": 251, "omni": 523, "align": 89, "select": 360, "eval": 37}}
 
 
 def load_world(cfg):
