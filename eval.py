@@ -358,6 +358,43 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
     return res
 
 
+@torch.no_grad()
+def hearing_ceiling(out, world, device, per_family, max_new_tokens):
+    """
+    How much of a student's ΔS is hearing? On the test prompts of every text family, each student
+    (the base one and every aligned one) transcribes the prompt's own clip (the transcription
+    instruction) and answers the prompt from speech and from text. A prompt is heard whole when
+    the transcript has every spoken word right. A student that answered from speech as it does from
+    text whenever it heard the whole prompt, and wrongly otherwise, would score the share of
+    prompts heard whole and answered right from text: its hearing ceiling. ΔS of the ceilings
+    (against the teacher's text scores on the same prompts) is the gap that alignment alone leaves.
+    -> {run: {family: {"heard": %, "S heard": %, "S misheard": %, "ceiling": %}}},
+       with {"ΔS": ..., "ΔS ceiling": ...} under "gap" for every run
+    """
+    runs = run_dirs(out)
+    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
+    fams = test_sets(world, per_family)[0]
+    teacher_T = {f: 100.0 * sum(data.score(r, p) for r, p in zip(rs, generate(teacher, world, rs, "text", device, max_new_tokens)))
+                 / len(rs) for f, rs in fams.items()}
+    asr = data.AUDIO_INSTRUCTIONS["asr"]
+    res = {}
+    for name, d in runs.items():
+        m, _ = M.load_model(os.path.join(d, "model.pt"), device)
+        m.eval()
+        res[name], S, ceiling = {}, {}, {}
+        for fam, rs in fams.items():
+            heard = [data.spoken_words(p) == data.spoken_words(r["transcript"]) for r, p in
+                     zip(rs, generate(m, world, [{**r, "instruction": asr} for r in rs], "speech", device, max_new_tokens))]
+            s = [data.score(r, p) for r, p in zip(rs, generate(m, world, rs, "speech", device, max_new_tokens))]
+            t = [data.score(r, p) for r, p in zip(rs, generate(m, world, rs, "text", device, max_new_tokens))]
+            pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")
+            S[fam], ceiling[fam] = pct(s), pct([h * x for h, x in zip(heard, t)])
+            res[name][fam] = {"heard": pct(heard), "S heard": pct([x for h, x in zip(heard, s) if h]),
+                              "S misheard": pct([x for h, x in zip(heard, s) if not h]), "ceiling": ceiling[fam]}
+        res[name]["gap"] = {"ΔS": avg_drop(S, teacher_T), "ΔS ceiling": avg_drop(ceiling, teacher_T)}
+    return res
+
+
 def fmt_scores(d):
     return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
 
@@ -477,6 +514,17 @@ def tables(seeds):
                         f" | {fmt([avg(r[n]) for r in seeds])} | {fmt([avg(r[n]) - avg(r['omni']) for r in seeds])} |"
                         f" {fmt([r[n].get('asr_wer', float('nan')) for r in seeds])} |")
         out["table3"] = "\n".join(rows)
+    # the align stage's val curves: score from speech and the two reverse-KL estimates, per val step
+    curved = [n for n in methods if all(r[n].get("curve") for r in seeds)]
+    if curved:
+        steps = [c["step"] for c in seeds[0][curved[0]]["curve"]]
+        rows = ["| model | " + " | ".join(f"step {k}" for k in steps) + " | rkl_im first → last | rkl_cm first → last |",
+                "|---|" + "---|" * (len(steps) + 2)]
+        for n in curved:
+            at = lambda key, i: fmt([r[n]["curve"][i][key] for r in seeds], 2 if key.startswith("rkl") else 1)
+            rows.append(f"| {label(n)} | " + " | ".join(at("val_S", i) for i in range(len(steps))) +
+                        "".join(f" | {at(k, 0)} → {at(k, -1)}" for k in ("rkl_im", "rkl_cm")) + " |")
+        out["curves"] = "\n".join(rows)
     return out
 
 
@@ -486,6 +534,7 @@ TITLES = {
     "paired": "Table 1, paired: each method's change of ΔS / ΔT against the base student of its own seed (* beyond two standard errors)",
     "table2": "Table 2: λ ablation of X-OPD",
     "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student",
+    "curves": "The align stage's val curves: score from speech (%, val prompts) at each val step; reverse-KL estimates (nats per response)",
 }
 
 
@@ -497,6 +546,10 @@ def load_results(out):
         if os.path.exists(p):
             with open(p) as f:
                 results[name] = json.load(f)
+            curve = os.path.join(d, "val.jsonl")  # an align run's val curve (train.validate)
+            if name.startswith("align/") and os.path.exists(curve):
+                with open(curve) as f:
+                    results[name]["curve"] = [json.loads(line) for line in f if line.strip()]
     return results
 
 
@@ -996,7 +1049,7 @@ def main(argv=None):
                          "teacher's first token, from speech and from text, on val prompts (first_token_probe)")
     ap.add_argument("--hearing", action="store_true",
                     help="instead of the tables: where the base student loses words, on the test transcription "
-                         "clips (hearing_probe)")
+                         "clips (hearing_probe), and how much of each student's ΔS its hearing leaves (hearing_ceiling)")
     args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
@@ -1025,6 +1078,17 @@ def main(argv=None):
         print("| reads the words with | spoken prompts | word lists | all clips | spoken prompts read whole (%) |\n|---|---|---|---|---|")
         for row in seeds[0]:
             print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all", "whole")) + " |")
+        seeds = [hearing_ceiling(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
+        cols = ("heard", "S heard", "S misheard", "ceiling")
+        print("\nEach student's test prompts, from speech: the share it transcribes whole (%), its score on those "
+              "and on the rest (%), and its hearing ceiling (hearing_ceiling)")
+        print("| model | family | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+        for name in seeds[0]:
+            for fam in (f for f in seeds[0][name] if f != "gap"):
+                print(f"| {label(name)} | {fam} | " + " | ".join(fmt([s[name][fam][k] for s in seeds]) for k in cols) + " |")
+        print("\n| model | ΔS | ΔS of its hearing ceiling |\n|---|---|---|")
+        for name in seeds[0]:
+            print(f"| {label(name)} | " + " | ".join(fmt([s[name]["gap"][k] for s in seeds], 2) for k in ("ΔS", "ΔS ceiling")) + " |")
         return
     for out, world, s in runs:
         evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])

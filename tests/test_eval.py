@@ -105,6 +105,18 @@ def test_paired_differences_against_the_base_student_of_each_seed():
     assert "*" not in row.split("|")[2]
 
 
+def test_curves_table_gives_each_val_step_over_seeds():
+    teacher = _run({"arith": 100.0})
+    curve = lambda s0, s1, kl: [{"step": 0, "val_S": s0, "rkl_im": 1.0, "rkl_cm": kl}, {"step": 20, "val_S": s1, "rkl_im": 0.5, "rkl_cm": kl / 2}]
+    seeds = [{"teacher": teacher, "omni": _run({"arith": 90.0}, {"arith": 60.0}),
+              "align/xopd": {**_run({"arith": 90.0}, {"arith": 70.0}), "curve": curve(60.0, s1, kl)}} for s1, kl in ((70.0, 2.0), (80.0, 4.0))]
+    rows = E.tables(seeds)["curves"].splitlines()
+    assert rows[0].startswith("| model | step 0 | step 20 | rkl_im")
+    assert rows[2] == "| xopd | 60.0 ± 0.0 | 75.0 ± 5.0 | 1.00 ± 0.00 → 0.50 ± 0.00 | 3.00 ± 1.00 → 1.50 ± 0.50 |"
+    del seeds[1]["align/xopd"]["curve"]  # a seed without its curve: no table rather than a partial one
+    assert "curves" not in E.tables(seeds)
+
+
 def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, tmp_path):
     """A student that is a fresh copy of its teacher gives, from text, the teacher's own
     probability of its greedy first token, the largest it has: a known value per prompt. From
@@ -319,3 +331,41 @@ def test_bench_decode_step_and_sampling_rows_on_a_cpu():
     r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
     assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
     assert len(E.rollout_rows(r)) == 3
+
+
+def test_hearing_ceiling_splits_each_students_scores_by_what_it_heard(tiny_data, tmp_path, monkeypatch):
+    """Transcripts and answers chosen here: every third prompt's clip is transcribed short of its
+    first word, two answers from speech in three are wrong, every answer from text right except the
+    fourth ones of the student. The shares heard whole, the scores on either side, the hearing
+    ceiling and both ΔS must be the hand-computed ones."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
+    for name, m in (("teacher", teacher), ("omni", student)):
+        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+    fams = E.test_sets(world, 6)[0]
+    index = {r["id"]: i for rs in fams.values() for i, r in enumerate(rs)}
+
+    def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
+        if modality == "speech" and recs[0]["instruction"] == data.AUDIO_INSTRUCTIONS["asr"]:
+            return [" ".join(r["transcript"].split()[index[r["id"]] % 3 == 0:]) for r in recs]
+        if modality == "speech":
+            return [r["answer"] if index[r["id"]] % 3 == 1 else "no" for r in recs]
+        return [r["answer"] if isinstance(model, M.Decoder) or index[r["id"]] % 4 else "no" for r in recs]
+    monkeypatch.setattr(E, "generate", generate)
+    res = E.hearing_ceiling(str(tmp_path), world, "cpu", per_family=6, max_new_tokens=8)
+    assert set(res) == {"omni"}
+    S, ceiling = {}, {}
+    for fam, rs in fams.items():
+        heard = [index[r["id"]] % 3 != 0 for r in rs]
+        s = [index[r["id"]] % 3 == 1 for r in rs]
+        t = [index[r["id"]] % 4 != 0 for r in rs]
+        pct = lambda xs: 100.0 * sum(xs) / len(xs)
+        S[fam], ceiling[fam] = pct(s), pct([h and x for h, x in zip(heard, t)])
+        assert res["omni"][fam] == pytest.approx({"heard": pct(heard), "S heard": pct([x for h, x in zip(heard, s) if h]),
+                                                  "S misheard": pct([x for h, x in zip(heard, s) if not h]), "ceiling": ceiling[fam]})
+    teacher_T = {fam: 100.0 for fam in fams}
+    assert res["omni"]["gap"] == pytest.approx({"ΔS": E.avg_drop(S, teacher_T), "ΔS ceiling": E.avg_drop(ceiling, teacher_T)})
+    assert 0 < res["omni"]["gap"]["ΔS ceiling"] < res["omni"]["gap"]["ΔS"]

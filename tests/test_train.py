@@ -62,7 +62,7 @@ def test_eval_writes_all_three_tables(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tables.*"))
     t = E.report(str(run))
-    assert set(t) == {"premise", "table1", "table2", "table3"}
+    assert set(t) == {"premise", "table1", "table2", "table3", "curves"}
     assert "xopd" in t["table1"] and "base student" in t["table1"]
     assert [line.split("|")[1].strip() for line in t["table2"].splitlines()[2:]] == ["0", "0.5", "1"]
     made = open(os.path.join(tiny_run, "tables.md")).read().splitlines()  # as the pipeline wrote it, but for its folder
