@@ -359,39 +359,43 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
 
 
 @torch.no_grad()
-def hearing_ceiling(out, world, device, per_family, max_new_tokens):
+def heard_split(out, world, device, per_family, max_new_tokens):
     """
-    How much of a student's ΔS is hearing? On the test prompts of every text family, each student
-    (the base one and every aligned one) transcribes the prompt's own clip (the transcription
-    instruction) and answers the prompt from speech and from text. A prompt is heard whole when
-    the transcript has every spoken word right. A student that answered from speech as it does from
-    text whenever it heard the whole prompt, and wrongly otherwise, would score the share of
-    prompts heard whole and answered right from text: its hearing ceiling. ΔS of the ceilings
-    (against the teacher's text scores on the same prompts) is the gap that alignment alone leaves.
-    -> {run: {family: {"heard": %, "S heard": %, "S misheard": %, "ceiling": %}}},
-       with {"ΔS": ..., "ΔS ceiling": ...} under "gap" for every run
+    How much of each student's ΔS is hearing? The test prompts of every text family are split by
+    whether the base student transcribes the prompt's own clip whole (every spoken word right, asked
+    with the transcription instruction). Encoder and adapter are frozen after the omni stage, so
+    every aligned student reads the same audio vectors as the base one. Each student's score from
+    speech and ΔS on either part (against the teacher's text scores on the same prompts): ΔS on
+    the prompts heard whole is the gap that is not about hearing.
+    -> {"heard": {family: % heard whole}, run: {"S heard" / "S misheard": {family: %},
+        "ΔS" / "ΔS heard" / "ΔS misheard": float}} (a part with no prompt scores nan)
     """
     runs = run_dirs(out)
     teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
+    base, _ = M.load_model(os.path.join(runs["omni"], "model.pt"), device)
+    base.eval()
     fams = test_sets(world, per_family)[0]
-    teacher_T = {f: 100.0 * sum(data.score(r, p) for r, p in zip(rs, generate(teacher, world, rs, "text", device, max_new_tokens)))
-                 / len(rs) for f, rs in fams.items()}
     asr = data.AUDIO_INSTRUCTIONS["asr"]
-    res = {}
+    heard = {f: [data.spoken_words(p) == data.spoken_words(r["transcript"]) for r, p in
+                 zip(rs, generate(base, world, [{**r, "instruction": asr} for r in rs], "speech", device, max_new_tokens))]
+             for f, rs in fams.items()}
+
+    def scores(model, modality):
+        return {f: [data.score(r, p) for r, p in zip(rs, generate(model, world, rs, modality, device, max_new_tokens))]
+                for f, rs in fams.items()}
+
+    def on(xs, part):  # {family: % right} on one part of the split
+        sel = {f: [x for x, h in zip(xs[f], heard[f]) if part is None or h == part] for f in xs}
+        return {f: 100.0 * sum(v) / len(v) if v else float("nan") for f, v in sel.items()}
+    teacher_T = scores(teacher, "text")
+    res = {"heard": {f: 100.0 * sum(h) / len(h) for f, h in heard.items()}}
     for name, d in runs.items():
-        m, _ = M.load_model(os.path.join(d, "model.pt"), device)
+        m = base if name == "omni" else M.load_model(os.path.join(d, "model.pt"), device)[0]
         m.eval()
-        res[name], S, ceiling = {}, {}, {}
-        for fam, rs in fams.items():
-            heard = [data.spoken_words(p) == data.spoken_words(r["transcript"]) for r, p in
-                     zip(rs, generate(m, world, [{**r, "instruction": asr} for r in rs], "speech", device, max_new_tokens))]
-            s = [data.score(r, p) for r, p in zip(rs, generate(m, world, rs, "speech", device, max_new_tokens))]
-            t = [data.score(r, p) for r, p in zip(rs, generate(m, world, rs, "text", device, max_new_tokens))]
-            pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")
-            S[fam], ceiling[fam] = pct(s), pct([h * x for h, x in zip(heard, t)])
-            res[name][fam] = {"heard": pct(heard), "S heard": pct([x for h, x in zip(heard, s) if h]),
-                              "S misheard": pct([x for h, x in zip(heard, s) if not h]), "ceiling": ceiling[fam]}
-        res[name]["gap"] = {"ΔS": avg_drop(S, teacher_T), "ΔS ceiling": avg_drop(ceiling, teacher_T)}
+        S = scores(m, "speech")
+        res[name] = {"S heard": on(S, True), "S misheard": on(S, False)}
+        for key, part in (("ΔS", None), ("ΔS heard", True), ("ΔS misheard", False)):
+            res[name][key] = avg_drop(on(S, part), on(teacher_T, part))
     return res
 
 
@@ -1049,7 +1053,7 @@ def main(argv=None):
                          "teacher's first token, from speech and from text, on val prompts (first_token_probe)")
     ap.add_argument("--hearing", action="store_true",
                     help="instead of the tables: where the base student loses words, on the test transcription "
-                         "clips (hearing_probe), and how much of each student's ΔS its hearing leaves (hearing_ceiling)")
+                         "clips (hearing_probe), and each student's ΔS on the prompts the base student hears whole and on the rest (heard_split)")
     args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
@@ -1078,17 +1082,16 @@ def main(argv=None):
         print("| reads the words with | spoken prompts | word lists | all clips | spoken prompts read whole (%) |\n|---|---|---|---|---|")
         for row in seeds[0]:
             print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all", "whole")) + " |")
-        seeds = [hearing_ceiling(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
-        cols = ("heard", "S heard", "S misheard", "ceiling")
-        print("\nEach student's test prompts, from speech: the share it transcribes whole (%), its score on those "
-              "and on the rest (%), and its hearing ceiling (hearing_ceiling)")
-        print("| model | family | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
-        for name in seeds[0]:
-            for fam in (f for f in seeds[0][name] if f != "gap"):
-                print(f"| {label(name)} | {fam} | " + " | ".join(fmt([s[name][fam][k] for s in seeds]) for k in cols) + " |")
-        print("\n| model | ΔS | ΔS of its hearing ceiling |\n|---|---|---|")
-        for name in seeds[0]:
-            print(f"| {label(name)} | " + " | ".join(fmt([s[name]["gap"][k] for s in seeds], 2) for k in ("ΔS", "ΔS ceiling")) + " |")
+        seeds = [heard_split(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
+        fams = list(seeds[0]["heard"])
+        print("\nTest prompts the base student transcribes whole from their clips (%): " +
+              ", ".join(f"{f} {fmt([s['heard'][f] for s in seeds])}" for f in fams) + "; each student's score from speech "
+              "on those and on the rest (%), and its ΔS on either part (heard_split)")
+        print("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams) + " | ΔS | ΔS heard | ΔS misheard |\n"
+              "|---|" + "---|---|" * len(fams) + "---|---|---|")
+        for name in (n for n in seeds[0] if n != "heard"):
+            print(f"| {label(name)} | " + " | ".join(fmt([s[name][k][f] for s in seeds]) for f in fams for k in ("S heard", "S misheard"))
+                  + " | " + " | ".join(fmt([s[name][k] for s in seeds], 2) for k in ("ΔS", "ΔS heard", "ΔS misheard")) + " |")
         return
     for out, world, s in runs:
         evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])

@@ -333,6 +333,181 @@ def test_bench_decode_step_and_sampling_rows_on_a_cpu():
     assert len(E.rollout_rows(r)) == 3
 
 
+def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path, monkeypatch):
+    """Transcripts and answers chosen here: the base student transcribes every third prompt's clip
+    short of its first word; it answers one prompt in three right from speech, the aligned student
+    two in three, the teacher from text every prompt but the fifth ones. The shares heard whole,
+    the scores and the ΔS on either part must be the hand-computed ones."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    base = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
+    aligned = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
+    with torch.no_grad():
+        aligned.decoder.norm.weight.fill_(2.0)  # tells the two students apart below
+    for name, m in (("teacher", teacher), ("omni", base), ("align/xopd", aligned)):
+        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+    fams = E.test_sets(world, 6)[0]
+    index = {r["id"]: i for rs in fams.values() for i, r in enumerate(rs)}
+    is_aligned = lambda m: float(m.decoder.norm.weight[0]) == 2.0
+
+    def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
+        if isinstance(model, M.Decoder):
+            return [r["answer"] if index[r["id"]] % 5 != 4 else "no" for r in recs]
+        if recs[0]["instruction"] == data.AUDIO_INSTRUCTIONS["asr"]:
+            assert not is_aligned(model), "the split is the base student's hearing"
+            return [" ".join(r["transcript"].split()[index[r["id"]] % 3 == 0:]) for r in recs]
+        right = (lambda i: i % 3 != 0) if is_aligned(model) else (lambda i: i % 3 == 1)
+        return [r["answer"] if right(index[r["id"]]) else "no" for r in recs]
+    monkeypatch.setattr(E, "generate", generate)
+    res = E.heard_split(str(tmp_path), world, "cpu", per_family=6, max_new_tokens=8)
+    assert set(res) == {"heard", "omni", "align/xopd"}
+    heard = {f: [i % 3 != 0 for i in range(len(rs))] for f, rs in fams.items()}
+    assert res["heard"] == pytest.approx({f: 100.0 * sum(h) / len(h) for f, h in heard.items()})
+    pct = lambda xs: 100.0 * sum(xs) / len(xs)
+    for name, right in (("omni", lambda i: i % 3 == 1), ("align/xopd", lambda i: i % 3 != 0)):
+        for part, key in ((True, "S heard"), (False, "S misheard")):
+            assert res[name][key] == pytest.approx({f: pct([right(i) for i in range(len(rs)) if heard[f][i] == part])
+                                                    for f, rs in fams.items()})
+        for part, key in ((None, "ΔS"), (True, "ΔS heard"), (False, "ΔS misheard")):
+            idx = {f: [i for i in range(len(rs)) if part is None or heard[f][i] == part] for f, rs in fams.items()}
+            drops = [100.0 * (pct([i % 5 != 4 for i in ix]) - pct([right(i) for i in ix])) / pct([i % 5 != 4 for i in ix])
+                     for ix in idx.values()]
+            assert res[name][key] == pytest.approx(sum(drops) / len(drops)), (name, key)
+    assert res["align/xopd"]["ΔS heard"] < res["omni"]["ΔS heard"] and res["omni"]["ΔS misheard"] == pytest.approx(100.0)
+
+
+def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_data):
+    """judge's teacher log-probs (per token, pooled per family, split right / wrong) and the
+    per-token reverse KL, against the teacher's full-vocabulary log_softmax over prompt + answer,
+    one row at a time, on the very answers the student gives (greedy, and sampled with the same
+    generator in the same order)."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec).eval()
+    student = M.SpeechLM(enc, adp, dec, audio_token_id=world.audio_id).eval()
+    res = E.judge(teacher, student, world, "cpu", max_new_tokens=6, seed=3)
+
+    def teacher_lp(rec, ids):  # (len,) log-probs of ids after the text prompt, full forward
+        prompt = data.encode_prompt(world.tok, rec, "text")
+        with torch.no_grad():
+            logits = teacher.logits(teacher(torch.tensor([prompt + ids]))[0])
+        return logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+
+    gen = torch.Generator().manual_seed(3)
+    rkl = {}
+    for fam, recs in data.text_families(world.val).items():
+        b = world.batch(recs, encoder=student.encoder)
+        kw = dict(terms=("cm",), n=1, max_new_tokens=6, eos_id=world.end_id, generator=gen)
+        greedy = xopd.student_rollouts(student, b, temperature=0.0, **kw)[1]["cm"]
+        sampled = xopd.student_rollouts(student, b, temperature=1.0, **kw)[1]["cm"]
+        sums = {"right": [0.0, 0], "wrong": [0.0, 0]}
+        for r, ids, mask in zip(recs, greedy[0].tolist(), greedy[1]):
+            ids = ids[:int(mask.sum())]
+            key = "right" if data.score(r, world.decode(ids)) == 1.0 else "wrong"
+            sums[key][0] += float(teacher_lp(r, ids).sum())
+            sums[key][1] += len(ids)
+        total = [sums["right"][0] + sums["wrong"][0], sums["right"][1] + sums["wrong"][1]]
+        assert res["teacher_lp"][fam] == pytest.approx(total[0] / total[1], rel=1e-4)
+        for key in ("right", "wrong"):
+            if sums[key][1]:
+                assert res[f"teacher_lp_{key}"][fam] == pytest.approx(sums[key][0] / sums[key][1], rel=1e-4)
+        rkl[fam] = [0.0, 0]
+        for r, ids, mask, lp in zip(recs, sampled[0].tolist(), sampled[1], sampled[2]):
+            k = int(mask.sum())
+            rkl[fam][0] += float(lp[:k].sum() - teacher_lp(r, ids[:k]).sum())
+            rkl[fam][1] += k
+        assert res["rkl_cm_by_family"][fam] == pytest.approx(rkl[fam][0] / rkl[fam][1], rel=1e-4)
+    assert res["rkl_cm"] == pytest.approx(sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values()), rel=1e-4)
+
+
+def test_cached_scores_are_made_again_when_their_settings_or_data_differ(tiny_data, tmp_path, monkeypatch):
+    """eval.json carries what it was scored with: the prompts per family, the answer length and
+    the data (its manifests, a toy world's done.json). Another value of any of them scores again;
+    the same values, or a copy of the same world, reuse it."""
+    out = tmp_path / "run"
+    for name in ("teacher", "omni"):
+        M.save_checkpoint(str(out / name / "model.pt"), {"model": {}, "configs": {}, "train": {}})
+    calls = []
+
+    def evaluate_model(m, world, device, per_family, max_new_tokens, done=None):
+        calls.append((world.dir, per_family, max_new_tokens))
+        return {"T": {"arith": float(per_family)}, "S": {}, "audio": {}}
+    monkeypatch.setattr(E, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(M, "load_model", lambda path, device: (None, None))
+    world = type("World", (), {"dir": tiny_data})()
+    scored = lambda: [json.load(open(out / n / "eval.json"))["T"]["arith"] for n in ("teacher", "omni")]
+    E.evaluate_all(str(out), world, "cpu", 2, 8)
+    assert len(calls) == 2 and scored() == [2.0, 2.0]
+    E.evaluate_all(str(out), world, "cpu", 2, 8)
+    assert len(calls) == 2  # the same settings: cached
+    E.evaluate_all(str(out), world, "cpu", 3, 8)
+    assert calls[2:] == [(tiny_data, 3, 8)] * 2 and scored() == [3.0, 3.0]
+    E.evaluate_all(str(out), world, "cpu", 3, 16)
+    assert calls[4:] == [(tiny_data, 3, 16)] * 2
+    # a copy of the same generated world is the same data
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in ("train.jsonl", "test.jsonl", "val.jsonl", "done.json"):
+        shutil.copy(os.path.join(tiny_data, f), copy / f)
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 6
+    # a user's folder of three test prompts is other data, and so is an edited test.jsonl
+    os.remove(copy / "done.json")
+    (copy / "test.jsonl").write_text("".join(open(os.path.join(tiny_data, "test.jsonl")).readlines()[:3]))
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert calls[6:] == [(str(copy), 3, 16)] * 2
+    with open(copy / "test.jsonl", "a") as f:
+        f.write(open(os.path.join(tiny_data, "test.jsonl")).readlines()[3])
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 10
+    # an eval.json without its settings (an older version's) is scored again
+    res = json.load(open(out / "omni" / "eval.json"))
+    del res["settings"]
+    json.dump(res, open(out / "omni" / "eval.json", "w"))
+    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
+    assert len(calls) == 11
+
+
+def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path, capsys):
+    """python eval.py --out RUN --eval_per_family N on a run scored with another N prints N's
+    tables, not the cached ones."""
+    world = data.World(tiny_data)
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    settings = {"data": tiny_data, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "", "chat_format": ""}
+    M.save_checkpoint(str(tmp_path / "teacher" / "model.pt"),
+                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher), "train": settings})
+    E.main(["--out", str(tmp_path)])
+    assert json.load(open(tmp_path / "teacher" / "eval.json"))["settings"]["per_family"] == 1
+    E.main(["--out", str(tmp_path), "--eval_per_family", "2"])
+    res = json.load(open(tmp_path / "teacher" / "eval.json"))
+    assert res["settings"]["per_family"] == 2
+    assert "scored with other settings (per_family 1 -> 2)" in capsys.readouterr().out
+
+
+def test_bench_decode_step_and_sampling_rows_on_a_cpu():
+    # the bench's CPU path: the bytes a static decode step must read, from the config by hand
+    # (the layers' projections and every position of the keys and values), no graph on a CPU,
+    # and the fixed-shape sampler's tokens equal to the default's
+    r = E.bench_decode_step("tiny", batch=3, prompt=4, new_tokens=6, reps=1)
+    _, _, c = M.make_configs("tiny", 2000)
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_layer = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.hidden_dim
+    assert r["weight_bytes"] == 4 * c.n_layers * per_layer
+    assert r["kv_bytes"] == 4 * 2 * c.n_layers * 3 * kv * (4 + 6)
+    assert r["graph_s"] is None and r["eager_s"] > 0 and r["matmuls_s"] > 0
+    assert [row[1] for row in E.step_rows({"tiny": r})] == ["bytes it reads", "eager", "its matmuls alone"]
+    s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
+    assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
+    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
+    assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
+    assert len(E.rollout_rows(r)) == 3
+
+
 def test_hearing_ceiling_splits_each_students_scores_by_what_it_heard(tiny_data, tmp_path, monkeypatch):
     """Transcripts and answers chosen here: every third prompt's clip is transcribed short of its
     first word, two answers from speech in three are wrong, every answer from text right except the
