@@ -96,10 +96,14 @@ def test_paired_differences_against_the_base_student_of_each_seed():
     teacher = _run({"arith": 100.0})
     seeds = [{"teacher": teacher, "omni": _run({"arith": 100.0}, {"arith": 100.0 - b}),
               "align/xopd": _run({"arith": 100.0}, {"arith": 100.0 - b + g})} for b, g in ((40, 5), (20, 5), (30, 6))]
-    row = [line for line in E.tables(seeds)["paired"].splitlines() if line.startswith("| xopd")][0]
+    for s, g in zip(seeds, (3, 4, 3)):  # a second method, 1 to 3 points behind X-OPD in every seed
+        s["align/kd"] = _run({"arith": 100.0}, {"arith": float(s["omni"]["S"]["arith"]) + g})
+    rows = {line.split(" |")[0][2:]: line for line in E.tables(seeds)["paired"].splitlines()[2:]}
     d = [-5.0, -5.0, -6.0]   # mean -5.33, se = sqrt(((1/3)^2 * 2 + (2/3)^2) / 2 / 3) = 0.33
     m, se = E.mean_se(d)
-    assert row == f"| xopd | {m:.2f} ± {se:.2f} * | 0.00 ± 0.00 |"
+    assert rows["xopd"] == f"| xopd | {m:.2f} ± {se:.2f} * | 0.00 ± 0.00 | | |"
+    m2, se2 = E.mean_se([-2.0, -1.0, -3.0])  # X-OPD's ΔS − KD's, seed by seed
+    assert rows["kd"].endswith(f" | {m2:.2f} ± {se2:.2f} * | 0.00 ± 0.00 |")
     seeds[2]["align/xopd"] = _run({"arith": 100.0}, {"arith": 100.0 - 30 - 9})  # worse in one seed: within noise
     row = [line for line in E.tables(seeds)["paired"].splitlines() if line.startswith("| xopd")][0]
     assert "*" not in row.split("|")[2]
