@@ -1077,8 +1077,8 @@ def main(argv=None):
         fams = list(next(iter(seeds[0].values())))
         print("P(first token = the teacher's), % (mean over val prompts" + (", ± se over seeds)" if len(seeds) > 1 else ")"))
         print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
-        for name in seeds[0]:
-            print(f"| {name} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
+        for name in (n for n in seeds[0] if all(n in s for s in seeds)):  # runs of every seed, as in the tables
+            print(f"| {label(name)} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
         return
     if args.hearing:
         seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
@@ -1093,7 +1093,7 @@ def main(argv=None):
               "on those and on the rest (%), and its ΔS on either part (heard_split)")
         print("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams) + " | ΔS | ΔS heard | ΔS misheard |\n"
               "|---|" + "---|---|" * len(fams) + "---|---|---|")
-        for name in (n for n in seeds[0] if n != "heard"):
+        for name in (n for n in seeds[0] if n != "heard" and all(n in s for s in seeds)):
             print(f"| {label(name)} | " + " | ".join(fmt([s[name][k][f] for s in seeds]) for f in fams for k in ("S heard", "S misheard"))
                   + " | " + " | ".join(fmt([s[name][k] for s in seeds], 2) for k in ("ΔS", "ΔS heard", "ΔS misheard")) + " |")
         return
