@@ -691,21 +691,24 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
         try:
             others = set(multiprocessing.active_children())
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                # the workers, started by submit, are born ignoring Ctrl-C (kept through exec): it is
-                # this process's to handle, not a traceback in each of them
-                main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
-                handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+                # the workers, started by submit, are born with Ctrl-C blocked (a signal mask is kept
+                # through exec): it is this process's to handle, not a traceback in each of them.
+                # Blocked, not ignored: a Ctrl-C while they start is held, and raised here after
+                hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+                if hold:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 try:
                     parts = [ex.submit(_speak_all, jobs[i:i + 32]) for i in range(0, len(jobs), 32)]
-                finally:
-                    if main:
-                        signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
-                try:
+                    if hold:
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
                     collect(n for part in parts for n in part.result())
                 except KeyboardInterrupt:  # stop now: a generation cut short is made again from the start
                     for w in set(multiprocessing.active_children()) - others:  # the pool's workers
                         w.terminate()
                     raise
+                finally:
+                    if hold:
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         except BrokenProcessPool:
             print("[data] the clip workers could not start (a script that calls data.make_toy_data needs its code under "
                   "`if __name__ == \"__main__\":` for them); making the clips in this process", flush=True)
