@@ -725,16 +725,7 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def per_call(fn, n=reps):  # seconds per call: the best of 3 runs of n calls back to back
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync()
-            best = min(best, (time.perf_counter() - t0) / n)
-        return best
+        return M._bench(fn, reps=3, calls=n, sync=sync)
 
     with torch.inference_mode():
         written = prompt + new_tokens // 2  # keys in the cache mid-rollout

@@ -906,14 +906,18 @@ def count_params(module):
 
 
 @torch.no_grad()
-def _bench(fn, reps=3):
-    """Seconds per call: the best of `reps` after a warm-up (the least disturbed by other load)."""
+def _bench(fn, reps=3, calls=1, sync=lambda: None):
+    """Seconds per call: the best of `reps` runs of `calls` calls back to back, after a warm-up (the
+    least disturbed by other load); sync() waits for the device before each clock reading."""
     fn()
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
     return best
 
 

@@ -657,8 +657,8 @@ def stage_encoder(cfg, world, device, amp):
 # Qwen-Omni): mostly transcription (every training clip doubles as one) and audio questions; spoken
 # instructions, answered by the dataset ('reference': the bare answer) or, --omni_teacher_style of
 # them, by a text LLM reading the transcript ('teacher': its chain of thought); and a little written
-# text, the text LLM's own instruction data replayed to keep its text skills (teacher-style responses). Only train-pool prompts: the align, val and test prompts are new
-# to the student. The mix was chosen from how such models are trained, not from any alignment
+# text, the text LLM's own instruction data replayed to keep its text skills (teacher-style
+# responses). Only train-pool prompts: the align, val and test prompts are new to the student. The mix was chosen from how such models are trained, not from any alignment
 # method's score.
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
 # The first cfg.voice_first steps: audio questions, with written text replayed to keep the text skills.

@@ -263,6 +263,15 @@ def test_cached_decoding_rows_of_different_lengths(use_embeds):
         assert lengths.tolist() == lens
 
 
+def assert_rows_are_full_recomputation(dec, prompts, lens, n_rep, conts, outs):
+    """Row r of a cache repeated n_rep times after prefill continues prompt r // n_rep with conts[r]:
+    its hidden states outs[r] (steps, dim) must be the full forward's over prompt + continuation."""
+    for r in range(len(outs)):
+        b = r // n_rep
+        full = full_hidden(dec, prompts[b, :lens[b]].tolist() + conts[r].tolist())
+        assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
+
+
 def test_cached_decoding_rows_repeated_after_prefill():
     dec = tiny_decoder(seed=1)
     g = torch.Generator().manual_seed(4)
@@ -275,10 +284,7 @@ def test_cached_decoding_rows_repeated_after_prefill():
         assert cache.lengths.tolist() == [3, 3, 3, 7, 7, 7] and cache.k[0].shape[0] == 6
         conts = torch.randint(0, 97, (6, steps), generator=g)  # every sample continues differently
         outs = torch.stack([dec.decode(cache, input_ids=conts[:, j]) for j in range(steps)], 1)  # (6, steps, dim)
-    for r in range(6):
-        b = r // n_rep
-        full = full_hidden(dec, prompts[b, :lens[b]].tolist() + conts[r].tolist())
-        assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
+    assert_rows_are_full_recomputation(dec, prompts, lens, n_rep, conts, outs)
 
 
 def test_static_cache_fixed_shapes_in_place_and_equal_to_full_recomputation():
@@ -308,10 +314,7 @@ def test_static_cache_fixed_shapes_in_place_and_equal_to_full_recomputation():
         assert set(shapes) == {(6, dec.cfg.n_kv_heads, 7 + steps, dec.cfg.head_dim)}
         assert [t.data_ptr() for t in cache.k + cache.v + [cache.lengths]] == memory
         assert cache.lengths.tolist() == [3 + steps] * 3 + [7 + steps] * 3
-    for r in range(6):
-        b = r // n_rep
-        full = full_hidden(dec, prompts[b, :lens[b]].tolist() + conts[r].tolist())
-        assert (outs[r] - full[lens[b]:]).abs().max() <= ATOL, r
+    assert_rows_are_full_recomputation(dec, prompts, lens, n_rep, conts, outs)
 
 
 def test_decoder_padding_invariance():
