@@ -1106,17 +1106,18 @@ class World:
 
     def features(self, recs, encoder, device):
         """A frozen encoder's outputs, computed once per clip and encoder (the omni stage sees each
-        clip many times). The encoder is padding invariant, so batching does not change them.
+        clip many times). The encoder is padding invariant, so batching does not change them. A record
+        that carries its outputs under "feats" (train.spliced_lists: no clip of its own) uses those.
         -> feats (B, T, n_state), lens (B,)."""
         cache = self._feats.setdefault(encoder, {})
-        todo = [r for r in recs if r["id"] not in cache]
+        todo = [r for r in recs if "feats" not in r and r["id"] not in cache]
         if todo:
             with torch.no_grad():
                 mels, mel_lens = collate_mels([self.mel(r) for r in todo])
                 x, lens = encoder(mels.to(device), mel_lens.to(device))
             for r, xr, n in zip(todo, x, lens.tolist()):
                 cache[r["id"]] = xr[:n].clone()
-        feats = [cache[r["id"]] for r in recs]
+        feats = [r["feats"] if "feats" in r else cache[r["id"]] for r in recs]  # a spliced clip carries its own
         lens = torch.tensor([len(f) for f in feats], device=device)
         out = feats[0].new_zeros(len(feats), int(lens.max()), feats[0].shape[-1])
         for i, f in enumerate(feats):

@@ -429,6 +429,42 @@ def test_omni_pools_hold_train_prompts_only_and_answer_styles_mix_as_asked(tiny_
     assert train.answer_styles(no_teacher, "reference", "teacher", 1.0, seed=7) == [r["reference"] for r in spoken]
 
 
+def test_spliced_lists_are_new_lists_of_words_spoken_in_training_clips(tiny_data):
+    """word_bank keeps the train clips the encoder cut into as many words as they have, each word
+    with its own feature row; spliced_lists reads every word it writes by a row of that word in
+    a kept clip, behind a kept clip's vector, 3-6 words, the same for a seed; the World uses a
+    record's own features and caches none of them."""
+    world = data.World(tiny_data)
+    pools = train.omni_pools(world)
+    encoder = torch.nn.Identity()  # a cache key: the features below are put in its cache by hand
+    cache = world._feats.setdefault(encoder, {})
+    where = {}  # feature value -> (clip id, row)
+    for c, r in enumerate(pools["asr"]):
+        n = len(data.spoken_words(r["transcript"]).split())
+        n += c % 3 == 0  # every third clip is cut wrong (one row too many): left out
+        cache[r["id"]] = torch.arange(1 + n, dtype=torch.float32)[:, None].repeat(1, 2) + 1000 * c
+        where.update({1000 * c + i: (r, i) for i in range(1 + n)})
+    bank = train.word_bank(world, pools["asr"], encoder, "cpu")
+    kept = [r for c, r in enumerate(pools["asr"]) if c % 3]
+    assert len(bank[1]) == len(kept) and sum(map(len, bank[0].values())) == sum(
+        len(data.spoken_words(r["transcript"]).split()) for r in kept)
+    lists = train.spliced_lists(bank, 40, seed=3, instruction="transcribe the speech .")
+    assert [(r["transcript"], t) for r, t in lists] == [(r["transcript"], t) for r, t in
+                                                      train.spliced_lists(bank, 40, seed=3, instruction="x")]
+    assert [t for _, t in lists] != [t for _, t in train.spliced_lists(bank, 40, seed=4, instruction="x")]
+    for rec, target in lists:
+        words = target.split()
+        assert rec["transcript"] == target and 3 <= len(words) <= 6 and rec["feats"].shape == (1 + len(words), 2)
+        clip, row = where[int(rec["feats"][0, 0])]
+        assert row == 0 and clip in kept and clip["split"] == "train"
+        for w, v in zip(words, rec["feats"][1:]):
+            clip, row = where[int(v[0])]
+            assert row >= 1 and clip in kept and data.spoken_words(clip["transcript"]).split()[row - 1] == w
+    b = world.batch([r for r, _ in lists[:3]], device="cpu", text=False, encoder=encoder)
+    for i, (rec, _) in enumerate(lists[:3]):
+        assert torch.equal(b.feats[i, :int(b.feat_lens[i])], rec["feats"]) and rec["id"] not in cache
+
+
 def test_a_checkpoint_older_than_a_setting_is_compared_as_it_was_made():
     """A teacher saved before --teacher_prior existed was trained without the prior (0): the
     default 0.2 must refuse it by name, and 0 must accept it."""
