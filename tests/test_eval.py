@@ -170,17 +170,19 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
         if modality == "text":  # "repeat the words : <words> ." -> "<words> ." (a full stop is not a word)
             return [r["transcript"].removeprefix("repeat the words : ") for r in recs]
         return [" ".join(w for w in r["transcript"].split()[r["id"] in dropped:] if w.isalpha()) for r in recs]
-    dropped = {r["id"] for r in E.test_sets(world, 10)[1]["asr"][::2]}
-    monkeypatch.setattr(E, "generate", generate)
-    res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
     recs = E.test_sets(world, 10)[1]["asr"]
     prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
+    train_lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts][:len(recs)]
+    dropped = {r["id"] for r in recs[::2] + train_lists[::3]}
+    monkeypatch.setattr(E, "generate", generate)
+    res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
     parts = {"prompts": [r for r in recs if r["transcript"] in prompts], "lists": [r for r in recs if r["transcript"] not in prompts]}
     assert parts["prompts"] and parts["lists"]
     words = lambda r: [w for w in data.normalize_text(r["transcript"]).split() if w.isalpha()]
     lost = lambda r: 1 / len(words(r)) if r["id"] in dropped else 0.0
     student_row, teacher_row = res["base student, from speech"], res["text teacher, copying the transcript from text"]
-    for part, rs in list(parts.items()) + [("all", recs)]:
+    assert len(train_lists) == len(recs) and 0 < len(train_lists[::3]) < len(train_lists)
+    for part, rs in list(parts.items()) + [("all", recs), ("train lists", train_lists)]:
         assert student_row[part] == pytest.approx(100.0 * sum(lost(r) for r in rs) / len(rs))
         assert teacher_row[part] == 0.0
     assert 0 < sum(r["id"] in dropped for r in parts["prompts"]) < len(parts["prompts"])
