@@ -52,7 +52,7 @@ METHODS = ("sft", "kd", "gkd", "xopd")
 # The align stage's learning rate per method (X-OPD's λ ablations use X-OPD's), each chosen from
 # one grid on the val prompts by `python train.py --method M --lr_grid 3e-5,1e-4,3e-4,1e-3,3e-3` (select_lr;
 # README, "Choosing the learning rates"). --align_lr overrides it.
-ALIGN_LR = {"sft": 1e-3, "kd": 1e-3, "gkd": 1e-4, "xopd": 3e-4}  # chosen on seed 0's val: README, "Learning rates"
+ALIGN_LR = {"sft": 1e-3, "kd": 1e-3, "gkd": 1e-4, "xopd": 3e-4}  # chosen on seed 0's val: docs/experiments.md, "Learning rates"
 
 
 @dataclass
