@@ -734,7 +734,8 @@ def word_bank(world, recs, encoder, device):
                 clips.append(f[0])
                 for w, v in zip(spoken, f[1:n]):
                     words.setdefault(w, []).append(v)
-    return words, torch.stack(clips) if clips else None
+    # stacked: copies, so the bank holds no view of the padded batches it was read from
+    return {w: torch.stack(vs) for w, vs in words.items()}, torch.stack(clips) if clips else None
 
 
 def spliced_lists(bank, n, seed, instruction):
