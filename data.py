@@ -6,6 +6,7 @@ Read top to bottom: audio constants and I/O, Whisper's log-mel, the synthesizer,
 chat format, manifests, collation, the Batch every training step takes, and the World that
 builds batches from a data folder.
 """
+import hashlib
 import json
 import math
 import multiprocessing
@@ -985,6 +986,56 @@ def read_manifest(path, audio=True, seen=None, required=False):
     return records
 
 # -----------------------------------------------------------------------------
+# shared small helpers: seeds, progress lines, fingerprints
+
+SEED_MIX = 1_000_003  # a prime larger than any step count: mix_seed's parts never collide
+
+
+def mix_seed(*parts):
+    """One integer seed from several (seed, step, rank, ...): mix_seed(a, b) = a * SEED_MIX + b."""
+    out = 0
+    for p in parts:
+        out = out * SEED_MIX + p
+    return out
+
+
+class Progress:
+    """A progress line at most every `every` seconds while `total` items are worked through:
+    '[name] what: n/total unit, rate unit/s, eta'. Call it with the number done so far."""
+
+    def __init__(self, name, what, total, unit="clips", every=5.0):
+        self.name, self.what, self.total, self.unit, self.every = name, what, total, unit, every
+        self.t0 = self.shown = time.time()
+
+    def __call__(self, n):
+        now = time.time()
+        if now - self.shown >= self.every and n < self.total:
+            rate = n / (now - self.t0)
+            eta = (self.total - n) / rate if rate > 0 else float("nan")
+            print(f"[{self.name}] {self.what}: {n}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s, "
+                  f"eta {eta:.0f} s", flush=True)
+            self.shown = now
+
+
+def fingerprint(obj):
+    """16 hex digits of a SHA-256 over a JSON-able object (keys sorted): equal exactly when what
+    went into an output (settings, data digests, the fingerprints of its inputs) is equal."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path, head=None):
+    """SHA-256 (16 hex digits) of a file's bytes, or of its size and first `head` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if head is None:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            h.update(f"{os.fstat(f.fileno()).st_size}:".encode() + f.read(head))
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
 # batching
 
 
@@ -1079,7 +1130,7 @@ class World:
         self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         special = chat_ids(self.tok, fmt)
         self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
-        self._mels = {}
+        self._mels, self._digests = {}, {}
         # encoder -> {record id: features}; weak, so an encoder's features go with it, and
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
@@ -1089,6 +1140,21 @@ class World:
         found before any stage trains, not at the first that reads it."""
         for r in (r for pool in pools for r in getattr(self, pool)):
             check_clip(r["audio"], self.lines[r["id"]], max_seconds)
+
+    def digest(self, pools):
+        """What the records of `pools` hold, for fingerprints: the manifests' bytes, each clip's
+        size and header (file_digest), the tokenizer and the chat format. Folder-independent:
+        two copies of one data folder give the same digest. -> 16 hex digits, cached per pools."""
+        key = tuple(pools)
+        if key not in self._digests:
+            parts = {"tokenizer": fingerprint(self.tok.to_str()), "chat_format": asdict(self.fmt)}
+            for pool in key:
+                path = os.path.join(self.dir, f"{pool}.jsonl")
+                parts[pool] = file_digest(path) if os.path.exists(path) else None
+                parts[f"{pool} clips"] = fingerprint([file_digest(r["audio"], head=64)
+                                                      for r in getattr(self, pool) if "audio" in r])
+            self._digests[key] = fingerprint(parts)
+        return self._digests[key]
 
     def prompt(self, record, modality):
         return encode_prompt(self.tok, record, modality, self.fmt)
