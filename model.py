@@ -108,6 +108,11 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
+def lengths_mask(lens, T):
+    """lens (B,) -> (B, T) bool: True at each row's first lens[b] positions."""
+    return torch.arange(T, device=lens.device)[None, :] < lens[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state, n_head):
         super().__init__()

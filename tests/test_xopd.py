@@ -254,7 +254,8 @@ def test_compiled_sampling_matches_eager():
     ids, lens = prompts(8, [3, 5, 4, 2])
     kw = dict(input_ids=ids, n=3, max_new_tokens=12, eos_id=3, top_k=6)
     eager = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2))
-    compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2), compile=True)
+    compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2),
+                           step=xopd.compiled_step(dec))
     assert 0 < int((eager[0] == 3).any(1).sum()) < eager[0].size(0)  # some rows end, some run to the limit
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
     torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=1e-9)
@@ -271,7 +272,8 @@ def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
     ids, lens = prompts(8, [3, 5, 4, 2])
     kw = dict(input_ids=ids, n=3, max_new_tokens=40, eos_id=3, top_k=top_k)
     ref = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed))
-    out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), **{way: True})
+    step = xopd.static_step(dec) if way == "static" else xopd.DecodeGraph(dec)
+    out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), step=step)
     ended = (ref[0] == 3).any(1)
     assert ended.any() and (ended.all() and ref[0].size(1) < 40 if seed == 1 else not ended.all())
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
@@ -281,8 +283,8 @@ def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
 
 def test_decode_graph_replays_on_its_own_buffers():
     # the graph's bookkeeping, run eagerly on a CPU: the input goes through the graph's own buffer,
-    # the output is one buffer overwritten at each call, and a cache that is not the captured
-    # memory is refused (a replay would read and write the old one)
+    # the output is one buffer overwritten at each call, and a cache in other memory (a replay
+    # would read and write the old one) is captured anew
     dec = tiny_decoder()
     ids, lens = prompts(16, [4, 6])
     with torch.inference_mode():
@@ -298,12 +300,13 @@ def test_decode_graph_replays_on_its_own_buffers():
             torch.testing.assert_close(h, dec.decode(ref, input_ids=tok), rtol=0, atol=0)
         assert step.out.data_ptr() == h.data_ptr() and not torch.equal(outs[0], outs[2])
         cache.lengths = cache.lengths + 0  # the same values in new memory
-        with pytest.raises(AssertionError, match="captured"):
-            dec.decode(cache, input_ids=tok, step=step)
+        old_out = step.out
+        h = dec.decode(cache, input_ids=tok + 1, step=step)
+        assert step.out is not old_out  # captured again, on the new memory
+        torch.testing.assert_close(h, dec.decode(ref, input_ids=tok + 1), rtol=0, atol=0)
+        assert torch.equal(cache.lengths, ref.lengths)
         with pytest.raises(AssertionError, match="static"):
             xopd.DecodeGraph(dec)(dec.embed_tokens(tok)[:, None], dec.new_cache(4, 10))
-    with pytest.raises(ValueError, match="choose one"):
-        xopd.sample(dec, lens, input_ids=ids, max_new_tokens=4, eos_id=0, compile=True, graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -317,10 +320,13 @@ def test_cuda_graph_sampling_matches_eager_and_repeats(amp):
     ids, lens = ids.cuda(), lens.cuda()
     kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3, top_p=0.95)
 
-    def run(**way):
+    def run(step=None):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            return xopd.sample(dec, lens, **kw, generator=torch.Generator("cuda").manual_seed(0), **way)
-    ref, static, graphed, again = run(), run(static=True), run(graph=True), run(graph=True)
+            gen = torch.Generator("cuda").manual_seed(0)
+            return xopd.sample(dec, lens, **kw, generator=gen, step=step)
+    graph = xopd.DecodeGraph(dec)  # one step object for two rollouts: each captures its own cache
+    ref, static = run(), run(xopd.static_step(dec))
+    graphed, again = run(graph), run(graph)
     assert (ref[0] == 3).any(1).any()
     assert all(torch.equal(x, y) for x, y in zip(graphed, again))  # deterministic run to run
     assert torch.equal(graphed[0], static[0]) and torch.equal(graphed[1], static[1])
