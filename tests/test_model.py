@@ -1,7 +1,9 @@
 """model.py: Whisper / Llama compatibility against naive float64 references written here,
 KV-cached decoding against full recomputation, padding invariance, rotary, audio splicing."""
+import errno
 import json
 import math
+import os
 from dataclasses import asdict
 
 import pytest
@@ -574,3 +576,55 @@ def test_a_checkpoint_rebuilds_the_model_it_was_saved_from(tmp_path):
     M.save_checkpoint(str(tmp_path / "other.pt"), ck)
     with pytest.raises(ValueError, match=r"other\.pt: weights do not match the config stored with them"):
         M.load_model(str(tmp_path / "other.pt"), "cpu")
+
+
+def enospc(f):
+    """A write that fills the disk: half a file, then the error a full disk gives."""
+    f.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def enospc_under_torch(f):
+    """The same, wrapped as torch.save wraps a failed write in an error of its own."""
+    try:
+        enospc(f)
+    except OSError as e:
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from e
+
+
+@pytest.mark.parametrize("write", [enospc, enospc_under_torch])
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_temporary(tmp_path, write):
+    path = str(tmp_path / "run" / "ckpt.pt")
+    M.atomic_write(path, lambda f: f.write(b"the last good one"), mode="wb")
+    with pytest.raises(OSError) as caught:
+        M.atomic_write(path, write, mode="wb")
+    err = caught.value
+    assert str(err) == f"{path}: not written (No space left on device)"
+    assert err.errno == errno.ENOSPC
+    assert err.__cause__ is None and err.__suppress_context__  # one error, no chained traceback
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no ckpt.pt.tmp
+    assert open(path, "rb").read() == b"the last good one"  # the previous file stays whole
+
+
+def test_an_interrupted_write_leaves_no_temporary_and_stays_an_interrupt(tmp_path):
+    def interrupted(f):
+        f.write("partial")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        M.atomic_write(str(tmp_path / "eval.json"), interrupted)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_truncated_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    path = str(tmp_path / "omni" / "model.pt")
+    dec = tiny_decoder()
+    M.save_checkpoint(path, {"model": dec.state_dict(), "configs": M.model_configs(dec), "train": {}})
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[:len(whole) // 2])  # what a kill mid-copy leaves
+    with pytest.raises(ValueError) as caught:
+        M.load_model(path, "cpu")
+    msg = str(caught.value)
+    assert msg.startswith(f"{path}: not a readable checkpoint (")
+    assert msg.endswith("; delete it and rerun the stage that makes it")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
