@@ -535,38 +535,98 @@ def test_xopd_step_zero_advantage_when_teacher_is_student(monkeypatch):
 
 
 def different_teacher_pair():
+    """A student whose next-token distributions are spread (embeddings scaled down) and a teacher
+    far from it: advantages of nats, rows of different lengths, some ended."""
     student, teacher = speech_lm_pair()
-    with torch.no_grad():  # a teacher that differs from the student
+    with torch.no_grad():
+        student.decoder.embed_tokens.weight.mul_(0.2)
+        teacher.embed_tokens.weight.mul_(0.2)
         for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.2 * torch.randn_like(p))
     return student, teacher
 
 
-def test_xopd_step_gradient_reaches_the_decoder_only():
+def advantages_by_hand(student, teacher, batch, rollouts, n):
+    """Eq. 1 / 2 from full forward passes, row by row, in float64: {term: [A_t of each row's real
+    tokens]} for the recorded rollouts {term: (ids, mask, logp_old)} (row r answers prompt r // n)."""
+    s, t = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    dec = s.decoder
+    with torch.no_grad():
+        audio = s.encode_audio(batch.mels.double(), batch.mel_lens)
+        prompts = {"im": s.embed(batch.text_ids, batch.text_lens),
+                   "cm": s.embed(batch.speech_ids, batch.speech_lens, *audio)}
+        out = {}
+        for term, (ids, mask, _) in rollouts.items():
+            emb, lens = prompts[term]
+            out[term] = []
+            for r in range(ids.size(0)):
+                b, y = r // n, ids[r][mask[r]]
+                x = torch.cat([emb[b, :lens[b]], dec.embed_tokens(y)])[None]
+                ls = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1].log_softmax(-1)
+                nt = int(batch.text_lens[b])
+                lt = t.logits(t(torch.cat([batch.text_ids[b, :nt], y])[None]))[0, nt - 1:-1]
+                out[term].append((lt.log_softmax(-1) - ls).gather(1, y[:, None]).squeeze(1))
+    return out
+
+
+def recording_sample(monkeypatch):
+    """xopd.sample as it is, each call's rollouts appended to the list returned."""
+    drawn, real = [], xopd.sample
+    monkeypatch.setattr(xopd, "sample", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    return drawn
+
+
+def test_xopd_step_diagnostics_match_full_forward_passes(monkeypatch):
+    """adv_* (the mean advantage per token), rkl_* (the mean over rows of sum_t -A_t), the loss
+    (on-policy r_t = 1 in value, so -(lam * mean_rows mean_t A_im + (1 - lam) * ... A_cm)) and the
+    rollouts' lengths, against the advantages computed by hand from full forward passes; the
+    gradient reaches the student's decoder only."""
     student, teacher = different_teacher_pair()
     batch, _ = paired_batch()
-    loss, m = xopd.xopd_step(student, teacher, batch, n=2, max_new_tokens=5, eos_id=3,
+    drawn = recording_sample(monkeypatch)
+    loss, m = xopd.xopd_step(student, teacher, batch, n=2, lam=0.3, max_new_tokens=5, eos_id=3,
                              generator=torch.Generator().manual_seed(0))
-    assert set(m) == {"adv_im", "rkl_im", "adv_cm", "rkl_cm", "resp_len", "frac_ended", "tokens",
-                      "ms_rollout", "ms_teacher", "ms_loss"}
+    rollouts = dict(zip(("im", "cm"), drawn))  # sampled from T, then from S
+    adv = advantages_by_hand(student, teacher, batch, rollouts, n=2)
+    ref_loss = 0.0
+    for term, w in (("im", 0.3), ("cm", 0.7)):
+        assert m[f"adv_{term}"] == pytest.approx(torch.cat(adv[term]).mean().item(), abs=1e-4)
+        rkl = sum(-a.sum().item() for a in adv[term]) / len(adv[term])
+        assert m[f"rkl_{term}"] == pytest.approx(rkl, abs=1e-4)
+        ref_loss -= w * sum(a.mean().item() for a in adv[term]) / len(adv[term])
+    assert loss.item() == pytest.approx(ref_loss, abs=1e-5)
+    lengths = [len(a) for term in ("im", "cm") for a in adv[term]]
+    ended = [bool((ids[r][mask[r]] == 3).any()) for ids, mask, _ in drawn for r in range(len(ids))]
+    assert len(lengths) == 2 * 3 * 2 and m["tokens"] == sum(lengths)
+    assert m["resp_len"] == pytest.approx(sum(lengths) / len(lengths))
+    assert m["frac_ended"] == pytest.approx(sum(ended) / len(ended))
     loss.backward()
     assert all(p.grad is not None for p in student.decoder.parameters())
     assert all(p.grad is None for p in [*student.encoder.parameters(), *student.adapter.parameters()])
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_xopd_step_lambda_selects_the_terms():
+def test_xopd_step_lambda_selects_the_terms(monkeypatch):
+    """lam = 1 samples from T only and its loss is -mean_rows mean_t A_im; lam = 0 samples from S
+    only, with -mean_rows mean_t A_cm (both by hand). lam = 1 never reads the audio."""
     student, teacher = different_teacher_pair()
     batch, _ = paired_batch()
+    drawn = recording_sample(monkeypatch)
     kw = dict(n=2, max_new_tokens=5, eos_id=3)
-    loss1, m1 = xopd.xopd_step(student, teacher, batch, lam=1.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert "adv_im" in m1 and "adv_cm" not in m1
-    # lambda = 1 never reads the audio: other mels, the same loss
-    silent = dataclasses.replace(batch, mels=torch.zeros_like(batch.mels))
-    again, _ = xopd.xopd_step(student, teacher, silent, lam=1.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert again.item() == loss1.item()
-    _, m0 = xopd.xopd_step(student, teacher, batch, lam=0.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert "adv_cm" in m0 and "adv_im" not in m0
+    for lam, term in ((1.0, "im"), (0.0, "cm")):
+        drawn.clear()
+        gen = torch.Generator().manual_seed(0)
+        loss, m = xopd.xopd_step(student, teacher, batch, lam=lam, generator=gen, **kw)
+        assert len(drawn) == 1  # one term's rollouts, no other
+        adv = advantages_by_hand(student, teacher, batch, {term: drawn[0]}, n=2)[term]
+        ref = -sum(a.mean().item() for a in adv) / len(adv)
+        assert loss.item() == pytest.approx(ref, abs=1e-5)
+        assert m[f"adv_{term}"] == pytest.approx(torch.cat(adv).mean().item(), abs=1e-4)
+        if lam == 1.0:  # other mels, the same loss
+            silent = dataclasses.replace(batch, mels=torch.zeros_like(batch.mels))
+            gen = torch.Generator().manual_seed(0)
+            again, _ = xopd.xopd_step(student, teacher, silent, lam=1.0, generator=gen, **kw)
+            assert again.item() == loss.item()
 
 
 def test_steps_refuse_a_teacher_with_another_vocabulary():
