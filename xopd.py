@@ -6,8 +6,7 @@ Top to bottom: sampling, the student's rollouts, the fused log-prob gather, the 
 scores, Eq. 1-5 and one X-OPD step; the baselines; what the pipeline needs beside them; last, the
 fast decode steps. A step returns its loss and diagnostics; train.py does backward and the update.
 
-The method's equations, numbered here in the order the paper's method section introduces
-them (the numbers are this file's):
+The method's equations, numbered in the order the paper's method section introduces them:
   Eq. 1  in-modal advantage     A_im(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | T, y<t)
   Eq. 2  cross-modal advantage  A_cm(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | S, y<t)
   Eq. 3  importance ratio       r_t = pi_theta(y_t | .) / pi_theta_old(y_t | .)
@@ -53,17 +52,15 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # token i stays if the mass strictly before it is < p: this is the smallest
-        # prefix whose mass reaches p, and the first token (mass before it 0) always stays
+        # token i stays if the mass before it is < p: the smallest prefix reaching p (first stays)
         mass_before = probs.cumsum(dim=-1) - probs
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     logp = logits.log_softmax(dim=-1)
-    # Inverse CDF: one uniform per row (torch.multinomial draws one exponential per vocabulary
-    # entry, which costs more than the rest of a small decode step). The first id whose
-    # cumulative probability exceeds u; a token of probability 0 never is. float64, so that the
-    # tail's mass survives the sum.
+    # Inverse CDF: one uniform per row (torch.multinomial draws one per vocabulary entry), the
+    # first id whose cumulative probability exceeds it (never one of probability 0); in float64,
+    # so that the tail's mass survives the sum.
     cdf = logp.double().exp().cumsum(dim=-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
     u = u * cdf[:, -1:]
@@ -125,9 +122,8 @@ def prompt_embeds(model, batch, modality):
         return model.embed_tokens(batch.text_ids), batch.text_lens
     if modality == "text":
         return model.embed(batch.text_ids, batch.text_lens)
-    audio_params = (*model.encoder.parameters(), *model.adapter.parameters())
-    audio_trainable = any(p.requires_grad for p in audio_params)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
+    audio = (*model.encoder.parameters(), *model.adapter.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in audio)):
         if batch.feats is not None:
             audio = model.audio_embeds(batch.feats, batch.feat_lens)
         else:
@@ -142,15 +138,13 @@ def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens,
     and rollouts {term: (ids, mask, logp_old)}, rows (B*n, L), as xopd.sample gives them."""
     kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
               generator=generator)
-    modality = {"im": "text", "cm": "speech"}
-    prompts = {k: prompt_embeds(student, batch, modality[k]) for k in terms}
-    rollouts = {k: sample(student.decoder, lens, inputs_embeds=emb, **kw)
-                for k, (emb, lens) in prompts.items()}
-    return prompts, rollouts
+    prompts = {k: prompt_embeds(student, batch, {"im": "text", "cm": "speech"}[k]) for k in terms}
+    return prompts, {k: sample(student.decoder, lens, inputs_embeds=emb, **kw)
+                     for k, (emb, lens) in prompts.items()}
 
 
 # -----------------------------------------------------------------------------
-# log-probs through the fused gather
+# log-probs through the fused gather; the teacher's scores (the first half of Eq. 1 and 2)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -196,13 +190,13 @@ class _TokenLogprobs(torch.autograd.Function):
             # d out / d logits = onehot(target) - p, scaled by the incoming gradient
             p.mul_(-g[:, None])
             p[torch.arange(p.size(0), device=p.device), targets[i:i + c]] += g
-            if grad_h is not None:
+            if need_h:
                 grad_h[i:i + c] = p @ w
-            if grad_w is not None:
+            if need_w:
                 grad_w.addmm_(p.T, h)
             del p
-        grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None
 
 
@@ -240,14 +234,10 @@ def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size
     return out.masked_scatter(mask, lp.float())
 
 
-# -----------------------------------------------------------------------------
-# the teacher's scores: the first half of Eq. 1 and 2
-
-
 @torch.no_grad()
 def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
-    """The teacher (a model.Decoder) scores every sampled token reading T + response, never
-    audio: {term: (B*n, L)}, the first half of Eq. 1 and 2."""
+    """The teacher (a model.Decoder) scores each sampled token reading T + response -> {term:
+    (B*n, L)}."""
     text_lens = batch.text_lens.repeat_interleave(n)
     prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
     return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
@@ -261,10 +251,9 @@ def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size
 def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
     """One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with grad;
     logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L). agg, norm_len:
-    Eq. 4's reduction (aggregate). Returns (loss, mean advantage per real token).
-    The advantage comes from the recomputed log-probs, not the sampling-time ones: on-policy they
-    are equal, but the recomputation takes the teacher's code path (full causal pass + fused
-    gather), so a teacher equal to the student gives exactly 0, not KV-cache rounding noise."""
+    Eq. 4's reduction (aggregate). Returns (loss, mean advantage per real token). The advantage
+    uses the recomputed log-probs, which take the teacher's code path: a teacher equal to the
+    student gives exactly 0, not the KV cache's rounding noise."""
     adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
     ratio = torch.exp(logp - logp_old)  # Eq. 3, 1 in value on-policy; its gradient is grad log pi
     obj = ratio * adv
@@ -303,11 +292,10 @@ def sampled_rkl(logp, logp_teacher, mask):
 
 
 def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0, agg="seq_mean", norm_len=None):
-    """Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im and cm are tuples (logp, logp_old,
-    logp_teacher, mask), each (B, L), for rollouts from the text prompt T and from the speech
-    prompt S; a term may be None when its weight is 0. Returns (loss, stats): per term the mean
-    advantage adv_* (its negative: a per-token reverse-KL estimate) and rkl_*, mean_rows(sum_t
-    -A_t), unbiased for the sequence-level KL(pi_theta(y|.) || pi_phi(y|T))."""
+    """Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im, cm: (logp, logp_old, logp_teacher, mask),
+    each (B, L), for rollouts from T and from S; None when the term's weight is 0. Returns (loss,
+    stats): per term the mean advantage adv_* (minus a per-token reverse-KL estimate) and rkl_*,
+    mean_rows(sum_t -A_t), unbiased for the sequence-level KL(pi_theta(y|.) || pi_phi(y|T))."""
     loss, stats = 0.0, {}
     for name, term, w in (("im", im, lam), ("cm", cm, 1.0 - lam)):
         if term is None:
@@ -321,8 +309,7 @@ def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0, agg="seq_mean", norm_le
     return loss, stats
 
 
-def _check_vocab(student, teacher):
-    """The models' side of check_same_tokenizer: one vocabulary size."""
+def _check_vocab(student, teacher):  # the models' side of check_same_tokenizer
     vs, vt = student.decoder.lm_head.weight.size(0), teacher.lm_head.weight.size(0)
     if vs != vt:
         raise ValueError(f"student vocabulary {vs} != teacher vocabulary {vt}: "
@@ -335,13 +322,11 @@ def _ms(t0):
 
 def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
               eos_id, generator=None, ratio_clip=0.0, loss_agg="seq_mean", chunk_size=1024):
-    """The X-OPD loss of a batch of paired prompts (S, T). The student (a model.SpeechLM) samples
-    n responses from T (in-modal) and n from S (cross-modal); the frozen teacher (a model.Decoder)
-    scores both on T + response; the student's log-probs are recomputed with grad; Eq. 5.
-    Returns (loss, stats). Rollouts come from the student's full distribution at `temperature`,
-    which scales the student's and the teacher's log-probs alike. No top-k / top-p, on purpose:
-    tokens outside a truncated distribution are never sampled, so the estimate would drop that
-    tail of the KL. loss_agg: Eq. 4's reduction (aggregate), "token_sum" over max_new_tokens."""
+    """The X-OPD loss of a batch of paired prompts (S, T) -> (loss, stats). The student (a
+    model.SpeechLM) samples n responses from T (in-modal) and n from S (cross-modal); the frozen
+    teacher (a model.Decoder) scores both on T + response; the student's log-probs are recomputed
+    with grad; Eq. 5. `temperature` scales the rollouts' and both models' log-probs alike; no
+    top-k / top-p, whose cut tail would be missing from the KL's estimate. loss_agg: aggregate."""
     assert temperature > 0, "training rollouts must be stochastic"
     _check_vocab(student, teacher)
     t0 = time.perf_counter()
@@ -363,13 +348,11 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
         scored[k] = (logp, logp_old, teacher_lp[k], mask)
     loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip, loss_agg,
                             max_new_tokens)
-    masks = [m for _, m, _ in rollouts.values()]
-    ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]
-    return loss, dict(**stats,
-                      resp_len=torch.cat([m.sum(1) for m in masks]).float().mean().item(),
-                      frac_ended=torch.cat(ends).float().mean().item(),
-                      tokens=int(sum(m.sum() for m in masks)),
-                      ms_rollout=t_rollout, ms_teacher=t_teacher, ms_loss=_ms(t0))
+    lens = torch.cat([m.sum(1) for _, m, _ in rollouts.values()])
+    ended = torch.cat([((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()])
+    return loss, dict(**stats, resp_len=lens.float().mean().item(), tokens=int(lens.sum()),
+                      frac_ended=ended.float().mean().item(), ms_rollout=t_rollout,
+                      ms_teacher=t_teacher, ms_loss=_ms(t0))
 
 
 # -----------------------------------------------------------------------------
@@ -379,9 +362,8 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
 def gkd_divergence(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """Generalised JSD(beta) per row between next-token distributions (..., V) -> (...): beta = 0
     is KL(teacher || student) (forward), beta = 1 KL(student || teacher) (reverse), in between
-    beta * KL(teacher || M) + (1 - beta) * KL(student || M) with the mixture M = beta * teacher +
-    (1 - beta) * student in probability space (Agarwal et al. 2024, Eq. 1; TRL's convention). The
-    endpoints are the two KLs themselves, not the limits of the mixed form (which tend to 0)."""
+    beta * KL(teacher || M) + (1 - beta) * KL(student || M), M = beta * teacher + (1 - beta) *
+    student (Agarwal et al. 2024, Eq. 1; TRL's convention). The endpoints are the KLs themselves."""
     ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
     lt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if beta == 0:
@@ -400,9 +382,8 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, bet
              temperature=1.0, chunk_size=1024):
     """Generalised JSD(beta) per position (N,) between the student's and the teacher's full
     next-token distributions, from hidden states (N, d_s), (N, d_t) and heads (V, d_s), (V, d_t).
-    Chunk by chunk under activation checkpointing: a chunk's two (c, V) logits exist only while it
-    is computed, and again in its backward (the divergence's gradient is autograd's to get right;
-    a custom Function would have the same memory bound)."""
+    Chunk by chunk under activation checkpointing (autograd gets the gradient right): a chunk's
+    two (c, V) logits exist only while it is computed, and again in its backward."""
     needs_grad = student_hidden.requires_grad or student_weight.requires_grad
     out = []
     for i in range(0, student_hidden.size(0), chunk_size):
@@ -415,10 +396,8 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, bet
     return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _fixed_responses(batch):
-    """The batch's fixed responses -> ids (B, L), mask (B, L)."""
-    ids = batch.response_ids
-    return ids, M.lengths_mask(batch.response_lens, ids.size(1))
+def _fixed_responses(batch):  # -> ids (B, L), mask (B, L)
+    return batch.response_ids, M.lengths_mask(batch.response_lens, batch.response_ids.size(1))
 
 
 def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
@@ -431,9 +410,9 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
     t0 = time.perf_counter()
     emb, lens = prompt_embeds(student, batch, "speech")
     ids, mask = _fixed_responses(batch)
-    g_dev = generator.device if generator is not None else None  # draw on the generator's device
-    on_policy = torch.rand(ids.size(0), generator=generator, device=g_dev) < student_frac
-    on_policy = on_policy.to(ids.device)
+    g_dev = generator.device if generator is not None else None  # drawn where the generator is
+    draw = torch.rand(ids.size(0), generator=generator, device=g_dev)
+    on_policy = (draw < student_frac).to(ids.device)
     if on_policy.any():
         s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
                                   max_new_tokens=max_new_tokens, eos_id=eos_id,
@@ -449,12 +428,11 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
     with torch.no_grad():
         ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
     hs = response_hidden(student.decoder, emb, lens, ids)[mask]
-    div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
-                   temperature, chunk_size)
-    loss = div.mean()
-    return loss, dict(frac_student=on_policy.float().mean().item(),
-                      resp_len=mask.sum(1).float().mean().item(),
-                      tokens=int(mask.sum()), ms_rollout=t_rollout, ms_loss=_ms(t0))
+    loss = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
+                    temperature, chunk_size).mean()
+    return loss, dict(frac_student=on_policy.float().mean().item(), tokens=int(mask.sum()),
+                      resp_len=mask.sum(1).float().mean().item(), ms_rollout=t_rollout,
+                      ms_loss=_ms(t0))
 
 
 def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False):
@@ -477,14 +455,12 @@ def sft_step(student, batch, *, chunk_size=1024):
 
 
 # -----------------------------------------------------------------------------
-# what the pipeline needs beside the steps: validation, greedy answers, held-out reverse KL,
-# the shared-tokenizer check
+# what the pipeline needs beside the steps: validation loss, greedy answers, held-out reverse KL
 
 
 def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
-    """Mean cross-entropy of the batch's fixed responses given its text or speech prompts,
-    through the fused gather (per token, or per_sequence: see sft_loss) -> (loss, number of
-    response tokens)."""
+    """Mean cross-entropy of the batch's fixed responses given its text or speech prompts (per
+    token, or per_sequence: see sft_loss) -> (loss, number of response tokens)."""
     emb, lens = prompt_embeds(model, batch, modality)
     dec = model if isinstance(model, M.Decoder) else model.decoder
     ids, mask = _fixed_responses(batch)
@@ -511,9 +487,8 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
 @torch.no_grad()
 def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generator=None):
     """Monte Carlo estimates of the sequence-level reverse KL from the student reading T
-    ("rkl_im") and hearing S ("rkl_cm") to the teacher reading T, in nats per response:
-    the mean over rollouts of sum_t log pi_theta(y_t | .) - log pi_phi(y_t | T, y<t). On
-    held-out prompts it shows what alignment does to the gap without training on them."""
+    ("rkl_im") and hearing S ("rkl_cm") to the teacher reading T, in nats per response (sampled_rkl
+    summed over a row, mean over rows): on held-out prompts, what alignment does to the gap."""
     _check_vocab(student, teacher)
     _, rollouts = student_rollouts(student, batch, n=n, max_new_tokens=max_new_tokens,
                                    eos_id=eos_id, generator=generator)
@@ -530,10 +505,8 @@ def check_same_tokenizer(teacher_tok, student_tok):
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))
         problems.append(f"vocabularies differ (sizes {len(va)} vs {len(vb)}; e.g. {diff[:5]})")
-
-    def specials(tok):
-        return {i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    sa, sb = specials(teacher_tok), specials(student_tok)
+    sa, sb = ({i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
+              for tok in (teacher_tok, student_tok))
     if sa != sb:
         problems.append(f"special tokens differ: teacher {sa} vs student {sb}")
     if problems:
@@ -542,12 +515,11 @@ def check_same_tokenizer(teacher_tok, student_tok):
 
 
 # -----------------------------------------------------------------------------
-# fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use
-#
-# step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding.
-# sample reads two attributes: static (the rollout's cache is allocated once at its final size, so
-# every decode step has the same shapes: model.KVCache's static) and check_every (decode steps
-# between two host reads of whether every row has ended; each read waits for the device).
+# fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use.
+# step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding;
+# sample reads its static (the rollout's cache allocated once at its final size: the same shapes
+# at every step) and check_every (steps between two host reads, each a wait for the device, of
+# whether every row has ended).
 
 
 def static_step(decoder):
@@ -557,10 +529,8 @@ def static_step(decoder):
     return step
 
 
-@functools.cache
+@functools.cache  # made on first use (the compiler takes seconds to import), one for every decoder
 def _compiled_decode_step():
-    # one for every decoder (the guards pick the compiled version), made on first use: the
-    # compiler stack takes seconds to import, which no other path needs
     return torch.compile(M.Decoder.decode_step)
 
 
@@ -574,18 +544,16 @@ def compiled_step(decoder):
 
 class DecodeGraph:
     """Decoder.decode_step on a static cache, captured in a CUDA graph at its first call on a
-    cache and replayed after: a decode step is a few hundred small kernels, and a replay launches
-    them all at once. A graph replays on the memory it was captured on: the input is copied into
-    a buffer of its own, the cache and cache.lengths are written in place (Decoder.decode), the
-    output is the graph's own buffer, overwritten by the next call. Another cache (the next
-    rollout's) is captured anew. On a CPU the same buffers run eagerly, so CPU tests cover this."""
+    cache and replayed after (a replay launches a step's hundreds of small kernels at once). The
+    input is copied into the graph's own buffer, the cache and cache.lengths are written in place
+    (Decoder.decode), the output is the graph's buffer, overwritten by the next call. Another
+    cache (the next rollout's) is captured anew. On a CPU the same buffers run eagerly."""
     static, check_every = True, 8
 
     def __init__(self, decoder):
         self.decoder, self.buffers = decoder, None
 
-    def __call__(self, x, cache):
-        # what a replay reads and writes: the input's shape, the cache's memory and shapes
+    def __call__(self, x, cache):  # a replay needs the input's shape, the cache's memory
         buffers = [x.shape] + [(t.data_ptr(), t.shape) for t in [*cache.k, *cache.v, cache.lengths]]
         if buffers != self.buffers:
             self.capture(x, cache)
@@ -602,30 +570,24 @@ class DecodeGraph:
             self.out = run()
             self.replay = lambda: self.out.copy_(run())
             return
-        # The warm-up writes this step's keys at each row's position, which every replay writes
-        # again before it reads them; autocast's weight casts made there stay in its cache, where
-        # the graph reads them.
+        # the warm-up writes this step's keys, which every replay writes again before reading;
+        # autocast's weight casts made there stay in its cache, where the graph reads them
         with torch.cuda.device(x.device):
             self.graph, self.out = capture_cuda_graph(run)
         self.replay = self.graph.replay
 
 
-# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the caching allocator
-# reuses memory freed on a stream for that stream only, so a new stream per rollout would keep each
-# old one's warm-up memory aside.
+# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the allocator reuses
+# memory freed on a stream for that stream only, so a new stream per rollout would strand memory.
 _capture_streams = {}
 
 
 def capture_cuda_graph(fn, warmup=3):
-    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: the graph's own
-    buffers, which each graph.replay() writes). As torch.cuda.graph: warm-up calls on a side stream
-    (lazy initialisation: cuBLAS, kernel choices), then the capture on it, into a memory pool of
-    the graph's own; without its empty_cache, which would hand the allocator's cached memory back
-    to the driver at every capture (here: every rollout)."""
-    dev = torch.cuda.current_device()
-    if dev not in _capture_streams:
-        _capture_streams[dev] = torch.cuda.Stream()
-    side = _capture_streams[dev]
+    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: buffers each
+    graph.replay() writes). As torch.cuda.graph: warm-up calls on a side stream (lazy cuBLAS and
+    kernel choices), then the capture there into a memory pool of the graph's own; without its
+    empty_cache, which would hand cached memory back to the driver at every rollout."""
+    side = _capture_streams.setdefault(torch.cuda.current_device(), torch.cuda.Stream())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
