@@ -1,15 +1,13 @@
 """The models: a Whisper-compatible audio encoder with a character CTC head (the speech
-encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache,
-and the speech LLM that splices audio vectors into the decoder's input where the AUDIO
-placeholder stands. Then checkpoints: every model is saved with its configs and rebuilt
-from them by load_model, with this one import.
+encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache, and
+the speech LLM that splices audio vectors into the decoder's input where the AUDIO placeholder
+stands. Then checkpoints: every model is saved with its configs and rebuilt by load_model.
 
-Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives 50 frames/s
-(a trailing half frame is dropped) -> one audio token per spoken word, where the CTC head's
-best path puts it, after one token for the whole clip (who speaks, and how).
-
-Decoder.forward returns hidden states after the final norm; logits are one call
-away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
+Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives 50 frames/s (a
+trailing half frame is dropped) -> one audio token per spoken word, where the CTC head's best
+path puts it, after one token for the whole clip (who speaks, and how).
+Decoder.forward returns hidden states after the final norm; logits are one call away
+(decoder.logits(h)), so training can gather log-probs chunk by chunk.
 """
 import copy
 import json
@@ -156,10 +154,9 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel, mel_lens=None):
         """mel (B, n_mels, T), mel_lens (B,) or None (all full) -> x (B, T // 2, n_state), lens
-        (B,). With no padding and T = 2 * n_ctx this is exactly Whisper's encoder. Padding never
-        leaks into a clip: padded mel frames are zeroed (what conv1's zero padding shows a clip
-        alone), padded conv1 outputs too (conv2's padding; with the floored length no kept
-        output reads them, but a ceil would), and padded keys are masked in attention."""
+        (B,); with no padding and T = 2 * n_ctx exactly Whisper's encoder. Padding never leaks
+        into a clip: padded mel frames are zeroed (as conv1's zero padding shows a clip alone),
+        padded conv1 outputs too (conv2's padding), padded keys are masked in attention."""
         B, _, T = mel.shape
         T2 = T // 2  # floor: an odd last frame is dropped (conv2 would give ceil(T / 2))
         assert T2 <= self.n_ctx, f"{T} mel frames exceed 2 * n_ctx = {2 * self.n_ctx}"
@@ -188,8 +185,7 @@ WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_aud
 def read_whisper(path):
     """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
     file of another layout is a ValueError naming the file and the missing field."""
-    try:
-        # memory-mapped: a caller may read only the dims, and a large checkpoint is GBs
+    try:  # memory-mapped: a caller may read only the dims, and a large checkpoint is GBs
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable Whisper checkpoint "
@@ -213,8 +209,7 @@ def load_whisper_encoder(path_or_checkpoint):
     """A Whisper checkpoint as distributed ({"dims": ..., "model_state_dict": ...}, a path or
     the loaded dict) -> its AudioEncoder with the weights loaded strict."""
     ckpt = path_or_checkpoint
-    if not isinstance(ckpt, dict):
-        ckpt = read_whisper(ckpt)
+    ckpt = ckpt if isinstance(ckpt, dict) else read_whisper(ckpt)
     enc = AudioEncoder(**asdict(whisper_config(ckpt)))
     sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items()
           if k.startswith("encoder.")}
@@ -230,13 +225,12 @@ def load_whisper_encoder(path_or_checkpoint):
 # the speech encoder: what the speech LLM hears with
 #
 # The toy language is spoken as it is spelled, so a character CTC head learns in minutes what the
-# decoder would learn far more slowly through attention alone. The head stays with the encoder: its
-# best path says where each spoken word lies, and the adapter hands the decoder one vector per
-# word, the unit the decoder's word-level text already has (docs/decisions.md).
-# CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
-# speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
-# audio encoders: audio captioning and classification too), so four voice heads on the encoder's
-# time-averaged output learn the speaker's pitch, speaking rate, emotion and background noise.
+# decoder would learn far more slowly through attention alone. Its best path says where each word
+# lies, and the adapter hands the decoder one vector per word, the unit its text already has
+# (docs/decisions.md, "The audio side"). CTC alone rewards an encoder for discarding who speaks
+# and how; real speech LLMs' audio encoders learn more than transcription (Whisper: language,
+# timing, non-speech), so four voice heads on the encoder's time-averaged output learn the
+# speaker's pitch, speaking rate, emotion and background noise.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
 SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
@@ -246,9 +240,8 @@ VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
 
 def spoken_letters(text):
     """A transcript as the toy synthesiser speaks it: letters and single spaces, a doubled letter
-    once ('three' -> 'thre'). A doubled letter is one unbroken sound (as 'ee' is one vowel in
-    speech), which CTC could only write twice with a blank between, that is with a boundary the
-    audio does not have; the decoder, which knows the words, spells them."""
+    once ('three' -> 'thre'): one unbroken sound, which CTC could only write twice with a blank,
+    a boundary the audio does not have, between; the decoder, which knows the words, spells them."""
     words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
     s = " ".join(words)
     return "".join(c for i, c in enumerate(s) if i == 0 or c != s[i - 1])
@@ -490,9 +483,8 @@ class DecoderLayer(nn.Module):
 
 class KVCache:
     """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
-    place by update. lengths[b] = valid positions of row b = where row b's next token is written;
-    end = max(lengths), kept as a Python int so that decoding sizes its mask without a device sync.
-    Decoder.prefill and Decoder.decode advance both after their pass.
+    place by update. lengths[b] = where row b's next token is written; end = max(lengths), a
+    Python int, so decoding sizes its mask without a device sync; prefill and decode advance both.
     static: every decode step has the same shapes (what a CUDA graph replays): attention reads all
     max_len positions, masked from lengths alone, and lengths advances in place."""
 
@@ -510,10 +502,9 @@ class KVCache:
         return self.k[0].shape[2]
 
     def update(self, layer, k, v):
-        """Write one layer's new keys and values k, v (B, n_kv_heads, T, head_dim): row b's T tokens
-        at positions lengths[b] .. lengths[b] + T - 1. Returns that layer's keys and values at
-        positions 0 .. end + T - 1, what attention reads (its mask hides what a row has not
-        written); a static cache returns all max_len positions, the same shape at every step."""
+        """Write one layer's new k, v (B, n_kv_heads, T, head_dim) at each row's positions
+        lengths[b] .. lengths[b] + T - 1 -> that layer's keys and values at 0 .. end + T - 1
+        (attention's mask hides what a row has not written), or all max_len when static."""
         kc, vc = self.k[layer], self.v[layer]
         T = k.shape[2]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
@@ -526,8 +517,7 @@ class KVCache:
 
     def repeat_interleave(self, n, max_len=None):
         """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
-        max_len: into a new static cache of that length, allocated here once at the rollout's final
-        size (B*n rows, prompt + new tokens), so the prefilled cache need only hold the prompt."""
+        max_len: into a new static cache of that length (the rollout's final size)."""
         if max_len is None:
             new = copy.copy(self)
             new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
@@ -597,16 +587,14 @@ class Decoder(nn.Module):
         return self._run(x, *self.rotary(x.shape[1]))  # positions 0..T-1 for every row
 
     def new_cache(self, batch_size, max_len, static=False):
-        w = self.embed_tokens.weight
-        c = self.cfg
+        c, w = self.cfg, self.embed_tokens.weight
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype=w.dtype,
                        device=w.device, static=static)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
-        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache.
-        Writes positions 0..T-1 of the cache (padding too: decode overwrites it and masks what it
-        has not written) and sets cache.lengths = lengths. hidden[b, lengths[b] - 1] predicts row
-        b's first token."""
+        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache:
+        positions 0..T-1 (padding too: decode overwrites and masks it), cache.lengths = lengths.
+        hidden[b, lengths[b] - 1] predicts row b's first token."""
         x = self._embed(input_ids, inputs_embeds)
         T = x.shape[1]
         assert cache.end == 0, "prefill needs a fresh cache"
@@ -632,9 +620,8 @@ class Decoder(nn.Module):
 
     def decode_step(self, x, cache):
         """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1,
-        dim). With a static cache every tensor's shape is fixed and nothing is read on the host:
-        the mask spans all max_len keys and comes from cache.lengths alone, so the step can be a
-        CUDA graph."""
+        dim). With a static cache the shapes are fixed and nothing is read on the host (the mask
+        spans all max_len keys, from cache.lengths alone), so the step can be a CUDA graph."""
         pos = cache.lengths
         n = cache.max_len if cache.static else cache.end + 1  # keys up to the longest row's end
         mask = lengths_mask(pos + 1, n)[:, None, None, :]  # (B, 1, 1, n)
@@ -644,14 +631,11 @@ class Decoder(nn.Module):
 
 
 def load_llama(state_dict_or_path, config):
-    """A Llama-family checkpoint in the Hugging Face layout (keys with or without the leading
-    "model."; tied checkpoints may lack lm_head.weight) and its config.json contents -> Decoder.
-    A path is read with torch.load (a .bin / .pt state dict; load_llama_folder reads .safetensors).
-    A config naming a feature this decoder lacks, a missing field or tensor: ValueError naming
-    it."""
+    """A Llama-family state dict in the Hugging Face layout (keys with or without "model."; a tied
+    one may lack lm_head.weight), or a .bin / .pt file of one, and its config.json contents ->
+    Decoder. A feature this decoder lacks, a missing field or tensor: ValueError naming it."""
     sd = state_dict_or_path
-    if not isinstance(sd, dict):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+    sd = sd if isinstance(sd, dict) else torch.load(sd, map_location="cpu", weights_only=True)
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if config.get(key):
             raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama only)")
@@ -782,8 +766,7 @@ class SpeechLM(nn.Module):
     def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig,
                  audio_token_id=-1):
         super().__init__()
-        widths = (adp_cfg.d_in, adp_cfg.d_out) == (enc_cfg.n_state, dec_cfg.dim)
-        assert widths, "adapter widths mismatch"
+        assert (adp_cfg.d_in, adp_cfg.d_out) == (enc_cfg.n_state, dec_cfg.dim), "adapter widths"
         self.encoder = SpeechEncoder(enc_cfg, adp_cfg.bins)
         self.adapter = Adapter(adp_cfg)
         self.decoder = Decoder(dec_cfg)
@@ -813,11 +796,10 @@ class SpeechLM(nn.Module):
             n = int(lengths[b])
             where = (input_ids[b, :n] == self.audio_token_id).nonzero().flatten().tolist()
             if len(where) > 1:
-                raise ValueError(f"row {b} holds {len(where)} audio placeholders, "
-                                 "expected at most 1")
+                raise ValueError(f"row {b} holds {len(where)} audio placeholders, expected <= 1")
+            if where and audio_embeds is None:
+                raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
             if where:
-                if audio_embeds is None:
-                    raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
                 p = where[0]
                 audio = audio_embeds[b, :int(audio_lens[b])].to(tok.dtype)
                 rows.append(torch.cat([tok[b, :p], audio, tok[b, p + 1:n]]))
@@ -883,8 +865,7 @@ def save_checkpoint(path, payload):
 
 
 def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint; a missing, truncated or foreign file is an error
-    naming path."""
+    """A checkpoint written by save_checkpoint; a missing, truncated or foreign one: an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
@@ -892,7 +873,8 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, not a torch file, pickled objects...
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
                          "delete it and rerun the stage that makes it") from None
-    missing = [k for k in ("model", "configs", "train") if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("model", "configs", "train")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; "
                          "expected one written by train.py")
@@ -942,11 +924,8 @@ def pick_device():
         why = f"CUDA device {torch.cuda.get_device_name()} found; "
         why += "bf16 autocast" if bf16 else "float32 (no bf16 support)"
         return dev, (torch.bfloat16 if bf16 else None), why
-    threads = torch.get_num_threads()
-    return torch.device("cpu"), None, f"no CUDA device; CPU with {threads} threads, float32, no autocast"
-
-
-# -----------------------------------------------------------------------------
+    why = f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
+    return torch.device("cpu"), None, why
 
 
 def count_params(module):

@@ -585,14 +585,25 @@ def enospc(f):
 
 
 def enospc_under_torch(f):
-    """The same, wrapped as torch.save wraps a failed write in an error of its own."""
+    """The same, wrapped in an error of another kind."""
     try:
         enospc(f)
     except OSError as e:
         raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from e
 
 
-@pytest.mark.parametrize("write", [enospc, enospc_under_torch])
+def torch_save_on_a_full_disk(f):
+    """torch.save's own failure on a full disk (Linux's /dev/full): an OSError raised while its
+    RuntimeError is handled, two chained tracebacks unless caught."""
+    f.write(b"half a checkpoint")
+    with open("/dev/full", "wb") as full:
+        torch.save({"model": torch.zeros(10_000)}, full)
+
+
+@pytest.mark.parametrize("write", [
+    enospc, enospc_under_torch,
+    pytest.param(torch_save_on_a_full_disk, marks=pytest.mark.skipif(
+        not os.path.exists("/dev/full"), reason="needs /dev/full"))])
 def test_a_full_disk_is_one_error_naming_the_file_and_leaves_no_temporary(tmp_path, write):
     path = str(tmp_path / "run" / "ckpt.pt")
     M.atomic_write(path, lambda f: f.write(b"the last good one"), mode="wb")
