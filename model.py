@@ -169,10 +169,8 @@ class AudioEncoder(nn.Module):
         lens = mel_lens // 2
         keep = lengths_mask(lens, T2)  # (B, T2)
         key_mask = None
-        if not bool(keep.all()):
-            key_mask = keep.clone()
-            key_mask[:, 0] = True  # an empty clip (< 2 mel frames) would give a NaN softmax
-            key_mask = key_mask[:, None, None, :]  # (B, 1, 1, T2)
+        if not bool(keep.all()):  # key 0 stays: an empty clip (< 2 frames) gives no NaN softmax
+            key_mask = (keep | (torch.arange(T2, device=mel.device) == 0))[:, None, None, :]
         for block in self.blocks:
             x = block(x, key_mask)
         x = self.ln_post(x)
@@ -518,17 +516,12 @@ class KVCache:
     def repeat_interleave(self, n, max_len=None):
         """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
         max_len: into a new static cache of that length (the rollout's final size)."""
-        if max_len is None:
-            new = copy.copy(self)
-            new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-            new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-            new.lengths = self.lengths.repeat_interleave(n)
-            return new
         B, H, T, D = self.k[0].shape
-        new = KVCache(len(self.k), B * n, H, max_len, D, self.k[0].dtype, self.k[0].device,
-                      static=True)
+        size = max_len or T
+        new = KVCache(len(self.k), B * n, H, size, D, self.k[0].dtype, self.k[0].device,
+                      static=max_len is not None)
         for src, dst in zip(self.k + self.v, new.k + new.v):
-            dst.view(B, n, H, max_len, D)[:, :, :, :T] = src[:, None]  # (B, 1, H, T, D) to n copies
+            dst.view(B, n, H, size, D)[:, :, :, :T] = src[:, None]  # (B, 1, H, T, D) to n copies
         new.lengths.copy_(self.lengths.repeat_interleave(n))
         new.end = self.end
         return new
@@ -630,6 +623,16 @@ class Decoder(nn.Module):
         return self._run(x, cos, sin, mask, cache)
 
 
+# DecoderConfig's fields in a Hugging Face Llama config.json: (name, default when it is absent or
+# null; None: required). A default of 0 is DecoderConfig's own (n_kv_heads = n_heads and so on).
+HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
+             "n_layers": ("num_hidden_layers", None), "n_heads": ("num_attention_heads", None),
+             "n_kv_heads": ("num_key_value_heads", 0), "hidden_dim": ("intermediate_size", None),
+             "rope_theta": ("rope_theta", 10000.0), "norm_eps": ("rms_norm_eps", 1e-6),
+             "tie_embeddings": ("tie_word_embeddings", False),
+             "max_seq_len": ("max_position_embeddings", 2048), "head_dim": ("head_dim", 0)}
+
+
 def load_llama(state_dict_or_path, config):
     """A Llama-family state dict in the Hugging Face layout (keys with or without "model."; a tied
     one may lack lm_head.weight), or a .bin / .pt file of one, and its config.json contents ->
@@ -642,19 +645,13 @@ def load_llama(state_dict_or_path, config):
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"field 'hidden_act' = {config['hidden_act']!r} is not supported "
                          "(silu only)")
-    try:
-        cfg = DecoderConfig(
-            vocab_size=config["vocab_size"], dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            hidden_dim=config["intermediate_size"],
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_seq_len=config.get("max_position_embeddings", 2048),
-            head_dim=config.get("head_dim") or 0)
-    except KeyError as e:
-        raise ValueError(f"missing field {e.args[0]!r}") from None
+    missing = [name for name, default in HF_CONFIG.values()
+               if default is None and config.get(name) is None]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r}")
+    # each value as the type of DecoderConfig's default (rope_theta a float, tie_embeddings a bool)
+    cfg = DecoderConfig(**{f: type(getattr(DecoderConfig, f))(config.get(name) or default)
+                           for f, (name, default) in HF_CONFIG.items()})
     sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()
           if not k.endswith("rotary_emb.inv_freq")}  # a buffer some checkpoints carry
     if cfg.tie_embeddings and "embed_tokens.weight" in sd:
@@ -747,12 +744,8 @@ def load_llama_folder(folder):
 
 def llama_config(cfg: DecoderConfig):
     """The inverse of load_llama's reading: a DecoderConfig as a Hugging Face Llama config.json."""
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                intermediate_size=cfg.hidden_dim, rope_theta=cfg.rope_theta,
-                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                max_position_embeddings=cfg.max_seq_len, head_dim=cfg.head_dim, hidden_act="silu")
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                **{name: getattr(cfg, f) for f, (name, _) in HF_CONFIG.items()})
 
 
 # -----------------------------------------------------------------------------
