@@ -1,14 +1,10 @@
 """The models: a Whisper-compatible audio encoder with a character CTC head (the speech
 encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache, and
-the speech LLM that splices audio vectors into the decoder's input where the AUDIO placeholder
-stands. Then checkpoints: every model is saved with its configs and rebuilt by load_model.
-
-Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives 50 frames/s (a
-trailing half frame is dropped) -> one audio token per spoken word, where the CTC head's best
-path puts it, after one token for the whole clip (who speaks, and how).
-Decoder.forward returns hidden states after the final norm; logits are one call away
-(decoder.logits(h)), so training can gather log-probs chunk by chunk.
-"""
+the speech LLM that splices audio vectors in where the AUDIO placeholder stands; checkpoints.
+Token rate: 100 mel frames/s (hop 10 ms) -> 50 frames/s after the stride-2 conv2 -> one audio
+token per spoken word (where the CTC head's best path puts it), after one for the whole clip.
+Decoder.forward returns hidden states after the final norm, so training gathers log-probs chunk
+by chunk (decoder.logits(h) is one call away)."""
 import copy
 import json
 import math
@@ -190,8 +186,8 @@ def read_whisper(path):
                          f"({type(e).__name__}: {e})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("dims"), dict)
             and "model_state_dict" in ckpt):
-        raise ValueError(f"{path}: expected openai-whisper's layout, "
-                         "a dict with 'dims' and 'model_state_dict'")
+        raise ValueError(f"{path}: expected openai-whisper's layout, a dict with 'dims' and "
+                         "'model_state_dict'")
     missing = [k for k in WHISPER_DIMS if k not in ckpt["dims"]]
     if missing:
         raise ValueError(f"{path}: field 'dims' lacks {missing}")
@@ -222,13 +218,10 @@ def load_whisper_encoder(path_or_checkpoint):
 # -----------------------------------------------------------------------------
 # the speech encoder: what the speech LLM hears with
 #
-# The toy language is spoken as it is spelled, so a character CTC head learns in minutes what the
-# decoder would learn far more slowly through attention alone. Its best path says where each word
-# lies, and the adapter hands the decoder one vector per word, the unit its text already has
-# (docs/decisions.md, "The audio side"). CTC alone rewards an encoder for discarding who speaks
-# and how; real speech LLMs' audio encoders learn more than transcription (Whisper: language,
-# timing, non-speech), so four voice heads on the encoder's time-averaged output learn the
-# speaker's pitch, speaking rate, emotion and background noise.
+# The toy language is spoken as it is spelled, so a character CTC head learns in minutes where
+# each word lies, and the adapter hands the decoder one vector per word, the unit its text has
+# (docs/decisions.md, "The audio side"). CTC alone rewards discarding who speaks and how, so four
+# voice heads on the encoder's time-averaged output learn pitch, rate, emotion and noise.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
 SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
@@ -348,14 +341,12 @@ class CTCEncoder(SpeechEncoder):
 
 
 class Adapter(nn.Module):
-    """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space.
-    The clip's vector (who speaks, and how): a two-layer MLP. Each word's: a two-layer MLP to a
-    query scored against every token embedding of the decoder, and the decoder reads the
-    embeddings' average under the scores' softmax (as LegoSLM reads a CTC posterior): a word heard
-    surely arrives as its text token, a doubtful one as a mixture of the words it may be; plus a
-    linear map of the word's frames, which carries how it was said (pitch, rate, emotion, noise,
-    which LegoSLM-style inputs lose). The scores do not move the embeddings (detached); the
-    average does, as any input would."""
+    """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space. The
+    clip's vector (who speaks, and how): a two-layer MLP. Each word's: a two-layer MLP to a query
+    scored against the decoder's token embeddings, read as their softmax-weighted average (as
+    LegoSLM reads a CTC posterior: a sure word arrives as its token, a doubtful one as a mixture),
+    plus a linear map of its frames for how it was said. The scores are detached from the
+    embeddings; the average is not."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -435,14 +426,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
-        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). Sampling (with a cache) lets
-        # SDPA read the grouped cache in place instead of copying it every step, bitwise the same
-        # output. Training repeats the heads: SDPA's grouped backward sums a group's key/value
-        # gradients in another order (equal to ~1e-6), which would change the trained weights.
+        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). With a cache SDPA reads the
+        # grouped cache in place (bitwise the same output); training repeats the heads, since SDPA's
+        # grouped backward sums a group's gradients in another order (equal to ~1e-6).
         if T == 1 and cache is not None and torch.compiler.is_compiling():
-            # a decode step under torch.compile (xopd.compiled_step): one query per row as two
-            # matmuls and a softmax, which the compiler fuses; SDPA's CPU kernel would take most
-            # of the step for so little work. Query heads grouped by the kv head they read.
+            # a decode step under torch.compile (xopd.compiled_step): two matmuls and a softmax the
+            # compiler fuses (SDPA's CPU kernel costs most of such a step); heads grouped by kv head
             qg = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             scores = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, group, keys)
             y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
@@ -776,9 +765,8 @@ class SpeechLM(nn.Module):
         return self.adapter(words, lens, self.decoder.embed_tokens.weight)[:2]
 
     def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):
-        """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,).
-        Row b's single AUDIO placeholder is replaced by audio_embeds[b, :audio_lens[b]]; rows with
-        no placeholder are plain token embeddings. Right padded with zeros."""
+        """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,):
+        row b's AUDIO placeholder (at most one) replaced by audio_embeds[b, :audio_lens[b]]."""
         if audio_embeds is not None and self.audio_token_id < 0:
             raise ValueError("SpeechLM.audio_token_id is not set: "
                              "the audio placeholder cannot be found")
