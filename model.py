@@ -176,14 +176,21 @@ class AudioEncoder(nn.Module):
 WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
 
 
+def torch_load(path, what, advice="", **kw):
+    """torch.load(path) onto the CPU, weights_only; a file it cannot read (truncated, not a torch
+    file, pickled objects) is one ValueError naming path, what it should be, and advice."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: not a readable {what} ({why}){advice}") from None
+
+
 def read_whisper(path):
     """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
     file of another layout is a ValueError naming the file and the missing field."""
-    try:  # memory-mapped: a caller may read only the dims, and a large checkpoint is GBs
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable Whisper checkpoint "
-                         f"({type(e).__name__}: {e})") from None
+    # memory-mapped: a caller may read only the dims, and a large checkpoint is GBs
+    ckpt = torch_load(path, "Whisper checkpoint", mmap=True)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("dims"), dict)
             and "model_state_dict" in ckpt):
         raise ValueError(f"{path}: expected openai-whisper's layout, a dict with 'dims' and "
@@ -627,7 +634,7 @@ def load_llama(state_dict_or_path, config):
     one may lack lm_head.weight), or a .bin / .pt file of one, and its config.json contents ->
     Decoder. A feature this decoder lacks, a missing field or tensor: ValueError naming it."""
     sd = state_dict_or_path
-    sd = sd if isinstance(sd, dict) else torch.load(sd, map_location="cpu", weights_only=True)
+    sd = sd if isinstance(sd, dict) else read_weights(sd)
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if config.get(key):
             raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama only)")
@@ -667,8 +674,8 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
 
 
 def read_weights(path):
-    """One weights file -> state dict: .bin with torch.load(weights_only=True), .safetensors with
-    the optional safetensors package (a clear error when it is not installed)."""
+    """One weights file -> state dict: .bin (torch_load), .safetensors with the optional
+    safetensors package (a clear error when it is not installed)."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -677,11 +684,7 @@ def read_weights(path):
                              "safetensors (pip install safetensors), or give the weights as "
                              "pytorch_model.bin") from None
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable weights file "
-                         f"({type(e).__name__}: {e})") from None
+    return torch_load(path, "weights file")
 
 
 def read_hf_config(folder):
@@ -849,11 +852,7 @@ def load_checkpoint(path):
     """A checkpoint written by save_checkpoint; a missing, truncated or foreign one: an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "delete it and rerun the stage that makes it") from None
+    ckpt = torch_load(path, "checkpoint", "; delete it and rerun the stage that makes it")
     missing = [k for k in ("model", "configs", "train")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
