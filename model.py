@@ -1,10 +1,8 @@
-"""The models: a Whisper-compatible audio encoder with a character CTC head (the speech
-encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache, and
-the speech LLM that splices audio vectors in where the AUDIO placeholder stands; checkpoints.
+"""The models: a Whisper-compatible audio encoder with a character CTC head, a word-pooling
+adapter, a Llama-compatible decoder with a preallocated KV cache, the speech LLM that splices audio
+vectors in at the AUDIO placeholder; checkpoints, Whisper and Hugging Face Llama interop.
 Token rate: 100 mel frames/s (hop 10 ms) -> 50 frames/s after the stride-2 conv2 -> one audio
-token per spoken word (where the CTC head's best path puts it), after one for the whole clip.
-Decoder.forward returns hidden states after the final norm, so training gathers log-probs chunk
-by chunk (decoder.logits(h) is one call away)."""
+token per spoken word (where the CTC head's best path puts it), after one for the whole clip."""
 import copy
 import json
 import math
@@ -61,20 +59,17 @@ class DecoderConfig:
         assert self.head_dim % 2 == 0, "rotary needs an even head_dim"
 
 
-PRESETS = {
+PRESETS = {  # every encoder has Whisper's n_mels = 80 and n_ctx = 1500, every adapter 4 bins
     # tests: trains in seconds
-    "tiny": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=32, n_head=2, n_layer=1),
-                 adapter=dict(bins=4, hidden=64),
+    "tiny": dict(encoder=dict(n_state=32, n_head=2, n_layer=1), adapter=dict(hidden=64),
                  decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                               max_seq_len=512)),
     # the default toy experiment on 2 CPU cores (~3.1M parameters at vocab 2000)
-    "cpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=128, n_head=4, n_layer=3),
-                adapter=dict(bins=4, hidden=256),
+    "cpu": dict(encoder=dict(n_state=128, n_head=4, n_layer=3), adapter=dict(hidden=256),
                 decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
                              max_seq_len=1024)),
     # one GPU: the encoder has Whisper tiny's dims, so Whisper tiny's encoder loads into it
-    "gpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4),
-                adapter=dict(bins=4, hidden=1024),
+    "gpu": dict(encoder=dict(n_state=384, n_head=6, n_layer=4), adapter=dict(hidden=1024),
                 decoder=dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408,
                              max_seq_len=2048)),
 }
@@ -223,12 +218,10 @@ def load_whisper_encoder(path_or_checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# the speech encoder: what the speech LLM hears with
-#
-# The toy language is spoken as it is spelled, so a character CTC head learns in minutes where
-# each word lies, and the adapter hands the decoder one vector per word, the unit its text has
-# (docs/decisions.md, "The audio side"). CTC alone rewards discarding who speaks and how, so four
-# voice heads on the encoder's time-averaged output learn pitch, rate, emotion and noise.
+# the speech encoder: a character CTC head finds the words (the toy language is spoken as it is
+# spelled), so the adapter hands the decoder one vector per word (docs/decisions.md, "The audio
+# side"). CTC alone would discard who speaks and how: four voice heads learn pitch, rate, emotion
+# and noise from the encoder's time-averaged output.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
 SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
@@ -238,8 +231,7 @@ VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
 
 def spoken_letters(text):
     """A transcript as the toy synthesiser speaks it: letters and single spaces, a doubled letter
-    once ('three' -> 'thre'): one unbroken sound, which CTC could only write twice with a blank,
-    a boundary the audio does not have, between; the decoder, which knows the words, spells them."""
+    once ('three' -> 'thre'; CTC would need a blank between, a boundary the audio lacks)."""
     words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
     s = " ".join(words)
     return "".join(c for i, c in enumerate(s) if i == 0 or c != s[i - 1])
@@ -251,8 +243,7 @@ def ctc_targets(text):
 
 
 def ctc_greedy(logp, lens):
-    """Best-path CTC decoding: (B, T, C) log-probs, lens (B,) -> strings (repeats merged, blanks
-    dropped)."""
+    """Best-path CTC decoding: logp (B, T, C), lens (B,) -> strings (repeats merged, no blanks)."""
     out = []
     for path, n in zip(logp.argmax(-1).tolist(), lens.tolist()):
         ids = [c for i, c in enumerate(path[:n]) if c != 0 and (i == 0 or c != path[i - 1])]
@@ -260,15 +251,9 @@ def ctc_greedy(logp, lens):
     return out
 
 
-def masked_mean(x, lens):
-    """x (B, T, d), lens (B,) -> (B, d): the mean over each row's first lens[b] frames."""
-    valid = lengths_mask(lens, x.size(1)).to(x.dtype)[..., None]
-    return (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)
-
-
 def word_spans(path):
-    """A best CTC path (a list of frame ids) -> [(start, end)] frame spans of the spoken words:
-    the frames between two emitted spaces (or an edge of the clip) that emit at least one letter."""
+    """A best CTC path (frame ids) -> [(start, end)] frame spans between emitted spaces (or the
+    clip's edges) that emit at least one letter: the spoken words."""
     spans, start, letters = [], 0, False
     for t, c in enumerate(path):
         if c == SPACE:
@@ -283,9 +268,8 @@ def word_spans(path):
 
 
 def span_pool(x, spans, bins):
-    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span's frames averaged into
-    `bins` consecutive, equally long parts in time order (a part shorter than one frame takes the
-    frame it starts in), so the word's letters keep their order."""
+    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span averaged in `bins`
+    equal parts in time order (at least one frame each), so a word's letters keep their order."""
     w = x.new_zeros(len(spans) * bins, x.shape[0])  # averaging weights, one row per part
     for i, (s, e) in enumerate(spans):
         for j in range(bins):
@@ -296,9 +280,7 @@ def span_pool(x, spans, bins):
 
 
 class SpeechEncoder(nn.Module):
-    """What the speech LLM hears with: the pretrained audio encoder and its CTC head. The head's
-    best path cuts the clip into words; the adapter reads each word's frames, and first the whole
-    clip's (who speaks, and how: the voice heads read the clip's mean), pooled by span_pool."""
+    """The audio encoder and its CTC head, whose best path cuts the clip into words."""
 
     def __init__(self, enc_cfg: EncoderConfig, bins=4):
         super().__init__()
@@ -307,14 +289,12 @@ class SpeechEncoder(nn.Module):
         self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
 
     def frames(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> frames (B, T // 2, n_state), lens, CTC log-probs
-        (B, T // 2, C) in float32."""
+        """mel (B, n_mels, T), mel_lens (B,) -> x (B, T // 2, n_state), lens, CTC log-probs."""
         x, lens = self.encoder(mel, mel_lens)
         return x, lens, self.ctc_head(x).float().log_softmax(-1)
 
     def forward(self, mel, mel_lens):
-        """-> words (B, 1 + W, bins * n_state) (the whole clip, then each spoken word; padding rows
-        zero), lens (B,) = 1 + each clip's W."""
+        """-> (B, 1 + W, bins * n_state): the clip, then each word (padding zero), lens (B,)."""
         x, lens, logp = self.frames(mel, mel_lens)
         rows = [span_pool(x[b], [(0, n)] + word_spans(path[:n]), self.bins)
                 for b, (path, n) in enumerate(zip(logp.argmax(-1).tolist(), lens.tolist()))]
@@ -323,8 +303,7 @@ class SpeechEncoder(nn.Module):
 
 
 class CTCEncoder(SpeechEncoder):
-    """The speech encoder with the voice heads that pretrain it beside CTC (the speech LLM keeps
-    the encoder and the CTC head; the voice heads stay with their stage)."""
+    """The speech encoder with the voice heads that pretrain it beside CTC (they stay behind)."""
 
     def __init__(self, enc_cfg: EncoderConfig):
         super().__init__(enc_cfg)
@@ -332,10 +311,10 @@ class CTCEncoder(SpeechEncoder):
                                           for k, v in VOICE_CLASSES.items()})
 
     def heads(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
-        lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
+        """-> CTC log-probs (B, T // 2, C), lens (B,), {voice task: logits (B, classes)}."""
         x, lens, logp = self.frames(mel, mel_lens)
-        pooled = masked_mean(x, lens)  # (B, n_state); the whole-clip token pools the same frames
+        valid = lengths_mask(lens, x.size(1)).to(x.dtype)[..., None]
+        pooled = (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # the clip's mean
         return logp, lens, {k: head(pooled) for k, head in self.voice_heads.items()}
 
     def speech_encoder_state(self):
@@ -348,12 +327,9 @@ class CTCEncoder(SpeechEncoder):
 
 
 class Adapter(nn.Module):
-    """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space. The
-    clip's vector (who speaks, and how): a two-layer MLP. Each word's: a two-layer MLP to a query
-    scored against the decoder's token embeddings, read as their softmax-weighted average (as
-    LegoSLM reads a CTC posterior: a sure word arrives as its token, a doubtful one as a mixture),
-    plus a linear map of its frames for how it was said. The scores are detached from the
-    embeddings; the average is not."""
+    """SpeechEncoder's vectors into the decoder's input space. The clip's: an MLP. A word's: an MLP
+    query scored against the (detached) token embeddings, read as their softmax average (LegoSLM:
+    a sure word arrives as its token, a doubtful one as a mixture), plus how it was said."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -394,22 +370,18 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-def rotate_half(x):
-    """Half-rotation layout (HF Llama): pairs are (i, i + hd/2), not interleaved (2i, 2i+1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def rope_table(n_positions, head_dim, theta):
     """cos, sin (n_positions, head_dim), float32: the rotary embedding of positions 0..n-1."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = torch.arange(n_positions).float()[:, None] * inv_freq  # (n, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd), the half-rotation layout of rotate_half
+    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd), the half-rotation layout of apply_rope
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+    """Half-rotation layout (HF Llama): pairs are (i, i + hd/2), not interleaved (2i, 2i+1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -427,18 +399,15 @@ class Attention(nn.Module):
         broadcast to (B, 1, T, keys); None = causal. With a cache, this call's keys and values go
         into it and attention reads what the cache gives back."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, -1).transpose(1, 2)
+        q, k, v = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for f in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh or nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
-        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). With a cache SDPA reads the
-        # grouped cache in place (bitwise the same output); training repeats the heads, since SDPA's
-        # grouped backward sums a group's gradients in another order (equal to ~1e-6).
+        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). SDPA reads a cache grouped
+        # in place; training repeats the heads (SDPA's grouped backward sums in another order).
         if T == 1 and cache is not None and torch.compiler.is_compiling():
-            # a decode step under torch.compile (xopd.compiled_step): two matmuls and a softmax the
-            # compiler fuses (SDPA's CPU kernel costs most of such a step); heads grouped by kv head
+            # a decode step under torch.compile: matmuls and a softmax the compiler fuses
             qg = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             scores = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, group, keys)
             y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
@@ -476,11 +445,9 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
-    place by update. lengths[b] = where row b's next token is written; end = max(lengths), a
-    Python int, so decoding sizes its mask without a device sync; prefill and decode advance both.
-    static: every decode step has the same shapes (what a CUDA graph replays): attention reads all
-    max_len positions, masked from lengths alone, and lengths advances in place."""
+    """Preallocated keys and values per layer (B, n_kv_heads, max_len, head_dim), written in place.
+    lengths[b]: where row b's next token goes; end = max(lengths), a Python int (no device sync).
+    static: fixed shapes at every decode step (a CUDA graph replays them): all max_len keys."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None,
                  device=None, static=False):
@@ -488,17 +455,11 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.end = 0
-        self.static = static
-
-    @property
-    def max_len(self):
-        return self.k[0].shape[2]
+        self.end, self.max_len, self.static = 0, max_len, static
 
     def update(self, layer, k, v):
-        """Write one layer's new k, v (B, n_kv_heads, T, head_dim) at each row's positions
-        lengths[b] .. lengths[b] + T - 1 -> that layer's keys and values at 0 .. end + T - 1
-        (attention's mask hides what a row has not written), or all max_len when static."""
+        """Write k, v (B, n_kv_heads, T, head_dim) at positions lengths[b] .. lengths[b] + T - 1
+        -> the layer's keys and values at 0 .. end + T - 1 (all max_len when static)."""
         kc, vc = self.k[layer], self.v[layer]
         T = k.shape[2]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
@@ -533,18 +494,15 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, two names
         # computed once, indexed by position; not persistent: a checkpoint holds weights only
         cos, sin = rope_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def logits(self, hidden):
         return hidden @ self.lm_head.weight.T
@@ -635,12 +593,11 @@ def load_llama(state_dict_or_path, config):
     Decoder. A feature this decoder lacks, a missing field or tensor: ValueError naming it."""
     sd = state_dict_or_path
     sd = sd if isinstance(sd, dict) else read_weights(sd)
-    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama only)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"field 'hidden_act' = {config['hidden_act']!r} is not supported "
-                         "(silu only)")
+    for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
+                       ("hidden_act", "silu")):  # plain Llama's values: anything else is refused
+        if config.get(key) and config[key] != plain:
+            raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama: "
+                             f"{plain!r})")
     missing = [name for name, default in HF_CONFIG.values()
                if default is None and config.get(name) is None]
     if missing:
