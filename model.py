@@ -145,9 +145,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel, mel_lens=None):
         """mel (B, n_mels, T), mel_lens (B,) or None (all full) -> x (B, T // 2, n_state), lens
-        (B,); with no padding and T = 2 * n_ctx exactly Whisper's encoder. Padding never leaks
-        into a clip: padded mel frames are zeroed (as conv1's zero padding shows a clip alone),
-        padded conv1 outputs too (conv2's padding), padded keys are masked in attention."""
+        (B,); Whisper's encoder when unpadded. Padding: zeroed before each conv, masked as keys."""
         B, _, T = mel.shape
         T2 = T // 2  # floor: an odd last frame is dropped (conv2 would give ceil(T / 2))
         assert T2 <= self.n_ctx, f"{T} mel frames exceed 2 * n_ctx = {2 * self.n_ctx}"
@@ -164,8 +162,7 @@ class AudioEncoder(nn.Module):
             key_mask = (keep | (torch.arange(T2, device=mel.device) == 0))[:, None, None, :]
         for block in self.blocks:
             x = block(x, key_mask)
-        x = self.ln_post(x)
-        return x * keep[..., None], lens  # padded frames are zeros
+        return self.ln_post(x) * keep[..., None], lens  # padded frames are zeros
 
 
 WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
@@ -182,9 +179,7 @@ def torch_load(path, what, advice="", **kw):
 
 
 def read_whisper(path):
-    """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
-    file of another layout is a ValueError naming the file and the missing field."""
-    # memory-mapped: a caller may read only the dims, and a large checkpoint is GBs
+    """An openai-whisper checkpoint file -> {"dims", "model_state_dict"}, memory-mapped (GBs)."""
     ckpt = torch_load(path, "Whisper checkpoint", mmap=True)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("dims"), dict)
             and "model_state_dict" in ckpt):
@@ -202,8 +197,7 @@ def whisper_config(ckpt):
 
 
 def load_whisper_encoder(path_or_checkpoint):
-    """A Whisper checkpoint as distributed ({"dims": ..., "model_state_dict": ...}, a path or
-    the loaded dict) -> its AudioEncoder with the weights loaded strict."""
+    """A Whisper checkpoint (a path or read_whisper's dict) -> its AudioEncoder, loaded strict."""
     ckpt = path_or_checkpoint
     ckpt = ckpt if isinstance(ckpt, dict) else read_whisper(ckpt)
     enc = AudioEncoder(**asdict(whisper_config(ckpt)))
@@ -232,8 +226,7 @@ VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
 def spoken_letters(text):
     """A transcript as the toy synthesiser speaks it: letters and single spaces, a doubled letter
     once ('three' -> 'thre'; CTC would need a blank between, a boundary the audio lacks)."""
-    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
-    s = " ".join(words)
+    s = " ".join("".join(c if c in CTC_CHARS else " " for c in text.lower()).split())
     return "".join(c for i, c in enumerate(s) if i == 0 or c != s[i - 1])
 
 
@@ -395,9 +388,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x (B, T, dim); cos, sin broadcast to (B, 1, T, head_dim). mask: bool, True = attend,
-        broadcast to (B, 1, T, keys); None = causal. With a cache, this call's keys and values go
-        into it and attention reads what the cache gives back."""
+        """x (B, T, dim); cos, sin broadcast to (B, 1, T, hd); mask bool (True = attend) broadcast
+        to (B, 1, T, keys), None = causal. A cache stores this call's k, v and gives all back."""
         B, T, _ = x.shape
         q, k, v = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for f in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh or nkv, T, hd)
@@ -466,9 +458,8 @@ class KVCache:
         cols = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
         kc[rows, :, cols] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
         vc[rows, :, cols] = v.transpose(1, 2)
-        if self.static:
-            return kc, vc
-        return kc[:, :, :self.end + T], vc[:, :, :self.end + T]
+        n = self.max_len if self.static else self.end + T
+        return kc[:, :, :n], vc[:, :, :n]
 
     def repeat_interleave(self, n, max_len=None):
         """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
@@ -512,8 +503,7 @@ class Decoder(nn.Module):
         return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     def rotary(self, n):
-        """cos, sin (n, head_dim) of positions 0..n-1 from the model's table, which grows (to at
-        least twice its size) when a sequence runs past it."""
+        """cos, sin (n, head_dim) of positions 0..n-1; the table at least doubles to reach n."""
         if n > self.rope_cos.shape[0]:
             with torch.inference_mode(False):  # the table outlives a sampling call's inference mode
                 size = max(n, 2 * self.rope_cos.shape[0])
@@ -539,9 +529,8 @@ class Decoder(nn.Module):
                        device=w.device, static=static)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
-        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache:
-        positions 0..T-1 (padding too: decode overwrites and masks it), cache.lengths = lengths.
-        hidden[b, lengths[b] - 1] predicts row b's first token."""
+        """Right-padded prompts (B, T), lengths (B,) -> hidden (B, T, dim), into a fresh cache
+        (padding too: decode overwrites and masks it); hidden[b, lengths[b] - 1] predicts next."""
         x = self._embed(input_ids, inputs_embeds)
         T = x.shape[1]
         assert cache.end == 0, "prefill needs a fresh cache"
@@ -552,9 +541,8 @@ class Decoder(nn.Module):
         return h
 
     def decode(self, cache, input_ids=None, inputs_embeds=None, step=None):
-        """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), written at each row's own
-        position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1. step: decode_step
-        (None) or a faster version of it (xopd.sample's step)."""
+        """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), at position lengths[b]
+        -> hidden (B, dim). step: decode_step (None) or a faster one (xopd.sample's step)."""
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)
         assert cache.end < cache.max_len, "KV cache full"
         h = (step or self.decode_step)(x, cache)  # x, h (B, 1, dim)
@@ -566,9 +554,8 @@ class Decoder(nn.Module):
         return h[:, 0]
 
     def decode_step(self, x, cache):
-        """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1,
-        dim). With a static cache the shapes are fixed and nothing is read on the host (the mask
-        spans all max_len keys, from cache.lengths alone), so the step can be a CUDA graph."""
+        """x (B, 1, dim) at positions cache.lengths -> (B, 1, dim). A static cache fixes the shapes
+        and reads nothing on the host (the mask spans all max_len keys): a CUDA graph replays it."""
         pos = cache.lengths
         n = cache.max_len if cache.static else cache.end + 1  # keys up to the longest row's end
         mask = lengths_mask(pos + 1, n)[:, None, None, :]  # (B, 1, 1, n)
@@ -588,9 +575,8 @@ HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
 
 
 def load_llama(state_dict_or_path, config):
-    """A Llama-family state dict in the Hugging Face layout (keys with or without "model."; a tied
-    one may lack lm_head.weight), or a .bin / .pt file of one, and its config.json contents ->
-    Decoder. A feature this decoder lacks, a missing field or tensor: ValueError naming it."""
+    """A Hugging Face Llama state dict ("model." prefix optional; a tied one may lack lm_head) or
+    its .bin / .pt file, and its config.json -> Decoder; anything unfit: ValueError naming it."""
     sd = state_dict_or_path
     sd = sd if isinstance(sd, dict) else read_weights(sd)
     for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
@@ -624,15 +610,13 @@ def load_llama(state_dict_or_path, config):
     return dec
 
 
-# A model folder's weights, in the order they are looked for: sharded files come with an index
-# ({"weight_map": {tensor name: file}}) beside them.
+# a model folder's weights, in the order looked for; an .index.json file names the shards
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def read_weights(path):
-    """One weights file -> state dict: .bin (torch_load), .safetensors with the optional
-    safetensors package (a clear error when it is not installed)."""
+    """One weights file (.bin, .pt, or .safetensors with the optional package) -> state dict."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -664,26 +648,23 @@ def read_hf_config(folder):
 
 
 def load_llama_folder(folder):
-    """A Llama-architecture model folder in the Hugging Face layout (config.json and its weights,
-    WEIGHT_FILES) -> (Decoder, the config.json contents). Every problem is a ValueError naming the
-    file (and the field or tensor)."""
+    """A Hugging Face Llama folder (config.json, weights as WEIGHT_FILES) -> (Decoder, config);
+    every problem is a ValueError naming the file (and the field or tensor)."""
     config, cfg_path = read_hf_config(folder), os.path.join(folder, "config.json")
     found = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(folder, name))]
     if not found:
         raise ValueError(f"{folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    where = os.path.join(folder, found[0])
+    where, shards = os.path.join(folder, found[0]), found[:1]
     if where.endswith(".index.json"):
         with open(where) as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         if not shards:
             raise ValueError(f"{where}: field 'weight_map' is missing or empty")
-        sd = {}
-        for name in shards:
-            if not os.path.exists(os.path.join(folder, name)):
-                raise ValueError(f"{where}: names the shard {name}, which is not in {folder}")
-            sd.update(read_weights(os.path.join(folder, name)))
-    else:
-        sd = read_weights(where)
+    sd = {}
+    for name in shards:  # one file, or the shards an index names
+        if not os.path.exists(os.path.join(folder, name)):
+            raise ValueError(f"{where}: names the shard {name}, which is not in {folder}")
+        sd.update(read_weights(os.path.join(folder, name)))
     try:
         return load_llama(sd, config), config
     except ValueError as e:  # the config's or the weights' fault: name the file it is in
@@ -720,8 +701,7 @@ class SpeechLM(nn.Module):
         return self.audio_embeds(*self.encoder(mel, mel_lens))
 
     def audio_embeds(self, words, lens):
-        """The speech encoder's output (SpeechEncoder.forward, or its cached copy) -> the adapter's
-        audio_embeds (B, 1 + W, dim), audio_lens (B,)."""
+        """SpeechEncoder's output (or a cached copy) -> audio_embeds (B, 1 + W, dim), lens (B,)."""
         return self.adapter(words, lens, self.decoder.embed_tokens.weight)[:2]
 
     def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):
@@ -776,10 +756,8 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
 
 
 def atomic_write(path, write, mode="w"):
-    """write(f) into a temporary file beside path, then rename it to path: a crash mid-write never
-    leaves a half-written file (checkpoints, cached responses, eval results, tables). Any failure
-    (a full disk, no permission) removes the temporary file and is one OSError naming path, with
-    the errno of the OSError beneath it, if any (torch.save wraps a failed write in its own)."""
+    """write(f) into path + ".tmp", then rename it to path: a crash never leaves half a file. Any
+    failure removes the .tmp and is one OSError naming path, with the errno beneath (if any)."""
     tmp = path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -829,8 +807,7 @@ def model_configs(model):
 
 
 def build_model(configs):
-    """A Decoder (teacher), CTCEncoder (pretrained encoder) or SpeechLM (student) from
-    model_configs."""
+    """model_configs -> a Decoder (teacher), CTCEncoder (encoder) or SpeechLM (student)."""
     if "decoder" not in configs:
         return CTCEncoder(EncoderConfig(**configs["encoder"]))
     dec = DecoderConfig(**configs["decoder"])
@@ -853,14 +830,12 @@ def load_model(path, device):
 
 
 def pick_device():
-    """Chosen once, printed with the reason (CPU: float32, no autocast; GPU: bf16 autocast).
-    -> (device, autocast dtype or None, reason)."""
+    """-> (device, autocast dtype or None, the reason to print): CPU float32, GPU bf16 autocast."""
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
         bf16 = torch.cuda.is_bf16_supported()
         why = f"CUDA device {torch.cuda.get_device_name()} found; "
         why += "bf16 autocast" if bf16 else "float32 (no bf16 support)"
-        return dev, (torch.bfloat16 if bf16 else None), why
+        return torch.device("cuda"), (torch.bfloat16 if bf16 else None), why
     why = f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
     return torch.device("cpu"), None, why
 
