@@ -1,13 +1,12 @@
-"""The models: a Whisper-compatible audio encoder with a character CTC head, a word-pooling
-adapter, a Llama-compatible decoder with a preallocated KV cache, the speech LLM that splices audio
-vectors in at the AUDIO placeholder; checkpoints, Whisper and Hugging Face Llama interop.
+"""A Whisper audio encoder with a character CTC head, a word-pooling adapter, a Llama decoder with
+a preallocated KV cache, the speech LLM that splices audio in at the AUDIO placeholder; checkpoints.
 Token rate: 100 mel frames/s (hop 10 ms) -> 50 frames/s after the stride-2 conv2 -> one audio
 token per spoken word (where the CTC head's best path puts it), after one for the whole clip."""
 import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -169,8 +168,7 @@ WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_aud
 
 
 def torch_load(path, what, advice="", **kw):
-    """torch.load(path) onto the CPU, weights_only; a file it cannot read (truncated, not a torch
-    file, pickled objects) is one ValueError naming path, what it should be, and advice."""
+    """torch.load onto the CPU, weights_only; an unreadable file: one ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:
@@ -212,10 +210,9 @@ def load_whisper_encoder(path_or_checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# the speech encoder: a character CTC head finds the words (the toy language is spoken as it is
-# spelled), so the adapter hands the decoder one vector per word (docs/decisions.md, "The audio
-# side"). CTC alone would discard who speaks and how: four voice heads learn pitch, rate, emotion
-# and noise from the encoder's time-averaged output.
+# the speech encoder and the adapter: a character CTC head finds the words (the toy language is
+# spoken as it is spelled), so the adapter hands the decoder one vector per word (docs/decisions.md,
+# "The audio side"). Voice heads learn pitch, rate, emotion and noise, which CTC alone discards.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
 SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
@@ -245,8 +242,8 @@ def ctc_greedy(logp, lens):
 
 
 def word_spans(path):
-    """A best CTC path (frame ids) -> [(start, end)] frame spans between emitted spaces (or the
-    clip's edges) that emit at least one letter: the spoken words."""
+    """A best CTC path (frame ids) -> [(start, end)] of the words: spans with a letter, between
+    emitted spaces or the clip's edges."""
     spans, start, letters = [], 0, False
     for t, c in enumerate(path):
         if c == SPACE:
@@ -315,10 +312,6 @@ class CTCEncoder(SpeechEncoder):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("voice_heads.")}
 
 
-# -----------------------------------------------------------------------------
-# adapter
-
-
 class Adapter(nn.Module):
     """SpeechEncoder's vectors into the decoder's input space. The clip's: an MLP. A word's: an MLP
     query scored against the (detached) token embeddings, read as their softmax average (LegoSLM:
@@ -335,8 +328,7 @@ class Adapter(nn.Module):
     def forward(self, x, lens, embeddings):
         """x (B, 1 + W, bins * d_in), lens (B,), embeddings (vocab, d_out) -> y (B, 1 + W, d_out)
         (padding rows zero), lens, word logits (B, W, vocab)."""
-        # the clip's vector has the length of an average token embedding, and how a word was said
-        # half that: left free, either grows until the decoder stops reading the other
+        # fixed lengths: left free, the clip's or the how vector grows until the other goes unread
         length = embeddings.detach().norm(dim=-1).mean()  # of an average token embedding
         clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1) * length  # (B, 1, d)
         logits = self.word2(F.gelu(self.word1(x[:, 1:]))) @ embeddings.detach().T  # (B, W, vocab)
@@ -405,8 +397,7 @@ class Attention(nn.Module):
             y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
             return self.o_proj(y.reshape(B, T, -1))
         if cache is None:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -437,9 +428,8 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values per layer (B, n_kv_heads, max_len, head_dim), written in place.
-    lengths[b]: where row b's next token goes; end = max(lengths), a Python int (no device sync).
-    static: fixed shapes at every decode step (a CUDA graph replays them): all max_len keys."""
+    """Keys and values per layer (B, n_kv_heads, max_len, head_dim), written in place; lengths[b]:
+    row b's next position; end = max(lengths) as an int (no sync). static: fixed shapes."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None,
                  device=None, static=False):
@@ -462,8 +452,7 @@ class KVCache:
         return kc[:, :, :n], vc[:, :, :n]
 
     def repeat_interleave(self, n, max_len=None):
-        """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
-        max_len: into a new static cache of that length (the rollout's final size)."""
+        """Row b -> rows b*n .. b*n+n-1 (n samples a prompt); max_len: a static cache that long."""
         B, H, T, D = self.k[0].shape
         size = max_len or T
         new = KVCache(len(self.k), B * n, H, size, D, self.k[0].dtype, self.k[0].device,
@@ -648,8 +637,8 @@ def read_hf_config(folder):
 
 
 def load_llama_folder(folder):
-    """A Hugging Face Llama folder (config.json, weights as WEIGHT_FILES) -> (Decoder, config);
-    every problem is a ValueError naming the file (and the field or tensor)."""
+    """A Hugging Face Llama folder (config.json, WEIGHT_FILES) -> (Decoder, config); a problem is
+    a ValueError naming the file (and the field or tensor)."""
     config, cfg_path = read_hf_config(folder), os.path.join(folder, "config.json")
     found = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(folder, name))]
     if not found:
@@ -683,8 +672,7 @@ def llama_config(cfg: DecoderConfig):
 
 
 class SpeechLM(nn.Module):
-    """encoder + adapter + decoder. The decoder reads [chat prefix, audio vectors, chat suffix]
-    for speech prompts and plain token embeddings for text prompts."""
+    """encoder + adapter + decoder, which reads [chat prefix, audio vectors, chat suffix]."""
 
     def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig,
                  audio_token_id=-1):
@@ -744,8 +732,7 @@ class SpeechLM(nn.Module):
 
 def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
     """The speech LLM whose decoder is a deep copy of the text teacher (new encoder and adapter)."""
-    adp_cfg = AdapterConfig(**{**asdict(adp_cfg), "d_in": enc_cfg.n_state,
-                               "d_out": teacher.cfg.dim})
+    adp_cfg = replace(adp_cfg, d_in=enc_cfg.n_state, d_out=teacher.cfg.dim)
     student = SpeechLM(enc_cfg, adp_cfg, teacher.cfg, audio_token_id)
     student.decoder = copy.deepcopy(teacher)  # deepcopy keeps a tied head tied
     return student
