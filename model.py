@@ -59,18 +59,15 @@ class DecoderConfig:
 
 
 PRESETS = {  # every encoder has Whisper's n_mels = 80 and n_ctx = 1500, every adapter 4 bins
-    # tests: trains in seconds
     "tiny": dict(encoder=dict(n_state=32, n_head=2, n_layer=1), adapter=dict(hidden=64),
                  decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                              max_seq_len=512)),
-    # the default toy experiment on 2 CPU cores (~3.1M parameters at vocab 2000)
+                              max_seq_len=512)),  # tests: trains in seconds
     "cpu": dict(encoder=dict(n_state=128, n_head=4, n_layer=3), adapter=dict(hidden=256),
                 decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
-                             max_seq_len=1024)),
-    # one GPU: the encoder has Whisper tiny's dims, so Whisper tiny's encoder loads into it
+                             max_seq_len=1024)),  # the toy run on 2 CPU cores (~3.1M parameters)
     "gpu": dict(encoder=dict(n_state=384, n_head=6, n_layer=4), adapter=dict(hidden=1024),
                 decoder=dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408,
-                             max_seq_len=2048)),
+                             max_seq_len=2048)),  # one GPU; Whisper tiny's encoder loads into it
 }
 
 
@@ -258,8 +255,8 @@ def word_spans(path):
 
 
 def span_pool(x, spans, bins):
-    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span averaged in `bins`
-    equal parts in time order (at least one frame each), so a word's letters keep their order."""
+    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span's mean in bins parts
+    in time order (at least a frame each), so a word's letters keep their order."""
     w = x.new_zeros(len(spans) * bins, x.shape[0])  # averaging weights, one row per part
     for i, (s, e) in enumerate(spans):
         for j in range(bins):
@@ -349,8 +346,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # the statistic in float32 even under bf16, as Llama does
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 under bf16, as Llama
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
 
@@ -440,8 +436,7 @@ class KVCache:
         self.end, self.max_len, self.static = 0, max_len, static
 
     def update(self, layer, k, v):
-        """Write k, v (B, n_kv_heads, T, head_dim) at positions lengths[b] .. lengths[b] + T - 1
-        -> the layer's keys and values at 0 .. end + T - 1 (all max_len when static)."""
+        """k, v (B, nkv, T, hd) written from lengths[b] on -> keys, values 0 .. end + T - 1."""
         kc, vc = self.k[layer], self.v[layer]
         T = k.shape[2]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
@@ -553,8 +548,7 @@ class Decoder(nn.Module):
         return self._run(x, cos, sin, mask, cache)
 
 
-# DecoderConfig's fields in a Hugging Face Llama config.json: (name, default when it is absent or
-# null; None: required). A default of 0 is DecoderConfig's own (n_kv_heads = n_heads and so on).
+# DecoderConfig field -> (config.json name, default if absent or null: None required, 0 derived)
 HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
              "n_layers": ("num_hidden_layers", None), "n_heads": ("num_attention_heads", None),
              "n_kv_heads": ("num_key_value_heads", 0), "hidden_dim": ("intermediate_size", None),
@@ -573,10 +567,9 @@ def load_llama(state_dict_or_path, config):
         if config.get(key) and config[key] != plain:
             raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama: "
                              f"{plain!r})")
-    missing = [name for name, default in HF_CONFIG.values()
-               if default is None and config.get(name) is None]
-    if missing:
-        raise ValueError(f"missing field {missing[0]!r}")
+    for name, default in HF_CONFIG.values():
+        if default is None and config.get(name) is None:
+            raise ValueError(f"missing field {name!r}")
     # each value as the type of DecoderConfig's default (rope_theta a float, tie_embeddings a bool)
     cfg = DecoderConfig(**{f: type(getattr(DecoderConfig, f))(config.get(name) or default)
                            for f, (name, default) in HF_CONFIG.items()})
@@ -696,8 +689,7 @@ class SpeechLM(nn.Module):
         """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,):
         row b's AUDIO placeholder (at most one) replaced by audio_embeds[b, :audio_lens[b]]."""
         if audio_embeds is not None and self.audio_token_id < 0:
-            raise ValueError("SpeechLM.audio_token_id is not set: "
-                             "the audio placeholder cannot be found")
+            raise ValueError("SpeechLM.audio_token_id is not set: the placeholder cannot be found")
         # the placeholder's own row is never read (a real teacher's vocabulary has none): embed 0
         tok = self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.audio_token_id, 0))
         rows = []
@@ -708,12 +700,9 @@ class SpeechLM(nn.Module):
                 raise ValueError(f"row {b} holds {len(where)} audio placeholders, expected <= 1")
             if where and audio_embeds is None:
                 raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
-            if where:
-                p = where[0]
-                audio = audio_embeds[b, :int(audio_lens[b])].to(tok.dtype)
-                rows.append(torch.cat([tok[b, :p], audio, tok[b, p + 1:n]]))
-            else:
-                rows.append(tok[b, :n])
+            p = where[0] if where else n  # no placeholder: the row's tokens, nothing between
+            audio = audio_embeds[b, :int(audio_lens[b])].to(tok.dtype) if where else tok[b, :0]
+            rows.append(torch.cat([tok[b, :p], audio, tok[b, p + 1:n]]))
         lens = torch.tensor([len(r) for r in rows], dtype=torch.long, device=input_ids.device)
         return pad_sequence(rows, batch_first=True), lens  # (B, T', dim), right padded with zeros
 
