@@ -425,7 +425,7 @@ class DecoderLayer(nn.Module):
 
 class KVCache:
     """Keys and values per layer (B, n_kv_heads, max_len, head_dim), written in place; lengths[b]:
-    row b's next position; end = max(lengths) as an int (no sync). static: fixed shapes."""
+    row b's next position; end = max(lengths), an int (no sync). static: all max_len keys read."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None,
                  device=None, static=False):
@@ -566,7 +566,7 @@ def load_llama(state_dict_or_path, config):
                        ("hidden_act", "silu")):  # plain Llama's values: anything else is refused
         if config.get(key) and config[key] != plain:
             raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama: "
-                             f"{plain!r})")
+                             f"only {plain!r})")
     for name, default in HF_CONFIG.values():
         if default is None and config.get(name) is None:
             raise ValueError(f"missing field {name!r}")
