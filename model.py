@@ -1,26 +1,17 @@
-"""The models: a Whisper-compatible audio encoder with a character CTC head (the speech
-encoder), a word-pooling adapter, a Llama-compatible decoder with a preallocated KV cache,
-and the speech LLM that splices audio vectors into the decoder's input where the AUDIO
-placeholder stands. Then checkpoints: every model is saved with its configs and rebuilt
-from them by load_model, with this one import.
-
-Token rate: 100 mel frames/s (hop 10 ms) -> the encoder's stride-2 conv2 gives 50 frames/s
-(a trailing half frame is dropped) -> one audio token per spoken word, where the CTC head's
-best path puts it, after one token for the whole clip (who speaks, and how).
-
-Decoder.forward returns hidden states after the final norm; logits are one call
-away (decoder.logits(h)), so training can gather log-probs chunk by chunk.
-"""
+"""A Whisper audio encoder with a character CTC head, a word-pooling adapter, a Llama decoder with
+a preallocated KV cache, the speech LLM that splices audio in at the AUDIO placeholder; checkpoints.
+Token rate: 100 mel frames/s (hop 10 ms) -> 50 frames/s after the stride-2 conv2 -> one audio
+token per spoken word (where the CTC head's best path puts it), after one for the whole clip."""
 import copy
 import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 # -----------------------------------------------------------------------------
 # configs and presets
@@ -37,7 +28,7 @@ class EncoderConfig:  # exactly Whisper's AudioEncoder constructor arguments
 
 @dataclass
 class AdapterConfig:
-    bins: int = 4  # time-ordered parts each word's frames are averaged into (the adapter reads bins * d_in)
+    bins: int = 4  # time-ordered parts each word's frames are averaged into (bins * d_in each)
     d_in: int = 0  # encoder width (make_configs fills it)
     d_out: int = 0  # decoder width (make_configs fills it)
     hidden: int = 0  # MLP width; 0 -> d_out
@@ -67,27 +58,21 @@ class DecoderConfig:
         assert self.head_dim % 2 == 0, "rotary needs an even head_dim"
 
 
-PRESETS = {
-    # tests: trains in seconds
-    "tiny": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=32, n_head=2, n_layer=1),
-                 adapter=dict(bins=4, hidden=64),
+PRESETS = {  # every encoder has Whisper's n_mels = 80 and n_ctx = 1500, every adapter 4 bins
+    "tiny": dict(encoder=dict(n_state=32, n_head=2, n_layer=1), adapter=dict(hidden=64),
                  decoder=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                              max_seq_len=512)),
-    # the default toy experiment on 2 CPU cores (~3.1M parameters at vocab 2000)
-    "cpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=128, n_head=4, n_layer=3),
-                adapter=dict(bins=4, hidden=256),
+                              max_seq_len=512)),  # tests: trains in seconds
+    "cpu": dict(encoder=dict(n_state=128, n_head=4, n_layer=3), adapter=dict(hidden=256),
                 decoder=dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, hidden_dim=512,
-                             max_seq_len=1024)),
-    # one GPU: the encoder has Whisper tiny's dims, so Whisper tiny's encoder loads into it
-    "gpu": dict(encoder=dict(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4),
-                adapter=dict(bins=4, hidden=1024),
+                             max_seq_len=1024)),  # the toy run on 2 CPU cores (~3.1M parameters)
+    "gpu": dict(encoder=dict(n_state=384, n_head=6, n_layer=4), adapter=dict(hidden=1024),
                 decoder=dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408,
-                             max_seq_len=2048)),
+                             max_seq_len=2048)),  # one GPU; Whisper tiny's encoder loads into it
 }
 
 
 def make_configs(preset, vocab_size):
-    """-> (EncoderConfig, AdapterConfig, DecoderConfig); the adapter's widths come from the others."""
+    """-> (EncoderConfig, AdapterConfig, DecoderConfig); the adapter's widths are the others'."""
     p = PRESETS[preset]
     enc = EncoderConfig(**p["encoder"])
     dec = DecoderConfig(vocab_size=vocab_size, **p["decoder"])
@@ -106,6 +91,11 @@ def sinusoids(length, channels, max_timescale=10000):
     inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
     scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+def lengths_mask(lens, T):
+    """lens (B,) -> (B, T) bool: True at each row's first lens[b] positions."""
+    return torch.arange(T, device=lens.device)[None, :] < lens[:, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -130,7 +120,8 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head)
         self.attn_ln = nn.LayerNorm(n_state)
-        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(),
+                                 nn.Linear(4 * n_state, n_state))
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def forward(self, x, key_mask=None):
@@ -145,51 +136,50 @@ class AudioEncoder(nn.Module):
         self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
-        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
         self.ln_post = nn.LayerNorm(n_state)
 
     def forward(self, mel, mel_lens=None):
-        """mel (B, n_mels, T), mel_lens (B,) or None (all full) -> x (B, T // 2, n_state), lens (B,).
-        With no padding and T = 2 * n_ctx this is exactly Whisper's encoder. Padding never
-        leaks into a clip: padded mel frames are zeroed (what conv1's zero padding shows a clip
-        alone), padded conv1 outputs too (conv2's padding; with the floored length no kept
-        output reads them, but a ceil would), and padded keys are masked in attention."""
+        """mel (B, n_mels, T), mel_lens (B,) or None (all full) -> x (B, T // 2, n_state), lens
+        (B,); Whisper's encoder when unpadded. Padding: zeroed before each conv, masked as keys."""
         B, _, T = mel.shape
         T2 = T // 2  # floor: an odd last frame is dropped (conv2 would give ceil(T / 2))
         assert T2 <= self.n_ctx, f"{T} mel frames exceed 2 * n_ctx = {2 * self.n_ctx}"
         if mel_lens is None:
             mel_lens = torch.full((B,), T, dtype=torch.long, device=mel.device)
-        t = torch.arange(T, device=mel.device)
-        valid = (t[None, :] < mel_lens[:, None])[:, None, :]  # (B, 1, T)
+        valid = lengths_mask(mel_lens, T)[:, None, :]  # (B, 1, T)
         x = F.gelu(self.conv1(mel * valid)) * valid
         x = F.gelu(self.conv2(x))[:, :, :T2].permute(0, 2, 1)  # (B, T2, n_state)
         x = x + self.positional_embedding[:T2].to(x.dtype)
         lens = mel_lens // 2
-        keep = torch.arange(T2, device=mel.device)[None, :] < lens[:, None]  # (B, T2)
+        keep = lengths_mask(lens, T2)  # (B, T2)
         key_mask = None
-        if not bool(keep.all()):
-            key_mask = keep.clone()
-            key_mask[:, 0] = True  # an empty clip (< 2 mel frames) would give NaN softmax otherwise
-            key_mask = key_mask[:, None, None, :]  # (B, 1, 1, T2)
+        if not bool(keep.all()):  # key 0 stays: an empty clip (< 2 frames) gives no NaN softmax
+            key_mask = (keep | (torch.arange(T2, device=mel.device) == 0))[:, None, None, :]
         for block in self.blocks:
             x = block(x, key_mask)
-        x = self.ln_post(x)
-        return x * keep[..., None], lens  # padded frames are zeros
+        return self.ln_post(x) * keep[..., None], lens  # padded frames are zeros
 
 
 WHISPER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
 
 
-def read_whisper(path):
-    """An openai-whisper checkpoint file ({"dims": ..., "model_state_dict": ...}) -> that dict; a
-    file of another layout is a ValueError naming the file and the missing field."""
+def torch_load(path, what, advice="", **kw):
+    """torch.load onto the CPU, weights_only; an unreadable file: one ValueError naming it."""
     try:
-        # memory-mapped: train.load_world reads only the dims (n_mels), and a large checkpoint is GBs
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable Whisper checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("dims"), dict) or "model_state_dict" not in ckpt:
-        raise ValueError(f"{path}: expected openai-whisper's layout, a dict with 'dims' and 'model_state_dict'")
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: not a readable {what} ({why}){advice}") from None
+
+
+def read_whisper(path):
+    """An openai-whisper checkpoint file -> {"dims", "model_state_dict"}, memory-mapped (GBs)."""
+    ckpt = torch_load(path, "Whisper checkpoint", mmap=True)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("dims"), dict)
+            and "model_state_dict" in ckpt):
+        raise ValueError(f"{path}: expected openai-whisper's layout, a dict with 'dims' and "
+                         "'model_state_dict'")
     missing = [k for k in WHISPER_DIMS if k not in ckpt["dims"]]
     if missing:
         raise ValueError(f"{path}: field 'dims' lacks {missing}")
@@ -202,35 +192,24 @@ def whisper_config(ckpt):
 
 
 def load_whisper_encoder(path_or_checkpoint):
-    """A Whisper checkpoint as distributed ({"dims": ..., "model_state_dict": ...}, a path or
-    the loaded dict) -> its AudioEncoder with the weights loaded strict."""
+    """A Whisper checkpoint (a path or read_whisper's dict) -> its AudioEncoder, loaded strict."""
     ckpt = path_or_checkpoint
-    if not isinstance(ckpt, dict):
-        ckpt = read_whisper(ckpt)
+    ckpt = ckpt if isinstance(ckpt, dict) else read_whisper(ckpt)
     enc = AudioEncoder(**asdict(whisper_config(ckpt)))
-    sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
+    sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items()
+          if k.startswith("encoder.")}
     try:
         enc.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"the Whisper checkpoint's encoder weights do not match its dims ({e})") from None
+        raise ValueError(f"the Whisper checkpoint's encoder weights do not match its dims "
+                         f"({e})") from None
     return enc
 
 
 # -----------------------------------------------------------------------------
-# the speech encoder: what the speech LLM hears with
-#
-# The toy language is spoken as it is spelled, so a character CTC head learns in a few minutes what
-# the decoder would need many minutes to learn through attention alone (measured: the decoder's
-# transcription loss sits on a plateau for hundreds of steps with a randomly initialised encoder).
-# The head stays with the encoder: its best path says where each spoken word lies, and the adapter
-# hands the decoder one vector per word, the unit the decoder's word-level text already has.
-# (Measured on the cpu preset: with 12.5 stacked-frame tokens/s, ~1 per letter, the decoder had to
-# learn to spell words out of letters and transcribed with 86 % WER after the omni stage; README,
-# "Decisions".)
-# CTC alone rewards an encoder for discarding who speaks and how; the audio encoders of real
-# speech LLMs are trained on more than transcription (Whisper: language, timing, non-speech; Qwen's
-# audio encoders: audio captioning and classification too), so four voice heads on the encoder's
-# time-averaged output learn the speaker's pitch, speaking rate, emotion and background noise.
+# the speech encoder and the adapter: a character CTC head finds the words (the toy language is
+# spoken as it is spelled), so the adapter hands the decoder one vector per word (docs/decisions.md,
+# "The audio side"). Voice heads learn pitch, rate, emotion and noise, which CTC alone discards.
 
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz"
 SPACE = 1  # CTC_CHARS.index(" ") + 1: id 0 is CTC's blank
@@ -240,11 +219,8 @@ VOICE_CLASSES = {"pitch": ("low", "high"), "rate": ("slow", "fast"),
 
 def spoken_letters(text):
     """A transcript as the toy synthesiser speaks it: letters and single spaces, a doubled letter
-    once ('three' -> 'thre'). A doubled letter is one unbroken sound (as 'ee' is one vowel in
-    speech), which CTC could only write twice with a blank between, that is with a boundary the
-    audio does not have; the decoder, which knows the words, spells them."""
-    words = "".join(c if c in CTC_CHARS else " " for c in text.lower()).split()
-    s = " ".join(words)
+    once ('three' -> 'thre'; CTC would need a blank between, a boundary the audio lacks)."""
+    s = " ".join("".join(c if c in CTC_CHARS else " " for c in text.lower()).split())
     return "".join(c for i, c in enumerate(s) if i == 0 or c != s[i - 1])
 
 
@@ -254,7 +230,7 @@ def ctc_targets(text):
 
 
 def ctc_greedy(logp, lens):
-    """Best-path CTC decoding: (B, T, C) log-probs, lens (B,) -> strings (repeats merged, blanks dropped)."""
+    """Best-path CTC decoding: logp (B, T, C), lens (B,) -> strings (repeats merged, no blanks)."""
     out = []
     for path, n in zip(logp.argmax(-1).tolist(), lens.tolist()):
         ids = [c for i, c in enumerate(path[:n]) if c != 0 and (i == 0 or c != path[i - 1])]
@@ -262,15 +238,9 @@ def ctc_greedy(logp, lens):
     return out
 
 
-def masked_mean(x, lens):
-    """x (B, T, d), lens (B,) -> (B, d): the mean over each row's first lens[b] frames, padding left out."""
-    valid = (torch.arange(x.size(1), device=x.device)[None, :] < lens[:, None]).to(x.dtype)[..., None]
-    return (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)
-
-
 def word_spans(path):
-    """A best CTC path (a list of frame ids) -> [(start, end)] frame spans of the spoken words:
-    the frames between two emitted spaces (or an edge of the clip) that emit at least one letter."""
+    """A best CTC path (frame ids) -> [(start, end)] of the words: spans with a letter, between
+    emitted spaces or the clip's edges."""
     spans, start, letters = [], 0, False
     for t, c in enumerate(path):
         if c == SPACE:
@@ -285,9 +255,8 @@ def word_spans(path):
 
 
 def span_pool(x, spans, bins):
-    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span's frames averaged into
-    `bins` consecutive, equally long parts in time order (a part shorter than one frame takes the
-    frame it starts in), so the word's letters keep their order."""
+    """x (T, C), spans [(start, end)] -> (len(spans), bins * C): each span's mean in bins parts
+    in time order (at least a frame each), so a word's letters keep their order."""
     w = x.new_zeros(len(spans) * bins, x.shape[0])  # averaging weights, one row per part
     for i, (s, e) in enumerate(spans):
         for j in range(bins):
@@ -298,9 +267,7 @@ def span_pool(x, spans, bins):
 
 
 class SpeechEncoder(nn.Module):
-    """What the speech LLM hears with: the pretrained audio encoder and its CTC head. The head's
-    best path cuts the clip into words; the adapter reads each word's frames, and first the whole
-    clip's (who speaks, and how: the voice heads read the clip's mean), pooled by span_pool."""
+    """The audio encoder and its CTC head, whose best path cuts the clip into words."""
 
     def __init__(self, enc_cfg: EncoderConfig, bins=4):
         super().__init__()
@@ -309,35 +276,32 @@ class SpeechEncoder(nn.Module):
         self.ctc_head = nn.Linear(enc_cfg.n_state, len(CTC_CHARS) + 1)
 
     def frames(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> frames (B, T // 2, n_state), lens, CTC log-probs (B, T // 2, C) in float32."""
+        """mel (B, n_mels, T), mel_lens (B,) -> x (B, T // 2, n_state), lens, CTC log-probs."""
         x, lens = self.encoder(mel, mel_lens)
         return x, lens, self.ctc_head(x).float().log_softmax(-1)
 
     def forward(self, mel, mel_lens):
-        """-> words (B, 1 + W, bins * n_state) (the whole clip, then each spoken word; padding rows
-        zero), lens (B,) = 1 + each clip's W."""
+        """-> (B, 1 + W, bins * n_state): the clip, then each word (padding zero), lens (B,)."""
         x, lens, logp = self.frames(mel, mel_lens)
         rows = [span_pool(x[b], [(0, n)] + word_spans(path[:n]), self.bins)
                 for b, (path, n) in enumerate(zip(logp.argmax(-1).tolist(), lens.tolist()))]
-        out = x.new_zeros(len(rows), max(len(r) for r in rows), self.bins * x.shape[-1])
-        for b, r in enumerate(rows):
-            out[b, :len(r)] = r
+        out = pad_sequence(rows, batch_first=True).to(x.dtype)  # padding rows zero
         return out, torch.tensor([len(r) for r in rows], device=x.device)
 
 
 class CTCEncoder(SpeechEncoder):
-    """The speech encoder with the voice heads that pretrain it beside CTC (the speech LLM keeps
-    the encoder and the CTC head; the voice heads stay with their stage)."""
+    """The speech encoder with the voice heads that pretrain it beside CTC (they stay behind)."""
 
     def __init__(self, enc_cfg: EncoderConfig):
         super().__init__(enc_cfg)
-        self.voice_heads = nn.ModuleDict({k: nn.Linear(enc_cfg.n_state, len(v)) for k, v in VOICE_CLASSES.items()})
+        self.voice_heads = nn.ModuleDict({k: nn.Linear(enc_cfg.n_state, len(v))
+                                          for k, v in VOICE_CLASSES.items()})
 
     def heads(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> CTC log-probs (B, T // 2, C) in float32, their
-        lengths (B,), and {voice task: logits (B, classes)} from the time-averaged output."""
+        """-> CTC log-probs (B, T // 2, C), lens (B,), {voice task: logits (B, classes)}."""
         x, lens, logp = self.frames(mel, mel_lens)
-        pooled = masked_mean(x, lens)  # (B, n_state); the whole-clip token pools the same frames
+        valid = lengths_mask(lens, x.size(1)).to(x.dtype)[..., None]
+        pooled = (x * valid).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)  # the clip's mean
         return logp, lens, {k: head(pooled) for k, head in self.voice_heads.items()}
 
     def speech_encoder_state(self):
@@ -345,20 +309,10 @@ class CTCEncoder(SpeechEncoder):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("voice_heads.")}
 
 
-# -----------------------------------------------------------------------------
-# adapter
-
-
 class Adapter(nn.Module):
-    """From SpeechEncoder's pooled vectors (bins * d_in each) into the decoder's input space.
-    The clip's vector (who speaks, and how): a two-layer MLP. Each word's: a two-layer MLP to a
-    query scored against every token embedding of the decoder, and the decoder reads the
-    embeddings' average under the scores' softmax (as LegoSLM reads a CTC posterior): a word heard
-    surely arrives as its text token, a doubtful one as a mixture of the words it may be; plus a
-    linear map of the word's frames, which carries how it was said (pitch,
-    rate, emotion, noise: measured, the decoder did not learn to read them from the clip's
-    vector alone, and LegoSLM-style inputs lose them). The scores do not move the embeddings
-    (detached); the average does, as any input would."""
+    """SpeechEncoder's vectors into the decoder's input space. The clip's: an MLP. A word's: an MLP
+    query scored against the (detached) token embeddings, read as their softmax average (LegoSLM:
+    a sure word arrives as its token, a doubtful one as a mixture), plus how it was said."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -366,22 +320,19 @@ class Adapter(nn.Module):
         self.clip2 = nn.Linear(cfg.hidden, cfg.d_out)
         self.word1 = nn.Linear(cfg.bins * cfg.d_in, cfg.hidden)
         self.word2 = nn.Linear(cfg.hidden, cfg.d_out)
-        self.how = nn.Linear(cfg.bins * cfg.d_in, cfg.d_out)  # how each word was said, added to what it is
+        self.how = nn.Linear(cfg.bins * cfg.d_in, cfg.d_out)  # how a word was said, added to it
 
     def forward(self, x, lens, embeddings):
         """x (B, 1 + W, bins * d_in), lens (B,), embeddings (vocab, d_out) -> y (B, 1 + W, d_out)
         (padding rows zero), lens, word logits (B, W, vocab)."""
-        # the clip's vector has the length of an average token embedding, and how a word was said
-        # half that: measured, left free they grew to 200x and 50x that length, and the decoder
-        # stopped reading the voice (the clip's vector) or the words (how they were said)
+        # fixed lengths: left free, the clip's or the how vector grows until the other goes unread
         length = embeddings.detach().norm(dim=-1).mean()  # of an average token embedding
-        clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1) * length  # (B, 1, d_out)
+        clip = F.normalize(self.clip2(F.gelu(self.clip1(x[:, :1]))), dim=-1) * length  # (B, 1, d)
         logits = self.word2(F.gelu(self.word1(x[:, 1:]))) @ embeddings.detach().T  # (B, W, vocab)
         words = logits.float().softmax(-1).to(embeddings.dtype) @ embeddings  # (B, W, d_out)
         words = words + (F.normalize(self.how(x[:, 1:]), dim=-1) * length / 2).to(words.dtype)
         y = torch.cat([clip, words.to(clip.dtype)], 1)
-        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
-        return y * keep[..., None], lens, logits
+        return y * lengths_mask(lens, x.shape[1])[..., None], lens, logits
 
 
 # -----------------------------------------------------------------------------
@@ -395,26 +346,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the statistic in float32 even under bf16, as Llama does
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-
-
-def rotate_half(x):
-    """Half-rotation layout (HF Llama): pairs are (i, i + hd/2), not interleaved (2i, 2i+1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 under bf16, as Llama
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
 
 
 def rope_table(n_positions, head_dim, theta):
-    """cos, sin (n_positions, head_dim), float32: the rotary embedding of positions 0..n_positions-1."""
+    """cos, sin (n_positions, head_dim), float32: the rotary embedding of positions 0..n-1."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = torch.arange(n_positions).float()[:, None] * inv_freq  # (n, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd), the half-rotation layout of rotate_half
+    emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd), the half-rotation layout of apply_rope
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+    """Half-rotation layout (HF Llama): pairs are (i, i + hd/2), not interleaved (2i, 2i+1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -428,31 +376,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x (B, T, dim); cos, sin broadcast to (B, 1, T, head_dim). mask: bool, True = attend,
-        broadcast to (B, 1, T, keys); None = causal. With a cache, this call's keys and values go
-        into it and attention reads what the cache gives back."""
+        """x (B, T, dim); cos, sin broadcast to (B, 1, T, hd); mask bool (True = attend) broadcast
+        to (B, 1, T, keys), None = causal. A cache stores this call's k, v and gives all back."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for f in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh or nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, keys, hd)
-        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). Sampling (with a cache) lets
-        # SDPA read the grouped cache in place instead of copying all of it every step, bitwise the
-        # same output. Training repeats the heads: SDPA's grouped backward sums a group's key/value
-        # gradients in another order (equal to ~1e-6), and the README's runs were trained this way.
+        # GQA: query head h reads kv head h // (n_heads // n_kv_heads). SDPA reads a cache grouped
+        # in place; training repeats the heads (SDPA's grouped backward sums in another order).
         if T == 1 and cache is not None and torch.compiler.is_compiling():
-            # a decode step under torch.compile (xopd.sample's compile): one query per row as two
-            # matmuls and a softmax, which the compiler fuses; SDPA's CPU kernel would take most
-            # of the step for so little work. Query heads grouped by the kv head they read.
+            # a decode step under torch.compile: matmuls and a softmax the compiler fuses
             qg = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
             scores = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, group, keys)
             y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v
             return self.o_proj(y.reshape(B, T, -1))
         if cache is None:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -483,54 +424,36 @@ class DecoderLayer(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values, per layer (B, n_kv_heads, max_len, head_dim), written in
-    place by update. lengths[b] = valid positions of row b = where row b's next token is written;
-    end = max(lengths), kept as a Python int so that decoding sizes its mask without a device sync.
-    Decoder.prefill and Decoder.decode advance both after their pass.
-    static: every decode step has the same shapes (what a CUDA graph replays): attention reads all
-    max_len positions, masked from lengths alone, and lengths advances in place."""
+    """Keys and values per layer (B, n_kv_heads, max_len, head_dim), written in place; lengths[b]:
+    row b's next position; end = max(lengths), an int (no sync). static: all max_len keys read."""
 
-    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None, device=None, static=False):
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype=None,
+                 device=None, static=False):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.end = 0
-        self.static = static
-
-    @property
-    def max_len(self):
-        return self.k[0].shape[2]
+        self.end, self.max_len, self.static = 0, max_len, static
 
     def update(self, layer, k, v):
-        """Write one layer's new keys and values k, v (B, n_kv_heads, T, head_dim): row b's T tokens
-        at positions lengths[b] .. lengths[b] + T - 1. Returns that layer's keys and values at
-        positions 0 .. end + T - 1, what attention reads (its mask hides what a row has not written);
-        a static cache returns all max_len positions, the same shape at every step."""
+        """k, v (B, nkv, T, hd) written from lengths[b] on -> keys, values 0 .. end + T - 1."""
         kc, vc = self.k[layer], self.v[layer]
         T = k.shape[2]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         cols = self.lengths[:, None] + torch.arange(T, device=k.device)  # (B, T)
         kc[rows, :, cols] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
         vc[rows, :, cols] = v.transpose(1, 2)
-        if self.static:
-            return kc, vc
-        return kc[:, :, :self.end + T], vc[:, :, :self.end + T]
+        n = self.max_len if self.static else self.end + T
+        return kc[:, :, :n], vc[:, :, :n]
 
     def repeat_interleave(self, n, max_len=None):
-        """n samples per prompt without re-running the prompt: row b -> rows b*n .. b*n+n-1.
-        max_len: into a new static cache of that length, allocated here once at the rollout's final
-        size (B*n rows, prompt + new tokens), so the prefilled cache need only hold the prompt."""
-        if max_len is None:
-            new = copy.copy(self)
-            new.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-            new.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-            new.lengths = self.lengths.repeat_interleave(n)
-            return new
+        """Row b -> rows b*n .. b*n+n-1 (n samples a prompt); max_len: a static cache that long."""
         B, H, T, D = self.k[0].shape
-        new = KVCache(len(self.k), B * n, H, max_len, D, self.k[0].dtype, self.k[0].device, static=True)
+        size = max_len or T
+        new = KVCache(len(self.k), B * n, H, size, D, self.k[0].dtype, self.k[0].device,
+                      static=max_len is not None)
         for src, dst in zip(self.k + self.v, new.k + new.v):
-            dst.view(B, n, H, max_len, D)[:, :, :, :T] = src[:, None]  # (B, 1, H, T, D) broadcast over the n copies
+            dst.view(B, n, H, size, D)[:, :, :, :T] = src[:, None]  # (B, 1, H, T, D) to n copies
         new.lengths.copy_(self.lengths.repeat_interleave(n))
         new.end = self.end
         return new
@@ -546,18 +469,15 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, two names
         # computed once, indexed by position; not persistent: a checkpoint holds weights only
         cos, sin = rope_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def logits(self, hidden):
         return hidden @ self.lm_head.weight.T
@@ -567,11 +487,11 @@ class Decoder(nn.Module):
         return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     def rotary(self, n):
-        """cos, sin (n, head_dim) of positions 0..n-1 from the model's table, which grows (to at
-        least twice its size) when a sequence runs past it."""
+        """cos, sin (n, head_dim) of positions 0..n-1; the table at least doubles to reach n."""
         if n > self.rope_cos.shape[0]:
             with torch.inference_mode(False):  # the table outlives a sampling call's inference mode
-                cos, sin = rope_table(max(n, 2 * self.rope_cos.shape[0]), self.cfg.head_dim, self.cfg.rope_theta)
+                size = max(n, 2 * self.rope_cos.shape[0])
+                cos, sin = rope_table(size, self.cfg.head_dim, self.cfg.rope_theta)
                 self.rope_cos, self.rope_sin = cos.to(self.rope_cos), sin.to(self.rope_sin)
         return self.rope_cos[:n], self.rope_sin[:n]
 
@@ -588,15 +508,13 @@ class Decoder(nn.Module):
         return self._run(x, *self.rotary(x.shape[1]))  # positions 0..T-1 for every row
 
     def new_cache(self, batch_size, max_len, static=False):
-        w = self.embed_tokens.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                       dtype=w.dtype, device=w.device, static=static)
+        c, w = self.cfg, self.embed_tokens.weight
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype=w.dtype,
+                       device=w.device, static=static)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
-        """Right-padded prompts (B, T) with lengths (B,) -> hidden (B, T, dim), into a fresh cache.
-        Writes positions 0..T-1 of the cache (padding too: decode overwrites it and masks what it
-        has not written) and sets cache.lengths = lengths. hidden[b, lengths[b] - 1] predicts row
-        b's first token."""
+        """Right-padded prompts (B, T), lengths (B,) -> hidden (B, T, dim), into a fresh cache
+        (padding too: decode overwrites and masks it); hidden[b, lengths[b] - 1] predicts next."""
         x = self._embed(input_ids, inputs_embeds)
         T = x.shape[1]
         assert cache.end == 0, "prefill needs a fresh cache"
@@ -607,144 +525,139 @@ class Decoder(nn.Module):
         return h
 
     def decode(self, cache, input_ids=None, inputs_embeds=None, step=None):
-        """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), written at each row's own
-        position cache.lengths[b] -> hidden (B, dim); then cache.lengths += 1. step: decode_step, or
-        a compiled version of it (xopd.sample's compile)."""
-        x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)  # (B, 1, dim)
+        """One token per row, input_ids (B,) or inputs_embeds (B, 1, dim), at position lengths[b]
+        -> hidden (B, dim). step: decode_step (None) or a faster one (xopd.sample's step)."""
+        x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)
         assert cache.end < cache.max_len, "KV cache full"
-        h = (step or self.decode_step)(x, cache)
+        h = (step or self.decode_step)(x, cache)  # x, h (B, 1, dim)
         if cache.static:
-            cache.lengths += 1  # in place: a CUDA graph captured on this tensor reads the new positions
+            cache.lengths += 1  # in place: a CUDA graph captured on this tensor reads the new one
         else:
-            cache.lengths = cache.lengths + 1  # a new tensor: the caller's `lengths` given to prefill stays intact
+            cache.lengths = cache.lengths + 1  # a new tensor: the lengths given to prefill stay
         cache.end += 1
         return h[:, 0]
 
     def decode_step(self, x, cache):
-        """decode's pass through the layers: x (B, 1, dim) at positions cache.lengths -> (B, 1, dim).
-        With a static cache every tensor's shape is fixed and nothing is read on the host: the mask
-        spans all max_len keys and comes from cache.lengths alone, so the step can be a CUDA graph."""
+        """x (B, 1, dim) at positions cache.lengths -> (B, 1, dim). A static cache fixes the shapes
+        and reads nothing on the host (the mask spans all max_len keys): a CUDA graph replays it."""
         pos = cache.lengths
-        n = cache.max_len if cache.static else cache.end + 1  # keys up to the longest row's new length
-        mask = (torch.arange(n, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, n)
+        n = cache.max_len if cache.static else cache.end + 1  # keys up to the longest row's end
+        mask = lengths_mask(pos + 1, n)[:, None, None, :]  # (B, 1, 1, n)
         cos, sin = self.rotary(n)
-        return self._run(x, cos[pos][:, None, None], sin[pos][:, None, None], mask, cache)  # (B, 1, 1, hd) each
+        cos, sin = cos[pos][:, None, None], sin[pos][:, None, None]  # (B, 1, 1, hd)
+        return self._run(x, cos, sin, mask, cache)
+
+
+# DecoderConfig field -> (config.json name, default if absent or null: None required, 0 derived)
+HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
+             "n_layers": ("num_hidden_layers", None), "n_heads": ("num_attention_heads", None),
+             "n_kv_heads": ("num_key_value_heads", 0), "hidden_dim": ("intermediate_size", None),
+             "rope_theta": ("rope_theta", 10000.0), "norm_eps": ("rms_norm_eps", 1e-6),
+             "tie_embeddings": ("tie_word_embeddings", False),
+             "max_seq_len": ("max_position_embeddings", 2048), "head_dim": ("head_dim", 0)}
 
 
 def load_llama(state_dict_or_path, config):
-    """A Llama-family checkpoint in the Hugging Face layout (keys with or without the leading
-    "model."; tied checkpoints may lack lm_head.weight) and its config.json contents -> Decoder.
-    A path is read with torch.load (a .bin / .pt state dict; load_llama_folder reads .safetensors).
-    A config naming a feature this decoder lacks, a missing field or tensor: ValueError naming it."""
+    """A Hugging Face Llama state dict ("model." prefix optional; a tied one may lack lm_head) or
+    its .bin / .pt file, and its config.json -> Decoder; anything unfit: ValueError naming it."""
     sd = state_dict_or_path
-    if not isinstance(sd, dict):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
-    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama only)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"field 'hidden_act' = {config['hidden_act']!r} is not supported (silu only)")
-    try:
-        cfg = DecoderConfig(
-            vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            hidden_dim=config["intermediate_size"], rope_theta=float(config.get("rope_theta", 10000.0)),
-            norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_seq_len=config.get("max_position_embeddings", 2048), head_dim=config.get("head_dim") or 0)
-    except KeyError as e:
-        raise ValueError(f"missing field {e.args[0]!r}") from None
+    sd = sd if isinstance(sd, dict) else read_weights(sd)
+    for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
+                       ("hidden_act", "silu")):  # plain Llama's values: anything else is refused
+        if config.get(key) and config[key] != plain:
+            raise ValueError(f"field {key!r} = {config[key]!r} is not supported (plain Llama: "
+                             f"only {plain!r})")
+    for name, default in HF_CONFIG.values():
+        if default is None and config.get(name) is None:
+            raise ValueError(f"missing field {name!r}")
+    # each value as the type of DecoderConfig's default (rope_theta a float, tie_embeddings a bool)
+    cfg = DecoderConfig(**{f: type(getattr(DecoderConfig, f))(config.get(name) or default)
+                           for f, (name, default) in HF_CONFIG.items()})
     sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()
-          if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved this buffer
+          if not k.endswith("rotary_emb.inv_freq")}  # a buffer some checkpoints carry
     if cfg.tie_embeddings and "embed_tokens.weight" in sd:
         sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
     dec = Decoder(cfg)
     want = dec.state_dict()
     missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
     if missing or extra:
-        raise ValueError(f"the weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''} and have "
-                         f"{extra[:5]}{' ...' if len(extra) > 5 else ''} beyond what the config describes")
-    bad = [f"{k} {tuple(sd[k].shape)} (config: {tuple(v.shape)})" for k, v in want.items() if sd[k].shape != v.shape]
+        more_m, more_e = " ..." if len(missing) > 5 else "", " ..." if len(extra) > 5 else ""
+        raise ValueError(f"the weights lack {missing[:5]}{more_m} and have {extra[:5]}{more_e} "
+                         "beyond what the config describes")
+    bad = [f"{k} {tuple(sd[k].shape)} (config: {tuple(v.shape)})" for k, v in want.items()
+           if sd[k].shape != v.shape]
     if bad:
         raise ValueError(f"tensor shapes disagree with the config: {bad[:3]}")
     dec.load_state_dict(sd, strict=True)
     return dec
 
 
-# A model folder's weights, in the order they are looked for: sharded files come with an index
-# ({"weight_map": {tensor name: file}}) beside them.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+# a model folder's weights, in the order looked for; an .index.json file names the shards
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def read_weights(path):
-    """One weights file -> state dict: .bin with torch.load(weights_only=True), .safetensors with
-    the optional safetensors package (a clear error when it is not installed)."""
+    """One weights file (.bin, .pt, or .safetensors with the optional package) -> state dict."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the optional package safetensors "
-                             f"(pip install safetensors), or give the weights as pytorch_model.bin") from None
+            raise ValueError(f"{path}: reading .safetensors needs the optional package "
+                             "safetensors (pip install safetensors), or give the weights as "
+                             "pytorch_model.bin") from None
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    return torch_load(path, "weights file")
 
 
 def read_hf_config(folder):
     """A Hugging Face model folder's config.json -> its contents (a Llama-architecture model's)."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
-        raise ValueError(f"{cfg_path}: not found (expected a Hugging Face model folder: config.json, "
-                         f"weights as {' / '.join(WEIGHT_FILES)}, tokenizer.json)")
+        raise ValueError(f"{cfg_path}: not found (expected a Hugging Face model folder: "
+                         f"config.json, weights as {' / '.join(WEIGHT_FILES)}, tokenizer.json)")
     try:
         with open(cfg_path) as f:
             config = json.load(f)
     except ValueError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if config.get("model_type", "llama") != "llama":
-        raise ValueError(f"{cfg_path}: field 'model_type' = {config['model_type']!r} is not supported "
-                         f"(a Llama-architecture model is expected)")
+        raise ValueError(f"{cfg_path}: field 'model_type' = {config['model_type']!r} is not "
+                         "supported (a Llama-architecture model is expected)")
     if not isinstance(config.get("vocab_size"), int):
         raise ValueError(f"{cfg_path}: field 'vocab_size' is missing or not an integer")
     return config
 
 
 def load_llama_folder(folder):
-    """A Llama-architecture model folder in the Hugging Face layout (config.json and its weights,
-    WEIGHT_FILES) -> (Decoder, the config.json contents). Every problem is a ValueError naming the
-    file (and the field or tensor)."""
+    """A Hugging Face Llama folder (config.json, WEIGHT_FILES) -> (Decoder, config); a problem is
+    a ValueError naming the file (and the field or tensor)."""
     config, cfg_path = read_hf_config(folder), os.path.join(folder, "config.json")
     found = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(folder, name))]
     if not found:
         raise ValueError(f"{folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    where = os.path.join(folder, found[0])
+    where, shards = os.path.join(folder, found[0]), found[:1]
     if where.endswith(".index.json"):
         with open(where) as f:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         if not shards:
             raise ValueError(f"{where}: field 'weight_map' is missing or empty")
-        sd = {}
-        for name in shards:
-            if not os.path.exists(os.path.join(folder, name)):
-                raise ValueError(f"{where}: names the shard {name}, which is not in {folder}")
-            sd.update(read_weights(os.path.join(folder, name)))
-    else:
-        sd = read_weights(where)
+    sd = {}
+    for name in shards:  # one file, or the shards an index names
+        if not os.path.exists(os.path.join(folder, name)):
+            raise ValueError(f"{where}: names the shard {name}, which is not in {folder}")
+        sd.update(read_weights(os.path.join(folder, name)))
     try:
         return load_llama(sd, config), config
     except ValueError as e:  # the config's or the weights' fault: name the file it is in
-        raise ValueError(f"{cfg_path if str(e).startswith(('field', 'missing field')) else where}: {e}") from None
+        bad_config = str(e).startswith(("field", "missing field"))
+        raise ValueError(f"{cfg_path if bad_config else where}: {e}") from None
 
 
 def llama_config(cfg: DecoderConfig):
     """The inverse of load_llama's reading: a DecoderConfig as a Hugging Face Llama config.json."""
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.hidden_dim, rope_theta=cfg.rope_theta,
-                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                max_position_embeddings=cfg.max_seq_len, head_dim=cfg.head_dim, hidden_act="silu")
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                **{name: getattr(cfg, f) for f, (name, _) in HF_CONFIG.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -752,12 +665,12 @@ def llama_config(cfg: DecoderConfig):
 
 
 class SpeechLM(nn.Module):
-    """encoder + adapter + decoder. The decoder reads [chat prefix, audio vectors, chat suffix]
-    for speech prompts and plain token embeddings for text prompts."""
+    """encoder + adapter + decoder, which reads [chat prefix, audio vectors, chat suffix]."""
 
-    def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig, audio_token_id=-1):
+    def __init__(self, enc_cfg: EncoderConfig, adp_cfg: AdapterConfig, dec_cfg: DecoderConfig,
+                 audio_token_id=-1):
         super().__init__()
-        assert adp_cfg.d_in == enc_cfg.n_state and adp_cfg.d_out == dec_cfg.dim, "adapter widths mismatch"
+        assert (adp_cfg.d_in, adp_cfg.d_out) == (enc_cfg.n_state, dec_cfg.dim), "adapter widths"
         self.encoder = SpeechEncoder(enc_cfg, adp_cfg.bins)
         self.adapter = Adapter(adp_cfg)
         self.decoder = Decoder(dec_cfg)
@@ -765,44 +678,36 @@ class SpeechLM(nn.Module):
         self.enc_cfg, self.adp_cfg = enc_cfg, adp_cfg  # with decoder.cfg: what a checkpoint stores
 
     def encode_audio(self, mel, mel_lens):
-        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, 1 + words, dim), audio_lens (B,)."""
+        """mel (B, n_mels, T), mel_lens (B,) -> audio_embeds (B, 1 + words, dim), lens (B,)."""
         return self.audio_embeds(*self.encoder(mel, mel_lens))
 
     def audio_embeds(self, words, lens):
-        """The speech encoder's output (SpeechEncoder.forward, or its cached copy) -> the adapter's
-        audio_embeds (B, 1 + W, dim), audio_lens (B,)."""
+        """SpeechEncoder's output (or a cached copy) -> audio_embeds (B, 1 + W, dim), lens (B,)."""
         return self.adapter(words, lens, self.decoder.embed_tokens.weight)[:2]
 
     def embed(self, input_ids, lengths, audio_embeds=None, audio_lens=None):
-        """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,).
-        Row b's single AUDIO placeholder is replaced by audio_embeds[b, :audio_lens[b]]; rows with
-        no placeholder are plain token embeddings. Right padded with zeros."""
+        """input_ids (B, T) right padded, lengths (B,) -> inputs_embeds (B, T', dim), lengths (B,):
+        row b's AUDIO placeholder (at most one) replaced by audio_embeds[b, :audio_lens[b]]."""
         if audio_embeds is not None and self.audio_token_id < 0:
-            raise ValueError("SpeechLM.audio_token_id is not set: the audio placeholder cannot be found")
-        # the placeholder's own row is never read (a real teacher's vocabulary has none): embed 0 there
-        tok = self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.audio_token_id, 0))  # (B, T, dim)
-        rows, new_lens = [], []
+            raise ValueError("SpeechLM.audio_token_id is not set: the placeholder cannot be found")
+        # the placeholder's own row is never read (a real teacher's vocabulary has none): embed 0
+        tok = self.decoder.embed_tokens(input_ids.masked_fill(input_ids == self.audio_token_id, 0))
+        rows = []
         for b in range(input_ids.shape[0]):
             n = int(lengths[b])
             where = (input_ids[b, :n] == self.audio_token_id).nonzero().flatten().tolist()
             if len(where) > 1:
-                raise ValueError(f"row {b} holds {len(where)} audio placeholders, expected at most 1")
-            if where:
-                if audio_embeds is None:
-                    raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
-                p = where[0]
-                row = torch.cat([tok[b, :p], audio_embeds[b, :int(audio_lens[b])].to(tok.dtype), tok[b, p + 1:n]])
-            else:
-                row = tok[b, :n]
-            rows.append(row)
-            new_lens.append(row.shape[0])
-        out = tok.new_zeros(len(rows), max(new_lens), tok.shape[-1])
-        for b, row in enumerate(rows):
-            out[b, :row.shape[0]] = row
-        return out, torch.tensor(new_lens, dtype=torch.long, device=input_ids.device)
+                raise ValueError(f"row {b} holds {len(where)} audio placeholders, expected <= 1")
+            if where and audio_embeds is None:
+                raise ValueError(f"row {b} holds an audio placeholder but no audio was given")
+            p = where[0] if where else n  # no placeholder: the row's tokens, nothing between
+            audio = audio_embeds[b, :int(audio_lens[b])].to(tok.dtype) if where else tok[b, :0]
+            rows.append(torch.cat([tok[b, :p], audio, tok[b, p + 1:n]]))
+        lens = torch.tensor([len(r) for r in rows], dtype=torch.long, device=input_ids.device)
+        return pad_sequence(rows, batch_first=True), lens  # (B, T', dim), right padded with zeros
 
     def forward(self, input_ids, lengths, mel=None, mel_lens=None):
-        """Convenience: -> hidden (B, T', dim), lengths (B,) for a batch of (speech or text) prompts."""
+        """-> hidden (B, T', dim), lengths (B,) for a batch of (speech or text) prompts."""
         audio = self.encode_audio(mel, mel_lens) if mel is not None else (None, None)
         x, lens = self.embed(input_ids, lengths, *audio)
         return self.decoder(inputs_embeds=x), lens
@@ -816,7 +721,7 @@ class SpeechLM(nn.Module):
 
 def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
     """The speech LLM whose decoder is a deep copy of the text teacher (new encoder and adapter)."""
-    adp_cfg = AdapterConfig(**{**asdict(adp_cfg), "d_in": enc_cfg.n_state, "d_out": teacher.cfg.dim})
+    adp_cfg = replace(adp_cfg, d_in=enc_cfg.n_state, d_out=teacher.cfg.dim)
     student = SpeechLM(enc_cfg, adp_cfg, teacher.cfg, audio_token_id)
     student.decoder = copy.deepcopy(teacher)  # deepcopy keeps a tied head tied
     return student
@@ -827,31 +732,43 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
 
 
 def atomic_write(path, write, mode="w"):
-    """write(f) into a temporary file beside path, then rename it to path: a crash mid-write
-    never leaves a half-written file (checkpoints, cached responses, eval results, tables)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """write(f) into path + ".tmp", then rename it to path: a crash never leaves half a file. Any
+    failure removes the .tmp and is one OSError naming path, with the errno beneath (if any)."""
     tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, Exception):  # an interrupt stays what it is
+            raise
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        why = f"{type(e).__name__}: {e}" if cause is None else cause.strerror or str(cause)
+        err = OSError(f"{path}: not written ({why})")
+        err.errno = getattr(cause, "errno", None)
+        raise err from None
 
 
 def save_checkpoint(path, payload):
-    """payload: a dict with at least "model" (a state dict), "configs" (model_configs) and "train"."""
+    """payload: a dict with at least "model" (a state dict), "configs" (model_configs), "train"."""
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
 
 
 def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint; a missing, truncated or foreign one: an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "delete it to retrain that stage") from None
-    missing = [k for k in ("model", "configs", "train") if not isinstance(ckpt, dict) or k not in ckpt]
+    ckpt = torch_load(path, "checkpoint", "; delete it and rerun the stage that makes it")
+    missing = [k for k in ("model", "configs", "train")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; expected one written by train.py")
+        raise ValueError(f"{path}: checkpoint lacks the field(s) {missing}; "
+                         "expected one written by train.py")
     return ckpt
 
 
@@ -866,7 +783,7 @@ def model_configs(model):
 
 
 def build_model(configs):
-    """A Decoder (teacher), CTCEncoder (pretrained encoder) or SpeechLM (student) from model_configs."""
+    """model_configs -> a Decoder (teacher), CTCEncoder (encoder) or SpeechLM (student)."""
     if "decoder" not in configs:
         return CTCEncoder(EncoderConfig(**configs["encoder"]))
     dec = DecoderConfig(**configs["decoder"])
@@ -883,66 +800,21 @@ def load_model(path, device):
     try:
         m.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config stored with them ({e})") from None
+        raise ValueError(f"{path}: weights do not match the config stored with them "
+                         f"({e})") from None
     return m.to(device), ckpt
 
 
 def pick_device():
-    """Chosen once, printed with the reason (CPU: float32, no autocast; GPU: bf16 autocast).
-    -> (device, autocast dtype or None, reason)."""
+    """-> (device, autocast dtype or None, the reason to print): CPU float32, GPU bf16 autocast."""
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
         bf16 = torch.cuda.is_bf16_supported()
-        why = f"CUDA device {torch.cuda.get_device_name()} found; " + ("bf16 autocast" if bf16 else "float32 (no bf16 support)")
-        return dev, (torch.bfloat16 if bf16 else None), why
-    return torch.device("cpu"), None, f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
-
-
-# -----------------------------------------------------------------------------
+        why = f"CUDA device {torch.cuda.get_device_name()} found; "
+        why += "bf16 autocast" if bf16 else "float32 (no bf16 support)"
+        return torch.device("cuda"), (torch.bfloat16 if bf16 else None), why
+    why = f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
+    return torch.device("cpu"), None, why
 
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())  # a tied head counts once
-
-
-@torch.no_grad()
-def _bench(fn, reps=3, calls=1, sync=lambda: None):
-    """Seconds per call: the best of `reps` runs of `calls` calls back to back, after a warm-up (the
-    least disturbed by other load); sync() waits for the device before each clock reading."""
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
-
-
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, vocab_size 2000")
-    for preset in PRESETS:
-        enc_cfg, adp_cfg, dec_cfg = make_configs(preset, vocab_size=2000)
-        m = SpeechLM(enc_cfg, adp_cfg, dec_cfg, audio_token_id=1).eval()
-        ne, na, nd = count_params(m.encoder), count_params(m.adapter), count_params(m.decoder)
-        print(f"[{preset}] params: encoder {ne / 1e6:.3f}M  adapter {na / 1e6:.3f}M  decoder {nd / 1e6:.3f}M"
-              f"  total {(ne + na + nd) / 1e6:.3f}M")
-        B, T = 4, 256
-        ids = torch.randint(0, 2000, (B, T))
-        s = _bench(lambda: m.decoder(ids), reps=5)
-        print(f"[{preset}] decoder forward  {B}x{T} tokens: {B * T / s:10.0f} tokens/s")
-        steps = 32
-
-        def gen():
-            cache = m.decoder.new_cache(8, 64 + steps)
-            m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
-            for _ in range(steps):
-                m.decoder.decode(cache, ids[:, 0].repeat(2))
-        s = _bench(gen, reps=2)
-        print(f"[{preset}] decoder prefill 8x64 + {steps} cached decode steps: {8 * steps / s:10.0f} new tokens/s")
-        mel = torch.randn(4, 80, 1000)  # 4 clips of 10 s
-        s = _bench(lambda: m.encode_audio(mel, torch.full((4,), 1000)), reps=2)
-        print(f"[{preset}] encoder+adapter 4x10 s of audio: {40 / s:10.1f} audio seconds/s")

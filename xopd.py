@@ -2,12 +2,11 @@
 X-OPD: cross-modal on-policy distillation (Cao et al., arXiv 2603.24596), and the
 baselines it is compared with (SFT / offline KD, GKD).
 
-Top to bottom: sampling (one pure function of logits, then KV-cached rollouts), the
-fused log-prob gather, the losses, one training step per method. A step returns its loss
-and its diagnostics; the caller (train.py) does the backward pass and the optimiser step.
+Top to bottom: sampling, the student's rollouts, the fused log-prob gather, the teacher's
+scores, Eq. 1-5 and one X-OPD step; the baselines; what the pipeline needs beside them; last, the
+fast decode steps. A step returns its loss and diagnostics; train.py does backward and the update.
 
-The method's equations, numbered here in the order the paper's method section introduces
-them (the numbers are this file's):
+The method's equations, numbered in the order the paper's method section introduces them:
   Eq. 1  in-modal advantage     A_im(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | T, y<t)
   Eq. 2  cross-modal advantage  A_cm(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | S, y<t)
   Eq. 3  importance ratio       r_t = pi_theta(y_t | .) / pi_theta_old(y_t | .)
@@ -37,13 +36,10 @@ import model as M
 
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
-    """
-    Draw one token per row from (B, V) logits. Temperature 0 is argmax (log-prob 0, a
-    point mass). Otherwise: divide by temperature, keep the top_k tokens (0 = all), then
-    the smallest set whose cumulative probability reaches top_p (the top token always
-    stays), renormalise and draw. Returns ids (B,) and each id's log-prob under the
-    distribution it was drawn from.
-    """
+    """Draw one token per row from (B, V) logits. Temperature 0 is argmax (log-prob 0, a point
+    mass). Otherwise: divide by temperature, keep the top_k tokens (0 = all), then the smallest
+    set whose cumulative probability reaches top_p (the top token always stays), renormalise and
+    draw. Returns ids (B,) and each id's log-prob under the distribution it was drawn from."""
     if temperature == 0:
         ids = logits.argmax(dim=-1)
         return ids, torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
@@ -56,18 +52,18 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # token i stays if the mass strictly before it is < p: this is the smallest
-        # prefix whose mass reaches p, and the first token (mass before it 0) always stays
+        # token i stays if the mass before it is < p: the smallest prefix reaching p (first stays)
         mass_before = probs.cumsum(dim=-1) - probs
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     logp = logits.log_softmax(dim=-1)
-    # Inverse CDF: one uniform per row, where torch.multinomial draws one exponential per vocabulary
-    # entry (a tenth of a decode step's time on a CPU). The first id whose cumulative probability
-    # exceeds u; a token of probability 0 never is. float64, so that the tail's mass survives the sum.
+    # Inverse CDF: one uniform per row (torch.multinomial draws one per vocabulary entry), the
+    # first id whose cumulative probability exceeds it (never one of probability 0); in float64,
+    # so that the tail's mass survives the sum.
     cdf = logp.double().exp().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    u = u * cdf[:, -1:]
     ids = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
@@ -78,49 +74,24 @@ def last_hidden(hidden, lengths):
 
 
 def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new_tokens,
-           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False,
-           static=False, graph=False):
-    """
-    KV-cached rollouts: prefill the right-padded prompts once, repeat the cache n times
-    (row b -> rows b*n .. b*n+n-1), decode one token per step. Finished rows keep
-    emitting eos and are masked. Returns ids (B*n, L), mask (B*n, L) bool (real
-    positions, up to and including the first eos), logprobs (B*n, L) (float32, or
-    float64 for a float64 model) gathered from the sampling logits (0 where masked).
-    L <= max_new_tokens: the loop stops when every row has ended.
-    compile: each decode step's pass through the layers (Decoder.decode_step) goes through
-    torch.compile. Its first calls compile (seconds; once more when the number of keys first
-    changes, after which it is a symbolic size); the tokens are the eager sampler's up to float
-    rounding.
-    static: the cache is allocated once at the rollout's final size (B*n rows, the prompt plus
-    max_new_tokens) and every decode step has the same shapes (model.KVCache's static); the
-    tokens and log-probs are the default's up to float rounding.
-    graph: static, and each decode step replayed from a CUDA graph (DecodeGraph) on a CUDA
-    device; elsewhere the same static buffers are run eagerly. Sampling, the end tokens and
-    top-k / top-p stay outside the graph.
-    """
-    if compile and graph:
-        raise ValueError("sample: compile and graph, choose one (torch.compile's mode='reduce-overhead' is both)")
-    static = static or graph
+           eos_id, temperature=1.0, top_k=0, top_p=1.0, generator=None, step=None):
+    """KV-cached rollouts: prefill the right-padded prompts once, repeat the cache n times (row b
+    -> rows b*n .. b*n+n-1), decode one token per step. Finished rows keep emitting eos and are
+    masked. Returns ids (B*n, L), mask (B*n, L) bool (real positions, up to and including the
+    first eos), logprobs (B*n, L) from the sampling logits (float32, or float64 for a float64
+    model; 0 where masked). L <= max_new_tokens: the loop stops once every row has ended.
+    step(x, cache): the decode step, decoder.decode_step when None (faster ones: last section)."""
+    static, check_every = getattr(step, "static", False), getattr(step, "check_every", 1)
     with torch.inference_mode():
-        prompt = input_ids if input_ids is not None else inputs_embeds
-        B, T = prompt.shape[:2]
-        # static: the prefill cache holds the prompt only; repeat_interleave allocates the rollout's cache
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         cache = decoder.new_cache(B, T if static else T + max_new_tokens)
         hidden = decoder.prefill(cache, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
         logits = decoder.logits(last_hidden(hidden, lengths))  # (B, V)
-        if not torch.isfinite(logits).all():  # diverged weights: say so once per rollout, not per token
+        if not torch.isfinite(logits).all():  # diverged weights: said once, not per token
             raise FloatingPointError("the prompt's logits to sample from are not finite")
-        if static:
-            cache = cache.repeat_interleave(n, max_len=T + max_new_tokens)  # (B*n, nkv, T + max_new_tokens, hd) per layer
-        elif n > 1:  # n samples per prompt without re-encoding the prompt or the audio
-            cache = cache.repeat_interleave(n)
-        if n > 1:
-            logits = logits.repeat_interleave(n, dim=0)
-        step = functools.partial(compiled_decode_step(), decoder) if compile else DecodeGraph(decoder) if graph else None
-        # Whether every row has ended is read on the host, which waits for the device: a graphed
-        # rollout asks every 8 steps and drops the trailing steps where every row had already ended
-        # (the same tokens and L; a generator shared with a later call has drawn up to 7 steps more)
-        check_every = 8 if graph else 1
+        if static or n > 1:  # n samples per prompt without re-encoding the prompt or the audio
+            cache = cache.repeat_interleave(n, max_len=T + max_new_tokens if static else None)
+        logits = logits.repeat_interleave(n, dim=0)  # (B*n, V)
         done = torch.zeros(B * n, dtype=torch.bool, device=logits.device)
         ids, mask, logprobs = [], [], []
         for t in range(max_new_tokens):
@@ -133,95 +104,47 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
             if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and done.all():
                 break
             logits = decoder.logits(decoder.decode(cache, input_ids=tok, step=step))  # (B*n, V)
-        out = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logprobs, 1)
-        if check_every > 1:
-            L = int(out[1].any(0).sum())  # a row's real positions are a prefix, so these are the first L steps
-            out = tuple(x[:, :L] for x in out)
-    # inference tensors cannot be saved for backward; clones made outside can
-    return tuple(x.clone() for x in out)
-
-
-@functools.cache
-def compiled_decode_step():
-    """Decoder.decode_step through torch.compile, for sample(compile=True). One function for every
-    decoder: the compiled code is kept with it, and its guards check which version applies. Made on
-    first use: torch.compile imports the compiler stack, seconds that no other path needs."""
-    return torch.compile(M.Decoder.decode_step)
-
-
-def _addresses(cache):
-    return [t.data_ptr() for t in cache.k + cache.v] + [cache.lengths.data_ptr()]
-
-
-# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the caching allocator
-# reuses memory freed on a stream for that stream only, so a new stream per rollout would keep each
-# old one's warm-up memory aside.
-_capture_streams = {}
-
-
-def capture_cuda_graph(fn, warmup=3):
-    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: the graph's own
-    buffers, which each graph.replay() writes). As torch.cuda.graph does: a few warm-up calls on a
-    side stream first (lazy initialisation: cuBLAS, kernel choices, tables), then the capture on
-    that stream, into a memory pool of the graph's own (the allocator frees it once the graph is
-    gone and it needs the memory); without torch.cuda.graph's empty_cache, which would hand the
-    allocator's cached memory back to the driver at every capture (here: every rollout)."""
-    dev = torch.cuda.current_device()
-    if dev not in _capture_streams:
-        _capture_streams[dev] = torch.cuda.Stream()
-    side = _capture_streams[dev]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
-        out = fn()
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
-    return graph, out
-
-
-class DecodeGraph:
-    """
-    Decoder.decode_step on a static cache (model.KVCache), captured in a CUDA graph at its first
-    call and replayed after: a decode step is a few hundred small kernels, each launched from the
-    host, and a replay launches them all at once. A graph replays on the memory it was captured
-    on, so the input is copied into a buffer of its own (x (B, 1, dim)), the cache is written in
-    place, and cache.lengths is advanced in place (Decoder.decode); the output (B, 1, dim) is the
-    graph's own buffer, overwritten by the next call. On another device the same buffers are run
-    eagerly, so that CPU tests go through this code.
-    """
-
-    def __init__(self, decoder):
-        self.decoder, self.replay = decoder, None
-
-    def __call__(self, x, cache):
-        if self.replay is None:
-            self.capture(x, cache)
-        assert _addresses(cache) == self.addresses, "a graph replays on the cache it was captured with"
-        self.x.copy_(x)
-        self.replay()
-        return self.out
-
-    def capture(self, x, cache):
-        assert cache.static, "a graph needs a static cache: the same shapes at every step"
-        self.x, self.addresses = x.clone(), _addresses(cache)
-        run = functools.partial(self.decoder.decode_step, self.x, cache)
-        if not x.is_cuda:
-            self.out = run()
-            self.replay = lambda: self.out.copy_(run())
-            return
-        # The warm-up writes this step's keys at each row's position, which every replay writes
-        # again before it reads them; autocast's weight casts made there stay in its cache, where
-        # the graph reads them.
-        with torch.cuda.device(x.device):
-            self.graph, self.out = capture_cuda_graph(run)
-        self.replay = self.graph.replay
+        L = int(torch.stack(mask).any(1).sum())  # drops steps taken after every row had ended
+        out = tuple(torch.stack(x, 1)[:, :L] for x in (ids, mask, logprobs))
+    return tuple(x.clone() for x in out)  # inference tensors cannot be saved for backward
 
 
 # -----------------------------------------------------------------------------
-# fused log-prob gather
+# rollouts: the student reads T as tokens or S as audio vectors
+
+
+def prompt_embeds(model, batch, modality):
+    """The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)). A
+    model.Decoder (the text teacher) reads the text prompt; a model.SpeechLM the text prompt
+    (modality "text") or the speech prompt, its audio encoded from batch.mels, or from the frozen
+    encoder's cached outputs batch.feats. No graph is kept through a frozen audio side."""
+    if isinstance(model, M.Decoder):
+        return model.embed_tokens(batch.text_ids), batch.text_lens
+    if modality == "text":
+        return model.embed(batch.text_ids, batch.text_lens)
+    audio = (*model.encoder.parameters(), *model.adapter.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in audio)):
+        if batch.feats is not None:
+            audio = model.audio_embeds(batch.feats, batch.feat_lens)
+        else:
+            audio = model.encode_audio(batch.mels, batch.mel_lens)
+    return model.embed(batch.speech_ids, batch.speech_lens, *audio)
+
+
+def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens,
+                     temperature=1.0, eos_id, generator=None):
+    """The student (a model.SpeechLM) samples n responses per prompt from T (term "im",
+    in-modal) and/or hearing S ("cm", cross-modal). Returns prompts {term: (embeds, lens)}
+    and rollouts {term: (ids, mask, logp_old)}, rows (B*n, L), as xopd.sample gives them."""
+    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature,
+              generator=generator)
+    prompts = {k: prompt_embeds(student, batch, {"im": "text", "cm": "speech"}[k]) for k in terms}
+    return prompts, {k: sample(student.decoder, lens, inputs_embeds=emb, **kw)
+                     for k, (emb, lens) in prompts.items()}
+
+
+# -----------------------------------------------------------------------------
+# log-probs through the fused gather; the teacher's scores (the first half of Eq. 1 and 2)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -253,8 +176,9 @@ class _TokenLogprobs(torch.autograd.Function):
         acc, c, tau = lse.dtype, ctx.chunk_size, ctx.temperature
         w = weight.to(acc)
         grad_out = grad_out.to(acc) / tau  # d(logits/tau) = d(logits) / tau
-        grad_h = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
         for i in range(0, hidden.size(0), c):
             h = hidden[i:i + c].to(acc)
             g = grad_out[i:i + c]
@@ -266,31 +190,27 @@ class _TokenLogprobs(torch.autograd.Function):
             # d out / d logits = onehot(target) - p, scaled by the incoming gradient
             p.mul_(-g[:, None])
             p[torch.arange(p.size(0), device=p.device), targets[i:i + c]] += g
-            if grad_h is not None:
+            if need_h:
                 grad_h[i:i + c] = p @ w
-            if grad_w is not None:
+            if need_w:
                 grad_w.addmm_(p.T, h)
             del p
-        grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None
 
 
 def token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
-    """
-    log softmax(hidden @ weight.T / temperature) at targets, never holding more than
+    """log softmax(hidden @ weight.T / temperature) at targets, never holding more than
     (chunk_size, V) logits; backward recomputes each chunk. hidden (N, d), weight (V, d),
-    targets (N,) -> (N,) in float32 (float64 for float64 inputs).
-    """
+    targets (N,) -> (N,) in float32 (float64 for float64 inputs)."""
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature)
 
 
 def response_hidden(decoder, prompt_embeds, prompt_lens, response_ids):
-    """
-    Run prompt + response through the decoder in one causal pass and return the hidden
+    """Run prompt + response through the decoder in one causal pass and return the hidden
     states that PREDICT each response token (the position before it): (B, L, dim).
-    prompt_embeds (B, T, dim) right padded with prompt_lens (B,); response_ids (B, L).
-    """
+    prompt_embeds (B, T, dim) right padded with prompt_lens (B,); response_ids (B, L)."""
     B, T = prompt_embeds.shape[:2]
     L = response_ids.size(1)
     x = torch.cat([prompt_embeds, decoder.embed_tokens(response_ids)], dim=1)  # (B, T+L, dim)
@@ -305,7 +225,8 @@ def response_hidden(decoder, prompt_embeds, prompt_lens, response_ids):
     return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.size(-1)))
 
 
-def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size=1024, temperature=1.0):
+def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size=1024,
+                      temperature=1.0):
     """Log-prob of each response token (B, L), 0 where mask is False, via the fused gather."""
     h = response_hidden(decoder, prompt_embeds, prompt_lens, ids)
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
@@ -313,8 +234,49 @@ def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size
     return out.masked_scatter(mask, lp.float())
 
 
+@torch.no_grad()
+def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
+    """The teacher (a model.Decoder) scores each sampled token reading T + response -> {term:
+    (B*n, L)}."""
+    text_lens = batch.text_lens.repeat_interleave(n)
+    prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
+    return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
+            for k, (ids, mask, _) in rollouts.items()}
+
+
 # -----------------------------------------------------------------------------
-# losses
+# the X-OPD loss: Eq. 1-5
+
+
+def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
+    """One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with grad;
+    logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L). agg, norm_len:
+    Eq. 4's reduction (aggregate). Returns (loss, mean advantage per real token). The advantage
+    uses the recomputed log-probs, which take the teacher's code path: a teacher equal to the
+    student gives exactly 0, not the KV cache's rounding noise."""
+    adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
+    ratio = torch.exp(logp - logp_old)  # Eq. 3, 1 in value on-policy; its gradient is grad log pi
+    obj = ratio * adv
+    if ratio_clip > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
+        obj = torch.minimum(obj, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * adv)
+    loss = -aggregate(obj, mask, agg, norm_len)  # Eq. 4
+    return loss, adv[mask].mean()
+
+
+LOSS_AGGS = ("seq_mean", "token_sum")
+
+
+def aggregate(x, mask, agg="seq_mean", norm_len=None):
+    """Eq. 4's reduction of per-token terms x (B, L) over the real tokens (mask) to one number.
+    "seq_mean" (the paper): each sequence's mean over its tokens, then the mean over sequences, so
+    a token of a short answer weighs more than one of a long answer. "token_sum": the sum over
+    every real token divided by B * norm_len (norm_len: the longest possible response), so every
+    token weighs the same (the "length-unbiased" form of Dr. GRPO, arXiv 2503.20783)."""
+    if agg == "seq_mean":
+        return _seq_mean(x, mask)
+    if agg == "token_sum":
+        return (x * mask.to(x.dtype)).sum() / (x.size(0) * norm_len)
+    raise ValueError(f"loss aggregation: expected one of {', '.join(LOSS_AGGS)}, got {agg!r}")
 
 
 def _seq_mean(x, mask):
@@ -323,55 +285,17 @@ def _seq_mean(x, mask):
     return ((x * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-LOSS_AGGS = ("seq_mean", "token_sum")
-
-
-def aggregate(x, mask, agg="seq_mean", norm_len=None):
-    """
-    Eq. 4's reduction of per-token terms x (B, L) over the real tokens (mask) to one number.
-    "seq_mean" (the paper): each sequence's mean over its tokens, then the mean over sequences, so
-    a token of a short answer weighs more than one of a long answer. "token_sum": the sum over every
-    real token divided by a fixed count, B * norm_len (norm_len: the longest possible response),
-    so every token weighs the same whatever its sequence's length (the "length-unbiased" form of
-    Dr. GRPO, arXiv 2503.20783).
-    """
-    if agg == "seq_mean":
-        return _seq_mean(x, mask)
-    if agg == "token_sum":
-        return (x * mask.to(x.dtype)).sum() / (x.size(0) * norm_len)
-    raise ValueError(f"loss aggregation: expected one of {', '.join(LOSS_AGGS)}, got {agg!r}")
-
-
-def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
-    """
-    One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with
-    grad; logp_old: the same at sampling time; logp_teacher: the teacher's. All (B, L).
-
-    The advantage is taken from the recomputed student log-probs, detached, not from the
-    sampling-time ones: on-policy they are equal, but the recomputation goes through the
-    same code path as the teacher's (full causal pass + fused gather), so a teacher equal
-    to the student gives an advantage of exactly 0 rather than KV-cache rounding noise.
-    agg, norm_len: Eq. 4's reduction over tokens and sequences (aggregate).
-    Returns (loss, mean advantage per real token).
-    """
-    adv = (logp_teacher - logp).detach()  # Eq. 1 / Eq. 2, a reward: no gradient through it
-    ratio = torch.exp(logp - logp_old)  # Eq. 3, = 1 in value on-policy; its gradient is grad log pi
-    obj = ratio * adv
-    if ratio_clip > 0:  # PPO-style pessimistic clip; off in the paper (pure on-policy)
-        obj = torch.minimum(obj, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * adv)
-    loss = -aggregate(obj, mask, agg, norm_len)  # Eq. 4: per-sequence mean over real tokens, then over sequences
-    return loss, adv[mask].mean()
+def sampled_rkl(logp, logp_teacher, mask):
+    """The per-token reverse-KL estimate log pi_theta - log pi_phi on sampled tokens (B, L), 0
+    where mask is False; its sum over a row estimates KL(pi_theta(y|.) || pi_phi(y|T))."""
+    return (logp - logp_teacher) * mask
 
 
 def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0, agg="seq_mean", norm_len=None):
-    """
-    Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im and cm are tuples
-    (logp, logp_old, logp_teacher, mask), each (B, L), for rollouts from the text prompt T
-    and from the speech prompt S; a term may be None when its weight is 0.
-    Returns (loss, stats) with stats the mean advantage per term (its negative is a
-    per-token reverse-KL estimate) and the sequence-level reverse-KL estimate
-    mean_rows(sum_t -A_t), which is unbiased for KL(pi_theta(y|.) || pi_phi(y|T)).
-    """
+    """Eq. 5: L = lam * L_im + (1 - lam) * L_cm. im, cm: (logp, logp_old, logp_teacher, mask),
+    each (B, L), for rollouts from T and from S; None when the term's weight is 0. Returns (loss,
+    stats): per term the mean advantage adv_* (minus a per-token reverse-KL estimate) and rkl_*,
+    mean_rows(sum_t -A_t), unbiased for the sequence-level KL(pi_theta(y|.) || pi_phi(y|T))."""
     loss, stats = 0.0, {}
     for name, term, w in (("im", im, lam), ("cm", cm, 1.0 - lam)):
         if term is None:
@@ -381,19 +305,65 @@ def xopd_loss(im=None, cm=None, lam=0.5, ratio_clip=0.0, agg="seq_mean", norm_le
         term_loss, adv = pg_term(logp, logp_old, logp_teacher, mask, ratio_clip, agg, norm_len)
         loss = loss + w * term_loss  # Eq. 5
         stats[f"adv_{name}"] = adv.item()
-        stats[f"rkl_{name}"] = -((logp_teacher - logp).detach() * mask).sum(1).mean().item()
+        stats[f"rkl_{name}"] = sampled_rkl(logp.detach(), logp_teacher, mask).sum(1).mean().item()
     return loss, stats
 
 
+def _check_vocab(student, teacher):  # the models' side of check_same_tokenizer
+    vs, vt = student.decoder.lm_head.weight.size(0), teacher.lm_head.weight.size(0)
+    if vs != vt:
+        raise ValueError(f"student vocabulary {vs} != teacher vocabulary {vt}: "
+                         "they must share one tokenizer")
+
+
+def _ms(t0):
+    return (time.perf_counter() - t0) * 1e3
+
+
+def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
+              eos_id, generator=None, ratio_clip=0.0, loss_agg="seq_mean", chunk_size=1024):
+    """The X-OPD loss of a batch of paired prompts (S, T) -> (loss, stats). The student (a
+    model.SpeechLM) samples n responses from T (in-modal) and n from S (cross-modal); the frozen
+    teacher (a model.Decoder) scores both on T + response; the student's log-probs are recomputed
+    with grad; Eq. 5. `temperature` scales the rollouts' and both models' log-probs alike; no
+    top-k / top-p, whose cut tail would be missing from the KL's estimate. loss_agg: aggregate."""
+    assert temperature > 0, "training rollouts must be stochastic"
+    _check_vocab(student, teacher)
+    t0 = time.perf_counter()
+    terms = tuple(k for k, w in (("im", lam), ("cm", 1.0 - lam)) if w > 0)  # weight 0: no rollouts
+    prompts, rollouts = student_rollouts(student, batch, terms=terms, n=n,
+                                         max_new_tokens=max_new_tokens, temperature=temperature,
+                                         eos_id=eos_id, generator=generator)
+    t_rollout = _ms(t0)
+    t0 = time.perf_counter()
+    teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n, temperature=temperature,
+                                  chunk_size=chunk_size)
+    t_teacher = _ms(t0)
+    t0 = time.perf_counter()
+    scored = {}
+    for k, (ids, mask, logp_old) in rollouts.items():
+        emb, lens = prompts[k]
+        logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
+                                 lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
+        scored[k] = (logp, logp_old, teacher_lp[k], mask)
+    loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip, loss_agg,
+                            max_new_tokens)
+    lens = torch.cat([m.sum(1) for _, m, _ in rollouts.values()])
+    ended = torch.cat([((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()])
+    return loss, dict(**stats, resp_len=lens.float().mean().item(), tokens=int(lens.sum()),
+                      frac_ended=ended.float().mean().item(), ms_rollout=t_rollout,
+                      ms_teacher=t_teacher, ms_loss=_ms(t0))
+
+
+# -----------------------------------------------------------------------------
+# the baselines: GKD and SFT (offline KD is SFT on the teacher's answers)
+
+
 def gkd_divergence(student_logits, teacher_logits, beta=0.5, temperature=1.0):
-    """
-    Generalised JSD(beta) per row between next-token distributions (..., V) -> (...):
-    beta = 0 is KL(teacher || student) (forward), beta = 1 is KL(student || teacher)
-    (reverse), in between beta * KL(teacher || M) + (1 - beta) * KL(student || M) with
-    the mixture M = beta * teacher + (1 - beta) * student in probability space (Agarwal
-    et al. 2024, Eq. 1; TRL's convention). The endpoints are the two KLs themselves, not
-    the limits of the mixed form (which tend to 0 there).
-    """
+    """Generalised JSD(beta) per row between next-token distributions (..., V) -> (...): beta = 0
+    is KL(teacher || student) (forward), beta = 1 KL(student || teacher) (reverse), in between
+    beta * KL(teacher || M) + (1 - beta) * KL(student || M), M = beta * teacher + (1 - beta) *
+    student (Agarwal et al. 2024, Eq. 1; TRL's convention). The endpoints are the KLs themselves."""
     ls = F.log_softmax(student_logits.float() / temperature, dim=-1)
     lt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if beta == 0:
@@ -410,23 +380,59 @@ def _gkd_chunk(hs, ws, ht, wt, beta, temperature):
 
 def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.5,
              temperature=1.0, chunk_size=1024):
-    """
-    Generalised JSD(beta) per position (N,) between the student's and the teacher's
-    full next-token distributions, from hidden states (N, d_s), (N, d_t) and heads
-    (V, d_s), (V, d_t). Chunk by chunk under activation checkpointing: each chunk's two
-    (c, V) logits exist only while that chunk is computed, and again in its backward.
-    Checkpointing rather than a custom Function because the divergence's gradient
-    (three forms, the mixture) is autograd's to get right; the memory bound is the same.
-    """
+    """Generalised JSD(beta) per position (N,) between the student's and the teacher's full
+    next-token distributions, from hidden states (N, d_s), (N, d_t) and heads (V, d_s), (V, d_t).
+    Chunk by chunk under activation checkpointing (autograd gets the gradient right): a chunk's
+    two (c, V) logits exist only while it is computed, and again in its backward."""
+    needs_grad = student_hidden.requires_grad or student_weight.requires_grad
     out = []
     for i in range(0, student_hidden.size(0), chunk_size):
         args = (student_hidden[i:i + chunk_size], student_weight,
                 teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature)
-        if torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad):
+        if torch.is_grad_enabled() and needs_grad:
             out.append(checkpoint(_gkd_chunk, *args, use_reentrant=False))
         else:
             out.append(_gkd_chunk(*args))
     return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _fixed_responses(batch):  # -> ids (B, L), mask (B, L)
+    return batch.response_ids, M.lengths_mask(batch.response_lens, batch.response_ids.size(1))
+
+
+def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
+             temperature=1.0, eos_id, pad_id=None, generator=None, chunk_size=1024):
+    """The GKD loss (the paper's baseline: forward KL, beta = 0): each row's response is, with
+    probability student_frac, sampled from the student hearing S, otherwise the fixed batch
+    response; the loss is the full-vocabulary divergence between the student (S + response) and
+    the teacher (T + response), mean over real tokens. Returns (loss, stats)."""
+    _check_vocab(student, teacher)
+    t0 = time.perf_counter()
+    emb, lens = prompt_embeds(student, batch, "speech")
+    ids, mask = _fixed_responses(batch)
+    g_dev = generator.device if generator is not None else None  # drawn where the generator is
+    draw = torch.rand(ids.size(0), generator=generator, device=g_dev)
+    on_policy = (draw < student_frac).to(ids.device)
+    if on_policy.any():
+        s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
+                                  max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                  temperature=temperature, generator=generator)
+        L = max(ids.size(1), s_ids.size(1))
+        pad = eos_id if pad_id is None else pad_id  # a valid id: masked positions still embed
+        ids = F.pad(ids, (0, L - ids.size(1)), value=pad)
+        mask = F.pad(mask, (0, L - mask.size(1)))
+        ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
+        mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
+    t_rollout = _ms(t0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
+    hs = response_hidden(student.decoder, emb, lens, ids)[mask]
+    loss = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
+                    temperature, chunk_size).mean()
+    return loss, dict(frac_student=on_policy.float().mean().item(), tokens=int(mask.sum()),
+                      resp_len=mask.sum(1).float().mean().item(), ms_rollout=t_rollout,
+                      ms_loss=_ms(t0))
 
 
 def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False):
@@ -435,70 +441,26 @@ def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False)
     whatever its length (a two-token answer as much as a sentence-long transcript)."""
     lp = token_logprobs(hidden[mask], weight, targets[mask], chunk_size)
     if per_sequence:
-        return -_seq_mean(torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask)
+        per_token = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
+        return -_seq_mean(per_token.masked_scatter(mask, lp), mask)
     return -lp.mean()
 
 
+def sft_step(student, batch, *, chunk_size=1024):
+    """The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S.
+    Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats)."""
+    t0 = time.perf_counter()
+    loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
+    return loss, dict(tokens=n_tokens, ms_loss=_ms(t0))
+
+
 # -----------------------------------------------------------------------------
-# training steps, on a data.Batch
-
-
-def check_same_tokenizer(teacher_tok, student_tok):
-    """Teacher and student must share one tokenizer: same vocabulary, same special tokens."""
-    va, vb = teacher_tok.get_vocab(with_added_tokens=True), student_tok.get_vocab(with_added_tokens=True)
-    problems = []
-    if va != vb:
-        diff = sorted(set(va.items()) ^ set(vb.items()))
-        problems.append(f"vocabularies differ (sizes {len(va)} vs {len(vb)}; e.g. {diff[:5]})")
-
-    def specials(tok):
-        return {i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    sa, sb = specials(teacher_tok), specials(student_tok)
-    if sa != sb:
-        problems.append(f"special tokens differ: teacher {sa} vs student {sb}")
-    if problems:
-        raise ValueError("teacher and student tokenizers differ, so the teacher cannot score "
-                         "the student's tokens: " + "; ".join(problems))
-
-
-def _check_vocab(student, teacher):
-    """The models' side of the shared-tokenizer rule (check_same_tokenizer checks the tokenizers)."""
-    vs, vt = student.decoder.lm_head.weight.size(0), teacher.lm_head.weight.size(0)
-    if vs != vt:
-        raise ValueError(f"student vocabulary {vs} != teacher vocabulary {vt}: they must share one tokenizer")
-
-
-def prompt_embeds(model, batch, modality):
-    """
-    The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)).
-    A model.Decoder (the text teacher) always reads the text prompt. A model.SpeechLM reads
-    the text prompt (modality "text") or the speech prompt, its audio encoded from
-    batch.mels, or from precomputed encoder outputs batch.feats when the encoder is
-    frozen. No graph is kept through a frozen audio side.
-    """
-    if isinstance(model, M.Decoder):
-        return model.embed_tokens(batch.text_ids), batch.text_lens
-    if modality == "text":
-        return model.embed(batch.text_ids, batch.text_lens)
-    audio_trainable = any(p.requires_grad for p in (*model.encoder.parameters(), *model.adapter.parameters()))
-    with torch.set_grad_enabled(torch.is_grad_enabled() and audio_trainable):
-        if batch.feats is not None:
-            audio = model.audio_embeds(batch.feats, batch.feat_lens)
-        else:
-            audio = model.encode_audio(batch.mels, batch.mel_lens)
-    return model.embed(batch.speech_ids, batch.speech_lens, *audio)
-
-
-def _fixed_responses(batch):
-    ids, lens = batch.response_ids, batch.response_lens
-    mask = torch.arange(ids.size(1), device=ids.device)[None] < lens[:, None]
-    return ids, mask
+# what the pipeline needs beside the steps: validation loss, greedy answers, held-out reverse KL
 
 
 def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
-    """Mean cross-entropy of the batch's fixed responses given its text or speech prompts,
-    through the fused gather (per token, or per_sequence: see sft_loss) -> (loss, number of
-    response tokens)."""
+    """Mean cross-entropy of the batch's fixed responses given its text or speech prompts (per
+    token, or per_sequence: see sft_loss) -> (loss, number of response tokens)."""
     emb, lens = prompt_embeds(model, batch, modality)
     dec = model if isinstance(model, M.Decoder) else model.decoder
     ids, mask = _fixed_responses(batch)
@@ -513,140 +475,126 @@ def generate(model, world, recs, modality, device, max_new_tokens, batch_size=64
     dec = model if isinstance(model, M.Decoder) else model.decoder
     outs = []
     for i in range(0, len(recs), batch_size):
-        rows = recs[i:i + batch_size]
-        b = world.batch(rows, device=device, text=modality == "text", speech=modality == "speech", encoder=encoder)
+        b = world.batch(recs[i:i + batch_size], device=device, text=modality == "text",
+                        speech=modality == "speech", encoder=encoder)
         embeds, lens = prompt_embeds(model, b, modality)
-        ids, _, _ = sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_id=world.end_id,
-                           temperature=0.0)
+        ids, _, _ = sample(dec, lens, inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                           eos_id=world.end_id, temperature=0.0)
         outs += [world.decode(row) for row in ids.tolist()]
     return outs
-
-
-def _ms(t0):
-    return (time.perf_counter() - t0) * 1e3
-
-
-def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens, temperature=1.0,
-                     eos_id, generator=None):
-    """The student (a model.SpeechLM) samples n responses per prompt from T (term "im",
-    in-modal) and/or hearing S ("cm", cross-modal). Returns prompts {term: (embeds, lens)}
-    and rollouts {term: (ids, mask, logp_old)}, rows (B*n, L), as xopd.sample gives them."""
-    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, generator=generator)
-    modality = {"im": "text", "cm": "speech"}
-    prompts = {k: prompt_embeds(student, batch, modality[k]) for k in terms}
-    return prompts, {k: sample(student.decoder, lens, inputs_embeds=emb, **kw) for k, (emb, lens) in prompts.items()}
-
-
-@torch.no_grad()
-def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
-    """The teacher (a model.Decoder) scores every sampled token reading T + response, never
-    audio: {term: (B*n, L)}, the first half of Eq. 1 and 2."""
-    text_lens = batch.text_lens.repeat_interleave(n)
-    prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
-    return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
-            for k, (ids, mask, _) in rollouts.items()}
 
 
 @torch.no_grad()
 def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generator=None):
     """Monte Carlo estimates of the sequence-level reverse KL from the student reading T
-    ("rkl_im") and hearing S ("rkl_cm") to the teacher reading T, in nats per response:
-    the mean over rollouts of sum_t log pi_theta(y_t | .) - log pi_phi(y_t | T, y<t). On
-    held-out prompts it shows what alignment does to the gap without training on them."""
+    ("rkl_im") and hearing S ("rkl_cm") to the teacher reading T, in nats per response (sampled_rkl
+    summed over a row, mean over rows): on held-out prompts, what alignment does to the gap."""
     _check_vocab(student, teacher)
-    _, rollouts = student_rollouts(student, batch, n=n, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                   generator=generator)
+    _, rollouts = student_rollouts(student, batch, n=n, max_new_tokens=max_new_tokens,
+                                   eos_id=eos_id, generator=generator)
     teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n)
-    return {f"rkl_{k}": ((lp - teacher_lp[k]) * mask).sum(1).mean().item() for k, (_, mask, lp) in rollouts.items()}
+    return {f"rkl_{k}": sampled_rkl(lp, teacher_lp[k], mask).sum(1).mean().item()
+            for k, (_, mask, lp) in rollouts.items()}
 
 
-def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
-              eos_id, generator=None, ratio_clip=0.0, loss_agg="seq_mean", chunk_size=1024):
-    """
-    The X-OPD loss of a batch of paired prompts (S, T). The student (a model.SpeechLM)
-    samples n responses from T (in-modal) and n from S (cross-modal); the frozen teacher
-    (a model.Decoder) scores both on T + response; the student's log-probs are recomputed
-    with grad; Eq. 5. Returns (loss, stats).
-
-    Rollouts come from the student's full distribution at `temperature` (1 by default: the
-    student's own), and the same temperature scales the student's and the teacher's
-    log-probs. There is no top-k / top-p here, on purpose: with them the old log-probs of
-    Eq. 3 would come from a truncated distribution, and tokens outside it are never
-    sampled, so the estimate would drop that tail of the KL.
-    loss_agg: Eq. 4's reduction (aggregate); "token_sum" divides by max_new_tokens per sequence.
-    """
-    assert temperature > 0, "training rollouts must be stochastic"
-    _check_vocab(student, teacher)
-    t0 = time.perf_counter()
-    terms = tuple(k for k, w in (("im", lam), ("cm", 1.0 - lam)) if w > 0)  # a weight-0 term needs no rollouts
-    prompts, rollouts = student_rollouts(student, batch, terms=terms, n=n, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, eos_id=eos_id, generator=generator)
-    t_rollout = _ms(t0)
-    t0 = time.perf_counter()
-    teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n, temperature=temperature, chunk_size=chunk_size)
-    t_teacher = _ms(t0)
-
-    t0 = time.perf_counter()
-    scored = {}
-    for k, (ids, mask, logp_old) in rollouts.items():
-        emb, lens = prompts[k]
-        logp = sequence_logprobs(student.decoder, emb.repeat_interleave(n, dim=0),
-                                 lens.repeat_interleave(n), ids, mask, chunk_size, temperature)
-        scored[k] = (logp, logp_old, teacher_lp[k], mask)
-    loss, stats = xopd_loss(scored.get("im"), scored.get("cm"), lam, ratio_clip, loss_agg, max_new_tokens)
-
-    masks = [m for _, m, _ in rollouts.values()]
-    ends = [((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()]
-    return loss, dict(**stats,
-                      resp_len=torch.cat([m.sum(1) for m in masks]).float().mean().item(),
-                      frac_ended=torch.cat(ends).float().mean().item(),
-                      tokens=int(sum(m.sum() for m in masks)),
-                      ms_rollout=t_rollout, ms_teacher=t_teacher, ms_loss=_ms(t0))
+def check_same_tokenizer(teacher_tok, student_tok):
+    """Teacher and student must share one tokenizer: same vocabulary, same special tokens."""
+    va = teacher_tok.get_vocab(with_added_tokens=True)
+    vb = student_tok.get_vocab(with_added_tokens=True)
+    problems = []
+    if va != vb:
+        diff = sorted(set(va.items()) ^ set(vb.items()))
+        problems.append(f"vocabularies differ (sizes {len(va)} vs {len(vb)}; e.g. {diff[:5]})")
+    sa, sb = ({i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
+              for tok in (teacher_tok, student_tok))
+    if sa != sb:
+        problems.append(f"special tokens differ: teacher {sa} vs student {sb}")
+    if problems:
+        raise ValueError("teacher and student tokenizers differ, so the teacher cannot score "
+                         "the student's tokens: " + "; ".join(problems))
 
 
-def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tokens,
-             temperature=1.0, eos_id, pad_id=None, generator=None, chunk_size=1024):
-    """
-    The GKD loss (the paper's baseline: forward KL, beta = 0): each row's response is,
-    with probability student_frac, sampled from the student hearing S, otherwise the
-    fixed batch response; the loss is the full-vocabulary divergence between the
-    student (S + response) and the teacher (T + response), mean over real tokens.
-    Returns (loss, stats).
-    """
-    _check_vocab(student, teacher)
-    t0 = time.perf_counter()
-    emb, lens = prompt_embeds(student, batch, "speech")
-    ids, mask = _fixed_responses(batch)
-    ids = ids.clone()
-    g_dev = generator.device if generator is not None else None  # draw on the generator's device
-    on_policy = (torch.rand(ids.size(0), generator=generator, device=g_dev) < student_frac).to(ids.device)
-    if on_policy.any():
-        s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
-                                  max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                  temperature=temperature, generator=generator)
-        L = max(ids.size(1), s_ids.size(1))
-        pad = eos_id if pad_id is None else pad_id  # a valid id: masked positions still embed
-        ids, mask = F.pad(ids, (0, L - ids.size(1)), value=pad), F.pad(mask, (0, L - mask.size(1)))
-        ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
-        mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
-    t_rollout = _ms(t0)
-
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
-    hs = response_hidden(student.decoder, emb, lens, ids)[mask]
-    div = gkd_loss(hs, student.decoder.lm_head.weight, ht, teacher.lm_head.weight, beta,
-                   temperature, chunk_size)
-    loss = div.mean()
-    return loss, dict(frac_student=on_policy.float().mean().item(), resp_len=mask.sum(1).float().mean().item(),
-                      tokens=int(mask.sum()), ms_rollout=t_rollout, ms_loss=_ms(t0))
+# -----------------------------------------------------------------------------
+# fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use.
+# step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding;
+# sample reads its static (the rollout's cache allocated once at its final size: the same shapes
+# at every step) and check_every (steps between two host reads, each a wait for the device, of
+# whether every row has ended).
 
 
-def sft_step(student, batch, *, chunk_size=1024):
-    """
-    The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S.
-    Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats).
-    """
-    t0 = time.perf_counter()
-    loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
-    return loss, dict(tokens=n_tokens, ms_loss=_ms(t0))
+def static_step(decoder):
+    """Decoder.decode_step on a fixed-shape cache, run eagerly."""
+    step = functools.partial(M.Decoder.decode_step, decoder)
+    step.static, step.check_every = True, 1
+    return step
+
+
+@functools.cache  # made on first use (the compiler takes seconds to import), one for every decoder
+def _compiled_decode_step():
+    return torch.compile(M.Decoder.decode_step)
+
+
+def compiled_step(decoder):
+    """Decoder.decode_step through torch.compile. Its first calls compile (seconds; once more when
+    the number of keys first changes, after which it is a symbolic size)."""
+    step = functools.partial(_compiled_decode_step(), decoder)
+    step.static, step.check_every = False, 1
+    return step
+
+
+class DecodeGraph:
+    """Decoder.decode_step on a static cache, captured in a CUDA graph at its first call on a
+    cache and replayed after (a replay launches a step's hundreds of small kernels at once). The
+    input is copied into the graph's own buffer, the cache and cache.lengths are written in place
+    (Decoder.decode), the output is the graph's buffer, overwritten by the next call. Another
+    cache (the next rollout's) is captured anew. On a CPU the same buffers run eagerly."""
+    static, check_every = True, 8
+
+    def __init__(self, decoder):
+        self.decoder, self.buffers = decoder, None
+
+    def __call__(self, x, cache):  # a replay needs the input's shape, the cache's memory
+        buffers = [x.shape] + [(t.data_ptr(), t.shape) for t in [*cache.k, *cache.v, cache.lengths]]
+        if buffers != self.buffers:
+            self.capture(x, cache)
+            self.buffers = buffers
+        self.x.copy_(x)
+        self.replay()
+        return self.out
+
+    def capture(self, x, cache):
+        assert cache.static, "a graph needs a static cache: the same shapes at every step"
+        self.x = x.clone()
+        run = functools.partial(self.decoder.decode_step, self.x, cache)
+        if not x.is_cuda:
+            self.out = run()
+            self.replay = lambda: self.out.copy_(run())
+            return
+        # the warm-up writes this step's keys, which every replay writes again before reading;
+        # autocast's weight casts made there stay in its cache, where the graph reads them
+        with torch.cuda.device(x.device):
+            self.graph, self.out = capture_cuda_graph(run)
+        self.replay = self.graph.replay
+
+
+# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the allocator reuses
+# memory freed on a stream for that stream only, so a new stream per rollout would strand memory.
+_capture_streams = {}
+
+
+def capture_cuda_graph(fn, warmup=3):
+    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: buffers each
+    graph.replay() writes). As torch.cuda.graph: warm-up calls on a side stream (lazy cuBLAS and
+    kernel choices), then the capture there into a memory pool of the graph's own; without its
+    empty_cache, which would hand cached memory back to the driver at every rollout."""
+    side = _capture_streams.setdefault(torch.cuda.current_device(), torch.cuda.Stream())
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
+        out = fn()
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out

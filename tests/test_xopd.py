@@ -31,9 +31,10 @@ def naive_logprobs(h, w, t, temperature=1.0):
 
 
 def tiny_decoder(vocab=16, dtype=torch.float64, seed=0, scale=20.0):
-    """A 2-layer Llama; weights scaled up from the 0.02 init so distributions are far from uniform."""
+    """A 2-layer Llama; weights scaled up from the 0.02 init: distributions far from uniform."""
     torch.manual_seed(seed)
-    cfg = model.DecoderConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    cfg = model.DecoderConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              hidden_dim=64)
     dec = model.Decoder(cfg)
     with torch.no_grad():
         dec.embed_tokens.weight.mul_(scale)  # tied head: sharper logits
@@ -54,7 +55,8 @@ def chi2_pvalue(counts, probs):
 # token_logprobs
 
 
-@pytest.mark.parametrize("N,V,d,chunk", [(37, 50, 8, 16), (1, 50, 8, 16), (64, 11, 5, 1024), (48, 30, 6, 16)])
+@pytest.mark.parametrize("N,V,d,chunk",
+                         [(37, 50, 8, 16), (1, 50, 8, 16), (64, 11, 5, 1024), (48, 30, 6, 16)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_float64_values_and_grads(N, V, d, chunk, temperature):
     g = torch.Generator().manual_seed(N * V)
@@ -78,7 +80,8 @@ def test_token_logprobs_float32_and_bf16():
     w64 = torch.randn(300, 32, dtype=torch.float64, generator=g) * 0.3
     t = torch.randint(0, 300, (200,), generator=g)
     ref = naive_logprobs(h64, w64, t)
-    rh, rw = torch.autograd.grad(naive_logprobs(h64.requires_grad_(), w64.requires_grad_(), t).sum(), (h64, w64))
+    ref_sum = naive_logprobs(h64.requires_grad_(), w64.requires_grad_(), t).sum()
+    rh, rw = torch.autograd.grad(ref_sum, (h64, w64))
     h, w = h64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
     out = xopd.token_logprobs(h, w, t, chunk_size=64)
     gh, gw = torch.autograd.grad(out.sum(), (h, w))
@@ -128,7 +131,8 @@ def filtered_probs(logits, temperature, top_k, top_p):
 def test_top_p_keeps_smallest_set_reaching_p():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     for top_p, kept in [(0.8, 2), (0.81, 3), (0.01, 1), (0.5, 1), (0.96, 4), (1.0, 4)]:
-        draws = torch.stack([xopd.sample_next_token(logits, torch.Generator().manual_seed(s), top_p=top_p)[0]
+        draws = torch.stack([xopd.sample_next_token(logits, torch.Generator().manual_seed(s),
+                                                    top_p=top_p)[0]
                              for s in range(300)])
         assert set(draws.flatten().tolist()) == set(range(kept)), (top_p, kept)
 
@@ -163,12 +167,13 @@ def test_sample_next_token_large_vocabulary():
         ids, _ = xopd.sample_next_token(logits[r].expand(draws, V), gen)
         probs = torch.softmax(logits[r].double(), -1)
         bins = torch.arange(V) * 16 // V
-        counts = torch.zeros(16, dtype=torch.float64).index_add_(0, bins[ids], torch.ones(draws, dtype=torch.float64))
+        counts = torch.bincount(bins[ids], minlength=16).double()
         mass = torch.zeros(16, dtype=torch.float64).index_add_(0, bins, probs)
         assert chi2_pvalue(counts, mass) > 1e-4
         rare = probs < 1e-5  # the tail: each token under 1e-5, together drawn at their total mass
         expected = draws * probs[rare].sum().item()
-        assert rare.sum() > V // 4 and abs(rare[ids].sum().item() - expected) < 4 * expected ** 0.5 + 2
+        assert rare.sum() > V // 4
+        assert abs(rare[ids].sum().item() - expected) < 4 * expected ** 0.5 + 2
 
 
 def test_sample_next_token_greedy():
@@ -192,7 +197,8 @@ def prompts(vocab, lens, seed=0):
 def test_greedy_equals_uncached_argmax():
     dec = tiny_decoder()
     ids, lens = prompts(16, [5, 2, 7])
-    out, mask, lp = xopd.sample(dec, lens, input_ids=ids, max_new_tokens=8, eos_id=99, temperature=0.0)
+    out, mask, lp = xopd.sample(dec, lens, input_ids=ids, max_new_tokens=8, eos_id=99,
+                                temperature=0.0)
     assert out.shape == (3, 8) and mask.all()
     with torch.no_grad():
         for b in range(3):
@@ -207,12 +213,14 @@ def test_sample_logprobs_match_recomputation(temperature, top_k):
     dec = tiny_decoder()
     ids, lens = prompts(16, [4, 6])
     out, mask, lp = xopd.sample(dec, lens, input_ids=ids, n=3, max_new_tokens=6, eos_id=0,
-                                temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
+                                temperature=temperature, top_k=top_k,
+                                generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for r in range(out.size(0)):
             b = r // 3  # rows b*n .. b*n+n-1 belong to prompt b
             seq = torch.cat([ids[b, :lens[b]], out[r]])[None]
-            logits = dec.logits(dec(seq)[0, lens[b] - 1:-1]) / temperature  # (L, V) predicting each sampled token
+            # (L, V) predicting each sampled token
+            logits = dec.logits(dec(seq)[0, lens[b] - 1:-1]) / temperature
             if top_k:
                 kth = logits.topk(top_k, -1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -math.inf)
@@ -224,11 +232,13 @@ def test_sample_logprobs_match_recomputation(temperature, top_k):
 def test_sample_eos_mask_seed_and_n():
     dec = tiny_decoder(vocab=8, scale=5.0)
     ids, lens = prompts(8, [3, 5, 4, 2])
-    kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3, generator=torch.Generator().manual_seed(1))
+    kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3,
+              generator=torch.Generator().manual_seed(1))
     out, mask, lp = xopd.sample(dec, lens, **kw)
     is_eos = out == 3
     ended = is_eos.any(1)
-    assert 0 < int(ended.sum()) < out.size(0)  # this seed mixes ended rows and rows cut at max_new_tokens
+    # this seed mixes ended rows and rows cut at max_new_tokens
+    assert 0 < int(ended.sum()) < out.size(0)
     for r in range(out.size(0)):
         if ended[r]:
             first = is_eos[r].nonzero()[0].item()
@@ -246,7 +256,8 @@ def test_sample_eos_mask_seed_and_n():
         assert len(group) > 1
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_sampling_matches_eager():
     # rows of different lengths, n per prompt, end tokens, top-k: the compiled step (its own
     # attention, keys a symbolic size after the first step) changes no token
@@ -254,8 +265,10 @@ def test_compiled_sampling_matches_eager():
     ids, lens = prompts(8, [3, 5, 4, 2])
     kw = dict(input_ids=ids, n=3, max_new_tokens=12, eos_id=3, top_k=6)
     eager = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2))
-    compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2), compile=True)
-    assert 0 < int((eager[0] == 3).any(1).sum()) < eager[0].size(0)  # some rows end, some run to the limit
+    compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2),
+                           step=xopd.compiled_step(dec))
+    # some rows end, some run to the limit
+    assert 0 < int((eager[0] == 3).any(1).sum()) < eager[0].size(0)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
     torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=1e-9)
 
@@ -271,7 +284,8 @@ def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
     ids, lens = prompts(8, [3, 5, 4, 2])
     kw = dict(input_ids=ids, n=3, max_new_tokens=40, eos_id=3, top_k=top_k)
     ref = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed))
-    out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), **{way: True})
+    step = xopd.static_step(dec) if way == "static" else xopd.DecodeGraph(dec)
+    out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), step=step)
     ended = (ref[0] == 3).any(1)
     assert ended.any() and (ended.all() and ref[0].size(1) < 40 if seed == 1 else not ended.all())
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
@@ -281,14 +295,15 @@ def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
 
 def test_decode_graph_replays_on_its_own_buffers():
     # the graph's bookkeeping, run eagerly on a CPU: the input goes through the graph's own buffer,
-    # the output is one buffer overwritten at each call, and a cache that is not the captured
-    # memory is refused (a replay would read and write the old one)
+    # the output is one buffer overwritten at each call, and a cache in other memory (a replay
+    # would read and write the old one) is captured anew
     dec = tiny_decoder()
     ids, lens = prompts(16, [4, 6])
     with torch.inference_mode():
         prefilled = dec.new_cache(2, 6)
         dec.prefill(prefilled, lens, input_ids=ids)
-        cache, ref = prefilled.repeat_interleave(2, max_len=10), prefilled.repeat_interleave(2, max_len=10)
+        cache = prefilled.repeat_interleave(2, max_len=10)
+        ref = prefilled.repeat_interleave(2, max_len=10)
         step = xopd.DecodeGraph(dec)
         outs = []
         for t in range(3):
@@ -298,12 +313,13 @@ def test_decode_graph_replays_on_its_own_buffers():
             torch.testing.assert_close(h, dec.decode(ref, input_ids=tok), rtol=0, atol=0)
         assert step.out.data_ptr() == h.data_ptr() and not torch.equal(outs[0], outs[2])
         cache.lengths = cache.lengths + 0  # the same values in new memory
-        with pytest.raises(AssertionError, match="captured"):
-            dec.decode(cache, input_ids=tok, step=step)
+        old_out = step.out
+        h = dec.decode(cache, input_ids=tok + 1, step=step)
+        assert step.out is not old_out  # captured again, on the new memory
+        torch.testing.assert_close(h, dec.decode(ref, input_ids=tok + 1), rtol=0, atol=0)
+        assert torch.equal(cache.lengths, ref.lengths)
         with pytest.raises(AssertionError, match="static"):
             xopd.DecodeGraph(dec)(dec.embed_tokens(tok)[:, None], dec.new_cache(4, 10))
-    with pytest.raises(ValueError, match="choose one"):
-        xopd.sample(dec, lens, input_ids=ids, max_new_tokens=4, eos_id=0, compile=True, graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -317,10 +333,13 @@ def test_cuda_graph_sampling_matches_eager_and_repeats(amp):
     ids, lens = ids.cuda(), lens.cuda()
     kw = dict(input_ids=ids, n=4, max_new_tokens=40, eos_id=3, top_p=0.95)
 
-    def run(**way):
+    def run(step=None):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            return xopd.sample(dec, lens, **kw, generator=torch.Generator("cuda").manual_seed(0), **way)
-    ref, static, graphed, again = run(), run(static=True), run(graph=True), run(graph=True)
+            gen = torch.Generator("cuda").manual_seed(0)
+            return xopd.sample(dec, lens, **kw, generator=gen, step=step)
+    graph = xopd.DecodeGraph(dec)  # one step object for two rollouts: each captures its own cache
+    ref, static = run(), run(xopd.static_step(dec))
+    graphed, again = run(graph), run(graph)
     assert (ref[0] == 3).any(1).any()
     assert all(torch.equal(x, y) for x, y in zip(graphed, again))  # deterministic run to run
     assert torch.equal(graphed[0], static[0]) and torch.equal(graphed[1], static[1])
@@ -353,7 +372,8 @@ def test_xopd_loss_reduction_and_lambda():
     teacher = torch.randn(2, 4, dtype=torch.float64, generator=g)
     loss, stats = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0)
     obj = (lp - old).exp() * (teacher - lp.detach())
-    ref = -(obj[0, :3].mean() + obj[1, :1].mean()) / 2  # per-sequence mean, then mean over sequences
+    # per-sequence mean, then mean over sequences
+    ref = -(obj[0, :3].mean() + obj[1, :1].mean()) / 2
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
     assert stats["adv_im"] == pytest.approx((teacher - lp.detach())[mask].mean().item())
     # the sequence-level reverse-KL estimate: mean over rows of sum_t (log pi - log pi_phi)
@@ -372,24 +392,28 @@ def test_xopd_loss_reduction_and_lambda():
     r = (lp - old).exp()
     adv = teacher - lp.detach()
     obj_c = torch.minimum(r * adv, r.clamp(0.95, 1.05) * adv)
-    torch.testing.assert_close(clipped, -(obj_c[0, :3].mean() + obj_c[1, :1].mean()) / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(clipped, -(obj_c[0, :3].mean() + obj_c[1, :1].mean()) / 2, rtol=0,
+                               atol=1e-12)
 
 
 def test_token_sum_aggregation_matches_a_float64_reference():
     """Eq. 4 with loss_agg "token_sum": the sum of r_t * A_t over every real token divided by
     rows * a fixed length, written out row by row; its gradient against autograd of that
-    reference. Rows of different lengths: unlike the per-sequence mean, every token weighs 1 / (B * L)."""
+    reference. Rows of different lengths: unlike the per-sequence mean, every token weighs
+    1 / (B * L)."""
     g = torch.Generator().manual_seed(1)
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
     lp = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     old = lp.detach() + 0.1 * torch.randn(3, 5, dtype=torch.float64, generator=g)
     teacher = torch.randn(3, 5, dtype=torch.float64, generator=g)
     norm_len = 7
-    loss, stats = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, agg="token_sum", norm_len=norm_len)
+    loss, stats = xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, agg="token_sum",
+                                 norm_len=norm_len)
     ref = 0.0
     for b in range(3):
         for t in range(int(mask[b].sum())):
-            ref -= math.exp(lp[b, t].item() - old[b, t].item()) * (teacher[b, t].item() - lp[b, t].item())
+            ratio = math.exp(lp[b, t].item() - old[b, t].item())
+            ref -= ratio * (teacher[b, t].item() - lp[b, t].item())
     assert loss.item() == pytest.approx(ref / (3 * norm_len), rel=1e-12)
     (grad,) = torch.autograd.grad(loss, lp)
     lp_ref = lp.detach().clone().requires_grad_(True)
@@ -404,14 +428,14 @@ def test_token_sum_aggregation_matches_a_float64_reference():
     assert abs(seq.item() - loss.item()) > 1e-3
     full = torch.ones(3, 5, dtype=torch.bool)
     a = xopd.xopd_loss((lp, old, teacher, full), None, lam=1.0, agg="token_sum", norm_len=5)[0]
-    torch.testing.assert_close(a, xopd.xopd_loss((lp, old, teacher, full), None, lam=1.0)[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(a, xopd.xopd_loss((lp, old, teacher, full), None, lam=1.0)[0],
+                               rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="seq_mean, token_sum"):
         xopd.xopd_loss((lp, old, teacher, mask), None, lam=1.0, agg="mean")
 
 
 def test_xopd_mc_gradient_matches_per_step_reverse_kl():
-    """
-    Tabular policy, vocab 3, fixed length 3, no eos (so the per-sequence 1/T weight is a
+    """Tabular policy, vocab 3, fixed length 3, no eos (so the per-sequence 1/T weight is a
     constant). X-OPD's expected gradient, E[grad log pi(y_t|y<t) * A_t] summed over t, is
     -grad sum_t E_{y<t ~ pi} KL(pi(.|y<t) || q(.|y<t)) with the prefix distribution NOT
     differentiated. The sequence-level reverse KL KL(pi(y) || q(y)) = the same sum with the
@@ -421,7 +445,7 @@ def test_xopd_mc_gradient_matches_per_step_reverse_kl():
     every one of the 39 components is within 4.5 standard errors (a correct estimator fails
     with probability ~39 * 7e-6 ~ 3e-4; the seed is fixed).
     """
-    V, T = 3, 3
+    V, T = 3, 3  # table rows below V ** t are the prefixes step t reaches
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(T, V ** (T - 1), V, dtype=torch.float64, generator=g, requires_grad=True)
     q_logits = torch.randn(T, V ** (T - 1), V, dtype=torch.float64, generator=g)
@@ -434,13 +458,14 @@ def test_xopd_mc_gradient_matches_per_step_reverse_kl():
         return idx
 
     def exact(differentiate_prefix):
-        lp = theta.log_softmax(-1)
+        lp, zero = theta.log_softmax(-1), torch.tensor(0.0, dtype=torch.float64)
         total = 0.0
         for t in range(T):
             for prefix in itertools.product(range(V), repeat=t):
                 i = prefix_index(torch.tensor([prefix], dtype=torch.long).reshape(1, t), t)[0]
-                w = sum(lp[s, prefix_index(torch.tensor([prefix[:s]]).reshape(1, s), s)[0], prefix[s]]
-                        for s in range(t)) if t else torch.tensor(0.0, dtype=torch.float64)
+                rows = [prefix_index(torch.tensor([prefix[:s]]).reshape(1, s), s)[0]
+                        for s in range(t)]
+                w = sum(lp[s, rows[s], prefix[s]] for s in range(t)) if t else zero
                 w = w.exp() if differentiate_prefix else w.exp().detach()
                 kl = (lp[t, i].exp() * (lp[t, i] - lq[t, i])).sum()
                 total = total + w * kl
@@ -459,10 +484,11 @@ def test_xopd_mc_gradient_matches_per_step_reverse_kl():
             lps.append(lp_t.gather(1, tok).squeeze(1))
             lqs.append(lq[t, i].gather(1, tok).squeeze(1))
         lp = torch.stack(lps, 1)  # (M, T)
-        loss, _ = xopd.xopd_loss((lp, lp.detach(), torch.stack(lqs, 1), torch.ones(M, T, dtype=torch.bool)), None, lam=1.0)
+        term = (lp, lp.detach(), torch.stack(lqs, 1), torch.ones(M, T, dtype=torch.bool))
+        loss, _ = xopd.xopd_loss(term, None, lam=1.0)
         grads.append(torch.autograd.grad(loss, theta)[0])
     grads = torch.stack(grads)
-    used = torch.stack([torch.arange(V ** (T - 1)) < V ** t for t in range(T)])  # table rows a prefix reaches
+    used = torch.stack([torch.arange(V ** (T - 1)) < V ** t for t in range(T)])
     mean, se = grads.mean(0)[used], grads.std(0)[used] / math.sqrt(batches)  # (39,)
     z = (mean - exact(False)[used]) / se
     assert z.abs().max() < 4.5, z.abs().max()
@@ -481,7 +507,7 @@ def speech_lm_pair(vocab=24, audio_id=23, seed=0):
 
 
 def paired_batch(vocab=24, audio_id=23, B=3, seed=0):
-    """Text prompts [1, transcript, 2]; speech prompts [1, AUDIO, 2]; the transcript's length varies."""
+    """Text prompts [1, transcript, 2]; speech prompts [1, AUDIO, 2]; transcripts' lengths vary."""
     g = torch.Generator().manual_seed(seed)
     text, speech, transcripts = [], [], []
     for b in range(B):
@@ -497,10 +523,13 @@ def paired_batch(vocab=24, audio_id=23, B=3, seed=0):
         return ids, torch.tensor([len(s) for s in seqs])
     text_ids, text_lens = collate(text)
     speech_ids, speech_lens = collate(speech)
-    resp_ids, resp_lens = collate([torch.randint(4, 20, (2 + b,), generator=g).tolist() + [3] for b in range(B)])
+    responses = [torch.randint(4, 20, (2 + b,), generator=g).tolist() + [3] for b in range(B)]
+    resp_ids, resp_lens = collate(responses)
     mels = torch.randn(B, 80, 64, generator=g)
-    return data.Batch(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids, speech_lens=speech_lens,
-                      mels=mels, mel_lens=torch.full((B,), 64), response_ids=resp_ids, response_lens=resp_lens), transcripts
+    batch = data.Batch(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids,
+                       speech_lens=speech_lens, mels=mels, mel_lens=torch.full((B,), 64),
+                       response_ids=resp_ids, response_lens=resp_lens)
+    return batch, transcripts
 
 
 def test_xopd_step_zero_advantage_when_teacher_is_student(monkeypatch):
@@ -520,7 +549,8 @@ def test_xopd_step_zero_advantage_when_teacher_is_student(monkeypatch):
                              generator=torch.Generator().manual_seed(0))
     assert m["adv_im"] == 0.0 and m["adv_cm"] == 0.0 and loss.item() == 0.0
     assert m["rkl_im"] == 0.0 and m["rkl_cm"] == 0.0
-    # the held-out estimate compares sampling-time (cached) log-probs with a full pass: equal up to rounding
+    # the held-out estimate compares sampling-time (cached) log-probs with a full pass: equal up
+    # to rounding
     rkl = xopd.reverse_kl(student, teacher, batch, n=2, max_new_tokens=6, eos_id=3,
                           generator=torch.Generator().manual_seed(0))
     assert set(rkl) == {"rkl_im", "rkl_cm"} and all(abs(v) < 1e-4 for v in rkl.values())
@@ -529,44 +559,107 @@ def test_xopd_step_zero_advantage_when_teacher_is_student(monkeypatch):
 
 
 def different_teacher_pair():
+    """A student whose next-token distributions are spread (embeddings scaled down) and a teacher
+    far from it: advantages of nats, rows of different lengths, some ended."""
     student, teacher = speech_lm_pair()
-    with torch.no_grad():  # a teacher that differs from the student
+    with torch.no_grad():
+        student.decoder.embed_tokens.weight.mul_(0.2)
+        teacher.embed_tokens.weight.mul_(0.2)
         for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.2 * torch.randn_like(p))
     return student, teacher
 
 
-def test_xopd_step_gradient_reaches_the_decoder_only():
+def advantages_by_hand(student, teacher, batch, rollouts, n):
+    """Eq. 1 / 2 from full forward passes, row by row, in float64: {term: [A_t of each row's
+    real tokens]} for the recorded rollouts {term: (ids, mask, logp_old)} (row r answers prompt
+    r // n)."""
+    s, t = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    dec = s.decoder
+    with torch.no_grad():
+        audio = s.encode_audio(batch.mels.double(), batch.mel_lens)
+        prompts = {"im": s.embed(batch.text_ids, batch.text_lens),
+                   "cm": s.embed(batch.speech_ids, batch.speech_lens, *audio)}
+        out = {}
+        for term, (ids, mask, _) in rollouts.items():
+            emb, lens = prompts[term]
+            out[term] = []
+            for r in range(ids.size(0)):
+                b, y = r // n, ids[r][mask[r]]
+                x = torch.cat([emb[b, :lens[b]], dec.embed_tokens(y)])[None]
+                ls = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1].log_softmax(-1)
+                nt = int(batch.text_lens[b])
+                lt = t.logits(t(torch.cat([batch.text_ids[b, :nt], y])[None]))[0, nt - 1:-1]
+                out[term].append((lt.log_softmax(-1) - ls).gather(1, y[:, None]).squeeze(1))
+    return out
+
+
+def recording_sample(monkeypatch):
+    """xopd.sample as it is, each call's rollouts appended to the list returned."""
+    drawn, real = [], xopd.sample
+    monkeypatch.setattr(xopd, "sample", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    return drawn
+
+
+def test_xopd_step_diagnostics_match_full_forward_passes(monkeypatch):
+    """adv_* (the mean advantage per token), rkl_* (the mean over rows of sum_t -A_t), the loss
+    (on-policy r_t = 1 in value, so -(lam * mean_rows mean_t A_im + (1 - lam) * ... A_cm)) and the
+    rollouts' lengths, against the advantages computed by hand from full forward passes; the
+    gradient reaches the student's decoder only."""
     student, teacher = different_teacher_pair()
     batch, _ = paired_batch()
-    loss, m = xopd.xopd_step(student, teacher, batch, n=2, max_new_tokens=5, eos_id=3,
+    drawn = recording_sample(monkeypatch)
+    loss, m = xopd.xopd_step(student, teacher, batch, n=2, lam=0.3, max_new_tokens=5, eos_id=3,
                              generator=torch.Generator().manual_seed(0))
-    assert set(m) == {"adv_im", "rkl_im", "adv_cm", "rkl_cm", "resp_len", "frac_ended", "tokens",
-                      "ms_rollout", "ms_teacher", "ms_loss"}
+    rollouts = dict(zip(("im", "cm"), drawn))  # sampled from T, then from S
+    adv = advantages_by_hand(student, teacher, batch, rollouts, n=2)
+    ref_loss = 0.0
+    for term, w in (("im", 0.3), ("cm", 0.7)):
+        assert m[f"adv_{term}"] == pytest.approx(torch.cat(adv[term]).mean().item(), abs=1e-4)
+        rkl = sum(-a.sum().item() for a in adv[term]) / len(adv[term])
+        assert m[f"rkl_{term}"] == pytest.approx(rkl, abs=1e-4)
+        ref_loss -= w * sum(a.mean().item() for a in adv[term]) / len(adv[term])
+    assert loss.item() == pytest.approx(ref_loss, abs=1e-5)
+    lengths = [len(a) for term in ("im", "cm") for a in adv[term]]
+    ended = [bool((ids[r][mask[r]] == 3).any()) for ids, mask, _ in drawn for r in range(len(ids))]
+    assert len(lengths) == 2 * 3 * 2 and m["tokens"] == sum(lengths)
+    assert m["resp_len"] == pytest.approx(sum(lengths) / len(lengths))
+    assert m["frac_ended"] == pytest.approx(sum(ended) / len(ended))
     loss.backward()
     assert all(p.grad is not None for p in student.decoder.parameters())
-    assert all(p.grad is None for p in [*student.encoder.parameters(), *student.adapter.parameters()])
+    assert all(p.grad is None for p in [*student.encoder.parameters(),
+                                        *student.adapter.parameters()])
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_xopd_step_lambda_selects_the_terms():
+def test_xopd_step_lambda_selects_the_terms(monkeypatch):
+    """lam = 1 samples from T only and its loss is -mean_rows mean_t A_im; lam = 0 samples from S
+    only, with -mean_rows mean_t A_cm (both by hand). lam = 1 never reads the audio."""
     student, teacher = different_teacher_pair()
     batch, _ = paired_batch()
+    drawn = recording_sample(monkeypatch)
     kw = dict(n=2, max_new_tokens=5, eos_id=3)
-    loss1, m1 = xopd.xopd_step(student, teacher, batch, lam=1.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert "adv_im" in m1 and "adv_cm" not in m1
-    # lambda = 1 never reads the audio: other mels, the same loss
-    silent = dataclasses.replace(batch, mels=torch.zeros_like(batch.mels))
-    again, _ = xopd.xopd_step(student, teacher, silent, lam=1.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert again.item() == loss1.item()
-    _, m0 = xopd.xopd_step(student, teacher, batch, lam=0.0, generator=torch.Generator().manual_seed(0), **kw)
-    assert "adv_cm" in m0 and "adv_im" not in m0
+    for lam, term in ((1.0, "im"), (0.0, "cm")):
+        drawn.clear()
+        gen = torch.Generator().manual_seed(0)
+        loss, m = xopd.xopd_step(student, teacher, batch, lam=lam, generator=gen, **kw)
+        assert len(drawn) == 1  # one term's rollouts, no other
+        adv = advantages_by_hand(student, teacher, batch, {term: drawn[0]}, n=2)[term]
+        ref = -sum(a.mean().item() for a in adv) / len(adv)
+        assert loss.item() == pytest.approx(ref, abs=1e-5)
+        assert m[f"adv_{term}"] == pytest.approx(torch.cat(adv).mean().item(), abs=1e-4)
+        if lam == 1.0:  # other mels, the same loss
+            silent = dataclasses.replace(batch, mels=torch.zeros_like(batch.mels))
+            gen = torch.Generator().manual_seed(0)
+            again, _ = xopd.xopd_step(student, teacher, silent, lam=1.0, generator=gen, **kw)
+            assert again.item() == loss.item()
 
 
 def test_steps_refuse_a_teacher_with_another_vocabulary():
     student, _ = speech_lm_pair()
     batch, _ = paired_batch()
-    other = model.Decoder(model.DecoderConfig(vocab_size=30, dim=48, n_layers=1, n_heads=4, hidden_dim=64))
+    other = model.Decoder(model.DecoderConfig(vocab_size=30, dim=48, n_layers=1, n_heads=4,
+                                              hidden_dim=64))
     with pytest.raises(ValueError, match="vocabulary"):
         xopd.xopd_step(student, other, batch, max_new_tokens=2, eos_id=3)
     with pytest.raises(ValueError, match="vocabulary"):
@@ -580,7 +673,8 @@ def test_gkd_step_picks_fixed_or_sampled_responses(frac, monkeypatch):
     vocabulary, mean over every response token. The responses are the batch's fixed ones
     (frac 0) or the student's own samples (frac 1), recorded as they are drawn."""
     student, teacher = speech_lm_pair()
-    with torch.no_grad():  # a teacher far enough from the student for a divergence well above rounding
+    # a teacher far enough from the student for a divergence well above rounding
+    with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.5 * torch.randn_like(p))
     student, teacher = student.double(), teacher.double()
@@ -598,15 +692,19 @@ def test_gkd_step_picks_fixed_or_sampled_responses(frac, monkeypatch):
         (ids, mask, _), = drawn
         responses = [ids[b][mask[b]] for b in range(B)]
         fixed = [batch.response_ids[b, :n] for b, n in enumerate(batch.response_lens.tolist())]
-        assert any(r.shape != f.shape or not torch.equal(r, f) for r, f in zip(responses, fixed))  # not the fixed ones
+        # not the fixed ones
+        assert any(r.shape != f.shape or not torch.equal(r, f) for r, f in zip(responses, fixed))
     dec, div, count = student.decoder, 0.0, 0
     with torch.no_grad():
-        emb, lens = student.embed(batch.speech_ids, batch.speech_lens, *student.encode_audio(batch.mels, batch.mel_lens))
+        emb, lens = student.embed(batch.speech_ids, batch.speech_lens,
+                                  *student.encode_audio(batch.mels, batch.mel_lens))
         for b, resp in enumerate(responses):
             x = torch.cat([emb[b, :lens[b]], dec.embed_tokens(resp)])[None]
-            ls = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1]  # the positions predicting resp
+            # the positions predicting resp
+            ls = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1]
             n_text = int(batch.text_lens[b])
-            lt = teacher.logits(teacher(torch.cat([batch.text_ids[b, :n_text], resp])[None]))[0, n_text - 1:-1]
+            seq = torch.cat([batch.text_ids[b, :n_text], resp])[None]
+            lt = teacher.logits(teacher(seq))[0, n_text - 1:-1]
             div += naive_gjsd(ls, lt, 0.0).sum().item()
             count += len(resp)
     assert m["frac_student"] == frac and m["tokens"] == count
@@ -628,7 +726,8 @@ def test_sft_step_is_the_cross_entropy_of_the_responses_from_speech():
         for b in range(emb.size(0)):
             resp = batch.response_ids[b, :batch.response_lens[b]]
             x = torch.cat([emb[b, :lens[b]], dec.embed_tokens(resp)])[None]
-            logits = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1]  # the positions predicting resp
+            # the positions predicting resp
+            logits = dec.logits(dec(inputs_embeds=x))[0, lens[b] - 1:-1]
             nll += F.cross_entropy(logits, resp, reduction="sum").item()
             count += len(resp)
     assert m["tokens"] == count
@@ -669,14 +768,17 @@ def test_gkd_loss_values_and_grads(beta, temperature):
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
     assert (out >= -1e-6).all()
     if beta in (0.0, 1.0):  # the endpoints are the two KLs, computed another way
-        kl = F.kl_div((hs @ ws.T / temperature).log_softmax(-1), (ht @ wt.T / temperature).log_softmax(-1),
+        kl = F.kl_div((hs @ ws.T / temperature).log_softmax(-1),
+                      (ht @ wt.T / temperature).log_softmax(-1),
                       log_target=True, reduction="none").sum(-1)
         if beta == 1.0:
-            kl = F.kl_div((ht @ wt.T / temperature).log_softmax(-1), (hs @ ws.T / temperature).log_softmax(-1),
+            kl = F.kl_div((ht @ wt.T / temperature).log_softmax(-1),
+                          (hs @ ws.T / temperature).log_softmax(-1),
                           log_target=True, reduction="none").sum(-1)
         torch.testing.assert_close(out.double(), kl.detach(), rtol=0, atol=1e-5)
     # zero for equal distributions
-    same = xopd.gkd_loss(hs.detach(), ws.detach(), hs.detach(), ws.detach(), beta, temperature, chunk_size=8)
+    same = xopd.gkd_loss(hs.detach(), ws.detach(), hs.detach(), ws.detach(), beta, temperature,
+                         chunk_size=8)
     assert same.abs().max() < 1e-6
 
 
@@ -689,13 +791,15 @@ def test_sft_loss_matches_cross_entropy():
     loss = xopd.sft_loss(h, w, t, mask, chunk_size=4)
     ref = F.cross_entropy((h @ w.T)[mask], t[mask])
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(loss, w)[0], torch.autograd.grad(ref, w)[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(loss, w)[0], torch.autograd.grad(ref, w)[0],
+                               rtol=0, atol=1e-10)
     # per sequence: each row's mean cross-entropy, then the mean over rows (rows of 5, 2, 3 tokens)
     per_row = xopd.sft_loss(h, w, t, mask, chunk_size=4, per_sequence=True)
     ce = F.cross_entropy((h @ w.T).reshape(15, 20), t.reshape(15), reduction="none").reshape(3, 5)
     ref_rows = sum(ce[b, :n].mean() for b, n in enumerate((5, 2, 3))) / 3
     torch.testing.assert_close(per_row, ref_rows, rtol=0, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(per_row, h)[0], torch.autograd.grad(ref_rows, h)[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(per_row, h)[0],
+                               torch.autograd.grad(ref_rows, h)[0], rtol=0, atol=1e-10)
 
 
 def test_check_same_tokenizer():
