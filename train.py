@@ -29,6 +29,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -172,6 +173,8 @@ def parse_args(argv=None):
         p.error(f"--temperature: expected a finite value >= 0, got {cfg.temperature}")
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), got {cfg.voice_first}")
+    if not re.fullmatch(r"[\w.-]*", cfg.tag, re.ASCII):  # a folder name, never a path
+        p.error(f"--tag: expected a plain name (letters, digits, -, _, .), got {cfg.tag!r}")
     omni_mix(cfg)  # refused here, not after the stages before omni
     # absolute, as every checkpoint stores them: a run reads the same from any directory
     cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
@@ -319,59 +322,118 @@ def update_weights(params, opt, loss, grad_clip, stop):
     return {"grad_norm": norm} if grad_clip > 0 else {}
 
 
-# The settings that shape each stage's output. A stage's model.pt or ckpt.pt made under other
-# values is refused, never silently reused or continued (the stage folder's name says only which
-# stage it is).
-SHAPING = {"teacher": ("teacher", "chat_format", "teacher_steps", "teacher_lr", "teacher_prior", "batch_size"),
-           "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
-           "omni": ("student", "omni_mix", "voice_first", "omni_steps", "omni_lr", "omni_teacher_style", "omni_splice", "batch_size"),
-           "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature", "max_new_tokens",
-                     "gkd_beta", "gkd_mix", "ratio_clip", "loss_agg", "align_max_wer")}
+# -----------------------------------------------------------------------------
+# Fingerprints: every output records what it was built from, and is reused only when that is
+# what it would be built from now.
+
+SHARED = ("preset", "seed", "warmup", "grad_clip")  # shape the weights of every trained stage
+SHAPES = {  # each stage's own settings that shape its weights or its records
+    "teacher": ("teacher_steps", "teacher_lr", "teacher_prior", "batch_size"),
+    "encoder": ("whisper", "encoder_steps", "encoder_lr", "encoder_batch"),
+    "omni": ("omni_mix", "voice_first", "omni_steps", "omni_lr", "omni_teacher_style",
+             "omni_splice", "batch_size"),
+    "align": ("method", "lam", "align_steps", "align_batch", "n", "temperature",
+              "max_new_tokens", "gkd_beta", "gkd_mix", "ratio_clip", "loss_agg", "align_max_wer",
+              "val_every", "val_per_family", "val_rkl_prompts"),
+}
+READS = {"teacher": ("train", "text"), "encoder": ("train",), "omni": ("train",),
+         "align": ("train", "align", "val")}  # the pools whose records a stage reads
+BUILT_ON = {"teacher": (), "encoder": (), "omni": ("teacher", "encoder"),
+            "align": ("teacher", "omni")}  # in pipeline order: a stage after its inputs
+IMPORTS = {"teacher": "teacher", "omni": "student"}  # the flag that gives a stage's model instead
 
 
-# What a setting was, in effect, in checkpoints made before it existed: such a checkpoint is
-# compared as if it had been saved with this value, not skipped.
-BEFORE_THEY_EXISTED = {"teacher_prior": 0.0, "omni_teacher_style": 0.0, "omni_splice": 0.0, "loss_agg": "seq_mean"}
+def stage_kind(name):
+    """'align/xopd' and 'select/xopd_lr0.001' are align stages; the others are their name."""
+    return "align" if "/" in name else name
 
 
-def same_data(a, b):
-    """The same folder, or two copies of one generated toy world (equal done.json: seed, preset,
-    format); a user's manifests are known by their folder only."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    marks = [os.path.join(d, "done.json") for d in (a, b)]
-    return all(map(os.path.exists, marks)) and open(marks[0]).read() == open(marks[1]).read()
+def content_id(path):
+    """A model file or folder by what it holds, not where: its files' digests."""
+    if not os.path.isdir(path):
+        return data.file_digest(path)
+    files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    return data.fingerprint({f: data.file_digest(os.path.join(path, f)) for f in files})
 
 
-def check_settings(cfg, name, path, saved, lr):
-    """Stop with the differing settings if checkpoint `path` (its loaded contents `saved`) was made
-    under settings other than cfg's, or at another learning rate than lr."""
-    old = {**BEFORE_THEY_EXISTED, **saved.get("train", {})}
+def stage_fingerprint(cfg, world, name, lr=None):
+    """What stage `name`'s output is built from now: {"stage", "settings" (a model given by
+    --teacher or --student: its files alone), "data" ({pool: World.digest}), "inputs" ({stage:
+    its fingerprint_id})}. lr: the align stage's resolved learning rate."""
+    kind = stage_kind(name)
+    flag = IMPORTS.get(kind)
+    if flag and getattr(cfg, flag):
+        return {"stage": name, "settings": {flag: content_id(getattr(cfg, flag))}, "data": {},
+                "inputs": {}}
+    settings = {k: getattr(cfg, k) for k in SHARED + SHAPES[kind]}
+    for k in set(settings) & set(data.RUN_PATHS):
+        settings[k] = settings[k] and content_id(settings[k])
+    if lr is not None:
+        settings["lr"] = lr
+    inputs = {s: read_checkpoint(stage_files(cfg.out, s).final).get("fingerprint_id")
+              for s in BUILT_ON[kind]}
+    return {"stage": name, "settings": settings,
+            "data": {p: world.digest((p,)) for p in READS[kind]}, "inputs": inputs}
 
-    def same(k):
-        if k not in data.RUN_PATHS:
-            return old[k] == getattr(cfg, k)
-        was = data.run_path(old, k, cfg.out)  # as seen from this run's folder, wherever it is now
-        if k == "data":
-            return same_data(was, cfg.data)
-        return (was and os.path.abspath(was)) == getattr(cfg, k)
-    keys = ("preset", "seed", "data") + SHAPING.get(name.split("/")[0], SHAPING["align"])
-    diff = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and not same(k)]
-    if "lr" in saved and saved["lr"] != lr:
-        diff.append(f"learning rate {saved['lr']:g} -> {lr:g}")
-    if diff:
-        sys.exit(f"[{name}] {path} was made with other settings ({'; '.join(diff)}). Run with the same "
-                 f"settings, choose another --out, or delete {os.path.dirname(path)} to make it again.")
+
+def fingerprint_changes(old, new):
+    """What differs between a stored fingerprint and the one of now, in words."""
+    was, now = old.get("settings", {}), new["settings"]
+    shown = lambda k, v: "(none)" if v is None else "other files" if k in data.RUN_PATHS else repr(v)
+    why = [f"stage {old.get('stage')!r} -> {new['stage']!r}"] * (old.get("stage") != new["stage"])
+    why += [f"{k} {shown(k, was.get(k))} -> {shown(k, now.get(k))}"
+            for k in [*now, *(k for k in was if k not in now)] if was.get(k) != now.get(k)]
+    why += [f"data: {p}.jsonl changed" for p in new["data"] if old["data"].get(p) != new["data"][p]]
+    return why + [f"input {s} rebuilt" for s in new["inputs"]
+                  if old["inputs"].get(s) != new["inputs"][s]]
 
 
-def done(cfg, name, lr):
-    """Whether stage `name` already finished (its model.pt exists, made with these settings): a
-    rerun skips it."""
-    final = os.path.join(cfg.out, name, "model.pt")
-    if os.path.exists(final):
-        check_settings(cfg, name, final, M.load_checkpoint(final), lr)
-        print(f"[{name}] {final} exists: skipped")
-    return os.path.exists(final)
+def rebuilt_with(out, name):
+    """Stage folder `name` and every existing one built on it, in pipeline order."""
+    kinds = {stage_kind(name)}
+    for k, inputs in BUILT_ON.items():
+        if kinds & set(inputs):
+            kinds.add(k)
+    folders = [os.path.join(out, name)]
+    if "omni" in kinds - {stage_kind(name)} and os.path.isdir(os.path.join(out, "omni")):
+        folders.append(os.path.join(out, "omni"))
+    if "align" in kinds - {stage_kind(name)}:
+        for d in (os.path.join(out, "align"), os.path.join(out, "select")):
+            subs = sorted(os.listdir(d)) if os.path.isdir(d) else []
+            folders += [os.path.join(d, s) for s in subs if os.path.isdir(os.path.join(d, s))]
+    return folders
+
+
+def check_fingerprint(cfg, name, path, ck, fp):
+    """Stop unless checkpoint `path` (loaded: ck) was built from fp, naming what differs and
+    every folder to rebuild."""
+    if ck.get("fingerprint_id") == data.fingerprint(fp):
+        return
+    why = fingerprint_changes(ck["fingerprint"], fp) if "fingerprint" in ck else [
+        "fingerprint: none recorded (made before outputs recorded what they are built from)"]
+    folders = rebuilt_with(cfg.out, name)
+    sys.exit(f"[{name}] {path} was built from other settings, data or inputs ({'; '.join(why)}). "
+             f"Delete {', '.join(folders)} to rebuild {'them' if len(folders) > 1 else 'it'}, "
+             f"or choose another --out.")
+
+
+def read_checkpoint(path, device=None):
+    """A checkpoint (and its model, given a device); a damaged one ends the run in one line."""
+    try:
+        return M.load_model(path, device) if device else M.load_checkpoint(path)
+    except ValueError as e:
+        sys.exit(str(e))
+
+
+def reusable(cfg, name, fp):
+    """Whether stage `name` has its model.pt, built from fp: a rerun reuses it. One built from
+    anything else is refused."""
+    final = stage_files(cfg.out, name).final
+    if not os.path.exists(final):
+        return False
+    check_fingerprint(cfg, name, final, read_checkpoint(final), fp)
+    print(f"[{name}] {final} exists: skipped")
+    return True
 
 
 def precompute(name, what, steps, records_at, compute):
@@ -398,21 +460,22 @@ def precompute(name, what, steps, records_at, compute):
     print(f"[{name}] {what}: {total} clips in {fmt_time(time.time() - t0)}, before step 1", flush=True)
 
 
-def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=None):
+def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, fp, monitor=None):
     """Train `model` for `steps` optimiser steps: step_fn(step) -> (loss with a graph, stats with
     'tokens'; under torchrun this rank's share), update_weights does the rest; <out>/<name>/model.pt
-    at the end. monitor(), if given, measures on held-out data before step 1, every cfg.val_every
+    at the end, recording fingerprint fp. monitor(), if given, measures on held-out data before step 1, every cfg.val_every
     steps and at the end (val.jsonl)."""
     f = stage_files(cfg.out, name)
     writer = RANK == 0  # rank 0 writes and measures; the others go on and wait for it at the next step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start = resume_point(cfg, name, f, model, opt, lr, steps)
+    start, logs = resume_point(cfg, name, f, model, opt, fp, steps)
     if writer:
-        trim_logs(f, start)
+        write_logs(f, logs)
     print(f"[{name}] {steps} steps, lr {lr:g}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     payload = lambda step: {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "lr": lr,
-                            "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer}
+                            "configs": M.model_configs(model), "train": asdict(cfg), "tokenizer": tokenizer,
+                            "fingerprint": fp, "fingerprint_id": data.fingerprint(fp)}
     stop = lambda step, what: stop_stage(name, f, step, what)
     monitor = monitor if writer else None
     if monitor and start == 0:
@@ -433,6 +496,7 @@ def run_stage(name, cfg, model, steps, lr, step_fn, device, tokenizer, monitor=N
             validate(name, model, monitor, f, step + 1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps and writer:
             pending = copy.deepcopy(payload(step + 1))  # a copy: the weights go on changing in place
+            pending["logs"] = read_logs(f)  # the lines of the steps it holds
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
     if writer:
@@ -448,29 +512,34 @@ def stage_files(out, name):
                            log=os.path.join(d, "log.jsonl"), val=os.path.join(d, "val.jsonl"))
 
 
-def resume_point(cfg, name, f, model, opt, lr, steps):
-    """The step to start from: with --resume and a ckpt.pt made with these settings, its step, its
-    model and optimiser loaded; otherwise 0."""
+def resume_point(cfg, name, f, model, opt, fp, steps):
+    """-> (the step to start from, the logs up to it): with --resume and a ckpt.pt built from fp,
+    its step and logs, its model and optimiser loaded; otherwise (0, no logs)."""
     if not os.path.exists(f.ckpt):
-        return 0
+        return 0, {}
     if not cfg.resume:
         print(f"[{name}] found an interrupted run in {f.dir}; starting over (pass --resume to continue it)")
-        return 0
-    ck = M.load_checkpoint(f.ckpt)
-    check_settings(cfg, name, f.ckpt, ck, lr)
+        return 0, {}
+    ck = read_checkpoint(f.ckpt)
+    check_fingerprint(cfg, name, f.ckpt, ck, fp)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
-    return ck["step"]
+    return ck["step"], ck["logs"]
 
 
-def trim_logs(f, start):
-    """The logs keep exactly the steps the model has seen: the lines past `start` go (all, from 0)."""
+def read_logs(f):
+    """{"log": log.jsonl's text, "val": val.jsonl's}, as each checkpoint saves them."""
+    return {k: open(p).read() if os.path.exists(p) else "" for k, p in (("log", f.log), ("val", f.val))}
+
+
+def write_logs(f, logs):
+    """The logs as a checkpoint saved them, or empty for a run from step 0: they hold exactly the
+    steps of the model they belong to, whatever runs were cut short in between."""
     os.makedirs(f.dir, exist_ok=True)
-    for path in (f.log, f.val):
-        old = open(path).read().splitlines() if start and os.path.exists(path) else []
+    for k, path in (("log", f.log), ("val", f.val)):
         with open(path, "w") as fh:
-            fh.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start)
+            fh.write(logs.get(k, ""))
 
 
 def stop_stage(name, f, step, what):
@@ -551,13 +620,14 @@ def finish_stage(name, f, payload):
 # -----------------------------------------------------------------------------
 # The stages.
 
-def import_stage(cfg, name, model, world, source):
+def import_stage(cfg, name, model, world, source, fp):
     """A stage whose model is the user's own (--teacher, --student): written as the stage's
     model.pt, in this project's format, so every later stage reads it as if trained here."""
     if RANK == 0:
         M.save_checkpoint(os.path.join(cfg.out, name, "model.pt"),
                           {"model": model.state_dict(), "configs": M.model_configs(model), "train": asdict(cfg),
-                           "tokenizer": world.tok.to_str(), "source": source})
+                           "tokenizer": world.tok.to_str(), "source": source, "fingerprint": fp,
+                           "fingerprint_id": data.fingerprint(fp)})
         n = sum(p.numel() for p in model.parameters())
         print(f"[{name}] imported {source}: {n / 1e6:.2f}M parameters -> {os.path.join(cfg.out, name, 'model.pt')}")
     barrier()
@@ -577,14 +647,15 @@ def stage_teacher(cfg, world, device, amp):
     """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
     train pool and of the unspoken text pool (text is free: the teacher learns from far more
     prompts than are spoken); never on align, val or test prompts."""
-    if done(cfg, "teacher", cfg.teacher_lr):
+    fp = stage_fingerprint(cfg, world, "teacher")
+    if reusable(cfg, "teacher", fp):
         return
     if cfg.teacher:  # the user's own text model is the teacher
         try:
             teacher, _ = M.load_llama_folder(cfg.teacher)
         except ValueError as e:
             sys.exit(f"--teacher: {e}")
-        import_stage(cfg, "teacher", teacher, world, cfg.teacher)
+        import_stage(cfg, "teacher", teacher, world, cfg.teacher, fp)
         return
     fams = data.text_families(r for r in world.text + world.train if r["teacher"])
     if not fams:
@@ -610,7 +681,7 @@ def stage_teacher(cfg, world, device, amp):
             loss, ntok = xopd.response_nll(teacher, b, "text")
         return share(loss, ntok, device), {"tokens": ntok}  # a mean over tokens
 
-    run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str())
+    run_stage("teacher", cfg, teacher, cfg.teacher_steps, cfg.teacher_lr, step_fn, device, world.tok.to_str(), fp)
 
 
 def stage_encoder(cfg, world, device, amp):
@@ -618,7 +689,8 @@ def stage_encoder(cfg, world, device, amp):
     and on the speaker's voice with four small heads (model.py says why, above CTC_CHARS): the
     toy analog of a speech LLM starting from a pretrained audio encoder. Stage 5 scores it on its
     own (eval.evaluate_encoder), where perception is measured before any decoder reads it."""
-    if not done(cfg, "encoder", cfg.encoder_lr):
+    fp = stage_fingerprint(cfg, world, "encoder")
+    if not reusable(cfg, "encoder", fp):
         enc_cfg, _, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
         whisper = M.read_whisper(cfg.whisper) if cfg.whisper else None  # main has checked it reads
         torch.manual_seed(cfg.seed + 1)
@@ -651,7 +723,7 @@ def stage_encoder(cfg, world, device, amp):
             return ctc + voice_loss, {"ctc": ctc.item(), "voice": voice_loss.item(), "tokens": sum(len(t) for t in targets)}
 
         precompute("encoder", "log-mels", cfg.encoder_steps, rows_at, lambda rs: [world.mel(r) for r in rs])
-        run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str())
+        run_stage("encoder", cfg, m, cfg.encoder_steps, cfg.encoder_lr, step_fn, device, world.tok.to_str(), fp)
 
 
 # The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN, Qwen2-Audio,
@@ -768,10 +840,11 @@ def stage_omni(cfg, world, device, amp):
     """Stage 3: the base student. The pretrained encoder (frozen, as in LLaVA-style speech LLMs),
     a new adapter, and the decoder copied from the teacher; adapter and decoder are trained on
     VOICE_FIRST_MIX, then the multimodal mix."""
-    if done(cfg, "omni", cfg.omni_lr):
+    fp = stage_fingerprint(cfg, world, "omni")
+    if reusable(cfg, "omni", fp):
         return
     if cfg.student:  # the user's own speech LLM of this project is the base student
-        student, ck = M.load_model(cfg.student, device)
+        student, ck = read_checkpoint(cfg.student, device)
         if not isinstance(student, M.SpeechLM):
             sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a speech LLM "
                      f"(an omni or align stage's model.pt)")
@@ -779,10 +852,10 @@ def stage_omni(cfg, world, device, amp):
             xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
         except ValueError as e:
             sys.exit(f"--student {cfg.student}: {e}")
-        import_stage(cfg, "omni", student, world, cfg.student)
+        import_stage(cfg, "omni", student, world, cfg.student, fp)
         return
-    teacher, _ = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
-    encoder, _ = M.load_model(os.path.join(cfg.out, "encoder", "model.pt"), device)
+    teacher, _ = read_checkpoint(stage_files(cfg.out, "teacher").final, device)
+    encoder, _ = read_checkpoint(stage_files(cfg.out, "encoder").final, device)
     enc_cfg, adp_cfg, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed + 2)
     student = M.student_from_teacher(teacher, encoder.enc_cfg, adp_cfg, audio_token_id=world.audio_id).to(device)
@@ -842,7 +915,7 @@ def stage_omni(cfg, world, device, amp):
         bank = word_bank(world, pools["asr"], student.encoder, device)
         print(f"[omni] spliced word lists: {n_spliced} of each step's transcription rows, from {len(bank[0])} words "
               f"spoken {sum(map(len, bank[0].values()))} times in {0 if bank[1] is None else len(bank[1])} training clips", flush=True)
-    run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str())
+    run_stage("omni", cfg, student, cfg.omni_steps, cfg.omni_lr, step_fn, device, world.tok.to_str(), fp)
 
 
 def align_name(cfg):
@@ -850,22 +923,26 @@ def align_name(cfg):
     return f"{name}_{cfg.tag}" if cfg.tag else name
 
 
-def teacher_responses(cfg, world, teacher, recs, device, amp):
-    """Offline KD's targets: the teacher's own greedy answers to the training prompts, cached."""
+def teacher_responses(cfg, world, teacher, teacher_id, recs, device, amp):
+    """Offline KD's targets: the teacher's greedy answers to the align prompts, {id: answer},
+    cached in align/teacher_responses.json with what they were made from (the teacher, the
+    prompts, max_new_tokens) and made again when that differs. The align stage's fingerprint
+    holds everything these answers are made from, so it needs none of theirs."""
     path = os.path.join(cfg.out, "align", "teacher_responses.json")
-    if os.path.exists(path):
+    fp = data.fingerprint({"teacher": teacher_id, "max_new_tokens": cfg.max_new_tokens,
+                           "prompts": data.fingerprint([(r["id"], world.prompt(r, "text")) for r in recs])})
+    try:
         with open(path) as f:
-            return json.load(f)
-    out = {}
-    for i in range(0, len(recs), 64):
-        rows = recs[i:i + 64]
-        b = world.batch(rows, device=device, speech=False)
-        with autocast(device, amp):
-            ids, mask, _ = xopd.sample(teacher, b.text_lens, input_ids=b.text_ids, max_new_tokens=cfg.max_new_tokens,
-                                       eos_id=world.end_id, temperature=0.0)
-        for r, row in zip(rows, ids.tolist()):
-            out[r["id"]] = world.decode(row)
-    M.atomic_write(path, lambda f: json.dump(out, f))
+            cached = json.load(f)
+        if cached["fingerprint"] == fp:
+            return cached["answers"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, damaged, or of another form
+        pass
+    with autocast(device, amp):
+        answers = xopd.generate(teacher, world, recs, "text", device, cfg.max_new_tokens)
+    out = {r["id"]: a for r, a in zip(recs, answers)}
+    if RANK == 0:
+        M.atomic_write(path, lambda f: json.dump({"fingerprint": fp, "answers": out}, f))
     return out
 
 
@@ -893,10 +970,11 @@ def stage_align(cfg, world, device, amp, folder="align"):
     teacher and the greedy score from speech (val.jsonl)."""
     name = f"{folder}/{align_name(cfg)}"
     lr = cfg.align_lr or ALIGN_LR[cfg.method]
-    if done(cfg, name, lr):
+    fp = stage_fingerprint(cfg, world, name, lr)
+    if reusable(cfg, name, fp):
         return
-    teacher, t_ck = M.load_model(os.path.join(cfg.out, "teacher", "model.pt"), device)
-    student, s_ck = M.load_model(os.path.join(cfg.out, "omni", "model.pt"), device)
+    teacher, t_ck = read_checkpoint(stage_files(cfg.out, "teacher").final, device)
+    student, s_ck = read_checkpoint(stage_files(cfg.out, "omni").final, device)
     xopd.check_same_tokenizer(Tokenizer.from_str(t_ck["tokenizer"]), Tokenizer.from_str(s_ck["tokenizer"]))
     teacher.requires_grad_(False).eval()
     student.freeze_audio()
@@ -907,10 +985,12 @@ def stage_align(cfg, world, device, amp, folder="align"):
               "which the omni stage has already seen")
     if cfg.align_max_wer >= 0:
         recs = heard_prompts(cfg, world, student, recs, device, amp, name)
-    if cfg.method == "kd" and RANK == 0:  # rank 0 writes the teacher's responses, the others read them
-        teacher_responses(cfg, world, teacher, recs, device, amp)
-    barrier()
-    kd = teacher_responses(cfg, world, teacher, recs, device, amp) if cfg.method == "kd" else None
+    kd = None
+    if cfg.method == "kd":  # rank 0 writes the teacher's responses, the others read them
+        if RANK == 0:
+            teacher_responses(cfg, world, teacher, fp["inputs"]["teacher"], recs, device, amp)
+        barrier()
+        kd = teacher_responses(cfg, world, teacher, fp["inputs"]["teacher"], recs, device, amp)
 
     def rows_at(step):
         return shard([recs[i] for i in data.batch_indices(len(recs), cfg.align_batch, step, cfg.seed + 7)])
@@ -956,7 +1036,8 @@ def stage_align(cfg, world, device, amp, folder="align"):
 
     precompute(name, "frozen encoder's features", cfg.align_steps, rows_at,
                lambda rs: world.features(rs, student.encoder, device))
-    run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), monitor if val else None)
+    run_stage(name, cfg, student, cfg.align_steps, lr, step_fn, device, world.tok.to_str(), fp,
+              monitor if val else None)
 
 
 def grid_runs(cfg):
@@ -1020,7 +1101,7 @@ def load_world(cfg):
         dims = M.read_whisper(cfg.whisper)["dims"]
         n_mels, n_ctx = dims["n_mels"], dims["n_audio_ctx"]
     if cfg.student:
-        enc = M.load_checkpoint(cfg.student)["configs"].get("encoder", {})
+        enc = read_checkpoint(cfg.student)["configs"].get("encoder", {})
         n_mels, n_ctx = enc.get("n_mels", n_mels), enc.get("n_ctx", n_ctx)
     world = data.world_of(asdict(cfg), n_mels)
     # choosing a learning rate (--lr_grid) never reads the test pool, not even its clips' headers
@@ -1117,6 +1198,10 @@ def main(argv=None):
             sys.exit(f"--out {cfg.out}: cannot write there ({e.strerror or e})")
     try:
         pipeline(cfg)
+    except OSError as e:  # a folder the user named is read-only or full: one line, no traceback
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        sys.exit(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     finally:
         if lock and os.path.exists(lock):
             os.remove(lock)
@@ -1241,7 +1326,3 @@ if __name__ == "__main__":
         print("\ninterrupted. Finished stages are kept: run the same command again to go on, with --resume to continue "
               "the stage that was cut short from its last checkpoint.", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:
-        if e.errno not in USER_OS_ERRORS:
-            raise
-        sys.exit(f"{e.filename}: {e.strerror}")
