@@ -1,4 +1,6 @@
 """The pipeline end to end on the tiny preset, resume, the guards, and the tables it ends with."""
+import errno
+import inspect
 import json
 import os
 import re
@@ -197,6 +199,7 @@ def test_divergence_stops_by_name_and_never_saves_the_diverged_weights(tiny_run,
     (["--lr_grid", "1e-4,x"], "--lr_grid: expected comma-separated learning rates > 0"),
     (["--grad_clip", "-1"], "--grad_clip: expected a finite value >= 0 (0: off), got -1.0"),
     (["--grad_clip", "nan"], "--grad_clip: expected a finite value >= 0"),
+    (["--tag", "run/2"], "--tag: expected a plain name (letters, digits, -, _, .), got 'run/2'"),
 ])
 def test_bad_flags_are_refused_by_name(argv, needle, capsys):
     with pytest.raises(SystemExit):
@@ -252,6 +255,11 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     var = sum(start[f"val_S_{f}"] / 100 * (1 - start[f"val_S_{f}"] / 100) / len(rs) for f, rs in fams.items())
     assert choice["base_val_S"] == start["val_S"]
     assert choice["base_se"] == pytest.approx(100 * var ** 0.5 / len(fams))
+    # item 3 of issue 34: runs measured on other val prompts are not reused
+    with pytest.raises(SystemExit, match=r"\[select/sft_lr0\.0001\] .*\(val_per_family 100 -> 2\)\. "
+                                         r"Delete .*select/sft_lr0\.0001 to rebuild it"):
+        train.main(like_tiny_run(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4",
+                                 "--val_per_family", "2"))
     assert not os.path.exists(tmp_path / "select" / "sft_lr0.0001" / "eval.json")  # no test-set evaluation
     assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
 
@@ -363,6 +371,101 @@ def test_a_stage_on_a_rebuilt_input_is_refused_and_so_is_one_without_a_fingerpri
                                          rf"{tmp_path}/encoder, {tmp_path}/omni, "):
         train.main(like_tiny_run(tmp_path, tiny_data, "--teacher_steps", "3"))
 
+
+def test_kd_answers_are_made_again_for_another_teacher_length_or_prompts(tiny_run, tiny_data,
+                                                                         tmp_path, monkeypatch):
+    """Item 2 of issue 34: the KD cache is read only for the teacher, prompts and length it was
+    made for; otherwise made again (xopd.generate's greedy answers), new prompts included."""
+    world = data.World(tiny_data)
+    cfg = lambda *extra: train.parse_args(like_tiny_run(tmp_path, tiny_data, *extra))
+    cpu = torch.device("cpu")
+    teacher, ck = M.load_model(os.path.join(tiny_run, "teacher", "model.pt"), cpu)
+    tid = ck["fingerprint_id"]
+    recs = [r for r in world.align if r["kind"] == "text"]
+    os.makedirs(tmp_path / "align")
+    shutil.copy(os.path.join(tiny_run, "align", "teacher_responses.json"), tmp_path / "align")
+    real, made = xopd.generate, []
+
+    def fresh(model, w, rs, modality, device, n):
+        made.append(n)
+        return real(model, w, rs, modality, device, n)
+    monkeypatch.setattr(xopd, "generate", fresh)
+    answers = lambda n, rs: dict(zip([r["id"] for r in rs], real(teacher, world, rs, "text", cpu, n)))
+    kd_run = train.teacher_responses(cfg(), world, teacher, tid, recs, cpu, None)
+    assert made == [] and kd_run == answers(24, recs)  # the kd run's, read: 24 tokens (tiny preset)
+    short = train.teacher_responses(cfg("--max_new_tokens", "8"), world, teacher, tid, recs, cpu, None)
+    assert made == [8] and short == answers(8, recs) != kd_run
+    new = recs + [{**recs[0], "id": "align-arith-00005-new"}]
+    assert train.teacher_responses(cfg(), world, teacher, tid, new, cpu, None) == answers(24, new)
+    assert train.teacher_responses(cfg(), world, teacher, "another", new, cpu, None) == answers(24, new)
+    assert made == [8, 24, 24]
+    train.teacher_responses(cfg(), world, teacher, "another", new, cpu, None)
+    assert made == [8, 24, 24]  # its own, read
+
+
+def test_log_holds_exactly_the_steps_of_its_model_after_any_interrupts(tiny_run, tiny_data,
+                                                                      tmp_path, monkeypatch):
+    """Item 9 of issue 34: cut short after the checkpoint at step 4, run again without --resume
+    (the log emptied, the checkpoint kept), cut short at step 1, then resumed from step 4: the
+    log holds steps 1-6 with the uninterrupted run's losses."""
+    real_lr_at = train.lr_at
+
+    def cut_at(at):
+        def lr_at(step, total, peak, warmup):
+            if step == at:
+                raise KeyboardInterrupt
+            return real_lr_at(step, total, peak, warmup)
+        return lr_at
+    for stage in ("stage_encoder", "stage_omni", "stage_align"):
+        monkeypatch.setattr(train, stage, lambda *a: None)  # the teacher alone
+    monkeypatch.setattr(E, "evaluate_all", lambda *a: None)
+    monkeypatch.setattr(E, "report", lambda *a: None)
+    for at in (5, 1):  # during step 6, then during step 2 of a run from step 0
+        monkeypatch.setattr(train, "lr_at", cut_at(at))
+        with pytest.raises(KeyboardInterrupt):
+            train.main(like_tiny_run(tmp_path, tiny_data))
+    assert M.load_checkpoint(str(tmp_path / "teacher" / "ckpt.pt"))["step"] == 4
+    assert [r["step"] for r in read_log(tmp_path / "teacher" / "log.jsonl")] == [1]
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train.main(like_tiny_run(tmp_path, tiny_data, "--resume"))
+    full = read_log(os.path.join(tiny_run, "teacher", "log.jsonl"))
+    log = read_log(tmp_path / "teacher" / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in full], rel=1e-5, abs=1e-6)
+
+
+def test_a_damaged_checkpoint_ends_in_one_line_naming_it(tiny_run, tiny_data, tmp_path):
+    """Item 8 of issue 34: no traceback for what a user can fix."""
+    for stage in ("teacher", "encoder", "omni"):
+        shutil.copytree(os.path.join(tiny_run, stage), tmp_path / stage)
+    final = tmp_path / "omni" / "model.pt"
+    final.write_bytes(final.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        train.main(like_tiny_run(tmp_path, tiny_data))
+    assert str(e.value).startswith(f"{final}: not a readable checkpoint (") and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif("from None" not in inspect.getsource(M.atomic_write),
+                    reason="needs model.atomic_write's one OSError naming the path (branch wt_a)")
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_it_and_leaves_no_tmp(
+        tiny_run, tiny_data, tmp_path, monkeypatch):
+    """Item 8 of issue 34: ENOSPC while a checkpoint is written."""
+    for stage in ("teacher", "encoder"):
+        shutil.copytree(os.path.join(tiny_run, stage), tmp_path / stage)
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "step" in obj:  # a training checkpoint: half written, then the disk is full
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        train.main(like_tiny_run(tmp_path, tiny_data))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'omni' / 'ckpt.pt'}: ") and "\n" not in message
+    assert "No space left on device" in message
+    assert sorted(os.listdir(tmp_path / "omni")) == ["log.jsonl", "val.jsonl"]
 
 def test_sparkline_draws_bin_means_between_the_extremes():
     assert train.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
