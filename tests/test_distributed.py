@@ -110,7 +110,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused(flag):
 def test_the_batch_check_comes_before_stage_1(tiny_data, tmp_path, monkeypatch):
     """The pipeline refuses by rank count before it writes anything: as rank 0 of 2 (no torchrun
     needed to see that) a batch of 3 stops it."""
-    monkeypatch.setattr(train, "WORLD", 2)
+    monkeypatch.setattr(train, "WORLD_SIZE", 2)
     with pytest.raises(SystemExit, match=r"--align_batch 3: .*expected a multiple of 2"):
         train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", tiny_data, "--align_batch", "3"])
     assert os.listdir(tmp_path / "run") == []  # no stage, and the lock let go
