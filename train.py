@@ -90,7 +90,7 @@ class TrainConfig:
     align_steps: int = 80
     align_lr: float = 0.0        # 0: the method's rate in ALIGN_LR
     lr_grid: str = ""            # e.g. 3e-5,1e-4,3e-4: align at each, keep the best on val
-    align_batch: int = 16        # prompts per step (paper: 256; at 8 mostly noise: experiments.md)
+    align_batch: int = 16        # prompts per step (paper: 256; docs/experiments.md)
     n: int = 4                   # samples per prompt and modality (paper: 4)
     lam: float = 0.5             # λ: weight of the in-modal term (paper: 0.5)
     temperature: float = 1.0     # rollout temperature (1 = the student's own distribution)
@@ -807,7 +807,8 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
     dt = time.perf_counter() - t0
     eta = clock.eta(step, dt)
     stats = {k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}
-    rec = {"step": step + 1, **stats, "lr": lr, "ms": round(dt * 1e3, 1), "tok_s": round(m["tokens"] / dt, 1)}
+    rec = {"step": step + 1, **stats, "lr": lr, "ms": round(dt * 1e3, 1),
+           "tok_s": round(m["tokens"] / dt, 1)}
     if f:
         with open(f.log, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -980,16 +981,8 @@ def average_gradients(params):
 # Machinery: the flags, the run folder (lock, fingerprints, resume), checks of the inputs,
 # the stage clock. A reader of the method can stop here.
 
-def positive(v):
-    return v >= 1
-
-
-def share_like(v):
-    return 0.0 <= v <= 1.0
-
-
-def finite_at_least(low, strict=False):
-    return lambda v: math.isfinite(v) and (v > low if strict else v >= low)
+def finite_nonneg(v):
+    return math.isfinite(v) and v >= 0
 
 
 INTS = ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps",
@@ -1001,19 +994,18 @@ FLAG_RANGES = {
     "loss_agg": (f"one of {', '.join(xopd.LOSS_AGGS)}", lambda v: v in xopd.LOSS_AGGS),
     "tag": ("a plain name (letters, digits, -, _, .)",  # a folder name, never a path
             lambda v: re.fullmatch(r"[\w.-]*", v, re.ASCII)),
-    **{k: ("a positive integer", positive) for k in INTS},
-    **{k: ("a value in [0, 1]", share_like) for k in ("lam", "gkd_beta", "gkd_mix")},
-    **{k: ("a share in [0, 1]", share_like)
+    **{k: ("a positive integer", lambda v: v >= 1) for k in INTS},
+    **{k: ("a value in [0, 1]", lambda v: 0 <= v <= 1) for k in ("lam", "gkd_beta", "gkd_mix")},
+    **{k: ("a share in [0, 1]", lambda v: 0 <= v <= 1)
        for k in ("teacher_prior", "omni_teacher_style", "omni_splice")},
     **{k: ("an integer >= 0", lambda v: v >= 0) for k in ("seed", "warmup")},
     # a rate of nan or inf trains nothing and says so only after the stages before it
-    **{k: ("a finite learning rate > 0", finite_at_least(0, strict=True))
+    **{k: ("a finite learning rate > 0", lambda v: math.isfinite(v) and v > 0)
        for k in ("teacher_lr", "encoder_lr", "omni_lr")},
     "align_lr": ("a finite learning rate > 0 (or 0: the method's own, ALIGN_LR)",
-                 finite_at_least(0)),
-    **{k: ("a finite value >= 0 (0: off)", finite_at_least(0))
-       for k in ("grad_clip", "ratio_clip")},
-    "temperature": ("a finite value >= 0", finite_at_least(0)),
+                 finite_nonneg),
+    **{k: ("a finite value >= 0 (0: off)", finite_nonneg) for k in ("grad_clip", "ratio_clip")},
+    "temperature": ("a finite value >= 0", finite_nonneg),
 }
 
 
@@ -1098,17 +1090,6 @@ USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
                   errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
-def alive(pid):
-    """Whether process pid is running (on this machine)."""
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: it exists
-        pass
-    return True
-
-
 def lock_run(out):
     """One run per folder: <out>/lock holds the process id of the run using it, made atomically
     (O_EXCL). A live holder is refused by its id; a lock whose process is gone (killed, the
@@ -1136,6 +1117,17 @@ def lock_run(out):
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
     return path
+
+
+def alive(pid):
+    """Whether process pid is running (on this machine)."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        pass
+    return True
 
 
 def toy_preset(cfg):
