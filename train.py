@@ -125,7 +125,6 @@ TRAIN_PRESETS = {
 # The pipeline: stages 1-5 in order, each skipped when its output is there and was built from
 # the same settings, data and stages before it.
 
-
 def pipeline(cfg):
     """Every stage in order (main holds the run folder)."""
     device, amp, why = M.pick_device()
