@@ -178,9 +178,8 @@ def answer_styles(rows, own, other, share, seed):
 
 
 def stage_teacher(cfg, world, device, amp):
-    """Stage 1: the text LLM. Trained on teacher-style responses to the text prompts of the
-    train pool and of the unspoken text pool (text is free: the teacher learns from far more
-    prompts than are spoken); never on align, val or test prompts."""
+    """Stage 1: the text LLM, trained on teacher-style responses to the text prompts of the train
+    pool and of the unspoken text pool (text is free); never on align, val or test prompts."""
     fp = stage_fingerprint(cfg, world, "teacher")
     if reusable(cfg, "teacher", fp):
         return
@@ -206,11 +205,10 @@ def stage_teacher(cfg, world, device, amp):
     def step_fn(step):
         rows = [fams[f][i] for j, f in enumerate(fams)
                 for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)]
-        # A language prior, as a real text LLM has from pretraining on varied text: a share of
-        # the targets is the data's other way of answering (the bare `reference`), the rest its
-        # own chain of thought (the instruction tuning that fixes its style). Its greedy answers
-        # stay chains; a short answer from the student is then judged, not impossible
-        # (docs/decisions.md).
+        # a language prior, as a real text LLM has from pretraining: a share of the targets is
+        # the data's other way of answering (the bare `reference`), the rest its own chain of
+        # thought; a short answer from the student is then judged, not impossible
+        # (docs/decisions.md)
         seed = data.mix_seed(cfg.seed, step)
         targets = answer_styles(rows, "teacher", "reference", cfg.teacher_prior, seed)
         pairs = shard(list(zip(rows, targets)))
@@ -695,10 +693,10 @@ def lr_at(step, total, peak, warmup):
 
 
 def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monitor=None):
-    """Train `model` for `steps` optimiser steps: step_fn(step) -> (loss with a graph, stats with
-    'tokens'; under torchrun this rank's share), update_weights does the rest; <out>/<name>/model.pt
-    at the end, with fingerprint fp. monitor(), if given, measures on held-out data before step
-    1, every cfg.val_every steps and at the end (val.jsonl)."""
+    """Train `model` for `steps` steps: step_fn(step) -> (loss with a graph, stats with 'tokens';
+    under torchrun this rank's share), update_weights does the rest; model.pt at the end, with
+    fingerprint fp. monitor(), if given, measures before step 1, every cfg.val_every steps and at
+    the end (val.jsonl)."""
     f = stage_files(cfg.out, name)
     writer = RANK == 0  # rank 0 writes and measures; the others wait for it at the next step
     params = [p for p in model.parameters() if p.requires_grad]
@@ -762,10 +760,8 @@ def checked_step(step_fn, step, device, stop):
 
 def update_weights(params, opt, loss, grad_clip, stop):
     """The one optimiser update of every stage: backward, the gradients averaged over the ranks
-    (under torchrun), clip the gradient norm of the trainable parameters to grad_clip (0 = no
-    clipping), step. Every rank sees the same norm, so a non-finite one stops them all
-    (stop(what), before the step). -> the stats it adds to the step's log: the gradient norm
-    before clipping."""
+    (torchrun), the gradient norm clipped to grad_clip (0 = no clipping), step. A non-finite norm
+    (the same on every rank) stops them all before the step. -> {"grad_norm": before clipping}."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if WORLD_SIZE > 1:
@@ -840,11 +836,10 @@ def save_final(name, f, payload):
 
 
 def precompute(name, what, steps, records_at, compute):
-    """A stage's one-time work (log-mels, a frozen encoder's features), done before its first
-    step so that step times and the ETA stay steady: compute(records) for each step's records
-    not met at an earlier step, in step order. Those are the very groups a step would compute
-    on first use (world.features caches by id), so the values are the same to the last bit, on
-    a resumed run too."""
+    """A stage's one-time work (log-mels, a frozen encoder's features) before its first step, so
+    that step times and the ETA stay steady: compute(records) for each step's records not met at
+    an earlier step, in step order: the groups a step would compute on first use (world.features
+    caches by id), so the values are the same to the last bit, on a resumed run too."""
     seen, groups = set(), []
     for step in range(steps):  # repeats within a step stay, as on first use
         recs = [r for r in records_at(step) if r["id"] not in seen]
@@ -938,8 +933,7 @@ def barrier():
 
 
 def shard(rows):
-    """This rank's rows of a step's global batch: every WORLD_SIZE-th from RANK on (disjoint;
-    together all)."""
+    """This rank's rows of a step's batch: every WORLD_SIZE-th from RANK on (disjoint)."""
     return rows[RANK::WORLD_SIZE]
 
 
@@ -962,10 +956,9 @@ def share(mean, n, device):
 
 
 def average_gradients(params):
-    """What DistributedDataParallel does after the backward pass, written out: every gradient
-    averaged over the ranks (one all_reduce of them all, flattened). The steps reach the model
-    through several of its methods, not one forward() call, which DDP's wrapper needs for its
-    bookkeeping; the result is the same average."""
+    """DistributedDataParallel's work after the backward pass, written out (the steps reach the
+    model through several of its methods, not the one forward() DDP's wrapper needs): every
+    gradient averaged over the ranks in one all_reduce."""
     for p in params:
         if p.grad is None:  # a part this rank's rows did not reach: its gradient here is 0
             p.grad = torch.zeros_like(p)
@@ -1119,7 +1112,6 @@ def lock_run(out):
 
 
 def alive(pid):
-    """Whether process pid is running (on this machine)."""
     try:
         os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
     except ProcessLookupError:
@@ -1332,8 +1324,7 @@ def read_checkpoint(path, device=None):
 
 
 def checkpoint_payload(cfg, model, tokenizer, fp, **extra):
-    """What every model.pt and ckpt.pt holds: the weights, the configs to rebuild the model, the
-    settings, the tokenizer, the fingerprint and its id; extra: step, lr, optimizer, source."""
+    """What every model.pt and ckpt.pt holds; extra: step, lr, optimizer (ckpt.pt), source."""
     return {"model": model.state_dict(), "configs": M.model_configs(model), "train": asdict(cfg),
             "tokenizer": tokenizer, "fingerprint": fp, "fingerprint_id": data.fingerprint(fp),
             **extra}
@@ -1365,8 +1356,7 @@ def import_student(cfg, world, device, fp):
 
 
 def stage_files(out, name):
-    """The files of stage `name`: model.pt when done, ckpt.pt (model, optimiser, step) while it
-    runs, log.jsonl (one line per step), val.jsonl (the monitor's measurements)."""
+    """Stage `name`'s model.pt (when done), ckpt.pt (while it runs), log.jsonl, val.jsonl."""
     d = os.path.join(out, name)
     path = lambda file: os.path.join(d, file)
     return SimpleNamespace(dir=d, final=path("model.pt"), ckpt=path("ckpt.pt"),
@@ -1374,8 +1364,8 @@ def stage_files(out, name):
 
 
 def resume_point(cfg, name, f, model, opt, fp, steps):
-    """-> (the step to start from, the logs up to it): with --resume and a ckpt.pt built from fp,
-    its step and logs, its model and optimiser loaded; otherwise (0, no logs)."""
+    """-> (step, logs): with --resume, a ckpt.pt built from fp: its step and logs, its model and
+    optimiser loaded; otherwise (0, no logs)."""
     if not os.path.exists(f.ckpt):
         return 0, {}
     if not cfg.resume:
@@ -1397,8 +1387,8 @@ def read_logs(f):
 
 
 def write_logs(f, logs):
-    """The logs as a checkpoint saved them, or empty for a run from step 0: they hold exactly the
-    steps of the model they belong to, whatever runs were cut short in between."""
+    """The logs as a checkpoint saved them (empty from step 0): exactly the steps of the model
+    they belong to, whatever runs were cut short in between."""
     os.makedirs(f.dir, exist_ok=True)
     for k, path in (("log", f.log), ("val", f.val)):
         with open(path, "w") as fh:
@@ -1425,9 +1415,8 @@ def has_output(cfg, stage):
 
 
 class StageClock:
-    """Each stage run under a header '== [i/N name] (run time so far; about T left)', T from
-    REFERENCE_S at this machine's pace on the stages run so far; the times (and peak GPU
-    memory) for the last line."""
+    """Each stage under a header '== [i/N name] (run time so far; about T left)' (T: REFERENCE_S
+    at this machine's pace so far); the times (and peak GPU memory) for the last line."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device, self.t0 = cfg, device, time.time()
