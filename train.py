@@ -99,7 +99,7 @@ class TrainConfig:
     gkd_mix: float = 0.5         # GKD: fraction of rows that are student samples
     ratio_clip: float = 0.0      # PPO-style clip of X-OPD's importance ratio (0: off, the paper)
     loss_agg: str = "seq_mean"   # Eq. 4's reduction: seq_mean (the paper) | token_sum
-    align_max_wer: float = -1.0  # align on prompts heard within this WER % (paper: 5); < 0: all
+    align_max_wer: float = -1.0  # align on prompts transcribed within this WER % (paper: 5); <0 all
     tag: str = ""                # suffix of the align run's folder, to keep variants apart
     # every stage
     warmup: int = 20             # linear lr warm-up steps
@@ -502,7 +502,7 @@ def align_name(cfg):
     return f"{name}_{cfg.tag}" if cfg.tag else name
 
 
-def heard_prompts(cfg, world, student, recs, device, amp, name="align"):
+def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
     """The align prompts whose clips the base student transcribes (greedy, from speech) within
     cfg.align_max_wer % WER, as the paper kept only prompts its student transcribed within 5 %:
     the cross-modal feedback is then about answering what was heard, not about hearing it."""
@@ -529,7 +529,7 @@ def align_prompts(cfg, world, student, name, device, amp):
         print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken "
               "prompts, which the omni stage has already seen")
     if cfg.align_max_wer >= 0:
-        recs = heard_prompts(cfg, world, student, recs, device, amp, name)
+        recs = well_transcribed(cfg, world, student, recs, device, amp, name)
     return recs
 
 
