@@ -16,13 +16,9 @@ The whole X-OPD story, one stage after another (the numbering is the README's):
     python train.py --teacher DIR --whisper FILE --chat_format FILE --data DIR  # your own models
     torchrun --nproc_per_node 2 train.py ...  # data parallel: each rank a share of every batch
 
-Every stage writes <out>/<stage>/model.pt when it is done, with the fingerprint of what it was
-built from (settings, data, the stages before it), and is skipped when that file exists and was
-built from what it would be built from now. While it runs it keeps <out>/<stage>/ckpt.pt (model
-+ optimiser + step) and <out>/<stage>/log.jsonl. The batch at step k and the sampling seed of
-step k depend only on (seed, k), so a resumed run reproduces the losses of an uninterrupted
-one. A stage's step function returns a loss; one function, update_weights, does the backward
-pass and the optimiser step for every stage.
+Each stage writes <out>/<stage>/model.pt with the fingerprint of what it was built from and is
+skipped when that matches; a step's batch and sampling seed depend only on (seed, step), so a
+resumed run reproduces an uninterrupted one.
 """
 import argparse
 import copy
@@ -51,9 +47,8 @@ import xopd
 # Settings: one dataclass, presets override its defaults, flags override presets.
 
 METHODS = ("sft", "kd", "gkd", "xopd")
-# The align stage's learning rate per method (X-OPD's λ ablations use X-OPD's), each chosen on
-# seed 0's val prompts from one grid by `--method M --lr_grid 3e-5,1e-4,3e-4,1e-3,3e-3`
-# (select_lr; docs/experiments.md, "Learning rates"). --align_lr overrides it.
+# The align stage's rate per method, chosen on seed 0's val prompts by --lr_grid (select_lr;
+# docs/experiments.md, "Learning rates"). --align_lr overrides it.
 ALIGN_LR = {"sft": 1e-3, "kd": 1e-3, "gkd": 1e-4, "xopd": 3e-4}
 
 
@@ -72,7 +67,7 @@ class TrainConfig:
     student: str = ""            # a speech LLM checkpoint of this project (model.pt)
     # teacher stage: text decoder on text skills
     teacher_steps: int = 1500
-    teacher_lr: float = 1e-3     # at 3e-3 its student fails to learn word lists (docs/decisions.md)
+    teacher_lr: float = 1e-3     # docs/decisions.md says why not higher
     teacher_prior: float = 0.2   # share of targets in the data's other answer style (`reference`)
     # encoder stage: character CTC pretraining of the audio encoder
     encoder_steps: int = 1200
@@ -122,11 +117,9 @@ TRAIN_PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# The pipeline: stages 1-5 in order, each skipped when its output is there and was built from
-# the same settings, data and stages before it.
+# The pipeline: stages 1-5 in order.
 
 def pipeline(cfg):
-    """Every stage in order (main holds the run folder)."""
     device, amp, why = M.pick_device()
     device = init_distributed(device)
     if RANK > 0:
@@ -168,9 +161,8 @@ def pipeline(cfg):
 # Stage 1: the teacher, a text LLM.
 
 def answer_styles(rows, own, other, share, seed):
-    """Each row's target: its field `own`, or with probability `share` its field `other` where it
-    has one. The draws depend on seed alone, so a step's targets are the same on a resumed run and
-    however torchrun splits the rows."""
+    """Each row's target: field `own`, or with probability `share` field `other` where it has one
+    (draws from seed alone: the same on a resumed run and however torchrun splits the rows)."""
     if share <= 0:
         return [r[own] for r in rows]
     u = torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -178,8 +170,7 @@ def answer_styles(rows, own, other, share, seed):
 
 
 def stage_teacher(cfg, world, device, amp):
-    """Stage 1: the text LLM, trained on teacher-style responses to the text prompts of the train
-    pool and of the unspoken text pool (text is free); never on align, val or test prompts."""
+    """Stage 1: the text LLM, on teacher-style responses to the train and text pools' prompts."""
     fp = stage_fingerprint(cfg, world, "teacher")
     if reusable(cfg, "teacher", fp):
         return
@@ -197,18 +188,15 @@ def stage_teacher(cfg, world, device, amp):
     _, _, dec_cfg = M.make_configs(cfg.preset, world.tok.get_vocab_size())
     torch.manual_seed(cfg.seed)
     teacher = M.Decoder(dec_cfg).to(device)
-    # every family gets an equal share of each batch: the text pool holds far more arithmetic
-    # and instruction prompts than the train pool holds facts, which only it teaches
+    # an equal share of each batch per family: the text pool would drown the train pool's facts
     quota = {f: cfg.batch_size // len(fams) + (i < cfg.batch_size % len(fams))
              for i, f in enumerate(fams)}
 
     def step_fn(step):
         rows = [fams[f][i] for j, f in enumerate(fams)
                 for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)]
-        # a language prior, as a real text LLM has from pretraining: a share of the targets is
-        # the data's other way of answering (the bare `reference`), the rest its own chain of
-        # thought; a short answer from the student is then judged, not impossible
-        # (docs/decisions.md)
+        # a language prior, as from pretraining: some targets are the bare `reference`, so a
+        # short answer from the student is judged, not impossible (docs/decisions.md)
         seed = data.mix_seed(cfg.seed, step)
         targets = answer_styles(rows, "teacher", "reference", cfg.teacher_prior, seed)
         pairs = shard(list(zip(rows, targets)))
@@ -225,8 +213,7 @@ def stage_teacher(cfg, world, device, amp):
 # Stage 2: the audio encoder.
 
 def voice_loss(logits, rows, device, zero):
-    """The voice heads' cross-entropy ({task: logits}), each task's mean over the rows labelled
-    for it, summed over the tasks (model.VOICE_CLASSES), starting from `zero`."""
+    """The voice heads' cross-entropy: per task, the mean over the rows labelled for it; summed."""
     labels = [data.voice_labels(r["voice"]) for r in rows]
     total = zero
     for task, classes in M.VOICE_CLASSES.items():
@@ -239,10 +226,7 @@ def voice_loss(logits, rows, device, zero):
 
 
 def stage_encoder(cfg, world, device, amp):
-    """Stage 2: pretrain the Whisper-style encoder on transcription with a character CTC loss
-    and on the speaker's voice with four small heads (model.py says why, above CTC_CHARS): the
-    toy analog of a speech LLM starting from a pretrained audio encoder. Stage 5 scores it on
-    its own (eval.evaluate_encoder), where perception is measured before any decoder reads it."""
+    """Stage 2: the audio encoder, on character CTC and the speaker's voice (four small heads)."""
     fp = stage_fingerprint(cfg, world, "encoder")
     if reusable(cfg, "encoder", fp):
         return
@@ -285,24 +269,17 @@ def stage_encoder(cfg, world, device, amp):
 # -----------------------------------------------------------------------------
 # Stage 3: omni, the base student.
 
-# The omni mix, per step, like a real speech LLM's training data (Qwen-Audio, SALMONN,
-# Qwen2-Audio, Qwen-Omni): mostly transcription (every training clip doubles as one) and audio
-# questions; spoken instructions, answered by the dataset ('reference': the bare answer) or,
-# --omni_teacher_style of them, by a text LLM reading the transcript ('teacher': its chain of
-# thought); and a little written text, the text LLM's own instruction data replayed to keep its
-# text skills (teacher-style responses). Only train-pool prompts: the align, val and test
-# prompts are new to the student. The mix follows how such models are trained, not any
-# alignment method's score.
+# The omni mix, as real speech LLMs' data (Qwen-Audio, SALMONN): mostly transcription and audio
+# questions, spoken instructions, and written text replayed to keep the text skills.
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
-# The first cfg.voice_first steps: audio questions, with written text replayed to keep the text
-# skills. In the full mix from the first step the decoder does not learn to read the voice;
-# on audio questions alone it does (docs/decisions.md). Speech LLMs are trained in stages too.
+# The first cfg.voice_first steps: without them the decoder never reads the voice
+# (docs/decisions.md).
 VOICE_FIRST_MIX = {"audio_qa": 0.75, "written": 0.25}
 TARGET = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
 
 def omni_mix(cfg):
-    """--omni_mix as {part: fraction of each batch's rows} (OMNI_MIX when not given)."""
+    """--omni_mix as {part: fraction of each batch's rows}."""
     if not cfg.omni_mix:
         return OMNI_MIX
     try:
@@ -316,9 +293,7 @@ def omni_mix(cfg):
 
 
 def omni_pools(world):
-    """The omni mix's parts, {part: records}, from the train pool alone (the align, val and test
-    prompts stay new to the student); each part from the records that carry its target (a
-    manifest may have transcripts only). Every training clip doubles as a transcription example."""
+    """{part: the train pool's records that carry its target}; every clip is also an asr row."""
     asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
     asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction,
                                          "reference": r["transcript"], "teacher": None}
@@ -332,13 +307,9 @@ def omni_pools(world):
 
 
 def word_alignment_loss(student, batch, word_pieces):
-    """The adapter's word scores (model.Adapter) trained as a classifier of the word spoken
-    there: cross-entropy on the clips the CTC head cut into as many words as the transcript has
-    (the rest are left out). The alignment losses of speech LLMs such as BLSP and Wav2Prompt pull
-    speech toward the text the LLM knows; at the toy's word level that is a word classifier. A
-    word a real tokenizer splits into k pieces (data.spoken_word_ids) is a target of 1/k on each
-    piece, so its vector becomes the pieces' mean embedding.
-    -> (the mean over the words, their number); (0, 0) when no clip qualifies."""
+    """The adapter's word scores as a classifier of the word spoken there (as BLSP pulls speech
+    toward text), on clips cut into as many words as their transcripts have; a word of k pieces
+    is a target of 1/k on each. -> (mean over the words, their number)."""
     embeddings = student.decoder.embed_tokens.weight
     _, lens, logits = student.adapter(batch.feats, batch.feat_lens, embeddings)  # (B, W, vocab)
     rows = [(b, words) for b, words in enumerate(word_pieces)
@@ -358,10 +329,8 @@ def word_alignment_loss(student, batch, word_pieces):
 
 
 def word_bank(world, recs, encoder, device):
-    """The words of the transcription clips that the frozen encoder cut into as many words as
-    their transcripts have, for spliced_lists: ({word: its vectors, one per time it was spoken},
-    the clips' own vectors (N, D): who speaks and how). Row 0 of a clip's features is the clip,
-    row 1 + i its i-th word (model.SpeechEncoder)."""
+    """({word: its vectors, one per time spoken}, clip vectors (N, D)) of the clips the frozen
+    encoder cut into as many words as their transcripts have: spliced_lists' material."""
     words, clips = {}, []
     for i in range(0, len(recs), 64):
         feats, lens = world.features(recs[i:i + 64], encoder, device)
@@ -371,17 +340,12 @@ def word_bank(world, recs, encoder, device):
                 clips.append(f[0])
                 for w, v in zip(spoken, f[1:n]):
                     words.setdefault(w, []).append(v)
-    # stacked: copies, so the bank holds no view of the padded batches it was read from
     return {w: torch.stack(vs) for w, vs in words.items()}, torch.stack(clips) if clips else None
 
 
 def spliced_lists(bank, n, seed, instruction):
-    """n transcription examples that no clip holds: 3-6 words drawn uniformly from the bank's
-    vocabulary (as the toy's word lists are), each read by one of the times it was spoken in
-    the training clips, behind a random clip's vector. Without them the decoder memorises the
-    training clips' word lists instead of reading the words (docs/decisions.md); a real speech
-    LLM's transcription data never repeats a sentence that often. Deterministic in seed.
-    -> [(record carrying its features, target transcript)]"""
+    """n transcription rows no clip holds: 3-6 bank words behind a random clip's vector, so the
+    decoder reads words instead of memorising lists (docs/decisions.md). -> [(record, target)]"""
     words, clips = bank
     if not words or clips is None or n <= 0:
         return []
@@ -402,8 +366,7 @@ def spliced_lists(bank, n, seed, instruction):
 
 
 def omni_student(cfg, world, device):
-    """The base student before training: the pretrained encoder (frozen), a new adapter and a
-    copy of the teacher's decoder."""
+    """The base student: the encoder (frozen), a new adapter, a copy of the teacher's decoder."""
     teacher, _ = read_checkpoint(stage_files(cfg.out, "teacher").final, device)
     encoder, _ = read_checkpoint(stage_files(cfg.out, "encoder").final, device)
     _, adp_cfg, _ = M.make_configs(cfg.preset, world.tok.get_vocab_size())
@@ -416,10 +379,8 @@ def omni_student(cfg, world, device):
 
 
 def omni_loss(student, world, speech, written, device, amp):
-    """One omni step's loss on its spoken rows [(record, target)] and written records: each
-    sequence's mean NLL, averaged over the sequences (the mix is in examples: a voice
-    question's two-token answer weighs as much as a transcript), plus the word alignment loss.
-    -> (loss, stats)."""
+    """Mean over the sequences of each one's mean NLL (the mix is in examples), plus the word
+    alignment loss. speech: [(record, target)]. -> (loss, stats)"""
     speech_rows = [r for r, _ in speech]
     loss_s = loss_t = loss_words = torch.zeros((), device=device)  # a part without rows here
     tokens_s = tokens_t = n_words = 0
@@ -442,8 +403,7 @@ def omni_loss(student, world, speech, written, device, amp):
 
 
 def stage_omni(cfg, world, device, amp):
-    """Stage 3: the base student (omni_student): adapter and decoder trained on VOICE_FIRST_MIX,
-    then the multimodal mix, the encoder frozen as in LLaVA-style speech LLMs."""
+    """Stage 3: adapter and decoder on VOICE_FIRST_MIX, then the mix; the encoder frozen."""
     fp = stage_fingerprint(cfg, world, "omni")
     if reusable(cfg, "omni", fp):
         return
@@ -456,7 +416,7 @@ def stage_omni(cfg, world, device, amp):
     n_spliced = round(sizes.get("asr", 0) * cfg.omni_splice)  # transcription rows spliced
     if n_spliced:
         sizes["asr"] -= n_spliced
-    bank = ({}, None)  # word_bank, once the clips' features are computed (spliced rows need none)
+    bank = ({}, None)  # word_bank, after precompute
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
@@ -466,8 +426,6 @@ def stage_omni(cfg, world, device, amp):
             if size.get(k) and pools[k]:
                 idx = data.batch_indices(len(pools[k]), size[k], step, cfg.seed + j)
                 rows = [pools[k][i] for i in idx]
-                # spoken instructions answered by the dataset (`reference`) or, as speech LLMs'
-                # data often is, by a text LLM reading the transcript (`teacher`)
                 style = cfg.omni_teacher_style
                 targets = (answer_styles(rows, "reference", "teacher", style, seed)
                            if k == "spoken" else [r[TARGET[k]] for r in rows])
@@ -503,9 +461,7 @@ def align_name(cfg):
 
 
 def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
-    """The align prompts whose clips the base student transcribes (greedy, from speech) within
-    cfg.align_max_wer % WER, as the paper kept only prompts its student transcribed within 5 %:
-    the cross-modal feedback is then about answering what was heard, not about hearing it."""
+    """The prompts the base student transcribes within cfg.align_max_wer % WER (the paper: 5)."""
     asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in recs]
     with autocast(device, amp):
         said = xopd.generate(student, world, asks, "speech", device, cfg.max_new_tokens,
@@ -521,8 +477,7 @@ def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
 
 
 def align_prompts(cfg, world, student, name, device, amp):
-    """The align pool's text-skill prompts (the train pool's when there is no align.jsonl), those
-    the student hears well enough when --align_max_wer is given."""
+    """The align pool's text prompts (else the train pool's), filtered by --align_max_wer."""
     recs = [r for r in world.align if r["kind"] == "text"]
     if not recs:
         recs = [r for r in world.train if r["kind"] == "text"]
@@ -534,10 +489,8 @@ def align_prompts(cfg, world, student, name, device, amp):
 
 
 def teacher_responses(cfg, world, teacher, teacher_id, recs, device, amp):
-    """Offline KD's targets: the teacher's greedy answers to the align prompts, {id: answer},
-    cached in align/teacher_responses.json with the fingerprint of what they are made from (the
-    teacher, the prompts, max_new_tokens), and made again when that differs. The align stage's
-    own fingerprint holds all of these, so it needs none of theirs."""
+    """Offline KD's targets {id: the teacher's greedy answer}, cached in
+    align/teacher_responses.json under the fingerprint of teacher, prompts, max_new_tokens."""
     path = os.path.join(cfg.out, "align", "teacher_responses.json")
     prompts = data.fingerprint([(r["id"], world.prompt(r, "text")) for r in recs])
     fp = data.fingerprint({"teacher": teacher_id, "prompts": prompts,
@@ -558,9 +511,8 @@ def teacher_responses(cfg, world, teacher, teacher_id, recs, device, amp):
 
 
 def val_monitor(cfg, world, student, teacher, device, amp):
-    """The align stage's measurements on the val prompts (never test records): the reverse-KL
-    estimates against the teacher on a probe of val_rkl_prompts, and the greedy score from
-    speech per family. -> monitor() -> {name: value}, or None without val prompts."""
+    """-> monitor() -> {name: value} on the val prompts (reverse-KL probe, greedy score from
+    speech per family), or None without val prompts."""
     val = data.text_families(world.val, cfg.val_per_family)
     if not val:
         return None
@@ -583,11 +535,8 @@ def val_monitor(cfg, world, student, teacher, device, amp):
 
 
 def stage_align(cfg, world, device, amp, folder="align"):
-    """Stage 4: one alignment method on the align pool's paired (speech, text) prompts, which
-    the student has never seen. Same prompts, steps, batch, gradient clipping and frozen audio
-    side for every method; X-OPD's λ weighs its text-prompt (in-modal) term against its
-    speech-prompt (cross-modal) term, the baselines train from the speech prompt. The run logs
-    val_monitor's measurements every cfg.val_every steps (val.jsonl)."""
+    """Stage 4: one method on the paired prompts; the same prompts, steps and frozen audio side
+    for every method."""
     name = f"{folder}/{align_name(cfg)}"
     lr = cfg.align_lr or ALIGN_LR[cfg.method]
     fp = stage_fingerprint(cfg, world, name, lr)
@@ -643,16 +592,14 @@ def stage_align(cfg, world, device, amp, folder="align"):
 
 
 def grid_runs(cfg):
-    """The align runs of cfg.lr_grid, [(lr, their settings)], each in select/<name>_lr<lr>."""
+    """[(lr, settings)] of cfg.lr_grid's align runs."""
     return [(lr, replace(cfg, align_lr=lr, tag=f"{cfg.tag}_lr{lr:g}".lstrip("_")))
             for lr in sorted(float(x) for x in cfg.lr_grid.split(","))]
 
 
 def select_lr(cfg, world, device, amp):
-    """Run the align stage once per learning rate of cfg.lr_grid (folders select/<name>_lr<lr>,
-    apart from align/, so the tables never show them) and keep the one with the best final
-    greedy score from speech on the val prompts (ties: the smaller rate). Reads val.jsonl only:
-    the test pool plays no part. Writes <out>/select/lr_<name>.json; -> the chosen rate."""
+    """Align once per rate of cfg.lr_grid (in select/, apart from the tables) and choose the best
+    final val score from speech (ties: the smaller rate); the test pool plays no part."""
     if not any(r["kind"] == "text" for r in world.val):
         sys.exit(f"--lr_grid: choosing a learning rate needs val prompts, and "
                  f"{world.dir}/val.jsonl has none")
@@ -682,7 +629,7 @@ def select_lr(cfg, world, device, amp):
 
 
 # -----------------------------------------------------------------------------
-# The loop every stage shares: lr schedule, the update, logging, checkpoints, NaN guard.
+# The loop every stage shares.
 
 def lr_at(step, total, peak, warmup):
     """Linear warm-up, then cosine decay to a tenth of the peak."""
@@ -693,10 +640,8 @@ def lr_at(step, total, peak, warmup):
 
 
 def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monitor=None):
-    """Train `model` for `steps` steps: step_fn(step) -> (loss with a graph, stats with 'tokens';
-    under torchrun this rank's share), update_weights does the rest; model.pt at the end, with
-    fingerprint fp. monitor(), if given, measures before step 1, every cfg.val_every steps and at
-    the end (val.jsonl)."""
+    """Train `model`: step_fn(step) -> (loss, stats with 'tokens'); model.pt at the end. monitor()
+    measures before step 1, every cfg.val_every steps and at the end."""
     f = stage_files(cfg.out, name)
     writer = RANK == 0  # rank 0 writes and measures; the others wait for it at the next step
     params = [p for p in model.parameters() if p.requires_grad]
@@ -738,9 +683,8 @@ def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monit
 
 
 def checked_step(step_fn, step, device, stop):
-    """step_fn(step) -> (its loss, the step's stats {"loss", ...} over the whole batch). A sampler
-    that met non-finite logits on any rank, or a loss that is not finite, stops every rank here,
-    before the update: a NaN never reaches the weights."""
+    """step_fn(step) -> (loss, stats over the whole batch); a non-finite loss or sampler on any
+    rank stops every rank before the update."""
     failed = ""
     try:
         loss, stats = step_fn(step)
@@ -759,15 +703,14 @@ def checked_step(step_fn, step, device, stop):
 
 
 def update_weights(params, opt, loss, grad_clip, stop):
-    """The one optimiser update of every stage: backward, the gradients averaged over the ranks
-    (torchrun), the gradient norm clipped to grad_clip (0 = no clipping), step. A non-finite norm
-    (the same on every rank) stops them all before the step. -> {"grad_norm": before clipping}."""
+    """Every stage's update: backward, average over ranks, clip (0: none), step; a non-finite norm
+    stops before the step. -> {"grad_norm": before clipping}"""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if WORLD_SIZE > 1:
         average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
-    if not math.isfinite(norm):  # before the step: a non-finite gradient never reaches the weights
+    if not math.isfinite(norm):
         stop(f"the gradient norm is {norm}")
     opt.step()
     return {"grad_norm": norm} if grad_clip > 0 else {}
@@ -795,8 +738,8 @@ class Clock:
 
 
 def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
-    """One JSON line per step into f.log (f None: not this rank's to write); one printed line
-    every cfg.log_every steps: step, loss, the method's diagnostics, ms, tokens/s, ETA."""
+    """One JSON line per step into f.log (f None: not this rank's); a printed line every
+    cfg.log_every steps."""
     if device.type == "cuda":
         torch.cuda.synchronize()  # the step's kernels have run: the clock reads the step's time
     dt = time.perf_counter() - t0
@@ -816,7 +759,7 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
 
 
 def validate(name, model, monitor, f, step):
-    """monitor() on the model in eval mode, appended to f.val and printed (rank 0 only)."""
+    """monitor() in eval mode, appended to f.val and printed."""
     model.eval()
     rec = {"step": step, **monitor()}
     model.train()
@@ -827,7 +770,7 @@ def validate(name, model, monitor, f, step):
 
 
 def save_final(name, f, payload):
-    """model.pt (atomically), the curves, and the interrupted-run checkpoint removed."""
+    """model.pt, the curves, and ckpt.pt removed."""
     M.save_checkpoint(f.final, payload)
     for line in curves(name, f.log, f.val):
         print(line)
@@ -836,10 +779,8 @@ def save_final(name, f, payload):
 
 
 def precompute(name, what, steps, records_at, compute):
-    """A stage's one-time work (log-mels, a frozen encoder's features) before its first step, so
-    that step times and the ETA stay steady: compute(records) for each step's records not met at
-    an earlier step, in step order: the groups a step would compute on first use (world.features
-    caches by id), so the values are the same to the last bit, on a resumed run too."""
+    """compute(records) before step 1 for each step's records new at that step, in step order:
+    the groups first use would compute, so values match to the bit; step times stay steady."""
     seen, groups = set(), []
     for step in range(steps):  # repeats within a step stay, as on first use
         recs = [r for r in records_at(step) if r["id"] not in seen]
@@ -857,7 +798,7 @@ def precompute(name, what, steps, records_at, compute):
 
 
 def autocast(device, amp_dtype):
-    """bf16 autocast where pick_device chose it (a GPU), a no-op on CPU."""
+    """bf16 autocast where pick_device chose it, a no-op on CPU."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
@@ -869,8 +810,7 @@ BARS = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values, width=40):
-    """A curve in one line of text: the finite values cut into at most `width` consecutive bins,
-    each bin's mean drawn as one of eight bar heights between the smallest and largest mean."""
+    """The finite values' curve in at most `width` bins, each bin's mean as one of eight bars."""
     xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not xs:
         return ""
@@ -884,8 +824,7 @@ def sparkline(values, width=40):
 
 
 def curves(name, log_path, val_path):
-    """The stage's curves as sparklines with first -> last values: the loss (and, for the align
-    stage, the val measurements). -> lines of text."""
+    """Lines of sparklines with first -> last values: the loss, and the val measurements."""
     out = []
     for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S"))):
         if not os.path.exists(path):
@@ -900,10 +839,8 @@ def curves(name, log_path, val_path):
 
 
 # -----------------------------------------------------------------------------
-# Data parallel. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) every rank
-# runs the same program on its own share of each step's batch, and the gradients are averaged
-# before the update, so the ranks' weights stay equal; a plain `python train.py` is rank 0 of
-# 1. Only rank 0 writes files and prints; the others wait for it at the end of every stage.
+# Data parallel: under torchrun every rank takes its share of each batch and the gradients are
+# averaged, so the weights stay equal; rank 0 alone writes and prints.
 
 RANK, WORLD_SIZE = 0, 1
 
@@ -921,7 +858,7 @@ def init_distributed(device):
     else:  # the ranks of one machine share its cores
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
-    # rank 0 alone evaluates and writes; the others wait at a barrier for as long as that takes
+    # long: the other ranks wait while rank 0 evaluates
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(hours=6))
     return device
@@ -938,7 +875,7 @@ def shard(rows):
 
 
 def all_sum(values, device):
-    """Sum a list of floats over the ranks (on the rank's device: nccl reduces GPU tensors only)."""
+    """Sum a list of floats over the ranks (on the device: nccl reduces GPU tensors only)."""
     if WORLD_SIZE == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -947,18 +884,15 @@ def all_sum(values, device):
 
 
 def share(mean, n, device):
-    """This rank's mean over its n items (tokens, rows, words) -> its share of the mean over every
-    rank's items, times WORLD_SIZE: averaged over the ranks, as the gradients are, that is the
-    mean over the whole batch, exactly. One process: the mean itself."""
+    """This rank's mean over its n items, weighted so that the ranks' average is the whole
+    batch's mean, exactly."""
     if WORLD_SIZE == 1:
         return mean
     return mean * (n * WORLD_SIZE / max(all_sum([float(n)], device)[0], 1.0))
 
 
 def average_gradients(params):
-    """DistributedDataParallel's work after the backward pass, written out (the steps reach the
-    model through several of its methods, not the one forward() DDP's wrapper needs): every
-    gradient averaged over the ranks in one all_reduce."""
+    """DDP's averaging, written out (the steps call several model methods, not one forward)."""
     for p in params:
         if p.grad is None:  # a part this rank's rows did not reach: its gradient here is 0
             p.grad = torch.zeros_like(p)
@@ -970,8 +904,7 @@ def average_gradients(params):
 
 
 # =============================================================================
-# Machinery: the flags, the run folder (lock, fingerprints, resume), checks of the inputs,
-# the stage clock. A reader of the method can stop here.
+# Machinery: flags, the run folder (lock, fingerprints, resume), input checks, the stage clock.
 
 def finite_nonneg(v):
     return math.isfinite(v) and v >= 0
@@ -1002,8 +935,7 @@ FLAG_RANGES = {
 
 
 def parse_args(argv=None):
-    """--key value for every TrainConfig field; the preset fills what the flags leave out. Every
-    value is checked here, not after the stages before the one that reads it."""
+    """--key value for every TrainConfig field over the preset's; every value checked up front."""
     p = argparse.ArgumentParser(description="X-OPD: teacher -> omni -> align -> eval")
     for f in fields(TrainConfig):
         if f.type is bool or f.type == "bool":
@@ -1033,7 +965,7 @@ def parse_args(argv=None):
     if not 0 <= cfg.voice_first <= cfg.omni_steps:
         p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), "
                 f"got {cfg.voice_first}")
-    omni_mix(cfg)  # refused here, not after the stages before omni
+    omni_mix(cfg)
     # absolute, as every checkpoint stores them: a run reads the same from any directory
     cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
     cfg.data = cfg.data or os.path.join(cfg.out, "data")
@@ -1043,8 +975,7 @@ def parse_args(argv=None):
 
 
 def print_settings(cfg):
-    """One line: the run's folders and the settings that differ from the preset's. The settings
-    that shape a stage are those its fingerprint records: a stage built from others is refused."""
+    """One line: the run's folders and the settings that differ from the preset's."""
     preset = TrainConfig(**TRAIN_PRESETS[cfg.preset])
     changed = [f"{k} {v}" for k, v in asdict(cfg).items()
                if k not in ("preset", "out", "data") and v != getattr(preset, k)]
@@ -1053,9 +984,7 @@ def print_settings(cfg):
 
 
 def main(argv=None):
-    """Parse the flags, hold the run folder (lock_run) and run the pipeline; the folder is let go
-    however the run ends. An error of a folder the user named (read-only, full, a file where a
-    folder should be) ends the run in one line."""
+    """Hold the run folder and run the pipeline; a user's folder error ends it in one line."""
     cfg = parse_args(argv)
     lock = None
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 holds it for all
@@ -1083,9 +1012,8 @@ USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
 
 
 def lock_run(out):
-    """One run per folder: <out>/lock holds the process id of the run using it, made atomically
-    (O_EXCL). A live holder is refused by its id; a lock whose process is gone (killed, the
-    machine restarted) is taken over with a note. -> the lock's path."""
+    """One run per folder: <out>/lock (O_EXCL) holds the run's process id; a live holder is
+    refused, a dead one's lock taken over. -> the lock's path"""
     path = os.path.join(out, "lock")
     while True:
         try:
@@ -1126,11 +1054,8 @@ def toy_preset(cfg):
 
 
 def toy_data_to_generate(cfg):
-    """Whether the toy world is to be generated into cfg.data. Only into a folder this project
-    owns: the run's own <out>/data, a new or empty folder, or one it generated before (done.json;
-    regenerated when its format is out of date, refused when it holds another seed's or preset's
-    world) or began to (data.UNFINISHED: generated again). A user's folder with manifests is read
-    as it is; one without is an error, never overwritten."""
+    """Whether to generate the toy world into cfg.data: only into <out>/data, a new or empty
+    folder, or one generated before (another seed's or preset's is refused) or begun."""
     if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
         sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for "
                  "the toy data)")
@@ -1156,10 +1081,8 @@ def toy_data_to_generate(cfg):
 
 
 def load_world(cfg):
-    """The data folder, read with the tokenizer, chat format and log-mel size of the models in
-    use: a --teacher folder brings its tokenizer.json, --chat_format its strings, --whisper (or
-    a --student's encoder) its n_mels and window. Every model, and every clip's header, is
-    checked before any stage runs."""
+    """The data folder, read with the tokenizer, chat format and n_mels of the models in use;
+    every model and clip header checked before any stage runs."""
     n_mels, n_ctx = data.N_MELS, M.make_configs(cfg.preset, 1)[0].n_ctx
     if cfg.teacher:
         config = M.read_hf_config(cfg.teacher)
@@ -1183,10 +1106,7 @@ def load_world(cfg):
 
 
 def check_world(cfg, world):
-    """What would stop a later stage, refused before the first: SFT (and GKD's fixed rows) train
-    on the align prompts' reference responses, and a prompt without one would teach the student
-    to answer with the end token alone; the align stage's reverse-KL probe needs a prompt of
-    every val family."""
+    """Refuse before the first stage what would stop a later one."""
     if cfg.method == "sft" or (cfg.method == "gkd" and cfg.gkd_mix < 1):
         recs = ([r for r in world.align if r["kind"] == "text"]
                 or [r for r in world.train if r["kind"] == "text"])
@@ -1204,15 +1124,14 @@ def check_world(cfg, world):
 
 
 def check_batches_split(cfg, ranks):
-    """Under torchrun each step's batch is split evenly over the ranks: refuse one that is not."""
+    """Refuse a batch that does not split evenly over the ranks."""
     for name in ("batch_size", "encoder_batch", "align_batch"):
         if getattr(cfg, name) % ranks:
             sys.exit(f"--{name} {getattr(cfg, name)}: under torchrun each step's batch is split "
                      f"evenly over the {ranks} ranks; expected a multiple of {ranks}")
 
 
-# Fingerprints: every output records what it was built from, and is reused only when that is
-# what it would be built from now; otherwise it is refused, with every folder built on it.
+# Fingerprints: an output is reused only when built from what it would be built from now.
 
 SHARED = ("preset", "seed", "warmup", "grad_clip")  # shape the weights of every trained stage
 SHAPES = {  # each stage's own settings that shape its weights or its records
@@ -1237,7 +1156,7 @@ def stage_kind(name):
 
 
 def content_id(path):
-    """A model file or folder by what it holds, not where: its files' digests."""
+    """A model file or folder by its files' digests."""
     if not os.path.isdir(path):
         return data.file_digest(path)
     files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
@@ -1245,9 +1164,7 @@ def content_id(path):
 
 
 def stage_fingerprint(cfg, world, name, lr=None):
-    """What stage `name`'s output is built from now: {"stage", "settings" (for a model given by
-    --teacher or --student: its files alone), "data" ({pool: World.digest}), "inputs" ({stage:
-    its fingerprint_id})}. lr: the align stage's learning rate."""
+    """What stage `name` is built from now (layout: docs/notes_D.md); lr: the align stage's."""
     kind = stage_kind(name)
     flag = IMPORTS.get(kind)
     if flag and getattr(cfg, flag):
@@ -1292,8 +1209,7 @@ def rebuilt_with(out, name):
 
 
 def check_fingerprint(cfg, name, path, ck, fp):
-    """Stop unless checkpoint `path` (loaded: ck) was built from fp, naming what differs and
-    every folder to rebuild."""
+    """Stop unless checkpoint ck (at path) was built from fp, naming what differs."""
     if ck.get("fingerprint_id") == data.fingerprint(fp):
         return
     why = fingerprint_changes(ck["fingerprint"], fp) if "fingerprint" in ck else [
@@ -1305,8 +1221,7 @@ def check_fingerprint(cfg, name, path, ck, fp):
 
 
 def reusable(cfg, name, fp):
-    """Whether stage `name` has its model.pt, built from fp: a rerun reuses it. One built from
-    anything else is refused."""
+    """Whether stage `name` has its model.pt built from fp (one built from else is refused)."""
     final = stage_files(cfg.out, name).final
     if not os.path.exists(final):
         return False
@@ -1324,15 +1239,14 @@ def read_checkpoint(path, device=None):
 
 
 def checkpoint_payload(cfg, model, tokenizer, fp, **extra):
-    """What every model.pt and ckpt.pt holds; extra: step, lr, optimizer (ckpt.pt), source."""
+    """What every model.pt and ckpt.pt holds."""
     return {"model": model.state_dict(), "configs": M.model_configs(model), "train": asdict(cfg),
             "tokenizer": tokenizer, "fingerprint": fp, "fingerprint_id": data.fingerprint(fp),
             **extra}
 
 
 def import_stage(cfg, name, model, world, source, fp):
-    """A stage whose model is the user's own (--teacher, --student): written as the stage's
-    model.pt, in this project's format, so every later stage reads it as if trained here."""
+    """The user's own model (--teacher, --student) written as the stage's model.pt."""
     if RANK == 0:
         final = stage_files(cfg.out, name).final
         M.save_checkpoint(final, checkpoint_payload(cfg, model, world.tok.to_str(), fp,
@@ -1343,7 +1257,7 @@ def import_stage(cfg, name, model, world, source, fp):
 
 
 def import_student(cfg, world, device, fp):
-    """--student: a speech LLM of this project with the run's tokenizer, the omni stage's model."""
+    """--student: a speech LLM of this project with the run's tokenizer, as omni's model."""
     student, ck = read_checkpoint(cfg.student, device)
     if not isinstance(student, M.SpeechLM):
         sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a speech "
@@ -1364,8 +1278,7 @@ def stage_files(out, name):
 
 
 def resume_point(cfg, name, f, model, opt, fp, steps):
-    """-> (step, logs): with --resume, a ckpt.pt built from fp: its step and logs, its model and
-    optimiser loaded; otherwise (0, no logs)."""
+    """-> (step, logs) of ckpt.pt under --resume (model and optimiser loaded), else (0, {})."""
     if not os.path.exists(f.ckpt):
         return 0, {}
     if not cfg.resume:
@@ -1381,23 +1294,20 @@ def resume_point(cfg, name, f, model, opt, fp, steps):
 
 
 def read_logs(f):
-    """{"log": log.jsonl's text, "val": val.jsonl's}, as each checkpoint saves them."""
+    """{"log": log.jsonl's text, "val": val.jsonl's}."""
     paths = {"log": f.log, "val": f.val}
     return {k: open(p).read() if os.path.exists(p) else "" for k, p in paths.items()}
 
 
 def write_logs(f, logs):
-    """The logs as a checkpoint saved them (empty from step 0): exactly the steps of the model
-    they belong to, whatever runs were cut short in between."""
+    """The logs as a checkpoint saved them: exactly its steps."""
     os.makedirs(f.dir, exist_ok=True)
     for k, path in (("log", f.log), ("val", f.val)):
         with open(path, "w") as fh:
             fh.write(logs.get(k, ""))
 
 
-# Each stage's time in the README's default run (cpu preset, 2 cores; "select", the grid of
-# four rates, is four align stages): the stage headers' estimate of the time left, scaled to
-# this machine's pace.
+# Each stage's seconds in the README's default run, for the headers' time left estimate.
 REFERENCE_S = {"cpu": {"data": 60, "teacher": 185, "encoder": 251, "omni": 523, "align": 89,
                        "select": 360, "eval": 37}}
 
@@ -1415,8 +1325,7 @@ def has_output(cfg, stage):
 
 
 class StageClock:
-    """Each stage under a header '== [i/N name] (run time so far; about T left)' (T: REFERENCE_S
-    at this machine's pace so far); the times (and peak GPU memory) for the last line."""
+    """Each stage under a header with the time so far and left; the times for the last line."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device, self.t0 = cfg, device, time.time()
