@@ -3,8 +3,7 @@ The whole X-OPD story, one stage after another (the numbering is the README's):
 
     1 teacher  train the text decoder on the text skills (chat format)
     2 encoder  pretrain the Whisper-style audio encoder on transcription (character CTC)
-    3 omni     build the speech LLM (that encoder, frozen, + a new adapter + a copy of the
-               teacher's decoder) and train it on a multimodal mix: the "base" student
+    3 omni     the speech LLM (omni_student) trained on a multimodal mix: the "base" student
     4 align    one of sft | kd | gkd | xopd on the same paired prompts, audio side frozen
     5 eval     score every run from speech (S) and text (T); the paper's tables (eval.py)
 
@@ -170,7 +169,6 @@ def answer_styles(rows, own, other, share, seed):
 
 
 def stage_teacher(cfg, world, device, amp):
-    """Stage 1: the text LLM, on teacher-style responses to the train and text pools' prompts."""
     fp = stage_fingerprint(cfg, world, "teacher")
     if reusable(cfg, "teacher", fp):
         return
@@ -195,8 +193,7 @@ def stage_teacher(cfg, world, device, amp):
     def step_fn(step):
         rows = [fams[f][i] for j, f in enumerate(fams)
                 for i in data.batch_indices(len(fams[f]), quota[f], step, cfg.seed + 100 * j)]
-        # a language prior, as from pretraining: some targets are the bare `reference`, so a
-        # short answer from the student is judged, not impossible (docs/decisions.md)
+        # a language prior: some targets are the bare `reference` (docs/decisions.md)
         seed = data.mix_seed(cfg.seed, step)
         targets = answer_styles(rows, "teacher", "reference", cfg.teacher_prior, seed)
         pairs = shard(list(zip(rows, targets)))
@@ -210,7 +207,7 @@ def stage_teacher(cfg, world, device, amp):
 
 
 # -----------------------------------------------------------------------------
-# Stage 2: the audio encoder.
+# Stage 2: the audio encoder, on character CTC and the speaker's voice (four small heads).
 
 def voice_loss(logits, rows, device, zero):
     """The voice heads' cross-entropy: per task, the mean over the rows labelled for it; summed."""
@@ -226,7 +223,6 @@ def voice_loss(logits, rows, device, zero):
 
 
 def stage_encoder(cfg, world, device, amp):
-    """Stage 2: the audio encoder, on character CTC and the speaker's voice (four small heads)."""
     fp = stage_fingerprint(cfg, world, "encoder")
     if reusable(cfg, "encoder", fp):
         return
@@ -272,8 +268,7 @@ def stage_encoder(cfg, world, device, amp):
 # The omni mix, as real speech LLMs' data (Qwen-Audio, SALMONN): mostly transcription and audio
 # questions, spoken instructions, and written text replayed to keep the text skills.
 OMNI_MIX = {"asr": 0.45, "audio_qa": 0.25, "spoken": 0.2, "written": 0.1}
-# The first cfg.voice_first steps: without them the decoder never reads the voice
-# (docs/decisions.md).
+# The first cfg.voice_first steps; without them the decoder never reads the voice.
 VOICE_FIRST_MIX = {"audio_qa": 0.75, "written": 0.25}
 TARGET = {"asr": "reference", "audio_qa": "reference", "spoken": "reference", "written": "teacher"}
 
@@ -403,7 +398,6 @@ def omni_loss(student, world, speech, written, device, amp):
 
 
 def stage_omni(cfg, world, device, amp):
-    """Stage 3: adapter and decoder on VOICE_FIRST_MIX, then the mix; the encoder frozen."""
     fp = stage_fingerprint(cfg, world, "omni")
     if reusable(cfg, "omni", fp):
         return
@@ -414,8 +408,7 @@ def stage_omni(cfg, world, device, amp):
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in omni_mix(cfg).items() if f > 0}
     voice_sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in VOICE_FIRST_MIX.items()}
     n_spliced = round(sizes.get("asr", 0) * cfg.omni_splice)  # transcription rows spliced
-    if n_spliced:
-        sizes["asr"] -= n_spliced
+    sizes["asr"] = sizes.get("asr", 0) - n_spliced
     bank = ({}, None)  # word_bank, after precompute
 
     def rows_at(step):
@@ -426,8 +419,7 @@ def stage_omni(cfg, world, device, amp):
             if size.get(k) and pools[k]:
                 idx = data.batch_indices(len(pools[k]), size[k], step, cfg.seed + j)
                 rows = [pools[k][i] for i in idx]
-                style = cfg.omni_teacher_style
-                targets = (answer_styles(rows, "reference", "teacher", style, seed)
+                targets = (answer_styles(rows, "reference", "teacher", cfg.omni_teacher_style, seed)
                            if k == "spoken" else [r[TARGET[k]] for r in rows])
                 parts[k] = shard(list(zip(rows, targets)))
         if step >= cfg.voice_first:
@@ -535,8 +527,6 @@ def val_monitor(cfg, world, student, teacher, device, amp):
 
 
 def stage_align(cfg, world, device, amp, folder="align"):
-    """Stage 4: one method on the paired prompts; the same prompts, steps and frozen audio side
-    for every method."""
     name = f"{folder}/{align_name(cfg)}"
     lr = cfg.align_lr or ALIGN_LR[cfg.method]
     fp = stage_fingerprint(cfg, world, name, lr)
@@ -646,39 +636,44 @@ def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monit
     writer = RANK == 0  # rank 0 writes and measures; the others wait for it at the next step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start, logs = resume_point(cfg, name, f, model, opt, fp, steps)
-    if writer:
-        write_logs(f, logs)
+    start = resume_point(cfg, name, f, model, opt, fp, steps)
     print(f"[{name}] {steps} steps, lr {lr:g}, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     payload = lambda step: checkpoint_payload(cfg, model, tokenizer, fp, step=step, lr=lr,
                                               optimizer=opt.state_dict())
-    stop = lambda step, what: stop_stage(name, f, step, what)
+    stop = lambda step, what: sys.exit(
+        f"[{name}] step {step + 1}: {what}; stopping. The last good checkpoint is kept in "
+        f"{f.ckpt if os.path.exists(f.ckpt) else f.dir} (nothing written after it).")
     monitor = monitor if writer else None
     if monitor and start == 0:
         validate(name, model, monitor, f, 0)
     model.train()
-    clock, pending = Clock(start, steps), None
+    pending = warm = None  # warm: (time, step) the ETA counts from; the first step warms up
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, cfg.warmup)
         t0 = time.perf_counter()
+        warm = (t0, step) if step == start + 1 else warm
         loss, m = checked_step(step_fn, step, device, stop)
         if pending:  # written one step late: its weights have now given a finite loss
             M.save_checkpoint(f.ckpt, pending)
             pending = None
         m.update(update_weights(params, opt, loss, cfg.grad_clip, lambda what: stop(step, what)))
         log_step(name, cfg, f if writer else None, step, steps, m, opt.param_groups[0]["lr"], t0,
-                 clock, device)
+                 warm, device)
         if monitor and ((step + 1) % cfg.val_every == 0 or step + 1 == steps):
             validate(name, model, monitor, f, step + 1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps and writer:
             pending = copy.deepcopy(payload(step + 1))  # a copy: the weights change in place
-            pending["logs"] = read_logs(f)  # the lines of the steps it holds
+            pending["logs"] = {k: open(getattr(f, k)).read() for k in ("log", "val")}
     if not all(bool(torch.isfinite(p).all()) for p in params):
         stop(steps - 1, "the final weights are not finite")
-    if writer:
-        save_final(name, f, payload(steps))
+    if writer:  # model.pt, the curves, and ckpt.pt removed
+        M.save_checkpoint(f.final, payload(steps))
+        for line in curves(name, f.log, f.val):
+            print(line)
+        if os.path.exists(f.ckpt):
+            os.remove(f.ckpt)
     barrier()  # the next stage, on every rank, reads what rank 0 has just written
 
 
@@ -716,34 +711,14 @@ def update_weights(params, opt, loss, grad_clip, stop):
     return {"grad_norm": norm} if grad_clip > 0 else {}
 
 
-def stop_stage(name, f, step, what):
-    kept = f.ckpt if os.path.exists(f.ckpt) else f.dir
-    sys.exit(f"[{name}] step {step + 1}: {what}; stopping. The last good checkpoint is kept in "
-             f"{kept} (nothing written after it).")
-
-
-class Clock:
-    """Steps timed from the second one on (the first warms up kernels and caches) -> the ETA."""
-
-    def __init__(self, start, steps):
-        self.start, self.steps, self.t0, self.timed = start, steps, None, 0
-
-    def eta(self, step, dt):
-        if step > self.start:
-            self.t0 = self.t0 or time.perf_counter() - dt
-            self.timed += 1
-        if not self.timed:
-            return float("nan")
-        return (time.perf_counter() - self.t0) / self.timed * (self.steps - step - 1)
-
-
-def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
+def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
     """One JSON line per step into f.log (f None: not this rank's); a printed line every
     cfg.log_every steps."""
     if device.type == "cuda":
         torch.cuda.synchronize()  # the step's kernels have run: the clock reads the step's time
     dt = time.perf_counter() - t0
-    eta = clock.eta(step, dt)
+    eta = (fmt_time((time.perf_counter() - warm[0]) / (step + 1 - warm[1]) * (steps - step - 1))
+           if warm else "-")
     stats = {k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}
     rec = {"step": step + 1, **stats, "lr": lr, "ms": round(dt * 1e3, 1),
            "tok_s": round(m["tokens"] / dt, 1)}
@@ -755,7 +730,7 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, clock, device):
                         if k not in ("loss", "tokens") and not k.startswith("ms_"))
         print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
               f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | "
-              f"eta {fmt_time(eta) if math.isfinite(eta) else '-'}")
+              f"eta {eta}")
 
 
 def validate(name, model, monitor, f, step):
@@ -767,15 +742,6 @@ def validate(name, model, monitor, f, step):
         fh.write(json.dumps(rec) + "\n")
     values = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step")
     print(f"[{name}] val at step {step}: {values}")
-
-
-def save_final(name, f, payload):
-    """model.pt, the curves, and ckpt.pt removed."""
-    M.save_checkpoint(f.final, payload)
-    for line in curves(name, f.log, f.val):
-        print(line)
-    if os.path.exists(f.ckpt):
-        os.remove(f.ckpt)
 
 
 def precompute(name, what, steps, records_at, compute):
@@ -858,9 +824,8 @@ def init_distributed(device):
     else:  # the ranks of one machine share its cores
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
-    # long: the other ranks wait while rank 0 evaluates
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(hours=6))
+    # a long timeout: the other ranks wait while rank 0 evaluates
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
     return device
 
 
@@ -906,32 +871,43 @@ def average_gradients(params):
 # =============================================================================
 # Machinery: flags, the run folder (lock, fingerprints, resume), input checks, the stage clock.
 
-def finite_nonneg(v):
-    return math.isfinite(v) and v >= 0
+def rates(text):
+    """Whether text is comma-separated finite numbers > 0 (or empty)."""
+    try:
+        return all(0 < float(x) < math.inf for x in text.split(",")) if text else True
+    except ValueError:
+        return False
 
 
 INTS = ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps",
         "batch_size", "align_batch", "n", "max_new_tokens", "ckpt_every", "log_every",
         "eval_per_family", "val_every", "val_per_family", "val_rkl_prompts")
-# every flag with a range: {flag: (what it expects, whether a value is in it)}
-FLAG_RANGES = {
-    "method": (f"one of {', '.join(METHODS)}", lambda v: v in METHODS),
-    "loss_agg": (f"one of {', '.join(xopd.LOSS_AGGS)}", lambda v: v in xopd.LOSS_AGGS),
-    "tag": ("a plain name (letters, digits, -, _, .)",  # a folder name, never a path
-            lambda v: re.fullmatch(r"[\w.-]*", v, re.ASCII)),
-    **{k: ("a positive integer", lambda v: v >= 1) for k in INTS},
-    **{k: ("a value in [0, 1]", lambda v: 0 <= v <= 1) for k in ("lam", "gkd_beta", "gkd_mix")},
-    **{k: ("a share in [0, 1]", lambda v: 0 <= v <= 1)
-       for k in ("teacher_prior", "omni_teacher_style", "omni_splice")},
-    **{k: ("an integer >= 0", lambda v: v >= 0) for k in ("seed", "warmup")},
-    # a rate of nan or inf trains nothing and says so only after the stages before it
-    **{k: ("a finite learning rate > 0", lambda v: math.isfinite(v) and v > 0)
-       for k in ("teacher_lr", "encoder_lr", "omni_lr")},
-    "align_lr": ("a finite learning rate > 0 (or 0: the method's own, ALIGN_LR)",
-                 finite_nonneg),
-    **{k: ("a finite value >= 0 (0: off)", finite_nonneg) for k in ("grad_clip", "ratio_clip")},
-    "temperature": ("a finite value >= 0", finite_nonneg),
-}
+# (flags, the refusal's text, whether value v under settings c is accepted)
+CHECKS = [
+    (("temperature",), "--method {c.method} samples its rollouts; expected a finite "
+     "temperature > 0", lambda v, c: c.method not in ("xopd", "gkd") or 0 < v < math.inf),
+    (("method",), f"expected one of {', '.join(METHODS)}", lambda v, c: v in METHODS),
+    (("loss_agg",), f"expected one of {', '.join(xopd.LOSS_AGGS)}",
+     lambda v, c: v in xopd.LOSS_AGGS),
+    (("tag",), "expected a plain name (letters, digits, -, _, .)",  # a folder name, never a path
+     lambda v, c: re.fullmatch(r"[\w.-]*", v, re.ASCII)),
+    (INTS, "expected a positive integer", lambda v, c: v >= 1),
+    (("lam", "gkd_beta", "gkd_mix"), "expected a value in [0, 1]", lambda v, c: 0 <= v <= 1),
+    (("teacher_prior", "omni_teacher_style", "omni_splice"), "expected a share in [0, 1]",
+     lambda v, c: 0 <= v <= 1),
+    (("seed", "warmup"), "expected an integer >= 0", lambda v, c: v >= 0),
+    (("teacher_lr", "encoder_lr", "omni_lr"), "expected a finite learning rate > 0",
+     lambda v, c: 0 < v < math.inf),
+    (("align_lr",), "expected a finite learning rate > 0 (or 0: the method's own, ALIGN_LR)",
+     lambda v, c: 0 <= v < math.inf),
+    (("grad_clip", "ratio_clip"), "expected a finite value >= 0 (0: off)",
+     lambda v, c: 0 <= v < math.inf),
+    (("temperature",), "expected a finite value >= 0", lambda v, c: 0 <= v < math.inf),
+    (("lr_grid",), "expected comma-separated learning rates > 0 like 3e-5,1e-4,3e-4",
+     lambda v, c: rates(v)),
+    (("voice_first",), "expected 0 to --omni_steps ({c.omni_steps})",
+     lambda v, c: 0 <= v <= c.omni_steps),
+]
 
 
 def parse_args(argv=None):
@@ -948,23 +924,10 @@ def parse_args(argv=None):
     if preset not in TRAIN_PRESETS or preset not in M.PRESETS:
         p.error(f"--preset: expected one of {sorted(TRAIN_PRESETS)}, got {preset!r}")
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **given})
-    sampled = cfg.method in ("xopd", "gkd")
-    if sampled and not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
-        p.error(f"--temperature: --method {cfg.method} samples its rollouts; expected a finite "
-                f"temperature > 0, got {cfg.temperature}")
-    for name, (what, ok) in FLAG_RANGES.items():
-        if not ok(getattr(cfg, name)):
-            p.error(f"--{name}: expected {what}, got {getattr(cfg, name)!r}")
-    try:
-        grid = [float(x) for x in cfg.lr_grid.split(",")] if cfg.lr_grid else []
-    except ValueError:
-        grid = [math.nan]
-    if not all(math.isfinite(lr) and lr > 0 for lr in grid):
-        p.error(f"--lr_grid: expected comma-separated learning rates > 0 like 3e-5,1e-4,3e-4, "
-                f"got {cfg.lr_grid!r}")
-    if not 0 <= cfg.voice_first <= cfg.omni_steps:
-        p.error(f"--voice_first: expected 0 to --omni_steps ({cfg.omni_steps}), "
-                f"got {cfg.voice_first}")
+    for names, what, ok in CHECKS:
+        for k in names:
+            if not ok(getattr(cfg, k), cfg):
+                p.error(f"--{k}: {what.format(c=cfg)}, got {getattr(cfg, k)!r}")
     omni_mix(cfg)
     # absolute, as every checkpoint stores them: a run reads the same from any directory
     cfg.out = os.path.abspath(cfg.out or os.path.join("runs", cfg.preset))
@@ -1041,11 +1004,9 @@ def lock_run(out):
 
 def alive(pid):
     try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: it exists
-        pass
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except OSError as e:  # PermissionError: another user's, so it exists
+        return isinstance(e, PermissionError)
     return True
 
 
@@ -1064,14 +1025,12 @@ def toy_data_to_generate(cfg):
     has_manifest = os.path.exists(os.path.join(cfg.data, "train.jsonl"))
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
-    want = {"seed": cfg.seed, "preset": toy_preset(cfg)}
-    if generated:  # another world there is refused, not made again: stages may be built on it
-        made = json.load(open(os.path.join(cfg.data, "done.json")))
-        if any(made.get(k) != v for k, v in want.items()):
-            sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} "
-                     f"({made.get('preset')} preset); this run asks for seed {cfg.seed} "
-                     f"({want['preset']}). Choose another --data or --out, or delete {cfg.data} "
-                     "to generate it again.")
+    made = json.load(open(os.path.join(cfg.data, "done.json"))) if generated else {}
+    if generated and (made.get("seed"), made.get("preset")) != (cfg.seed, toy_preset(cfg)):
+        sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} "
+                 f"({made.get('preset')} preset); this run asks for seed {cfg.seed} "
+                 f"({toy_preset(cfg)}). Choose another --data or --out, or delete {cfg.data} "
+                 "to generate it again.")
     if not (generated or unfinished or free or has_manifest):
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, "
                  "optionally align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, "
@@ -1150,11 +1109,6 @@ BUILT_ON = {"teacher": (), "encoder": (), "omni": ("teacher", "encoder"),
 IMPORTS = {"teacher": "teacher", "omni": "student"}  # the flag giving a stage's model instead
 
 
-def stage_kind(name):
-    """'align/xopd' and 'select/xopd_lr0.001' are align stages; the others are their name."""
-    return "align" if "/" in name else name
-
-
 def content_id(path):
     """A model file or folder by its files' digests."""
     if not os.path.isdir(path):
@@ -1165,7 +1119,7 @@ def content_id(path):
 
 def stage_fingerprint(cfg, world, name, lr=None):
     """What stage `name` is built from now (layout: docs/notes_D.md); lr: the align stage's."""
-    kind = stage_kind(name)
+    kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
     flag = IMPORTS.get(kind)
     if flag and getattr(cfg, flag):
         settings = {flag: content_id(getattr(cfg, flag))}
@@ -1196,7 +1150,7 @@ def fingerprint_changes(old, new):
 
 def rebuilt_with(out, name):
     """Stage folder `name` and every existing one built on it, in pipeline order."""
-    kind = stage_kind(name)
+    kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
     later = {k for k, inputs in BUILT_ON.items() if kind in inputs}
     later |= {k for k, inputs in BUILT_ON.items() if later & set(inputs)}
     folders = [os.path.join(out, name)]
@@ -1278,33 +1232,23 @@ def stage_files(out, name):
 
 
 def resume_point(cfg, name, f, model, opt, fp, steps):
-    """-> (step, logs) of ckpt.pt under --resume (model and optimiser loaded), else (0, {})."""
-    if not os.path.exists(f.ckpt):
-        return 0, {}
-    if not cfg.resume:
+    """-> the step to start from: ckpt.pt's under --resume (model, optimiser and logs restored)."""
+    ck = {}
+    if os.path.exists(f.ckpt) and not cfg.resume:
         print(f"[{name}] found an interrupted run in {f.dir}; starting over (pass --resume to "
               "continue it)")
-        return 0, {}
-    ck = read_checkpoint(f.ckpt)
-    check_fingerprint(cfg, name, f.ckpt, ck, fp)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
-    return ck["step"], ck["logs"]
-
-
-def read_logs(f):
-    """{"log": log.jsonl's text, "val": val.jsonl's}."""
-    paths = {"log": f.log, "val": f.val}
-    return {k: open(p).read() if os.path.exists(p) else "" for k, p in paths.items()}
-
-
-def write_logs(f, logs):
-    """The logs as a checkpoint saved them: exactly its steps."""
-    os.makedirs(f.dir, exist_ok=True)
-    for k, path in (("log", f.log), ("val", f.val)):
-        with open(path, "w") as fh:
-            fh.write(logs.get(k, ""))
+    elif os.path.exists(f.ckpt):
+        ck = read_checkpoint(f.ckpt)
+        check_fingerprint(cfg, name, f.ckpt, ck, fp)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
+    if RANK == 0:  # the logs as the checkpoint saved them (none at step 0): exactly its steps
+        os.makedirs(f.dir, exist_ok=True)
+        for k in ("log", "val"):
+            with open(getattr(f, k), "w") as fh:
+                fh.write(ck.get("logs", {}).get(k, ""))
+    return ck.get("step", 0)
 
 
 # Each stage's seconds in the README's default run, for the headers' time left estimate.
@@ -1317,11 +1261,9 @@ def has_output(cfg, stage):
     if stage == "data":
         return (os.path.exists(os.path.join(cfg.data, "train.jsonl"))
                 and not os.path.exists(os.path.join(cfg.data, data.UNFINISHED)))
-    if stage == "eval":
-        return False
     folders = ([f"select/{align_name(run)}" for _, run in grid_runs(cfg)] if stage == "select"
                else [f"align/{align_name(cfg)}" if stage == "align" else stage])
-    return all(os.path.exists(stage_files(cfg.out, f).final) for f in folders)
+    return stage != "eval" and all(os.path.exists(stage_files(cfg.out, f).final) for f in folders)
 
 
 class StageClock:
@@ -1333,21 +1275,16 @@ class StageClock:
         self.stages = ["data", "teacher", "encoder", "omni"] + last
         self.times, self.peaks, self.ran = {}, {}, {}  # ran: (seconds, reference) of those run
 
-    def header(self, name):
-        ahead = [s for s in self.stages[self.stages.index(name):] if not has_output(self.cfg, s)]
-        ref, left = REFERENCE_S.get(self.cfg.preset, {}), ""
+    def run(self, name, fn, *args):
+        i = self.stages.index(name)
+        ahead = [s for s in self.stages[i:] if not has_output(self.cfg, s)]
+        ref, left, ran = REFERENCE_S.get(self.cfg.preset, {}), "", self.ran.values()
         if ref and ahead:  # the reference times, at this machine's pace on the stages run so far
-            ran = self.ran.values()
             pace = sum(t for t, _ in ran) / sum(r for _, r in ran) if ran else 1.0
             left = f"; about {fmt_time(pace * sum(ref[s] for s in ahead))} left"
             left += "" if ran else " at the README's pace"
-        so_far = fmt_time(time.time() - self.t0)
-        i = self.stages.index(name) + 1
-        print(f"== [{i}/{len(self.stages)} {name}] (run time so far {so_far}{left})", flush=True)
-        return ahead, ref
-
-    def run(self, name, fn, *args):
-        ahead, ref = self.header(name)
+        print(f"== [{i + 1}/{len(self.stages)} {name}] (run time so far "
+              f"{fmt_time(time.time() - self.t0)}{left})", flush=True)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
