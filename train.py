@@ -64,15 +64,13 @@ class TrainConfig:
     whisper: str = ""            # an openai-whisper checkpoint (.pt): its encoder, frozen
     chat_format: str = ""        # JSON with the strings of a turn (data.ChatFormat); "": the toy's
     student: str = ""            # a speech LLM checkpoint of this project (model.pt)
-    # teacher stage: text decoder on text skills
+    # stages 1-3
     teacher_steps: int = 1500
     teacher_lr: float = 1e-3     # docs/decisions.md says why not higher
     teacher_prior: float = 0.2   # share of targets in the data's other answer style (`reference`)
-    # encoder stage: character CTC pretraining of the audio encoder
     encoder_steps: int = 1200
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
-    # omni stage: adapter + decoder on the multimodal mix, encoder frozen
     omni_steps: int = 3100
     omni_lr: float = 2e-3
     omni_mix: str = ""           # e.g. asr=0.5,audio_qa=0.5: parts of OMNI_MIX; "": OMNI_MIX
@@ -80,7 +78,7 @@ class TrainConfig:
     omni_teacher_style: float = 0.9  # share of spoken instructions answered in the teacher's style
     omni_splice: float = 0.5     # share of transcription rows spliced from training clips' words
     batch_size: int = 32         # sequences per step in teacher / omni
-    # align stage (same prompts and steps for every method)
+    # align stage
     align_steps: int = 80
     align_lr: float = 0.0        # 0: the method's rate in ALIGN_LR
     lr_grid: str = ""            # e.g. 3e-5,1e-4,3e-4: align at each, keep the best on val
@@ -734,7 +732,6 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
 
 
 def validate(name, model, monitor, f, step):
-    """monitor() in eval mode, appended to f.val and printed."""
     model.eval()
     rec = {"step": step, **monitor()}
     model.train()
@@ -764,7 +761,6 @@ def precompute(name, what, steps, records_at, compute):
 
 
 def autocast(device, amp_dtype):
-    """bf16 autocast where pick_device chose it, a no-op on CPU."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
@@ -872,7 +868,6 @@ def average_gradients(params):
 # Machinery: flags, the run folder (lock, fingerprints, resume), input checks, the stage clock.
 
 def rates(text):
-    """Whether text is comma-separated finite numbers > 0 (or empty)."""
     try:
         return all(0 < float(x) < math.inf for x in text.split(",")) if text else True
     except ValueError:
@@ -914,11 +909,9 @@ def parse_args(argv=None):
     """--key value for every TrainConfig field over the preset's; every value checked up front."""
     p = argparse.ArgumentParser(description="X-OPD: teacher -> omni -> align -> eval")
     for f in fields(TrainConfig):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true", default=None)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=None, metavar=f.name.upper())
+        how = (dict(action="store_true") if f.type is bool
+               else dict(type=f.type, metavar=f.name.upper()))
+        p.add_argument(f"--{f.name}", default=None, **how)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
     if preset not in TRAIN_PRESETS or preset not in M.PRESETS:
@@ -1083,7 +1076,6 @@ def check_world(cfg, world):
 
 
 def check_batches_split(cfg, ranks):
-    """Refuse a batch that does not split evenly over the ranks."""
     for name in ("batch_size", "encoder_batch", "align_batch"):
         if getattr(cfg, name) % ranks:
             sys.exit(f"--{name} {getattr(cfg, name)}: under torchrun each step's batch is split "
@@ -1193,7 +1185,6 @@ def read_checkpoint(path, device=None):
 
 
 def checkpoint_payload(cfg, model, tokenizer, fp, **extra):
-    """What every model.pt and ckpt.pt holds."""
     return {"model": model.state_dict(), "configs": M.model_configs(model), "train": asdict(cfg),
             "tokenizer": tokenizer, "fingerprint": fp, "fingerprint_id": data.fingerprint(fp),
             **extra}
@@ -1224,7 +1215,6 @@ def import_student(cfg, world, device, fp):
 
 
 def stage_files(out, name):
-    """Stage `name`'s model.pt (when done), ckpt.pt (while it runs), log.jsonl, val.jsonl."""
     d = os.path.join(out, name)
     path = lambda file: os.path.join(d, file)
     return SimpleNamespace(dir=d, final=path("model.pt"), ckpt=path("ckpt.pt"),
