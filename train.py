@@ -768,9 +768,6 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-BARS = "▁▂▃▄▅▆▇█"
-
-
 def sparkline(values, width=40):
     """The finite values' curve in at most `width` bins, each bin's mean as one of eight bars."""
     xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -781,8 +778,8 @@ def sparkline(values, width=40):
     means = [sum(b) / len(b) for b in bins]
     lo, hi = min(means), max(means)
     if hi == lo:
-        return BARS[3] * n
-    return "".join(BARS[min(7, int((m - lo) / (hi - lo) * 8))] for m in means)
+        return "▄" * n
+    return "".join("▁▂▃▄▅▆▇█"[min(7, int((m - lo) / (hi - lo) * 8))] for m in means)
 
 
 def curves(name, log_path, val_path):
@@ -903,6 +900,9 @@ CHECKS = [
     (("voice_first",), "expected 0 to --omni_steps ({c.omni_steps})",
      lambda v, c: 0 <= v <= c.omni_steps),
 ]
+# the errors of a folder the user named, which end the run in one line
+USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                  errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
 def parse_args(argv=None):
@@ -961,10 +961,6 @@ def main(argv=None):
     finally:
         if lock and os.path.exists(lock):
             os.remove(lock)
-
-
-USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                  errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
 def lock_run(out):
@@ -1127,19 +1123,6 @@ def stage_fingerprint(cfg, world, name, lr=None):
             "data": {p: world.digest((p,)) for p in READS[kind]}, "inputs": inputs}
 
 
-def fingerprint_changes(old, new):
-    """What differs between a stored fingerprint and the one of now, in words."""
-    was, now = old["settings"], new["settings"]
-    shown = lambda k, v: ("(none)" if v is None else "other files" if k in data.RUN_PATHS
-                          else repr(v))
-    why = [f"stage {old['stage']!r} -> {new['stage']!r}"] if old["stage"] != new["stage"] else []
-    why += [f"{k} {shown(k, was.get(k))} -> {shown(k, now.get(k))}"
-            for k in [*now, *(k for k in was if k not in now)] if was.get(k) != now.get(k)]
-    why += [f"data: {p}.jsonl changed" for p in new["data"] if old["data"].get(p) != new["data"][p]]
-    return why + [f"input {s} rebuilt" for s in new["inputs"]
-                  if old["inputs"].get(s) != new["inputs"][s]]
-
-
 def rebuilt_with(out, name):
     """Stage folder `name` and every existing one built on it, in pipeline order."""
     kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
@@ -1158,8 +1141,17 @@ def check_fingerprint(cfg, name, path, ck, fp):
     """Stop unless checkpoint ck (at path) was built from fp, naming what differs."""
     if ck.get("fingerprint_id") == data.fingerprint(fp):
         return
-    why = fingerprint_changes(ck["fingerprint"], fp) if "fingerprint" in ck else [
+    old, why = ck.get("fingerprint"), [
         "fingerprint: none recorded (made before outputs recorded what they are built from)"]
+    if old:  # what differs, in words
+        was, now = old["settings"], fp["settings"]
+        shown = lambda k, v: ("(none)" if v is None else "other files" if k in data.RUN_PATHS
+                              else repr(v))
+        why = [f"stage {old['stage']!r} -> {fp['stage']!r}"] if old["stage"] != fp["stage"] else []
+        why += [f"{k} {shown(k, was.get(k))} -> {shown(k, now.get(k))}"
+                for k in [*now, *(k for k in was if k not in now)] if was.get(k) != now.get(k)]
+        why += [f"data: {p}.jsonl changed" if part == "data" else f"input {p} rebuilt"
+                for part in ("data", "inputs") for p in fp[part] if old[part].get(p) != fp[part][p]]
     folders = rebuilt_with(cfg.out, name)
     sys.exit(f"[{name}] {path} was built from other settings, data or inputs "
              f"({'; '.join(why)}). Delete {', '.join(folders)} to rebuild "
