@@ -14,15 +14,16 @@ import train  # noqa: E402
 # align_steps, ckpt_every and eval_per_family are the preset's, spelled out). A test that trains
 # on top of the shared run's stages passes these too, or its stages would be refused as made with
 # other settings.
-RUN_STEPS = ["--teacher_steps", "6", "--encoder_steps", "4", "--omni_steps", "6", "--align_steps", "4",
-             "--ckpt_every", "2", "--eval_per_family", "4"]
+RUN_STEPS = ["--teacher_steps", "6", "--encoder_steps", "4", "--omni_steps", "6",
+             "--align_steps", "4", "--ckpt_every", "2", "--eval_per_family", "4"]
 ALIGN_RUNS = (["--method", "sft"], ["--method", "kd"], ["--method", "gkd"],
               ["--method", "xopd", "--lam", "0"], ["--method", "xopd", "--lam", "1"])
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """The folder of the tiny toy corpus, seed 0 (a manifest per pool, text.jsonl, wavs/, tokenizer.json)."""
+    """The folder of the tiny toy corpus, seed 0 (a manifest per pool, text.jsonl, wavs/,
+    tokenizer.json)."""
     d = str(tmp_path_factory.mktemp("data"))
     data.make_toy_data(d, seed=0, preset="tiny")
     return d

@@ -17,7 +17,8 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 import xopd  # noqa: E402
-from conftest import RUN_STEPS as STEPS  # noqa: E402  (the shared tiny_run's: it is the 1-process run here)
+# noqa: E402  (the shared tiny_run's: it is the 1-process run here)
+from conftest import RUN_STEPS as STEPS
 
 
 def torchrun(*args, check=True):
@@ -26,7 +27,8 @@ def torchrun(*args, check=True):
            os.path.abspath(__file__), *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if check and p.returncode != 0:
-        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
     return p
 
 
@@ -36,7 +38,8 @@ def read_log(path):
 
 
 def files(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                  for f in fs)
 
 
 STAGES = ("teacher", "encoder", "omni", "align/sft")
@@ -47,7 +50,8 @@ def runs(tmp_path_factory, tiny_data, tiny_run):
     """The tiny pipeline with SFT, in 1 process (the shared tiny_run, which holds it among its
     methods) and in 2 (same flags, so the same global batch)."""
     two = tmp_path_factory.mktemp("two")
-    p = torchrun("train", "--out", two, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS)
+    p = torchrun("train", "--out", two, "--preset", "tiny", "--data", tiny_data, "--method", "sft",
+                 *STEPS)
     return tiny_run, two, p.stdout
 
 
@@ -56,12 +60,14 @@ def test_two_ranks_give_the_losses_and_weights_of_one(runs):
     for stage in STAGES:
         a, b = read_log(one / stage / "log.jsonl"), read_log(two / stage / "log.jsonl")
         assert [r["step"] for r in a] == [r["step"] for r in b]
-        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=1e-6), stage
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5,
+                                                       abs=1e-6), stage
         assert [r["tokens"] for r in b] == [r["tokens"] for r in a], stage  # summed over the ranks
         wa = M.load_checkpoint(str(one / stage / "model.pt"))["model"]
         wb = M.load_checkpoint(str(two / stage / "model.pt"))["model"]
         for k in wa:  # Adam divides by a gradient's running scale: a near-zero gradient's rounding
-            # moves its weight by up to the rate (2e-3 here) a step; seen: at most 5e-5 in these steps
+            # moves its weight by up to the rate (2e-3 here) a step; seen: at most 5e-5 in these
+            # steps
             torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-4, msg=f"{stage}: {k}")
 
 
@@ -69,10 +75,12 @@ def test_only_rank_0_writes_and_prints(runs):
     one, two, stdout = runs
     # the 1-process run holds every method's align run: those of SFT alone are the 2-rank run's
     assert "align/xopd/model.pt" in files(one)
-    assert files(two) == [f for f in files(one) if not f.startswith("align/") or f.startswith("align/sft/")]
+    assert files(two) == [f for f in files(one) if not f.startswith("align/")
+                          or f.startswith("align/sft/")]
     # a second writer would leave its own files, or lines twice:
     for stage in STAGES:
-        assert [r["step"] for r in read_log(two / stage / "log.jsonl")] == list(range(1, len(read_log(one / stage / "log.jsonl")) + 1))
+        steps = len(read_log(one / stage / "log.jsonl"))
+        assert [r["step"] for r in read_log(two / stage / "log.jsonl")] == list(range(1, steps + 1))
     assert stdout.count("time per stage") == 1 and "rank 0 of 2 (torchrun)" in stdout
     a, b = (json.load(open(r / "align" / "sft" / "eval.json")) for r in (two, one))
     # greedy scores are the same; the teacher's judgement is of sampled log-probs, equal up to the
@@ -87,32 +95,40 @@ def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_losses(runs, t
     _, two, _ = runs
     part = tmp_path / "part"
     argv = ["--out", part, "--preset", "tiny", "--data", tiny_data, "--method", "sft", *STEPS]
-    p = torchrun("train", *argv, "--interrupt_at", 6, 4, check=False)  # during step 5 of the teacher
+    # during step 5 of the teacher
+    p = torchrun("train", *argv, "--interrupt_at", 6, 4, check=False)
     assert p.returncode != 0 and "KeyboardInterrupt" in p.stderr
-    assert M.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 2  # step 4's waited for step 5
+    # step 4's waited for step 5
+    assert M.load_checkpoint(str(part / "teacher" / "ckpt.pt"))["step"] == 2
     torchrun("train", *argv, "--resume")
     for stage in STAGES:
         a, b = read_log(two / stage / "log.jsonl"), read_log(part / stage / "log.jsonl")
         assert [r["step"] for r in a] == [r["step"] for r in b]
-        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5, abs=1e-6), stage
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5,
+                                                       abs=1e-6), stage
 
 
 @pytest.mark.parametrize("flag", ["--batch_size", "--encoder_batch", "--align_batch"])
 def test_a_batch_that_does_not_split_evenly_is_refused(flag):
     cfg = train.parse_args(["--preset", "tiny", "--out", "/tmp/x", flag, "6"])
-    train.check_batches_split(cfg, 2)  # 6 rows: 3 a rank (the preset's other batches are 8, 8 and 4)
-    with pytest.raises(SystemExit, match=rf"^{flag} 6: under torchrun each step's batch is split evenly over the 4 ranks; "
+    # 6 rows: 3 a rank (the preset's other batches are 8, 8 and 4)
+    train.check_batches_split(cfg, 2)
+    with pytest.raises(SystemExit, match=rf"^{flag} 6: under torchrun each step's batch is split "
+                                         r"evenly over the 4 ranks; "
                                          r"expected a multiple of 4$"):
         train.check_batches_split(cfg, 4)
-    train.check_batches_split(train.parse_args(["--preset", "tiny", "--out", "/tmp/x", flag, "7"]), 1)  # one process takes any batch
+    # one process takes any batch
+    train.check_batches_split(train.parse_args(["--preset", "tiny", "--out", "/tmp/x", flag, "7"]),
+                              1)
 
 
 def test_the_batch_check_comes_before_stage_1(tiny_data, tmp_path, monkeypatch):
     """The pipeline refuses by rank count before it writes anything: as rank 0 of 2 (no torchrun
     needed to see that) a batch of 3 stops it."""
-    monkeypatch.setattr(train, "WORLD", 2)
+    monkeypatch.setattr(train, "WORLD_SIZE", 2)
     with pytest.raises(SystemExit, match=r"--align_batch 3: .*expected a multiple of 2"):
-        train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", tiny_data, "--align_batch", "3"])
+        train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--data", tiny_data,
+                    "--align_batch", "3"])
     assert os.listdir(tmp_path / "run") == []  # no stage, and the lock let go
 
 
@@ -134,7 +150,8 @@ def xopd_pair():
         text.append([1] + torch.randint(4, 20, (3 + b,), generator=g).tolist() + [2])
         speech.append([1, 23, 2])
     pad = lambda seqs: torch.tensor([s + [0] * (max(map(len, seqs)) - len(s)) for s in seqs])
-    batch = data.Batch(text_ids=pad(text), text_lens=torch.tensor(list(map(len, text))), speech_ids=pad(speech),
+    batch = data.Batch(text_ids=pad(text), text_lens=torch.tensor(list(map(len, text))),
+                       speech_ids=pad(speech),
                        speech_lens=torch.full((B,), 3), mels=torch.randn(B, 80, 64, generator=g),
                        mel_lens=torch.full((B,), 64))
     return student, teacher, batch
@@ -161,11 +178,13 @@ def xopd_rank(out):
         seen.update(rollouts)
         return prompts, rollouts
     xopd.student_rollouts = record
-    loss, _ = xopd.xopd_step(student, teacher, rows(batch, idx), generator=torch.Generator().manual_seed(100 + train.RANK), **KW)
+    loss, _ = xopd.xopd_step(student, teacher, rows(batch, idx),
+                             generator=torch.Generator().manual_seed(100 + train.RANK), **KW)
     params = [p for p in student.parameters() if p.requires_grad]
     loss.backward()
     train.average_gradients(params)
-    torch.save({"idx": idx, "rollouts": seen, "grads": [p.grad for p in params]}, os.path.join(out, f"rank{train.RANK}.pt"))
+    torch.save({"idx": idx, "rollouts": seen, "grads": [p.grad for p in params]},
+               os.path.join(out, f"rank{train.RANK}.pt"))
     # leave the group together: a rank that exits with gloo's threads still up can abort (SIGABRT)
     train.barrier()
     torch.distributed.destroy_process_group()
@@ -188,11 +207,12 @@ def test_xopd_averaged_gradient_is_the_gradient_on_the_union_of_the_rollouts(tmp
         for term in prompts:
             parts = [r["rollouts"][term] for r in ranks]
             L = max(p[0].size(1) for p in parts)
-            out[term] = tuple(torch.cat([torch.nn.functional.pad(p[i], (0, L - p[i].size(1))) for p in parts])
-                              for i in range(3))  # ids, mask, logp_old
+            padded = lambda i: [torch.nn.functional.pad(p[i], (0, L - p[i].size(1))) for p in parts]
+            out[term] = tuple(torch.cat(padded(i)) for i in range(3))  # ids, mask, logp_old
         return prompts, out
     monkeypatch.setattr(xopd, "student_rollouts", replay)
-    loss, _ = xopd.xopd_step(student, teacher, union, generator=torch.Generator().manual_seed(0), **KW)
+    loss, _ = xopd.xopd_step(student, teacher, union, generator=torch.Generator().manual_seed(0),
+                             **KW)
     loss.backward()
     params = [p for p in student.parameters() if p.requires_grad]
     assert any(p.grad.abs().sum() > 0 for p in params)
@@ -205,7 +225,8 @@ if __name__ == "__main__":  # one rank, under torchrun
     if mode == "xopd":
         xopd_rank(args[0])
     else:
-        if "--interrupt_at" in args:  # raise during step `at` of the stage with `steps` steps, on every rank
+        # raise during step `at` of the stage with `steps` steps, on every rank
+        if "--interrupt_at" in args:
             i = args.index("--interrupt_at")
             steps, at = int(args[i + 1]), int(args[i + 2])
             del args[i:i + 3]
