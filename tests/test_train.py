@@ -1,6 +1,5 @@
 """The pipeline end to end on the tiny preset, resume, the guards, and the tables it ends with."""
 import errno
-import inspect
 import json
 import os
 import re
@@ -493,8 +492,6 @@ def test_a_damaged_checkpoint_ends_in_one_line_naming_it(tiny_run, tiny_data, tm
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif("from None" not in inspect.getsource(M.atomic_write),
-                    reason="needs model.atomic_write's one OSError naming the path (branch wt_a)")
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_it_and_leaves_no_tmp(
         tiny_run, tiny_data, tmp_path, monkeypatch):
     """Item 8 of issue 34: ENOSPC while a checkpoint is written."""
