@@ -3,8 +3,8 @@ manifests and batching.
 
 Read top to bottom: audio constants and I/O, Whisper's log-mel, the synthesizer, the toy world
 (text skills the teacher knows, audio skills the speech model has), scoring, the tokenizer and
-chat format, manifests, collation, the Batch every training step takes, and the World that
-builds batches from a data folder.
+chat format, manifests, small shared helpers, collation, the Batch every training step takes,
+and the World that builds batches from a data folder.
 """
 import hashlib
 import json
@@ -24,6 +24,7 @@ from functools import lru_cache
 import numpy as np
 import soundfile as sf
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 # -----------------------------------------------------------------------------
 # audio constants (Whisper's)
@@ -35,7 +36,6 @@ N_MELS = 80          # Whisper v1-v2 and large-v3-turbo use 128; 80 is the class
 
 # -----------------------------------------------------------------------------
 # audio I/O
-
 
 def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, beta=8.6):
     """Band-limited resampling of a 1-D signal with a Kaiser-windowed sinc (polyphase).
@@ -64,49 +64,54 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
         out[start:start + len(n)] = (xp[k[:, None] + j + half] * table[(n * down) % up]).sum(1)
     return out.astype(np.float32)
 
-
 # the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
 # crashes the STFT's reflect padding or leaves the encoder nothing
 MIN_SAMPLES = N_FFT
-
 
 def encoder_seconds(n_ctx):
     """The longest clip an encoder of n_ctx positions reads whole: two mel frames per position."""
     return 2 * n_ctx * HOP_LENGTH / SAMPLE_RATE
 
-
-def check_clip(path, where, max_seconds):
-    """One clip, by its header alone (soundfile.info: fast, no samples read): it exists, soundfile
-    can read it, and at 16 kHz it is at least MIN_SAMPLES long and at most max_seconds (the
-    encoder's window). ValueError naming `where` (the manifest's file:line), the clip and what was
-    expected."""
-    if not os.path.exists(path):
-        raise ValueError(f"{where}: {path}: no such audio file (expected a WAV/FLAC/OGG file)")
-    try:
-        info = sf.info(path)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise ValueError(f"{where}: {path}: cannot be read as audio ({e}); expected a file soundfile "
-                         f"can decode (WAV, FLAC, OGG, ...)") from None
-    seconds = info.frames / info.samplerate
-    if not MIN_SAMPLES / SAMPLE_RATE <= seconds <= max_seconds:
-        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz ({seconds:.3f} s); expected "
-                         f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms to {max_seconds:g} s (the audio encoder's window)")
-
-
-def load_audio(path):
-    """Read any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
-    path = os.fspath(path)
+def _read(path, read):
+    """read(path) (sf.info or sf.read), any failure one error naming the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file (expected a WAV/FLAC/OGG file)")
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)   # (n_samples, channels)
+        return read(path)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise ValueError(f"{path}: cannot be read as audio ({e}); expected a file soundfile "
                          f"can decode (WAV, FLAC, OGG, ...)") from None
+
+def _samples(path):
+    """A clip decoded in full -> (float32 (n_samples, channels), sample rate); ValueError naming
+    the file when it holds no samples or samples that are not finite."""
+    data, sr = _read(path, lambda p: sf.read(p, dtype="float32", always_2d=True))
     if data.size == 0:
         raise ValueError(f"{path}: audio is empty (0 samples); expected at least one sample")
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: audio holds NaN or infinite samples; expected finite values")
+    return data, sr
+
+def check_clip(path, where, max_seconds, decode=False):
+    """One clip: it exists, soundfile reads its header, and at 16 kHz it lasts MIN_SAMPLES to
+    max_seconds (the encoder's window); decode: its samples decode in full and are finite too (a
+    valid header over a corrupt body). ValueError naming `where` (the manifest's file:line), the
+    clip and what was expected."""
+    try:
+        info = _read(path, sf.info)
+        if decode:
+            _samples(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    seconds = info.frames / info.samplerate
+    if not MIN_SAMPLES / SAMPLE_RATE <= seconds <= max_seconds:
+        raise ValueError(f"{where}: {path}: {info.frames} samples at {info.samplerate} Hz "
+                         f"({seconds:.3f} s); expected {1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms "
+                         f"to {max_seconds:g} s (the audio encoder's window)")
+
+def load_audio(path):
+    """Read any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
+    data, sr = _samples(os.fspath(path))   # (n_samples, channels)
     audio = data.mean(axis=1)   # downmix
     if sr != SAMPLE_RATE:
         audio = resample(audio, sr, SAMPLE_RATE)
@@ -115,22 +120,18 @@ def load_audio(path):
 # -----------------------------------------------------------------------------
 # log-mel spectrogram, numerically Whisper's
 
+# Slaney's mel scale (librosa's default): 3 mels per 200 Hz below 1 kHz, then 27 per factor 6.4
+F_SP, MIN_LOG_HZ = 200.0 / 3, 1000.0
+MIN_LOG_MEL, LOGSTEP = MIN_LOG_HZ / F_SP, math.log(6.4) / 27.0
 
 def hz_to_mel(f):
-    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep,
-                    f / f_sp)
-
+    log_part = MIN_LOG_MEL + np.log(np.maximum(f, 1e-10) / MIN_LOG_HZ) / LOGSTEP
+    return np.where(f >= MIN_LOG_HZ, log_part, f / F_SP)
 
 def mel_to_hz(m):
     m = np.asarray(m, dtype=np.float64)
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), m * f_sp)
-
+    return np.where(m >= MIN_LOG_MEL, MIN_LOG_HZ * np.exp(LOGSTEP * (m - MIN_LOG_MEL)), m * F_SP)
 
 @lru_cache(maxsize=8)
 def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
@@ -144,9 +145,8 @@ def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
     weights = np.maximum(0.0, np.minimum(lower, upper))               # (n_mels, F)
     return weights * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
 
-
 def log_mel_spectrogram(audio, n_mels=N_MELS):
-    """audio: array or tensor (..., n_samples) at 16 kHz -> log-mel tensor (..., n_mels, n_samples // 160).
+    """audio: (..., n_samples) array or tensor at 16 kHz -> log-mel (..., n_mels, n_samples // 160).
 
     Whisper's recipe for one clip without the 30 s padding: periodic Hann STFT (centered, reflect
     padded), power spectrum with the last frame dropped, Slaney mel, log10 floored at 1e-10, then
@@ -168,25 +168,21 @@ def log_mel_spectrogram(audio, n_mels=N_MELS):
 # -----------------------------------------------------------------------------
 # the formant synthesizer
 #
-# How a word becomes sound. Text is lower-cased and split into words; each LETTER of a word is one
-# sound unit (the toy language is spoken as it is spelled, so "seven" is five units s-e-v-e-n).
-# Every unit has a kind and targets:
+# Each LETTER of a word is one sound unit (the toy language is spoken as it is spelled: "seven"
+# is s-e-v-e-n), of a kind with its own targets:
 #   vowel      voiced, three formants (F1, F2, F3), the longest unit (~90 ms)
 #   sonorant   voiced, its own formants at lower energy (l r m n w)
 #   fricative  a band of noise at its own center frequency (s high, f broad and weak, h through
 #              the formants); voiced fricatives (z v j) add voicing underneath
 #   stop       a closure (silence, or a low "voice bar" for b d g) then a short noise burst whose
 #              center tells p (low), t (high) and k (mid) apart
-# Words are separated by short pauses; punctuation adds a longer one. The units give a piecewise
-# constant track of targets, one value per 8 ms frame; formant tracks are smoothed over ~40 ms so
-# transitions glide while unit boundaries stay clear.
-# Source-filter: a glottal pulse train at the speaker's pitch (times the emotion's contour) and a
-# white-noise source are cut into 16 ms frames (Hann, 50% overlap) and each frame's spectrum is
-# multiplied by that frame's envelope: voice by a sum of formant resonances (scaled by 1 /
-# tract_scale: a longer vocal tract has lower formants), noise by its band. Inverse FFT and
-# overlap-add give the waveform, which is leveled by the emotion's energy, then mixed with
-# background noise at the voice's noise-to-speech ratio. All of it is vectorised numpy: a few ms
-# per clip.
+# Short pauses separate words, longer ones punctuation. The units give piecewise constant targets
+# per 8 ms frame; formants are smoothed over ~40 ms, so transitions glide.
+# Source-filter: a glottal pulse train at the speaker's pitch (times the emotion's contour) and
+# white noise are cut into 16 ms frames (Hann, 50% overlap); each frame's spectrum is multiplied
+# by its envelope: voice by formant resonances (scaled by 1 / tract_scale: a longer tract has
+# lower formants), noise by its band. Inverse FFT and overlap-add give the waveform, leveled by
+# the emotion's energy and mixed with background noise at the voice's noise-to-speech ratio.
 
 SYN_FRAME, SYN_HOP = 256, 128   # 16 ms frames, 8 ms hop: periodic Hann at 50% overlap sums to 1
 
@@ -224,7 +220,10 @@ FORMANT_GAINS = np.array([1.0, 0.6, 0.35])    # falling spectral tilt of the glo
 WORD_PAUSE_MS, PUNCT_PAUSE_MS, EDGE_SILENCE_MS = 50, 90, 100
 EMOTIONS = ("neutral", "happy", "sad")
 EMOTION_ENERGY = {"neutral": 1.0, "happy": 1.4, "sad": 0.6}
-
+# a unit kind's sources: (voice amplitude, noise amplitude, noise shaped by the formants)
+KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
+                "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
+                "aspirate": (0.0, 0.6, 1.0)}
 
 @dataclass
 class Voice:
@@ -236,11 +235,10 @@ class Voice:
     loudness: float = 1.0        # overall level
     speaker: str = ""            # speaker id, for the unseen-speaker test split
 
-
 def _unit_track(text, rate):
     """Text -> per-frame targets. Returns a dict of (n_frames,) / (n_frames, 3) arrays."""
     frames = lambda ms: max(2, int(round(ms / 8.0 / rate)))   # 8 ms per frame
-    rows = []   # (F(3), voice_amp, noise_amp, noise_center, noise_width, noise_via_formants, word_pos)
+    rows = []   # ((F(3), voice amp, noise amp, noise center, noise width, asp), word_pos)
     silence = ((500, 1500, 2500), 0.0, 0.0, 3000, 3000, 0.0)
 
     def add(n, spec, word_pos=-1.0):
@@ -260,16 +258,9 @@ def _unit_track(text, rate):
             span = (pos / total, (pos + n) / total)   # position in the word, for the contour
             pos += n
             nc, nw = band if band else (3000, 3000)
-            if kind == "vowel":
-                add(n, (F, 1.0, 0.0, nc, nw, 0.0), span)
-            elif kind == "sonorant":
-                add(n, (F, 0.45, 0.0, nc, nw, 0.0), span)
-            elif kind == "vfricative":
-                add(n, (F, 0.3, 0.5, nc, nw, 0.0), span)
-            elif kind == "fricative":
-                add(n, (F, 0.0, 0.7, nc, nw, 0.0), span)
-            elif kind == "aspirate":
-                add(n, (F, 0.0, 0.6, nc, nw, 1.0), span)
+            if kind in KIND_SOURCES:
+                av, an, asp = KIND_SOURCES[kind]
+                add(n, (F, av, an, nc, nw, asp), span)
             else:   # stops: closure then burst
                 n_burst = max(2, n // 3)
                 bar = 0.15 if kind == "vstop" else 0.0
@@ -277,13 +268,10 @@ def _unit_track(text, rate):
                 add(n_burst, (F, 0.0, 0.9, nc, nw, 0.0), (span[1], span[1]))
         add(frames(WORD_PAUSE_MS), silence)
     add(frames(EDGE_SILENCE_MS), silence)
-    spec = [r[0] for r in rows]
-    return {"F": np.array([s[0] for s in spec], dtype=np.float64),
-            "av": np.array([s[1] for s in spec]), "an": np.array([s[2] for s in spec]),
-            "nc": np.array([s[3] for s in spec], dtype=np.float64),
-            "nw": np.array([s[4] for s in spec], dtype=np.float64),
-            "asp": np.array([s[5] for s in spec]), "word_pos": np.array([r[1] for r in rows])}
-
+    names = ("F", "av", "an", "nc", "nw", "asp")
+    track = {k: np.array([s[i] for s, _ in rows], dtype=np.float64) for i, k in enumerate(names)}
+    track["word_pos"] = np.array([p for _, p in rows])
+    return track
 
 def _smooth(x, n):
     """Moving average over n frames along axis 0 (edges repeated)."""
@@ -291,7 +279,6 @@ def _smooth(x, n):
     c = np.cumsum(np.pad(x, pad, mode="edge"), axis=0)
     c = np.concatenate([np.zeros_like(c[:1]), c])
     return (c[n:] - c[:-n]) / n
-
 
 def pitch_contour(emotion, t, word_pos):
     """Multiplier on the speaker's pitch. t: (n,) position in the utterance in [0, 1];
@@ -304,7 +291,6 @@ def pitch_contour(emotion, t, word_pos):
     if emotion == "sad":       # lowered, flat and falling
         return 0.92 * (1.0 + 0.08 * (0.5 - t))
     raise ValueError(f"unknown emotion {emotion!r}; expected one of {EMOTIONS}")
-
 
 def synthesize(text, voice, seed=0):
     """Speak `text` with `voice` -> float32 waveform at 16 kHz. Deterministic for a seed."""
@@ -350,13 +336,6 @@ def synthesize(text, voice, seed=0):
         out *= 0.99 / peak
     return out.astype(np.float32)
 
-
-# labels for the audio-skill questions (thresholds sit in the gaps between the sampled ranges)
-def pitch_label(v): return "high" if v["pitch_hz"] >= 160 else "low"
-def rate_label(v): return "fast" if v["rate"] >= 1.0 else "slow"
-def noise_label(v): return "noisy" if v["noise"] >= 0.1 else "clean"
-def emotion_label(v): return v["emotion"]
-
 # -----------------------------------------------------------------------------
 # the toy world: words
 
@@ -370,13 +349,11 @@ ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "horse", "mouse",
 CITIES = ["lima", "oslo", "paris", "cairo", "tokyo", "rome", "delhi", "quito", "dakar", "hanoi",
           "perth", "bern"]
 
-
 def number_words(k):
     """0..99 spelled in words: 42 -> 'forty two'."""
     if k < 20:
         return ONES[k]
     return TENS[k // 10] + ("" if k % 10 == 0 else " " + ONES[k % 10])
-
 
 def entity_names(rng, n):
     """n distinct made-up names from consonant-vowel syllables (bako, timu, ...)."""
@@ -395,9 +372,7 @@ def entity_names(rng, n):
 # response, which, as in real datasets, is a different style: the bare answer, no reasoning. The
 # SFT baseline trains on `reference`; both styles score the same with extract_answer.
 
-
-ARITH_MAX = 30   # every intermediate result stays in 0..30: a table of ~600 facts a small model learns
-
+ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
 
 def arith_example(rng):
     """Two or three operations in words, left to right: 'what is three times four plus two ?'
@@ -426,15 +401,13 @@ def arith_example(rng):
     return {"task": "arith", "transcript": prompt, "answer": cur,
             "teacher": " ".join(chain) + f" the answer is {cur}", "reference": cur}
 
-
 def instruct_example(rng):
     """Instruction following over a few words: count them (two to five), or reverse their order
-    (three or four: the 462 two-word lists are too few for the teacher to learn their pattern
-    from). (Repeating words k times was dropped: the cpu-preset teacher could not count its own
-    copies.)"""
+    (three or four: the 462 two-word lists are too few for the teacher to learn their pattern)."""
     pool = COLORS + ANIMALS
     count = rng.random() < 0.5
-    words = [pool[i] for i in rng.choice(len(pool), int(rng.integers(2, 6) if count else rng.integers(3, 5)), replace=False)]
+    n = int(rng.integers(2, 6) if count else rng.integers(3, 5))
+    words = [pool[i] for i in rng.choice(len(pool), n, replace=False)]
     seq = " ".join(words)
     if count:
         prompt, answer = f"how many words are in : {seq} ?", number_words(len(words))
@@ -445,10 +418,10 @@ def instruct_example(rng):
     return {"task": "instruct", "transcript": prompt, "answer": answer,
             "teacher": teacher + f" . the answer is {answer}", "reference": answer}
 
-
 # facts: each (entity, attribute) is asked with eight phrasings. Per fact, a random four of them
 # are training phrasings (the omni pool, which the teacher also reads) and one each belongs to the
-# align, val and test pools: the fact is known, but an align / val / test prompt is never trained on.
+# align, val and test pools: the fact is known, but an align / val / test prompt is never trained
+# on.
 FACT_TEMPLATES = {
     "city": ["where does {e} live ?", "in which city does {e} live ?",
              "what is the home city of {e} ?", "which city is {e} from ?",
@@ -468,7 +441,6 @@ FACT_TEACHER = {"city": "{e} lives in {v} . the answer is {v}",
                 "pet": "{e} has a {v} . the answer is {v}"}
 FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
-
 def fact_examples(rng, n_entities):
     """-> {pool: [fact questions]} about generated entities, pools as in FACT_POOLS."""
     out = {p: [] for p in set(FACT_POOLS)}
@@ -479,11 +451,10 @@ def fact_examples(rng, n_entities):
         for attr, v in facts.items():
             order = rng.permutation(len(FACT_TEMPLATES[attr]))
             for pool, i in zip(FACT_POOLS, order):
-                out[pool].append({"task": "facts", "transcript": FACT_TEMPLATES[attr][i].format(e=e),
-                                  "answer": v, "teacher": FACT_TEACHER[attr].format(e=e, v=v),
-                                  "reference": v})
+                out[pool].append({"task": "facts", "answer": v, "reference": v,
+                                  "transcript": FACT_TEMPLATES[attr][i].format(e=e),
+                                  "teacher": FACT_TEACHER[attr].format(e=e, v=v)})
     return out
-
 
 def unique_examples(make, rng, n, seen):
     """n examples from make(rng) whose prompts are new (not in `seen`, which is updated)."""
@@ -507,29 +478,29 @@ AUDIO_INSTRUCTIONS = {
     "emotion": "does the speaker sound neutral , happy or sad ?",
     "noise": "is the recording clean or noisy ?",
 }
-AUDIO_LABELS = {"pitch": pitch_label, "rate": rate_label, "emotion": emotion_label,
-                "noise": noise_label}
+# a voice's label for each question (thresholds sit in the gaps between the sampled ranges)
+AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
+                "rate": lambda v: "fast" if v["rate"] >= 1.0 else "slow",
+                "emotion": lambda v: v["emotion"],
+                "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
 VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
 
-
-def voice_labels(voice):
-    """{question: label} for every voice attribute a record's `voice` carries (all, in the toy world)."""
-    return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 
+def voice_labels(voice):
+    """{question: label} for every voice attribute a record's `voice` carries (all, in the toy
+    world)."""
+    return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
 
 def make_speakers(rng, n):
-    """Half low voices (80-125 Hz, longer tracts), half high voices (190-260 Hz, shorter)."""
+    """Speakers spk00, spk01, ...: even ones low voices (80-125 Hz, longer tracts), odd ones high
+    voices (190-260 Hz, shorter)."""
     speakers = []
     for i in range(n):
-        if i % 2 == 0:
-            speakers.append({"speaker": "", "pitch_hz": rng.uniform(80, 125),
-                             "tract_scale": rng.uniform(1.0, 1.2)})
-        else:
-            speakers.append({"speaker": "", "pitch_hz": rng.uniform(190, 260),
-                             "tract_scale": rng.uniform(0.85, 1.05)})
+        pitch, tract = ((80, 125), (1.0, 1.2)) if i % 2 == 0 else ((190, 260), (0.85, 1.05))
+        speakers.append({"speaker": f"spk{i:02d}", "pitch_hz": rng.uniform(*pitch),
+                         "tract_scale": rng.uniform(*tract)})
     return speakers
-
 
 def sample_voice(rng, speaker, noisy_p=0.3):
     """One utterance's voice: the speaker's pitch and tract, plus a rate class (slow/fast), an
@@ -542,7 +513,6 @@ def sample_voice(rng, speaker, noisy_p=0.3):
                  emotion=EMOTIONS[int(rng.integers(3))],
                  noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
                  loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
-
 
 # The pools. Every text-family prompt lies in exactly one pool:
 #   text   unspoken prompts the text teacher alone learns from (text is free to generate)
@@ -558,38 +528,18 @@ PRESETS = {
     # in train and 3 times in align, val and test; audio clips per task; speakers seen / unseen
     "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
                  asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
-    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300), facts_entities=100,
-                asr=dict(train=3000, test=200), audio_q=dict(train=400, test=100), speakers=(24, 8)),
+    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300),
+                facts_entities=100, asr=dict(train=3000, test=200),
+                audio_q=dict(train=400, test=100), speakers=(24, 8)),
 }
-
 
 def build_world(seed=0, preset="cpu"):
     """-> list of records (without audio written) for every pool, deterministic in the seed."""
     cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
-    seen = set()   # every prompt string, whatever its pool: pools are disjoint by construction
-    text = {p: [] for p in ("text",) + POOLS}
-    for task, make in (("arith", arith_example), ("instruct", instruct_example)):
-        for pool in ("test", "val", "align", "train", "text"):
-            text[pool] += unique_examples(make, rng, cfg["text"][pool], seen)
-    for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
-        text[pool] += exs
-    vocab = sorted({w for exs in text.values() for ex in exs for w in ex["transcript"].split()
-                    if w.isalpha()})
-
-    n_seen, n_unseen = cfg["speakers"]
-    speakers = make_speakers(rng, n_seen + n_unseen)
-    for i, s in enumerate(speakers):
-        s["speaker"] = f"spk{i:02d}"
-    seen_spk, unseen_spk = speakers[:n_seen], speakers[n_seen:]
-
-    def pick_speaker(pool):   # val / test: half the utterances from speakers never heard in training
-        spk = seen_spk if pool in ("train", "align") or rng.random() < 0.5 else unseen_spk
-        return spk[int(rng.integers(len(spk)))]
-
-    def random_sentence():     # 3-6 words of the world's vocabulary, for ASR and voice questions
-        return " ".join(vocab[i] for i in rng.integers(0, len(vocab), int(rng.integers(3, 7))))
-
+    text = text_pools(rng, cfg)
+    speakers = make_speakers(rng, sum(cfg["speakers"]))
+    n_seen = cfg["speakers"][0]
     records = []
     for pool in ("text",) + POOLS:
         for i, ex in enumerate(text[pool]):
@@ -597,145 +547,185 @@ def build_world(seed=0, preset="cpu"):
                  "kind": "text", "transcript": ex["transcript"], "instruction": "",
                  "reference": ex["reference"], "teacher": ex["teacher"], "answer": ex["answer"]}
             if pool != "text":   # the teacher's own pool is never spoken
-                r["voice"] = asdict(sample_voice(rng, pick_speaker(pool)))
+                r["voice"] = asdict(sample_voice(rng, pick_speaker(rng, speakers, n_seen, pool)))
             records.append(r)
-    seen_audio = set()
-    for pool in ("train", "test"):
-        prompts = [ex["transcript"] for ex in text[pool]]
-        for task in AUDIO_TASKS:
-            n = cfg["asr" if task == "asr" else "audio_q"][pool]
-            for i in range(n):
-                for _ in range(100):   # ASR half spoken prompts of this pool, half random words
-                    if task == "asr" and rng.random() < 0.5:
-                        s = prompts[int(rng.integers(len(prompts)))]
-                    else:
-                        s = random_sentence()
-                    if (task, s) not in seen_audio:
-                        break
-                seen_audio.add((task, s))
-                voice = asdict(sample_voice(rng, pick_speaker(pool),
-                                            noisy_p=0.5 if task == "noise" else 0.3))
-                answer = s if task == "asr" else AUDIO_LABELS[task](voice)
-                records.append({"id": f"{pool}-{task}-{i:05d}", "split": pool, "task": task,
-                                "kind": "audio", "transcript": s,
-                                "instruction": AUDIO_INSTRUCTIONS[task], "reference": answer,
-                                "teacher": None, "answer": answer, "voice": voice})
+    records += audio_records(rng, cfg, text, speakers, n_seen)
     for r in records:
         if "voice" in r:
             r["audio"] = f"wavs/{r['id']}.wav"
     return records
 
+def text_pools(rng, cfg):
+    """{pool: text-skill examples} for the teacher's unspoken pool and every spoken pool."""
+    seen = set()   # every prompt string, whatever its pool: pools are disjoint by construction
+    text = {p: [] for p in ("text",) + POOLS}
+    for make in (arith_example, instruct_example):
+        for pool in ("test", "val", "align", "train", "text"):
+            text[pool] += unique_examples(make, rng, cfg["text"][pool], seen)
+    for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
+        text[pool] += exs
+    return text
+
+def pick_speaker(rng, speakers, n_seen, pool):
+    """One utterance's speaker: train and align speak with the first n_seen (the training
+    speakers); val and test, half the time, with one never heard in training."""
+    seen, unseen = speakers[:n_seen], speakers[n_seen:]
+    spk = seen if pool in ("train", "align") or rng.random() < 0.5 else unseen
+    return spk[int(rng.integers(len(spk)))]
+
+def audio_records(rng, cfg, text, speakers, n_seen):
+    """The audio-skill records of the train and test pools: transcription (half of it the pool's
+    own spoken prompts, half random words of the world's vocabulary) and the voice questions."""
+    vocab = sorted({w for exs in text.values() for ex in exs for w in ex["transcript"].split()
+                    if w.isalpha()})
+    seen, records = set(), []
+    for pool in ("train", "test"):
+        prompts = [ex["transcript"] for ex in text[pool]]
+        for task in AUDIO_TASKS:
+            for i in range(cfg["asr" if task == "asr" else "audio_q"][pool]):
+                for _ in range(100):   # a sentence this task has not used yet
+                    if task == "asr" and rng.random() < 0.5:
+                        s = prompts[int(rng.integers(len(prompts)))]
+                    else:   # 3-6 words
+                        n = int(rng.integers(3, 7))
+                        s = " ".join(vocab[k] for k in rng.integers(0, len(vocab), n))
+                    if (task, s) not in seen:
+                        break
+                seen.add((task, s))
+                speaker = pick_speaker(rng, speakers, n_seen, pool)
+                voice = asdict(sample_voice(rng, speaker, noisy_p=0.5 if task == "noise" else 0.3))
+                answer = s if task == "asr" else AUDIO_LABELS[task](voice)
+                records.append({"id": f"{pool}-{task}-{i:05d}", "split": pool, "task": task,
+                                "kind": "audio", "transcript": s,
+                                "instruction": AUDIO_INSTRUCTIONS[task], "reference": answer,
+                                "teacher": None, "answer": answer, "voice": voice})
+    return records
 
 WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
-UNFINISHED = "generating.json"   # written before the first clip, removed after done.json: a generation cut short
-
-
-def _speak(job):
-    """One clip of make_toy_data: (transcript, voice fields, seed, path) -> its length in samples."""
-    text, voice, seed, path = job
-    audio = synthesize(text, Voice(**voice), seed=seed)
-    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-    return len(audio)
-
-
-def _speak_all(jobs):
-    """A worker's share of make_toy_data: _speak on each job -> their lengths."""
-    return [_speak(job) for job in jobs]
-
+UNFINISHED = "generating.json"  # written before the first clip, removed after done.json
 
 def make_toy_data(out_dir, seed=0, preset="cpu"):
     """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
     teacher's unspoken prompts out_dir/text.jsonl, and out_dir/tokenizer.json. Skips the work
     when out_dir already holds the same (seed, preset, format). Returns the paths.
 
-    The clips are made by worker processes ('spawn': each imports the calling script); from a
-    script without an `if __name__ == "__main__":` guard they cannot start, and the clips are made
-    in this process instead, with the same bytes."""
+    The clips are made by worker processes (see speak_in_workers), or in this process when they
+    cannot start, with the same bytes. Every file is written atomically: a generation cut short
+    or a full disk leaves no partial file, and generating.json says to make it again."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # a spawned worker importing a guard-less calling script, which calls this again: leave
         # quietly (the pool breaks and the calling process makes the clips itself)
         raise SystemExit(0)
     paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
-    paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"), wavs=os.path.join(out_dir, "wavs"))
-    stamp = os.path.join(out_dir, "done.json")
+    paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"),
+                 wavs=os.path.join(out_dir, "wavs"))
+    stamp, mark = os.path.join(out_dir, "done.json"), os.path.join(out_dir, UNFINISHED)
     want = {"seed": seed, "preset": preset, "format": WORLD_FORMAT}
     if os.path.exists(stamp):
         with open(stamp) as fh:
             if json.load(fh) == want:
                 return paths
-    mark = os.path.join(out_dir, UNFINISHED)
     again = " again: the last generation there was cut short" if os.path.exists(mark) else ""
     print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}{again}", flush=True)
     t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    with open(mark, "w") as fh:  # first, so that a generation cut short is known as this project's own
-        json.dump(want, fh)
-    if os.path.exists(stamp):  # an older world is being replaced: no longer done
-        os.remove(stamp)
     os.makedirs(paths["wavs"], exist_ok=True)
+    # the mark first, so that a generation cut short is known as this project's own; the stamp
+    # of the world it replaces goes
+    atomic_write(mark, lambda f: json.dump(want, f))
+    if os.path.exists(stamp):
+        os.remove(stamp)
     records = build_world(seed, preset)
-    # one seed per clip, so any clip can be made alone: in parallel, one process per core, with the
-    # same bytes as one process would write
-    jobs = [(r["transcript"], r["voice"], seed * 1_000_003 + i, os.path.join(out_dir, r["audio"]))
+    # one seed per clip, so any clip can be made alone, by any process, with the same bytes
+    jobs = [(r["transcript"], r["voice"], mix_seed(seed, i), os.path.join(out_dir, r["audio"]))
             for i, r in enumerate(records) if "audio" in r]
-    made, shown = [], time.time()  # made: the clips' lengths, in job order
-
-    def collect(lengths):
-        nonlocal shown
-        for n in lengths:
-            made.append(n)
-            if time.time() - shown >= 5 and len(made) < len(jobs):   # a line every 5 s
-                shown, rate = time.time(), len(made) / (time.time() - t0)
-                print(f"[data] {len(made)}/{len(jobs)} clips, {rate:.0f} clips/s, eta {(len(jobs) - len(made)) / rate:.0f} s", flush=True)
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if workers > 1:
-        try:
-            others = set(multiprocessing.active_children())
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-                # the workers, started by submit, are born with Ctrl-C blocked (a signal mask is kept
-                # through exec): it is this process's to handle, not a traceback in each of them.
-                # Blocked, not ignored: a Ctrl-C while they start is held, and raised here after
-                hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-                if hold:
-                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                try:
-                    parts = [ex.submit(_speak_all, jobs[i:i + 32]) for i in range(0, len(jobs), 32)]
-                    if hold:
-                        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-                    collect(n for part in parts for n in part.result())
-                except KeyboardInterrupt:  # stop now: a generation cut short is made again from the start
-                    for w in set(multiprocessing.active_children()) - others:  # the pool's workers
-                        w.terminate()
-                    raise
-                finally:
-                    if hold:
-                        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        except BrokenProcessPool:
-            print("[data] the clip workers could not start (a script that calls data.make_toy_data needs its code under "
-                  "`if __name__ == \"__main__\":` for them); making the clips in this process", flush=True)
-    collect(map(_speak, jobs[len(made):]))
+    progress = Progress("data", "toy world", len(jobs))
+    made = speak_in_workers(jobs, progress)
+    for job in jobs[len(made):]:
+        made.append(_speak(job))
+        progress(len(made))
     for pool in ("text",) + POOLS:
-        with open(paths[pool], "w") as fh:
-            for r in records:
-                if r["split"] == pool:
-                    fh.write(json.dumps(r) + "\n")
-    train_tokenizer(toy_corpus(records)).save(paths["tokenizer"])
-    with open(stamp, "w") as fh:
-        json.dump(want, fh)
+        lines = "".join(json.dumps(r) + "\n" for r in records if r["split"] == pool)
+        atomic_write(paths[pool], lambda f: f.write(lines))
+    tok = train_tokenizer(toy_corpus(records))
+    atomic_write(paths["tokenizer"], lambda f: f.write(tok.to_str(pretty=True)))
+    atomic_write(stamp, lambda f: json.dump(want, f))
     os.remove(mark)
-    print(f"toy data ({preset}, seed {seed}): {len(made)} clips, {sum(made) / SAMPLE_RATE / 3600:.2f} h "
-          f"of audio, {len(records) - len(made)} unspoken prompts, {time.time() - t0:.1f} s -> {out_dir}")
+    print(f"toy data ({preset}, seed {seed}): {len(made)} clips, "
+          f"{sum(made) / SAMPLE_RATE / 3600:.2f} h of audio, {len(records) - len(made)} unspoken "
+          f"prompts, {time.time() - t0:.1f} s -> {out_dir}")
     return paths
 
+def _speak(job):
+    """One clip: (transcript, voice fields, seed, path) -> its length in samples."""
+    text, voice, seed, path = job
+    audio = synthesize(text, Voice(**voice), seed=seed)
+    atomic_write(path, lambda f: sf.write(f, audio, SAMPLE_RATE, "PCM_16", format="WAV"), "wb")
+    return len(audio)
+
+def speak_in_workers(jobs, progress):
+    """_speak on every job in worker processes, one per core up to 8 ('spawn': each imports the
+    calling script), 32 jobs a task; progress(n) as clips are done. -> the clips' lengths in job
+    order; [] with one core or when the workers cannot start (a calling script without
+    `if __name__ == "__main__":`): the caller then makes the clips itself."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
+    workers, made = min(len(cores), 8), []
+    if workers < 2:
+        return made
+    others = set(multiprocessing.active_children())
+    try:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                 initializer=_end_with_parent, initargs=(os.getpid(),)) as ex:
+            try:
+                for n in _holding_ctrl_c(lambda: ex.map(_speak, jobs, chunksize=32)):
+                    made.append(n)
+                    progress(len(made))
+            except BaseException as e:  # Ctrl-C, a full disk: stop now, not after every task
+                for w in set(multiprocessing.active_children()) - others:  # the pool's workers
+                    w.terminate()
+                e.__cause__ = None  # a worker's error names its file: no remote traceback under it
+                raise
+    except BrokenProcessPool:
+        print("[data] the clip workers could not start (a script that calls data.make_toy_data "
+              "needs its code under `if __name__ == \"__main__\":` for them); making the clips "
+              "in this process", flush=True)
+        return []
+    return made
+
+def _end_with_parent(parent):
+    """A clip worker's first step: a daemon thread ends the worker once its parent is gone (by any
+    signal, kill -9 too: the worker is then another process's child), so that no worker outlives
+    its generation and writes clips after it."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+def _holding_ctrl_c(start):
+    """start() with Ctrl-C held, then raised after it (by signal.raise_signal: the handler in
+    place decides). SIGINT is blocked in this thread, so the workers that start() spawns are born
+    with it blocked (the mask is kept through exec): a terminal's Ctrl-C is this process's to
+    handle, not a traceback in each worker. Another thread may still receive it; the handler here
+    only notes it, so no KeyboardInterrupt lands mid-spawn (a half-started worker)."""
+    if threading.current_thread() is not threading.main_thread() or os.name != "posix":
+        return start()
+    held = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is noted now
+        signal.signal(signal.SIGINT, handler)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 # -----------------------------------------------------------------------------
 # scoring
 
-
 def normalize_text(s):
     """Lower case, punctuation split off, '.' dropped, single spaces."""
     return " ".join(w for w in re.findall(r"\w+|[^\w\s]", s.lower()) if w != ".")
-
 
 def extract_answer(text):
     """The final answer: what follows the last 'the answer is', else the whole text (normalised)."""
@@ -744,12 +734,10 @@ def extract_answer(text):
     i = s.rfind(key)
     return s[i + len(key):].strip() if i >= 0 else s
 
-
 def spoken_words(text):
     """The words of a transcript that are spoken (punctuation is silent): what every hearing row
     is scored against, so that no row loses points for punctuation it cannot hear."""
     return " ".join(w for w in normalize_text(text).split() if w.isalpha())
-
 
 def wer(reference, hypothesis):
     """Word error rate: word-level edit distance / number of reference words."""
@@ -762,7 +750,6 @@ def wer(reference, hypothesis):
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[-1] / len(ref)
-
 
 def score(record, prediction):
     """1 - WER (floored at 0) for transcription; exact match of the final answer otherwise."""
@@ -782,7 +769,6 @@ PAD, USER, ASSISTANT, END, AUDIO = "<|pad|>", "<|user|>", "<|assistant|>", "<|en
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this order
 
-
 @dataclass(frozen=True)
 class ChatFormat:
     """The strings around a turn: a prompt is user + content + " " + instruction + assistant, a
@@ -797,9 +783,7 @@ class ChatFormat:
     pad: str = PAD
     source: str = field(default="", compare=False)  # the file it was read from, for error messages
 
-
 TOY_FORMAT = ChatFormat()
-
 
 def read_chat_format(path):
     """A chat-format JSON file -> ChatFormat; a missing file, unknown field or non-string value is
@@ -819,17 +803,15 @@ def read_chat_format(path):
             raise ValueError(f"{path}: field {k!r} must be a non-empty string, got {v!r}")
     missing = [k for k in ("user", "assistant", "end") if k not in raw]
     if missing:
-        raise ValueError(f"{path}: missing field(s) {missing} (the strings before a user turn and an "
-                         f"assistant turn, and the end-of-turn token)")
+        raise ValueError(f"{path}: missing field(s) {missing} (the strings before a user turn "
+                         f"and an assistant turn, and the end-of-turn token)")
     return ChatFormat(**raw, source=os.fspath(path))
-
 
 def toy_corpus(records):
     for r in records:
         for key in ("transcript", "instruction", "reference", "teacher"):
             if r.get(key):
                 yield r[key]
-
 
 def train_tokenizer(corpus):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -839,13 +821,12 @@ def train_tokenizer(corpus):
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     return tok
 
-
 def load_tokenizer(path):
     from tokenizers import Tokenizer
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: tokenizer not found (a Hugging Face tokenizer.json is expected)")
+        raise FileNotFoundError(f"{path}: tokenizer not found (a Hugging Face tokenizer.json "
+                                f"is expected)")
     return Tokenizer.from_file(os.fspath(path))
-
 
 def chat_ids(tok, fmt):
     """The ids of a chat format's single tokens -> {"end", "audio", "pad"}. The audio placeholder is
@@ -861,15 +842,14 @@ def chat_ids(tok, fmt):
             if name == "pad":
                 out["pad"] = out["end"]  # padding is masked: any valid id will do
                 continue
-            raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = {getattr(fmt, name)!r} is {len(ids)} tokens for the "
-                             f"tokenizer, expected exactly one")
+            raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = "
+                             f"{getattr(fmt, name)!r} is {len(ids)} tokens for the tokenizer, "
+                             f"expected exactly one")
         out[name] = ids[0]
     return out
 
-
 def _ids(tok, text):
     return tok.encode(text, add_special_tokens=False).ids if text else []
-
 
 def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     """The chat format, for the teacher's text prompt and the student's speech prompt alike:
@@ -889,7 +869,6 @@ def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     return (_ids(tok, fmt.user) + content + _ids(tok, " " + instruction if instruction else "")
             + _ids(tok, fmt.assistant))
 
-
 def spoken_word_ids(tok, transcript):
     """The token ids of a transcript's spoken words (punctuation is silent), one list per word:
     one id each with a word-level tokenizer, a word's pieces with a BPE (mid-sentence words with
@@ -897,10 +876,8 @@ def spoken_word_ids(tok, transcript):
     words = [w for w in normalize_text(transcript).split() if w.isalpha()]
     return [_ids(tok, w if i == 0 else " " + w) for i, w in enumerate(words)]
 
-
 def encode_response(tok, text, fmt=TOY_FORMAT):
     return _ids(tok, text) + [tok.token_to_id(fmt.end)]
-
 
 def decode_response(tok, ids, fmt=TOY_FORMAT):
     """Ids -> text, stopping at the first end token and dropping special tokens."""
@@ -917,79 +894,92 @@ MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instru
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
 # what each field must hold, checked as a manifest is read (not when a stage first uses it):
 # (types, said as). reference and teacher may be null: a record without that response.
-FIELD_TYPES = {"split": (str, "a string"), "task": (str, "a string"), "instruction": (str, "a string"),
-               "answer": (str, "a string"), "reference": ((str, type(None)), "a string or null"),
-               "teacher": ((str, type(None)), "a string or null"), "voice": (dict, "an object of voice fields")}
-NUMBER = ((int, float), "a number")
-VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise": NUMBER, "loudness": NUMBER,
-               "emotion": (str, f"one of {', '.join(EMOTIONS)}"), "speaker": (str, "a string")}
-
+STRING, NUMBER = (str, "a string"), ((int, float), "a number")
+OPTIONAL = ((str, type(None)), "a string or null")
+FIELD_TYPES = {"split": STRING, "task": STRING, "instruction": STRING, "answer": STRING,
+               "reference": OPTIONAL, "teacher": OPTIONAL,
+               "voice": (dict, "an object of voice fields")}
+VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise": NUMBER,
+               "loudness": NUMBER, "emotion": (str, f"one of {', '.join(EMOTIONS)}"),
+               "speaker": STRING}
 
 def field_error(r):
     """The first field of record r (defaults filled in) that holds the wrong type -> 'field ... is
     ...; expected ...', or None."""
     checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
     if isinstance(r["voice"], dict):
-        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k]) for k in VOICE_TYPES if k in r["voice"]]
+        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k])
+                   for k in VOICE_TYPES if k in r["voice"]]
     for name, v, types, what in checks:
-        if not isinstance(v, types) or isinstance(v, bool) or (name == "voice.emotion" and v not in EMOTIONS):
+        if (not isinstance(v, types) or isinstance(v, bool)
+                or (name == "voice.emotion" and v not in EMOTIONS)):
             shown = json.dumps(v)
-            return f"field {name!r} is {shown if len(shown) < 60 else shown[:57] + '...'}; expected {what}"
+            shown = shown if len(shown) < 60 else shown[:57] + "..."
+            return f"field {name!r} is {shown}; expected {what}"
     return None
 
-
 def read_manifest(path, audio=True, seen=None, required=False):
-    """-> list of records with 'audio' resolved to an absolute path. Blank lines are skipped;
-    a malformed line (not UTF-8, not JSON, a field of the wrong type) raises ValueError naming the
-    file, line number and field. audio=False reads unspoken prompts (the teacher's text.jsonl): no
-    'audio' field is needed. Ids must be unique (log-mels and encoder features are cached by id):
-    within the file, and across the files read with the same `seen` dict ({id: 'file:line'}, updated).
-    required: a file without records is an error too (found here, not at the stage that needs them)."""
+    """-> list of records, defaults filled in, 'audio' resolved to an absolute path. Blank lines
+    are skipped; a malformed line raises ValueError naming the file, line and field (manifest_
+    record). audio=False reads unspoken prompts (the teacher's text.jsonl): no 'audio' field.
+    Ids are unique (log-mels and encoder features are cached by id) in the file and across the
+    files read with the same `seen` dict ({id: 'file:line'}, updated). required: a file without
+    records is an error too (found here, not at the stage that needs them)."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
     records = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 f"expected JSON Lines in UTF-8") from None
-            if not line.strip():
+            r = manifest_record(raw, f"{path}:{lineno}", audio, seen)
+            if r is None:
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-            required = ("id", "audio", "transcript") if audio else ("id", "transcript")
-            missing = [k for k in required if not isinstance(r.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing or non-string field(s) {missing}")
-            if r.get("kind", "text") not in ("text", "audio"):
-                raise ValueError(f"{path}:{lineno}: kind must be 'text' or 'audio'")
-            if r["id"] in seen:
-                raise ValueError(f"{path}:{lineno}: id {r['id']!r} is already used at {seen[r['id']]}; ids must "
-                                 f"be unique across the manifests (audio is cached by id)")
-            r = {**MANIFEST_DEFAULTS, **r}
-            wrong = field_error(r)
-            if wrong:
-                raise ValueError(f"{path}:{lineno}: {wrong}")
             seen[r["id"]] = f"{path}:{lineno}"
             if audio:
                 r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
             records.append(r)
     if required and not records:
-        raise ValueError(f"{path}: no records; expected one JSON object per line (README, 'Bring your own audio')")
+        raise ValueError(f"{path}: no records; expected one JSON object per line (README, "
+                         f"'Bring your own audio')")
     return records
 
+def manifest_record(raw, where, audio, seen):
+    """One manifest line (bytes) -> its record with defaults filled in, or None when blank;
+    ValueError '<where>: <what is wrong>' when it is not UTF-8, not a JSON object, lacks a field,
+    repeats an id of `seen` or holds a field of the wrong type."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1}); expected JSON Lines in UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    needed = ("id", "audio", "transcript") if audio else ("id", "transcript")
+    missing = [k for k in needed if not isinstance(r.get(k), str)]
+    if missing:
+        wrong = f"missing or non-string field(s) {missing}"
+    elif r.get("kind", "text") not in ("text", "audio"):
+        wrong = "kind must be 'text' or 'audio'"
+    elif r["id"] in seen:
+        wrong = (f"id {r['id']!r} is already used at {seen[r['id']]}; ids must be unique across "
+                 f"the manifests (audio is cached by id)")
+    else:
+        r = {**MANIFEST_DEFAULTS, **r}
+        wrong = field_error(r)
+    if wrong:
+        raise ValueError(f"{where}: {wrong}")
+    return r
+
 # -----------------------------------------------------------------------------
-# shared small helpers: seeds, progress lines, fingerprints
+# shared small helpers: seeds, progress lines, fingerprints, atomic writes
 
 SEED_MIX = 1_000_003  # a prime larger than any step count: mix_seed's parts never collide
-
 
 def mix_seed(*parts):
     """One integer seed from several (seed, step, rank, ...): mix_seed(a, b) = a * SEED_MIX + b."""
@@ -997,7 +987,6 @@ def mix_seed(*parts):
     for p in parts:
         out = out * SEED_MIX + p
     return out
-
 
 class Progress:
     """A progress line at most every `every` seconds while `total` items are worked through:
@@ -1012,16 +1001,14 @@ class Progress:
         if now - self.shown >= self.every and n < self.total:
             rate = n / (now - self.t0)
             eta = (self.total - n) / rate if rate > 0 else float("nan")
-            print(f"[{self.name}] {self.what}: {n}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s, "
-                  f"eta {eta:.0f} s", flush=True)
+            print(f"[{self.name}] {self.what}: {n}/{self.total} {self.unit}, "
+                  f"{rate:.0f} {self.unit}/s, eta {eta:.0f} s", flush=True)
             self.shown = now
-
 
 def fingerprint(obj):
     """16 hex digits of a SHA-256 over a JSON-able object (keys sorted): equal exactly when what
     went into an output (settings, data digests, the fingerprints of its inputs) is equal."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def file_digest(path, head=None):
     """SHA-256 (16 hex digits) of a file's bytes, or of its size and first `head` bytes."""
@@ -1034,42 +1021,47 @@ def file_digest(path, head=None):
             h.update(f"{os.fstat(f.fileno()).st_size}:".encode() + f.read(head))
     return h.hexdigest()[:16]
 
+def atomic_write(path, write, mode="w"):
+    """write(f) into path + ".tmp", then rename it to path: a failure (a full disk, no
+    permission) leaves no partial file and ends in one OSError naming path."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, f"{path}: cannot be written ({e.strerror or e})") from None
 
 # -----------------------------------------------------------------------------
 # batching
 
+def pad(seqs, value=0):
+    """list of (T_i, ...) tensors -> ((B, T_max, ...) right padded with value, lens (B,))."""
+    lens = torch.tensor([len(x) for x in seqs], dtype=torch.long)
+    return pad_sequence(seqs, batch_first=True, padding_value=value), lens
 
 def collate_tokens(seqs, pad_id):
     """list of id lists -> (ids (B, T) right padded with pad_id, lens (B,))."""
-    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ids = torch.full((len(seqs), int(lens.max()) if len(seqs) else 0), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return ids, lens
-
+    return pad([torch.as_tensor(s, dtype=torch.long) for s in seqs], pad_id)
 
 def collate_mels(mels):
     """list of (n_mels, T_i) -> (mels (B, n_mels, T_max) zero padded, mel_lens (B,))."""
-    lens = torch.tensor([m.shape[-1] for m in mels], dtype=torch.long)
-    out = torch.zeros(len(mels), mels[0].shape[0], int(lens.max()))
-    for b, m in enumerate(mels):
-        out[b, :, :m.shape[-1]] = torch.as_tensor(m)
-    return out, lens
-
+    out, lens = pad([torch.as_tensor(m).T for m in mels])
+    return out.transpose(1, 2).contiguous(), lens
 
 @dataclass
 class Batch:
-    """
-    One batch of prompts, and optionally of fixed responses, as xopd.py's steps take it. Right
-    padded; each *_lens (B,) holds the real length of every row. A field the batch does not
-    carry is None.
+    """One batch of prompts, and optionally of fixed responses, as xopd.py's steps take it. Right
+    padded; each *_lens (B,) holds the real length of every row; a field not carried is None.
 
-        text_ids, text_lens          (B, T_t)   text prompts   <|user|> transcript instruction <|assistant|>
-        speech_ids, speech_lens      (B, T_s)   speech prompts <|user|> <|audio|> instruction <|assistant|>
+        text_ids, text_lens          (B, T_t)  <|user|> transcript instruction <|assistant|>
+        speech_ids, speech_lens      (B, T_s)  <|user|> <|audio|> instruction <|assistant|>
         mels, mel_lens               (B, n_mels, T_mel)  log-mels of the speech prompts' audio
-        feats, feat_lens             (B, T_enc, n_state) a frozen encoder's outputs for that audio,
-                                                in place of mels
-        response_ids, response_lens  (B, L)     fixed responses, ending with <|end|>
+        feats, feat_lens             (B, T_enc, n_state) a frozen encoder's outputs for that
+                                     audio, in place of mels
+        response_ids, response_lens  (B, L)    fixed responses, ending with <|end|>
     """
     text_ids: torch.Tensor | None = None
     text_lens: torch.Tensor | None = None
@@ -1084,9 +1076,8 @@ class Batch:
 
     def to(self, device):
         """A copy with every tensor on device."""
-        present = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        return replace(self, **{k: v.to(device) for k, v in present.items()})
-
+        present = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in present.items() if v is not None})
 
 def text_families(records, per_family=None):
     """{family: its text-skill records (the first per_family of them)}, families in sorted order."""
@@ -1095,7 +1086,6 @@ def text_families(records, per_family=None):
         if r["kind"] == "text":
             fams.setdefault(r["task"], []).append(r)
     return {t: rs[:per_family] for t, rs in sorted(fams.items())}
-
 
 def batch_indices(n_items, batch_size, step, seed):
     """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
@@ -1106,7 +1096,6 @@ def batch_indices(n_items, batch_size, step, seed):
     epoch, i = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_items)
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
-
 
 class World:
     """A data folder loaded once per run: a manifest per pool (train.jsonl and test.jsonl required;
@@ -1123,11 +1112,12 @@ class World:
         self.lines = ids = {}
         self.train = read_manifest(path("train"), seen=ids, required=True)
         self.test = read_manifest(path("test"), seen=ids, required=True)
-        self.align = read_manifest(path("align"), seen=ids) if os.path.exists(path("align")) else []
-        self.val = read_manifest(path("val"), seen=ids) if os.path.exists(path("val")) else []
-        self.text = read_manifest(path("text"), audio=False) if os.path.exists(path("text")) else []
+        exists = lambda name: os.path.exists(path(name))
+        self.align = read_manifest(path("align"), seen=ids) if exists("align") else []
+        self.val = read_manifest(path("val"), seen=ids) if exists("val") else []
+        self.text = read_manifest(path("text"), audio=False) if exists("text") else []
         # the speakers of the train pool: a clip by anyone else is an unseen speaker's
-        self.heard = {r["voice"].get("speaker") for r in self.train} - {None, ""}
+        self.train_speakers = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         special = chat_ids(self.tok, fmt)
         self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
         self._mels, self._digests = {}, {}
@@ -1135,11 +1125,12 @@ class World:
         # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
 
-    def check_clips(self, max_seconds, pools=POOLS):
-        """Every clip of the spoken manifests (of `pools`), by its header (check_clip): a bad one is
-        found before any stage trains, not at the first that reads it."""
+    def check_clips(self, max_seconds, pools=POOLS, decode=False):
+        """Every clip of the spoken manifests (of `pools`) by check_clip: by its header, or
+        decoded in full (decode, for a user's clips): a bad one is found before any stage trains,
+        not at the first that reads it."""
         for r in (r for pool in pools for r in getattr(self, pool)):
-            check_clip(r["audio"], self.lines[r["id"]], max_seconds)
+            check_clip(r["audio"], self.lines[r["id"]], max_seconds, decode)
 
     def digest(self, pools):
         """What the records of `pools` hold, for fingerprints: the manifests' bytes, each clip's
@@ -1171,10 +1162,10 @@ class World:
         return self._mels[rec["id"]]
 
     def features(self, recs, encoder, device):
-        """A frozen encoder's outputs, computed once per clip and encoder (the omni stage sees each
-        clip many times). The encoder is padding invariant, so batching does not change them. A record
-        that carries its outputs under "feats" (train.spliced_lists: no clip of its own) uses those.
-        -> feats (B, T, n_state), lens (B,)."""
+        """A frozen encoder's outputs, computed once per clip and encoder (the omni stage sees
+        each clip many times); the encoder is padding invariant, so batching does not change
+        them. A record that carries its outputs under "feats" (train.spliced_lists: no clip of
+        its own) uses those. -> feats (B, T, n_state), lens (B,)."""
         cache = self._feats.setdefault(encoder, {})
         todo = [r for r in recs if "feats" not in r and r["id"] not in cache]
         if todo:
@@ -1183,52 +1174,49 @@ class World:
                 x, lens = encoder(mels.to(device), mel_lens.to(device))
             for r, xr, n in zip(todo, x, lens.tolist()):
                 cache[r["id"]] = xr[:n].clone()
-        feats = [r["feats"] if "feats" in r else cache[r["id"]] for r in recs]  # a spliced clip carries its own
-        lens = torch.tensor([len(f) for f in feats], device=device)
-        out = feats[0].new_zeros(len(feats), int(lens.max()), feats[0].shape[-1])
-        for i, f in enumerate(feats):
-            out[i, :len(f)] = f
-        return out, lens
+        feats, lens = pad([r["feats"] if "feats" in r else cache[r["id"]] for r in recs])
+        return feats, lens.to(device)
 
     def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
         """A Batch of recs: text and/or speech prompts, and optional fixed responses (a list of
         strings, one per record). Speech comes as mels, or, given a frozen encoder, as its
         cached outputs (see features)."""
         b = Batch()
+        prompts = lambda modality: collate_tokens([self.prompt(r, modality) for r in recs],
+                                                  self.pad_id)
         if text:
-            b.text_ids, b.text_lens = collate_tokens([self.prompt(r, "text") for r in recs], self.pad_id)
+            b.text_ids, b.text_lens = prompts("text")
         if speech:
-            b.speech_ids, b.speech_lens = collate_tokens([self.prompt(r, "speech") for r in recs], self.pad_id)
+            b.speech_ids, b.speech_lens = prompts("speech")
             if encoder is None:
                 b.mels, b.mel_lens = collate_mels([self.mel(r) for r in recs])
             else:
                 b.feats, b.feat_lens = self.features(recs, encoder, device)
         if responses is not None:
-            b.response_ids, b.response_lens = collate_tokens([self.response(t) for t in responses], self.pad_id)
+            responses = [self.response(t) for t in responses]
+            b.response_ids, b.response_lens = collate_tokens(responses, self.pad_id)
         return b.to(device)
-
 
 # -----------------------------------------------------------------------------
 # a run's world
 
 def world_of(settings, n_mels=N_MELS, data_dir=None):
-    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer of
-    its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
+    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer
+    of its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
     fmt = read_chat_format(settings["chat_format"]) if settings.get("chat_format") else TOY_FORMAT
-    tokenizer = os.path.join(settings["teacher"], "tokenizer.json") if settings.get("teacher") else None
+    teacher = settings.get("teacher")
+    tokenizer = os.path.join(teacher, "tokenizer.json") if teacher else None
     return World(data_dir or settings["data"], tokenizer, fmt, n_mels)
-
 
 RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
 
-
 def run_path(settings, key, out):
-    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now in
-    folder out: a path inside the run folder moves with the folder (a copied or moved run keeps its
-    own data); any other is as stored (absolute; an older version stored the path as given, relative
-    to the directory it ran in)."""
+    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now
+    in folder out: a path inside the run folder moves with the folder (a copied or moved run
+    keeps its own data); any other is returned as stored."""
     p, was = settings.get(key) or "", settings.get("out") or ""
     if not p or not was:
         return p
     rel = os.path.relpath(p, was)
-    return p if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.normpath(os.path.join(out, rel))
+    outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+    return p if outside else os.path.normpath(os.path.join(out, rel))

@@ -269,11 +269,15 @@ def test_audio_labels_follow_voice(toy):
     assert data.voice_labels({"pitch_hz": 120.0, "emotion": "happy"}) == {"pitch": "low", "emotion": "happy"}  # what it carries
 
 
-def test_audio_label_thresholds_at_the_boundary():
-    assert data.pitch_label({"pitch_hz": 160.0}) == "high" and data.pitch_label({"pitch_hz": 159.99}) == "low"
-    assert data.rate_label({"rate": 1.0}) == "fast" and data.rate_label({"rate": 0.999}) == "slow"
-    assert data.noise_label({"noise": 0.1}) == "noisy" and data.noise_label({"noise": 0.0999}) == "clean"
-    assert data.emotion_label({"emotion": "sad"}) == "sad"
+@pytest.mark.parametrize("task, field, at, below, labels", [
+    ("pitch", "pitch_hz", 160.0, 159.99, ("high", "low")),
+    ("rate", "rate", 1.0, 0.999, ("fast", "slow")),
+    ("noise", "noise", 0.1, 0.0999, ("noisy", "clean")),
+])
+def test_audio_label_thresholds_at_the_boundary(task, field, at, below, labels):
+    label = data.AUDIO_LABELS[task]
+    assert (label({field: at}), label({field: below})) == labels
+    assert data.AUDIO_LABELS["emotion"]({"emotion": "sad"}) == "sad"
 
 
 def test_scorers_known_values(toy):
