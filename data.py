@@ -667,8 +667,11 @@ def speak_in_workers(jobs, progress):
     calling script), 32 jobs a task; progress(n) as clips are done. -> the clips' lengths in job
     order; [] with one core or when the workers cannot start (a calling script without
     `if __name__ == "__main__":`): the caller then makes the clips itself."""
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
-    workers, made = min(len(cores), 8), []
+    if hasattr(os, "sched_getaffinity"):
+        workers = min(len(os.sched_getaffinity(0)), 8)
+    else:
+        workers = min(os.cpu_count() or 1, 8)
+    made = []
     if workers < 2:
         return made
     others = set(multiprocessing.active_children())

@@ -629,16 +629,19 @@ def running(pid):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
-def test_the_clip_workers_end_when_their_parent_is_killed(tmp_path):
-    """kill -9 of a generation once its workers write clips: within a few seconds none of its
-    child processes (the clip workers, multiprocessing's resource tracker) is left, and no clip
-    is written after."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_clip_workers_end_when_their_parent_is_killed(tmp_path, sig):
+    """kill -9 (or SIGTERM) of a generation once its workers write clips: within a few seconds
+    none of its child processes (the clip workers, multiprocessing's resource tracker) is left,
+    and no clip is written after."""
     out, script = tmp_path / "d", tmp_path / "gen.py"
     root = os.path.dirname(os.path.abspath(data.__file__))
     script.write_text(f"import os, sys\nsys.path.insert(0, {root!r})\nimport data\n"
                       "if __name__ == '__main__':\n"
                       "    os.sched_getaffinity = lambda pid: {0, 1}  # two workers\n"
-                      f"    data.make_toy_data({str(out)!r}, seed=0, preset='cpu')\n")
+                      "    data.PRESETS['long'] = dict(data.PRESETS['tiny'], asr=dict(train=3000, "
+                      "test=10))\n"
+                      f"    data.make_toy_data({str(out)!r}, seed=0, preset='long')\n")
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -649,7 +652,7 @@ def test_the_clip_workers_end_when_their_parent_is_killed(tmp_path):
         workers = children(p.pid)
         assert len(workers) >= 2
     finally:
-        p.kill()
+        p.send_signal(sig)
         p.wait()
     deadline = time.time() + 10
     while any(running(w) for w in workers) and time.time() < deadline:
