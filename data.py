@@ -662,6 +662,10 @@ def _speak(job):
     atomic_write(path, lambda f: sf.write(f, audio, SAMPLE_RATE, "PCM_16", format="WAV"), "wb")
     return len(audio)
 
+def _speak_all(jobs):
+    """A worker's task: _speak on each job -> their lengths."""
+    return [_speak(job) for job in jobs]
+
 def speak_in_workers(jobs, progress):
     """_speak on every job in worker processes, one per core up to 8 ('spawn': each imports the
     calling script), 32 jobs a task; progress(n) as clips are done. -> the clips' lengths in job
@@ -678,9 +682,11 @@ def speak_in_workers(jobs, progress):
     try:
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
                                  initializer=_end_with_parent, initargs=(os.getpid(),)) as ex:
-            try:
-                for n in _holding_ctrl_c(lambda: ex.map(_speak, jobs, chunksize=32)):
-                    made.append(n)
+            try:  # submit, not map: a future map cancels breaks the pool's own thread
+                parts = _holding_ctrl_c(lambda: [ex.submit(_speak_all, jobs[i:i + 32])
+                                                 for i in range(0, len(jobs), 32)])
+                for part in parts:
+                    made += part.result()
                     progress(len(made))
             except BaseException as e:  # Ctrl-C, a full disk: stop now, not after every task
                 for w in set(multiprocessing.active_children()) - others:  # the pool's workers

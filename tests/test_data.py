@@ -585,6 +585,7 @@ def test_a_full_disk_while_making_the_clips_stops_the_generation_with_one_error(
     assert (out / data.UNFINISHED).exists() and not (out / "done.json").exists()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_clip_a_worker_cannot_write_ends_the_generation_with_one_error_naming_it(
         tmp_path, monkeypatch, capfd):
     """In the clip workers (two, on any machine): a directory where a clip goes makes its
@@ -663,6 +664,7 @@ def test_the_clip_workers_end_when_their_parent_is_killed(tmp_path, sig):
     assert sorted(os.listdir(out / "wavs")) == made
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_ctrl_c_while_the_clip_workers_start_is_held_not_lost(tmp_path, monkeypatch, capfd):
     """A Ctrl-C that arrives while make_toy_data starts its clip workers (sent here right after
     the first submit, when the workers are being born) stops the generation all the same: held
