@@ -37,6 +37,7 @@ N_MELS = 80          # Whisper v1-v2 and large-v3-turbo use 128; 80 is the class
 # -----------------------------------------------------------------------------
 # audio I/O
 
+
 def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, beta=8.6):
     """Band-limited resampling of a 1-D signal with a Kaiser-windowed sinc (polyphase).
 
@@ -64,13 +65,16 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
         out[start:start + len(n)] = (xp[k[:, None] + j + half] * table[(n * down) % up]).sum(1)
     return out.astype(np.float32)
 
+
 # the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
 # crashes the STFT's reflect padding or leaves the encoder nothing
 MIN_SAMPLES = N_FFT
 
+
 def encoder_seconds(n_ctx):
     """The longest clip an encoder of n_ctx positions reads whole: two mel frames per position."""
     return 2 * n_ctx * HOP_LENGTH / SAMPLE_RATE
+
 
 def _read(path, read):
     """read(path) (sf.info or sf.read), any failure one error naming the file."""
@@ -82,6 +86,7 @@ def _read(path, read):
         raise ValueError(f"{path}: cannot be read as audio ({e}); expected a file soundfile "
                          f"can decode (WAV, FLAC, OGG, ...)") from None
 
+
 def _samples(path):
     """A clip decoded in full -> (float32 (n_samples, channels), sample rate); ValueError naming
     the file when it holds no samples or samples that are not finite."""
@@ -91,6 +96,7 @@ def _samples(path):
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: audio holds NaN or infinite samples; expected finite values")
     return data, sr
+
 
 def check_clip(path, where, max_seconds, decode=False):
     """One clip: it exists, soundfile reads its header, and at 16 kHz it lasts MIN_SAMPLES to
@@ -109,6 +115,7 @@ def check_clip(path, where, max_seconds, decode=False):
                          f"({seconds:.3f} s); expected {1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms "
                          f"to {max_seconds:g} s (the audio encoder's window)")
 
+
 def load_audio(path):
     """Read any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
     data, sr = _samples(os.fspath(path))   # (n_samples, channels)
@@ -117,6 +124,7 @@ def load_audio(path):
         audio = resample(audio, sr, SAMPLE_RATE)
     return audio.astype(np.float32)
 
+
 # -----------------------------------------------------------------------------
 # log-mel spectrogram, numerically Whisper's
 
@@ -124,14 +132,17 @@ def load_audio(path):
 F_SP, MIN_LOG_HZ = 200.0 / 3, 1000.0
 MIN_LOG_MEL, LOGSTEP = MIN_LOG_HZ / F_SP, math.log(6.4) / 27.0
 
+
 def hz_to_mel(f):
     f = np.asarray(f, dtype=np.float64)
     log_part = MIN_LOG_MEL + np.log(np.maximum(f, 1e-10) / MIN_LOG_HZ) / LOGSTEP
     return np.where(f >= MIN_LOG_HZ, log_part, f / F_SP)
 
+
 def mel_to_hz(m):
     m = np.asarray(m, dtype=np.float64)
     return np.where(m >= MIN_LOG_MEL, MIN_LOG_HZ * np.exp(LOGSTEP * (m - MIN_LOG_MEL)), m * F_SP)
+
 
 @lru_cache(maxsize=8)
 def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
@@ -144,6 +155,7 @@ def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
     upper = (mel_f[2:, None] - fft_freqs[None, :]) / np.diff(mel_f)[1:, None]     # falling edge
     weights = np.maximum(0.0, np.minimum(lower, upper))               # (n_mels, F)
     return weights * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+
 
 def log_mel_spectrogram(audio, n_mels=N_MELS):
     """audio: (..., n_samples) array or tensor at 16 kHz -> log-mel (..., n_mels, n_samples // 160).
@@ -164,6 +176,7 @@ def log_mel_spectrogram(audio, n_mels=N_MELS):
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     log_spec = (log_spec + 4.0) / 4.0
     return log_spec.reshape(*lead, n_mels, log_spec.shape[-1])
+
 
 # -----------------------------------------------------------------------------
 # the formant synthesizer
@@ -225,6 +238,7 @@ KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
                 "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
                 "aspirate": (0.0, 0.6, 1.0)}
 
+
 @dataclass
 class Voice:
     pitch_hz: float = 120.0      # mean fundamental frequency before the emotion's contour
@@ -234,6 +248,7 @@ class Voice:
     noise: float = 0.0           # background noise RMS / speech RMS (0 = clean)
     loudness: float = 1.0        # overall level
     speaker: str = ""            # speaker id, for the unseen-speaker test split
+
 
 def _unit_track(text, rate):
     """Text -> per-frame targets. Returns a dict of (n_frames,) / (n_frames, 3) arrays."""
@@ -273,12 +288,14 @@ def _unit_track(text, rate):
     track["word_pos"] = np.array([p for _, p in rows])
     return track
 
+
 def _smooth(x, n):
     """Moving average over n frames along axis 0 (edges repeated)."""
     pad = [(n // 2, n - 1 - n // 2)] + [(0, 0)] * (x.ndim - 1)
     c = np.cumsum(np.pad(x, pad, mode="edge"), axis=0)
     c = np.concatenate([np.zeros_like(c[:1]), c])
     return (c[n:] - c[:-n]) / n
+
 
 def pitch_contour(emotion, t, word_pos):
     """Multiplier on the speaker's pitch. t: (n,) position in the utterance in [0, 1];
@@ -291,6 +308,7 @@ def pitch_contour(emotion, t, word_pos):
     if emotion == "sad":       # lowered, flat and falling
         return 0.92 * (1.0 + 0.08 * (0.5 - t))
     raise ValueError(f"unknown emotion {emotion!r}; expected one of {EMOTIONS}")
+
 
 def synthesize(text, voice, seed=0):
     """Speak `text` with `voice` -> float32 waveform at 16 kHz. Deterministic for a seed."""
@@ -336,6 +354,7 @@ def synthesize(text, voice, seed=0):
         out *= 0.99 / peak
     return out.astype(np.float32)
 
+
 # -----------------------------------------------------------------------------
 # the toy world: words
 
@@ -349,11 +368,13 @@ ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "horse", "mouse",
 CITIES = ["lima", "oslo", "paris", "cairo", "tokyo", "rome", "delhi", "quito", "dakar", "hanoi",
           "perth", "bern"]
 
+
 def number_words(k):
     """0..99 spelled in words: 42 -> 'forty two'."""
     if k < 20:
         return ONES[k]
     return TENS[k // 10] + ("" if k % 10 == 0 else " " + ONES[k % 10])
+
 
 def entity_names(rng, n):
     """n distinct made-up names from consonant-vowel syllables (bako, timu, ...)."""
@@ -364,6 +385,7 @@ def entity_names(rng, n):
         names.add(syl() + syl() + (syl() if rng.random() < 0.3 else ""))
     return sorted(names)
 
+
 # -----------------------------------------------------------------------------
 # the toy world: text skills (what the text teacher is good at)
 #
@@ -373,6 +395,7 @@ def entity_names(rng, n):
 # SFT baseline trains on `reference`; both styles score the same with extract_answer.
 
 ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
+
 
 def arith_example(rng):
     """Two or three operations in words, left to right: 'what is three times four plus two ?'
@@ -401,6 +424,7 @@ def arith_example(rng):
     return {"task": "arith", "transcript": prompt, "answer": cur,
             "teacher": " ".join(chain) + f" the answer is {cur}", "reference": cur}
 
+
 def instruct_example(rng):
     """Instruction following over a few words: count them (two to five), or reverse their order
     (three or four: the 462 two-word lists are too few for the teacher to learn their pattern)."""
@@ -417,6 +441,7 @@ def instruct_example(rng):
         teacher = f"the last word is {words[-1]}" + "".join(f" , then {w}" for w in words[-2::-1])
     return {"task": "instruct", "transcript": prompt, "answer": answer,
             "teacher": teacher + f" . the answer is {answer}", "reference": answer}
+
 
 # facts: each (entity, attribute) is asked with eight phrasings. Per fact, a random four of them
 # are training phrasings (the omni pool, which the teacher also reads) and one each belongs to the
@@ -441,6 +466,7 @@ FACT_TEACHER = {"city": "{e} lives in {v} . the answer is {v}",
                 "pet": "{e} has a {v} . the answer is {v}"}
 FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
+
 def fact_examples(rng, n_entities):
     """-> {pool: [fact questions]} about generated entities, pools as in FACT_POOLS."""
     out = {p: [] for p in set(FACT_POOLS)}
@@ -456,6 +482,7 @@ def fact_examples(rng, n_entities):
                                   "teacher": FACT_TEACHER[attr].format(e=e, v=v)})
     return out
 
+
 def unique_examples(make, rng, n, seen):
     """n examples from make(rng) whose prompts are new (not in `seen`, which is updated)."""
     out = []
@@ -467,6 +494,7 @@ def unique_examples(make, rng, n, seen):
             seen.add(ex["transcript"])
             out.append(ex)
     return out
+
 
 # -----------------------------------------------------------------------------
 # the toy world: audio skills (what the speech model can do that text cannot)
@@ -487,10 +515,12 @@ VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "nois
 
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 
+
 def voice_labels(voice):
     """{question: label} for every voice attribute a record's `voice` carries (all, in the toy
     world)."""
     return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
+
 
 def make_speakers(rng, n):
     """Speakers spk00, spk01, ...: even ones low voices (80-125 Hz, longer tracts), odd ones high
@@ -501,6 +531,7 @@ def make_speakers(rng, n):
         speakers.append({"speaker": f"spk{i:02d}", "pitch_hz": rng.uniform(*pitch),
                          "tract_scale": rng.uniform(*tract)})
     return speakers
+
 
 def sample_voice(rng, speaker, noisy_p=0.3):
     """One utterance's voice: the speaker's pitch and tract, plus a rate class (slow/fast), an
@@ -513,6 +544,7 @@ def sample_voice(rng, speaker, noisy_p=0.3):
                  emotion=EMOTIONS[int(rng.integers(3))],
                  noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
                  loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
+
 
 # The pools. Every text-family prompt lies in exactly one pool:
 #   text   unspoken prompts the text teacher alone learns from (text is free to generate)
@@ -532,6 +564,7 @@ PRESETS = {
                 facts_entities=100, asr=dict(train=3000, test=200),
                 audio_q=dict(train=400, test=100), speakers=(24, 8)),
 }
+
 
 def build_world(seed=0, preset="cpu"):
     """-> list of records (without audio written) for every pool, deterministic in the seed."""
@@ -555,6 +588,7 @@ def build_world(seed=0, preset="cpu"):
             r["audio"] = f"wavs/{r['id']}.wav"
     return records
 
+
 def text_pools(rng, cfg):
     """{pool: text-skill examples} for the teacher's unspoken pool and every spoken pool."""
     seen = set()   # every prompt string, whatever its pool: pools are disjoint by construction
@@ -566,12 +600,14 @@ def text_pools(rng, cfg):
         text[pool] += exs
     return text
 
+
 def pick_speaker(rng, speakers, n_seen, pool):
     """One utterance's speaker: train and align speak with the first n_seen (the training
     speakers); val and test, half the time, with one never heard in training."""
     seen, unseen = speakers[:n_seen], speakers[n_seen:]
     spk = seen if pool in ("train", "align") or rng.random() < 0.5 else unseen
     return spk[int(rng.integers(len(spk)))]
+
 
 def audio_records(rng, cfg, text, speakers, n_seen):
     """The audio-skill records of the train and test pools: transcription (half of it the pool's
@@ -601,8 +637,10 @@ def audio_records(rng, cfg, text, speakers, n_seen):
                                 "teacher": None, "answer": answer, "voice": voice})
     return records
 
+
 WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
 UNFINISHED = "generating.json"  # written before the first clip, removed after done.json
+
 
 def make_toy_data(out_dir, seed=0, preset="cpu"):
     """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
@@ -655,6 +693,7 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
           f"prompts, {time.time() - t0:.1f} s -> {out_dir}")
     return paths
 
+
 def _speak(job):
     """One clip: (transcript, voice fields, seed, path) -> its length in samples."""
     text, voice, seed, path = job
@@ -662,9 +701,11 @@ def _speak(job):
     atomic_write(path, lambda f: sf.write(f, audio, SAMPLE_RATE, "PCM_16", format="WAV"), "wb")
     return len(audio)
 
+
 def _speak_all(jobs):
     """A worker's task: _speak on each job -> their lengths."""
     return [_speak(job) for job in jobs]
+
 
 def speak_in_workers(jobs, progress):
     """_speak on every job in worker processes, one per core up to 8 ('spawn': each imports the
@@ -700,6 +741,7 @@ def speak_in_workers(jobs, progress):
         return []
     return made
 
+
 def _end_with_parent(parent):
     """A clip worker's first step: a daemon thread ends the worker once its parent is gone (by any
     signal, kill -9 too: the worker is then another process's child), so that no worker outlives
@@ -709,6 +751,7 @@ def _end_with_parent(parent):
             time.sleep(0.2)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
+
 
 def _holding_ctrl_c(start):
     """start() with Ctrl-C held, then raised after it (by signal.raise_signal: the handler in
@@ -729,12 +772,15 @@ def _holding_ctrl_c(start):
         if held:
             signal.raise_signal(signal.SIGINT)
 
+
 # -----------------------------------------------------------------------------
 # scoring
+
 
 def normalize_text(s):
     """Lower case, punctuation split off, '.' dropped, single spaces."""
     return " ".join(w for w in re.findall(r"\w+|[^\w\s]", s.lower()) if w != ".")
+
 
 def extract_answer(text):
     """The final answer: what follows the last 'the answer is', else the whole text (normalised)."""
@@ -743,10 +789,12 @@ def extract_answer(text):
     i = s.rfind(key)
     return s[i + len(key):].strip() if i >= 0 else s
 
+
 def spoken_words(text):
     """The words of a transcript that are spoken (punctuation is silent): what every hearing row
     is scored against, so that no row loses points for punctuation it cannot hear."""
     return " ".join(w for w in normalize_text(text).split() if w.isalpha())
+
 
 def wer(reference, hypothesis):
     """Word error rate: word-level edit distance / number of reference words."""
@@ -760,11 +808,13 @@ def wer(reference, hypothesis):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[-1] / len(ref)
 
+
 def score(record, prediction):
     """1 - WER (floored at 0) for transcription; exact match of the final answer otherwise."""
     if record["task"] == "asr":
         return max(0.0, 1.0 - wer(record["answer"], prediction))
     return float(extract_answer(prediction) == normalize_text(record["answer"]))
+
 
 # -----------------------------------------------------------------------------
 # tokenizer and chat format
@@ -777,6 +827,7 @@ def score(record, prediction):
 PAD, USER, ASSISTANT, END, AUDIO = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|audio|>"
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this order
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -792,7 +843,9 @@ class ChatFormat:
     pad: str = PAD
     source: str = field(default="", compare=False)  # the file it was read from, for error messages
 
+
 TOY_FORMAT = ChatFormat()
+
 
 def read_chat_format(path):
     """A chat-format JSON file -> ChatFormat; a missing file, unknown field or non-string value is
@@ -816,11 +869,13 @@ def read_chat_format(path):
                          f"and an assistant turn, and the end-of-turn token)")
     return ChatFormat(**raw, source=os.fspath(path))
 
+
 def toy_corpus(records):
     for r in records:
         for key in ("transcript", "instruction", "reference", "teacher"):
             if r.get(key):
                 yield r[key]
+
 
 def train_tokenizer(corpus):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -830,12 +885,14 @@ def train_tokenizer(corpus):
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     return tok
 
+
 def load_tokenizer(path):
     from tokenizers import Tokenizer
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: tokenizer not found (a Hugging Face tokenizer.json "
                                 f"is expected)")
     return Tokenizer.from_file(os.fspath(path))
+
 
 def chat_ids(tok, fmt):
     """The ids of a chat format's single tokens -> {"end", "audio", "pad"}. The audio placeholder is
@@ -857,8 +914,10 @@ def chat_ids(tok, fmt):
         out[name] = ids[0]
     return out
 
+
 def _ids(tok, text):
     return tok.encode(text, add_special_tokens=False).ids if text else []
+
 
 def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     """The chat format, for the teacher's text prompt and the student's speech prompt alike:
@@ -878,6 +937,7 @@ def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     return (_ids(tok, fmt.user) + content + _ids(tok, " " + instruction if instruction else "")
             + _ids(tok, fmt.assistant))
 
+
 def spoken_word_ids(tok, transcript):
     """The token ids of a transcript's spoken words (punctuation is silent), one list per word:
     one id each with a word-level tokenizer, a word's pieces with a BPE (mid-sentence words with
@@ -885,8 +945,10 @@ def spoken_word_ids(tok, transcript):
     words = [w for w in normalize_text(transcript).split() if w.isalpha()]
     return [_ids(tok, w if i == 0 else " " + w) for i, w in enumerate(words)]
 
+
 def encode_response(tok, text, fmt=TOY_FORMAT):
     return _ids(tok, text) + [tok.token_to_id(fmt.end)]
+
 
 def decode_response(tok, ids, fmt=TOY_FORMAT):
     """Ids -> text, stopping at the first end token and dropping special tokens."""
@@ -895,6 +957,7 @@ def decode_response(tok, ids, fmt=TOY_FORMAT):
     if end in ids:
         ids = ids[:ids.index(end)]
     return tok.decode(ids, skip_special_tokens=True)
+
 
 # -----------------------------------------------------------------------------
 # manifests (JSONL, one record per line)
@@ -912,6 +975,7 @@ VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise
                "loudness": NUMBER, "emotion": (str, f"one of {', '.join(EMOTIONS)}"),
                "speaker": STRING}
 
+
 def field_error(r):
     """The first field of record r (defaults filled in) that holds the wrong type -> 'field ... is
     ...; expected ...', or None."""
@@ -926,6 +990,7 @@ def field_error(r):
             shown = shown if len(shown) < 60 else shown[:57] + "..."
             return f"field {name!r} is {shown}; expected {what}"
     return None
+
 
 def read_manifest(path, audio=True, seen=None, required=False):
     """-> list of records, defaults filled in, 'audio' resolved to an absolute path. Blank lines
@@ -951,6 +1016,7 @@ def read_manifest(path, audio=True, seen=None, required=False):
         raise ValueError(f"{path}: no records; expected one JSON object per line (README, "
                          f"'Bring your own audio')")
     return records
+
 
 def manifest_record(raw, where, audio, seen):
     """One manifest line (bytes) -> its record with defaults filled in, or None when blank;
@@ -985,10 +1051,12 @@ def manifest_record(raw, where, audio, seen):
         raise ValueError(f"{where}: {wrong}")
     return r
 
+
 # -----------------------------------------------------------------------------
 # shared small helpers: seeds, progress lines, fingerprints, atomic writes
 
 SEED_MIX = 1_000_003  # a prime larger than any step count: mix_seed's parts never collide
+
 
 def mix_seed(*parts):
     """One integer seed from several (seed, step, rank, ...): mix_seed(a, b) = a * SEED_MIX + b."""
@@ -996,6 +1064,7 @@ def mix_seed(*parts):
     for p in parts:
         out = out * SEED_MIX + p
     return out
+
 
 class Progress:
     """A progress line at most every `every` seconds while `total` items are worked through:
@@ -1014,10 +1083,12 @@ class Progress:
                   f"{rate:.0f} {self.unit}/s, eta {eta:.0f} s", flush=True)
             self.shown = now
 
+
 def fingerprint(obj):
     """16 hex digits of a SHA-256 over a JSON-able object (keys sorted): equal exactly when what
     went into an output (settings, data digests, the fingerprints of its inputs) is equal."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 def file_digest(path, head=None):
     """SHA-256 (16 hex digits) of a file's bytes, or of its size and first `head` bytes."""
@@ -1029,6 +1100,7 @@ def file_digest(path, head=None):
         else:
             h.update(f"{os.fstat(f.fileno()).st_size}:".encode() + f.read(head))
     return h.hexdigest()[:16]
+
 
 def atomic_write(path, write, mode="w"):
     """write(f) into path + ".tmp", then rename it to path: a failure (a full disk, no
@@ -1043,22 +1115,27 @@ def atomic_write(path, write, mode="w"):
             os.remove(tmp)
         raise OSError(e.errno, f"{path}: cannot be written ({e.strerror or e})") from None
 
+
 # -----------------------------------------------------------------------------
 # batching
+
 
 def pad(seqs, value=0):
     """list of (T_i, ...) tensors -> ((B, T_max, ...) right padded with value, lens (B,))."""
     lens = torch.tensor([len(x) for x in seqs], dtype=torch.long)
     return pad_sequence(seqs, batch_first=True, padding_value=value), lens
 
+
 def collate_tokens(seqs, pad_id):
     """list of id lists -> (ids (B, T) right padded with pad_id, lens (B,))."""
     return pad([torch.as_tensor(s, dtype=torch.long) for s in seqs], pad_id)
+
 
 def collate_mels(mels):
     """list of (n_mels, T_i) -> (mels (B, n_mels, T_max) zero padded, mel_lens (B,))."""
     out, lens = pad([torch.as_tensor(m).T for m in mels])
     return out.transpose(1, 2).contiguous(), lens
+
 
 @dataclass
 class Batch:
@@ -1088,6 +1165,7 @@ class Batch:
         present = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in present.items() if v is not None})
 
+
 def text_families(records, per_family=None):
     """{family: its text-skill records (the first per_family of them)}, families in sorted order."""
     fams = {}
@@ -1095,6 +1173,7 @@ def text_families(records, per_family=None):
         if r["kind"] == "text":
             fams.setdefault(r["task"], []).append(r)
     return {t: rs[:per_family] for t, rs in sorted(fams.items())}
+
 
 def batch_indices(n_items, batch_size, step, seed):
     """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
@@ -1105,6 +1184,7 @@ def batch_indices(n_items, batch_size, step, seed):
     epoch, i = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_items)
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
 
 class World:
     """A data folder loaded once per run: a manifest per pool (train.jsonl and test.jsonl required;
@@ -1206,8 +1286,10 @@ class World:
             b.response_ids, b.response_lens = collate_tokens(responses, self.pad_id)
         return b.to(device)
 
+
 # -----------------------------------------------------------------------------
 # a run's world
+
 
 def world_of(settings, n_mels=N_MELS, data_dir=None):
     """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer
@@ -1217,7 +1299,9 @@ def world_of(settings, n_mels=N_MELS, data_dir=None):
     tokenizer = os.path.join(teacher, "tokenizer.json") if teacher else None
     return World(data_dir or settings["data"], tokenizer, fmt, n_mels)
 
+
 RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
+
 
 def run_path(settings, key, out):
     """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now
