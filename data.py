@@ -1,11 +1,5 @@
-"""Data for X-OPD: audio front end, a formant speech synthesizer, the toy world, the tokenizer,
-manifests and batching.
-
-Read top to bottom: audio constants and I/O, Whisper's log-mel, the synthesizer, the toy world
-(text skills the teacher knows, audio skills the speech model has), scoring, the tokenizer and
-chat format, manifests, small shared helpers, collation, the Batch every training step takes,
-and the World that builds batches from a data folder.
-"""
+"""Data for X-OPD: audio I/O and Whisper's log-mel, a formant speech synthesizer, the toy world
+and its scoring, the tokenizer and chat format, manifests, shared helpers, batches and the World."""
 import hashlib
 import json
 import math
@@ -27,24 +21,20 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 # -----------------------------------------------------------------------------
-# audio constants (Whisper's)
+# audio: Whisper's constants, reading clips
 
 SAMPLE_RATE = 16000  # Hz; speech has little above 8 kHz, and Whisper was trained at 16 kHz
 N_FFT = 400          # 25 ms window at 16 kHz
 HOP_LENGTH = 160     # 10 ms at 16 kHz -> 100 mel frames per second
 N_MELS = 80          # Whisper v1-v2 and large-v3-turbo use 128; 80 is the classic size
-
-# -----------------------------------------------------------------------------
-# audio I/O
+# the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
+# crashes the STFT's reflect padding or leaves the encoder nothing
+MIN_SAMPLES = N_FFT
 
 
 def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, beta=8.6):
-    """Band-limited resampling of a 1-D signal with a Kaiser-windowed sinc (polyphase).
-
-    Output sample n sits at input time t = n * sr_in / sr_out and is sum_k x[k] h(t - k), with h
-    an ideal low-pass (cut at rolloff * the lower Nyquist, so nothing above the new Nyquist aliases
-    back) truncated to `zero_crossings` lobes each side by a Kaiser window. t - floor(t) takes only
-    `up` distinct values (sr_out / gcd), so the filter is tabulated once per phase."""
+    """Band-limited resampling of a 1-D signal: output n = sum_k x[k] h(n * sr_in / sr_out - k),
+    h a Kaiser-windowed sinc cut at rolloff * the lower Nyquist, tabulated once per phase."""
     x = np.asarray(audio, dtype=np.float64)
     if sr_in == sr_out:
         return x.astype(np.float32)
@@ -66,31 +56,23 @@ def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, 
     return out.astype(np.float32)
 
 
-# the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
-# crashes the STFT's reflect padding or leaves the encoder nothing
-MIN_SAMPLES = N_FFT
-
-
 def encoder_seconds(n_ctx):
     """The longest clip an encoder of n_ctx positions reads whole: two mel frames per position."""
     return 2 * n_ctx * HOP_LENGTH / SAMPLE_RATE
 
 
-def _read(path, read):
-    """read(path) (sf.info or sf.read), any failure one error naming the file."""
+def _read(path, decode=True):
+    """A clip decoded in full -> (float32 (n_samples, channels), rate), or its sf.info header
+    when not decode; any failure, or no or non-finite samples, is one error naming the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file (expected a WAV/FLAC/OGG file)")
     try:
-        return read(path)
+        if not decode:
+            return sf.info(path)
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise ValueError(f"{path}: cannot be read as audio ({e}); expected a file soundfile "
                          f"can decode (WAV, FLAC, OGG, ...)") from None
-
-
-def _samples(path):
-    """A clip decoded in full -> (float32 (n_samples, channels), sample rate); ValueError naming
-    the file when it holds no samples or samples that are not finite."""
-    data, sr = _read(path, lambda p: sf.read(p, dtype="float32", always_2d=True))
     if data.size == 0:
         raise ValueError(f"{path}: audio is empty (0 samples); expected at least one sample")
     if not np.isfinite(data).all():
@@ -99,14 +81,12 @@ def _samples(path):
 
 
 def check_clip(path, where, max_seconds, decode=False):
-    """One clip: it exists, soundfile reads its header, and at 16 kHz it lasts MIN_SAMPLES to
-    max_seconds (the encoder's window); decode: its samples decode in full and are finite too (a
-    valid header over a corrupt body). ValueError naming `where` (the manifest's file:line), the
-    clip and what was expected."""
+    """One clip is readable and MIN_SAMPLES to max_seconds (the encoder's window) long; decode:
+    its body decodes too (a valid header over a corrupt body). ValueError naming `where`."""
     try:
-        info = _read(path, sf.info)
+        info = _read(path, decode=False)
         if decode:
-            _samples(path)
+            _read(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     seconds = info.frames / info.samplerate
@@ -117,9 +97,9 @@ def check_clip(path, where, max_seconds, decode=False):
 
 
 def load_audio(path):
-    """Read any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
-    data, sr = _samples(os.fspath(path))   # (n_samples, channels)
-    audio = data.mean(axis=1)   # downmix
+    """Any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
+    data, sr = _read(os.fspath(path))
+    audio = data.mean(axis=1)
     if sr != SAMPLE_RATE:
         audio = resample(audio, sr, SAMPLE_RATE)
     return audio.astype(np.float32)
@@ -146,9 +126,8 @@ def mel_to_hz(m):
 
 @lru_cache(maxsize=8)
 def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
-    """(n_mels, n_fft // 2 + 1) float64 triangles on the Slaney mel scale from 0 Hz to Nyquist,
-    each scaled by 2 / (its width in Hz) so that every filter has unit area ('slaney' norm).
-    This is what Whisper's mel_filters.npz holds (librosa.filters.mel(sr=16000, n_fft=400))."""
+    """(n_mels, n_fft // 2 + 1) unit-area triangles on the Slaney mel scale, 0 Hz to Nyquist:
+    Whisper's mel_filters.npz (librosa.filters.mel(sr=16000, n_fft=400))."""
     fft_freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)                       # (F,)
     mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
     lower = (fft_freqs[None, :] - mel_f[:-2, None]) / np.diff(mel_f)[:-1, None]   # rising edge
@@ -158,12 +137,8 @@ def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
 
 
 def log_mel_spectrogram(audio, n_mels=N_MELS):
-    """audio: (..., n_samples) array or tensor at 16 kHz -> log-mel (..., n_mels, n_samples // 160).
-
-    Whisper's recipe for one clip without the 30 s padding: periodic Hann STFT (centered, reflect
-    padded), power spectrum with the last frame dropped, Slaney mel, log10 floored at 1e-10, then
-    clamped to 8 decades below the clip's maximum and scaled by (x + 4) / 4. In a batch the
-    maximum is taken per example, so a clip's features do not depend on its batch mates."""
+    """audio: (..., n_samples) at 16 kHz -> log-mel (..., n_mels, n_samples // 160): Whisper's
+    recipe without the 30 s padding; the 8-decade floor is per clip, not per batch."""
     x = torch.as_tensor(audio, dtype=torch.float32)
     lead, n = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n)                                                  # (B, n_samples)
@@ -181,21 +156,12 @@ def log_mel_spectrogram(audio, n_mels=N_MELS):
 # -----------------------------------------------------------------------------
 # the formant synthesizer
 #
-# Each LETTER of a word is one sound unit (the toy language is spoken as it is spelled: "seven"
-# is s-e-v-e-n), of a kind with its own targets:
-#   vowel      voiced, three formants (F1, F2, F3), the longest unit (~90 ms)
-#   sonorant   voiced, its own formants at lower energy (l r m n w)
-#   fricative  a band of noise at its own center frequency (s high, f broad and weak, h through
-#              the formants); voiced fricatives (z v j) add voicing underneath
-#   stop       a closure (silence, or a low "voice bar" for b d g) then a short noise burst whose
-#              center tells p (low), t (high) and k (mid) apart
-# Short pauses separate words, longer ones punctuation. The units give piecewise constant targets
-# per 8 ms frame; formants are smoothed over ~40 ms, so transitions glide.
-# Source-filter: a glottal pulse train at the speaker's pitch (times the emotion's contour) and
-# white noise are cut into 16 ms frames (Hann, 50% overlap); each frame's spectrum is multiplied
-# by its envelope: voice by formant resonances (scaled by 1 / tract_scale: a longer tract has
-# lower formants), noise by its band. Inverse FFT and overlap-add give the waveform, leveled by
-# the emotion's energy and mixed with background noise at the voice's noise-to-speech ratio.
+# Each letter is one sound unit ("seven" is s-e-v-e-n): a vowel or sonorant (voiced formants), a
+# fricative (a noise band; z v j voiced too, h shaped by the formants) or a stop (a closure, a
+# "voice bar" for b d g, then a burst). Units give targets per 8 ms frame, smoothed so formants
+# glide. Source-filter: each frame's glottal pulses (at the emotion's pitch contour) and noise
+# are shaped in the spectrum by formant resonances (scaled by 1 / tract_scale) or a noise band,
+# then overlap-added, leveled and mixed with background noise.
 
 SYN_FRAME, SYN_HOP = 256, 128   # 16 ms frames, 8 ms hop: periodic Hann at 50% overlap sums to 1
 
@@ -356,7 +322,11 @@ def synthesize(text, voice, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# the toy world: words
+# the toy world: text skills (what the text teacher is good at)
+#
+# An example's `teacher` response is the teacher's style (a short chain of thought, then "the
+# answer is X"); its `reference`, as in real datasets, is the bare answer, which the SFT baseline
+# trains on. Both score the same with extract_answer.
 
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
@@ -378,21 +348,12 @@ def number_words(k):
 
 def entity_names(rng, n):
     """n distinct made-up names from consonant-vowel syllables (bako, timu, ...)."""
-    cons, vows = "bdgklmnprstvz", "aeiou"
     names = set()
     while len(names) < n:
-        syl = lambda: rng.choice(list(cons)) + rng.choice(list(vows))
+        syl = lambda: rng.choice(list("bdgklmnprstvz")) + rng.choice(list("aeiou"))
         names.add(syl() + syl() + (syl() if rng.random() < 0.3 else ""))
     return sorted(names)
 
-
-# -----------------------------------------------------------------------------
-# the toy world: text skills (what the text teacher is good at)
-#
-# Every example: `transcript` = the prompt (what is spoken), `teacher` = the teacher's style (a
-# short chain of thought, then "the answer is X"), `reference` = the dataset's own reference
-# response, which, as in real datasets, is a different style: the bare answer, no reasoning. The
-# SFT baseline trains on `reference`; both styles score the same with extract_answer.
 
 ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
 
@@ -443,10 +404,8 @@ def instruct_example(rng):
             "teacher": teacher + f" . the answer is {answer}", "reference": answer}
 
 
-# facts: each (entity, attribute) is asked with eight phrasings. Per fact, a random four of them
-# are training phrasings (the omni pool, which the teacher also reads) and one each belongs to the
-# align, val and test pools: the fact is known, but an align / val / test prompt is never trained
-# on.
+# facts: each (entity, attribute) has eight phrasings, a random four of them in train, one each in
+# align, val and test: the fact is known, but an align / val / test prompt is never trained on
 FACT_TEMPLATES = {
     "city": ["where does {e} live ?", "in which city does {e} live ?",
              "what is the home city of {e} ?", "which city is {e} from ?",
@@ -517,8 +476,7 @@ TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIO
 
 
 def voice_labels(voice):
-    """{question: label} for every voice attribute a record's `voice` carries (all, in the toy
-    world)."""
+    """{question: label} for every voice attribute a record's `voice` carries."""
     return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
 
 
@@ -546,13 +504,9 @@ def sample_voice(rng, speaker, noisy_p=0.3):
                  loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
 
 
-# The pools. Every text-family prompt lies in exactly one pool:
-#   text   unspoken prompts the text teacher alone learns from (text is free to generate)
-#   train  what the speech LLM's own (omni) training sees, spoken; the teacher reads these too
-#   align  the paired speech / text prompts every alignment method uses (new to the student)
-#   val    for choosing settings (learning rates), never for reporting
-#   test   for the tables only
-# Audio skills (transcription, voice questions) have train and test clips.
+# Every text prompt lies in one pool: text (unspoken, the teacher's alone), train (spoken, the
+# omni stage's; the teacher reads it too), align (the pairs every alignment method uses), val
+# (choosing settings) or test (the tables). Audio skills have train and test clips.
 POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
 
 PRESETS = {
@@ -643,17 +597,11 @@ UNFINISHED = "generating.json"  # written before the first clip, removed after d
 
 
 def make_toy_data(out_dir, seed=0, preset="cpu"):
-    """Write the toy world: out_dir/{train,align,val,test}.jsonl with out_dir/wavs/*.wav, the
-    teacher's unspoken prompts out_dir/text.jsonl, and out_dir/tokenizer.json. Skips the work
-    when out_dir already holds the same (seed, preset, format). Returns the paths.
-
-    The clips are made by worker processes (see speak_in_workers), or in this process when they
-    cannot start, with the same bytes. Every file is written atomically: a generation cut short
-    or a full disk leaves no partial file, and generating.json says to make it again."""
+    """Write the toy world to out_dir: {text,train,align,val,test}.jsonl, wavs/*.wav (by worker
+    processes when they start) and tokenizer.json, each file atomically; nothing when out_dir
+    holds this (seed, preset, format) already. -> the paths."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        # a spawned worker importing a guard-less calling script, which calls this again: leave
-        # quietly (the pool breaks and the calling process makes the clips itself)
-        raise SystemExit(0)
+        raise SystemExit(0)  # a spawned worker re-running a guard-less script: its pool breaks
     paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
     paths.update(tokenizer=os.path.join(out_dir, "tokenizer.json"),
                  wavs=os.path.join(out_dir, "wavs"))
@@ -667,8 +615,7 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     print(f"[data] generating the {preset} toy world (seed {seed}) in {out_dir}{again}", flush=True)
     t0 = time.time()
     os.makedirs(paths["wavs"], exist_ok=True)
-    # the mark first, so that a generation cut short is known as this project's own; the stamp
-    # of the world it replaces goes
+    # the mark first: a generation cut short is then known as ours
     atomic_write(mark, lambda f: json.dump(want, f))
     if os.path.exists(stamp):
         os.remove(stamp)
@@ -679,7 +626,7 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     progress = Progress("data", "toy world", len(jobs))
     made = speak_in_workers(jobs, progress)
     for job in jobs[len(made):]:
-        made.append(_speak(job))
+        made += _speak([job])
         progress(len(made))
     for pool in ("text",) + POOLS:
         lines = "".join(json.dumps(r) + "\n" for r in records if r["split"] == pool)
@@ -694,28 +641,21 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     return paths
 
 
-def _speak(job):
-    """One clip: (transcript, voice fields, seed, path) -> its length in samples."""
-    text, voice, seed, path = job
-    audio = synthesize(text, Voice(**voice), seed=seed)
-    atomic_write(path, lambda f: sf.write(f, audio, SAMPLE_RATE, "PCM_16", format="WAV"), "wb")
-    return len(audio)
-
-
-def _speak_all(jobs):
-    """A worker's task: _speak on each job -> their lengths."""
-    return [_speak(job) for job in jobs]
+def _speak(jobs):
+    """Clips of (transcript, voice fields, seed, path) jobs written -> their lengths in samples."""
+    lengths = []
+    for text, voice, seed, path in jobs:
+        audio = synthesize(text, Voice(**voice), seed=seed)
+        atomic_write(path, lambda f: sf.write(f, audio, SAMPLE_RATE, "PCM_16", format="WAV"), "wb")
+        lengths.append(len(audio))
+    return lengths
 
 
 def speak_in_workers(jobs, progress):
-    """_speak on every job in worker processes, one per core up to 8 ('spawn': each imports the
-    calling script), 32 jobs a task; progress(n) as clips are done. -> the clips' lengths in job
-    order; [] with one core or when the workers cannot start (a calling script without
-    `if __name__ == "__main__":`): the caller then makes the clips itself."""
-    if hasattr(os, "sched_getaffinity"):
-        workers = min(len(os.sched_getaffinity(0)), 8)
-    else:
-        workers = min(os.cpu_count() or 1, 8)
+    """_speak on the jobs in up to 8 spawned workers, 32 jobs a task -> the lengths in job order;
+    [] with one core or when the workers cannot start (then the caller makes the clips)."""
+    cores = getattr(os, "sched_getaffinity", None)
+    workers = min(len(cores(0)) if cores else os.cpu_count() or 1, 8)
     made = []
     if workers < 2:
         return made
@@ -724,7 +664,7 @@ def speak_in_workers(jobs, progress):
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
                                  initializer=_end_with_parent, initargs=(os.getpid(),)) as ex:
             try:  # submit, not map: a future map cancels breaks the pool's own thread
-                parts = _holding_ctrl_c(lambda: [ex.submit(_speak_all, jobs[i:i + 32])
+                parts = _holding_ctrl_c(lambda: [ex.submit(_speak, jobs[i:i + 32])
                                                  for i in range(0, len(jobs), 32)])
                 for part in parts:
                     made += part.result()
@@ -743,9 +683,8 @@ def speak_in_workers(jobs, progress):
 
 
 def _end_with_parent(parent):
-    """A clip worker's first step: a daemon thread ends the worker once its parent is gone (by any
-    signal, kill -9 too: the worker is then another process's child), so that no worker outlives
-    its generation and writes clips after it."""
+    """A clip worker's first step: a thread that ends the worker once its parent is gone (killed
+    by any signal), so that no worker writes clips after its generation."""
     def watch():
         while os.getppid() == parent:
             time.sleep(0.2)
@@ -754,11 +693,9 @@ def _end_with_parent(parent):
 
 
 def _holding_ctrl_c(start):
-    """start() with Ctrl-C held, then raised after it (by signal.raise_signal: the handler in
-    place decides). SIGINT is blocked in this thread, so the workers that start() spawns are born
-    with it blocked (the mask is kept through exec): a terminal's Ctrl-C is this process's to
-    handle, not a traceback in each worker. Another thread may still receive it; the handler here
-    only notes it, so no KeyboardInterrupt lands mid-spawn (a half-started worker)."""
+    """start() with Ctrl-C held, then raised. Blocked SIGINT is inherited by the workers start()
+    spawns (no traceback in each); another thread receiving it only notes it (no half-spawned
+    worker)."""
     if threading.current_thread() is not threading.main_thread() or os.name != "posix":
         return start()
     held = []
@@ -785,14 +722,12 @@ def normalize_text(s):
 def extract_answer(text):
     """The final answer: what follows the last 'the answer is', else the whole text (normalised)."""
     s = normalize_text(text)
-    key = "the answer is"
-    i = s.rfind(key)
-    return s[i + len(key):].strip() if i >= 0 else s
+    i = s.rfind("the answer is")
+    return s[i + len("the answer is"):].strip() if i >= 0 else s
 
 
 def spoken_words(text):
-    """The words of a transcript that are spoken (punctuation is silent): what every hearing row
-    is scored against, so that no row loses points for punctuation it cannot hear."""
+    """A transcript's spoken words (punctuation is silent): what hearing is scored against."""
     return " ".join(w for w in normalize_text(text).split() if w.isalpha())
 
 
@@ -819,10 +754,8 @@ def score(record, prediction):
 # -----------------------------------------------------------------------------
 # tokenizer and chat format
 #
-# Word-level, trained on the toy corpus: the toy language is a closed vocabulary of a few hundred
-# words, so one token per word keeps sequences short for tiny CPU models and makes ASR a word
-# choice. Text is lower-cased and split into words and punctuation; a word outside the vocabulary
-# (a user's own transcript) becomes UNK instead of failing. A BPE would serve a real corpus better.
+# Word-level on the toy corpus (a closed vocabulary of a few hundred words): one token per word
+# keeps sequences short and makes ASR a word choice; an unknown word becomes UNK.
 
 PAD, USER, ASSISTANT, END, AUDIO = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|audio|>"
 UNK = "<|unk|>"
@@ -831,11 +764,8 @@ SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this or
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """The strings around a turn: a prompt is user + content + " " + instruction + assistant, a
-    response ends with `end` (one token: the sampler stops on its id), and a speech prompt's content
-    is `audio` (one token, replaced by the audio vectors before the decoder reads it). A real
-    teacher's format comes as a JSON file of these fields (`--chat_format`); `pad` is optional
-    (padding is masked; the end token serves when it is absent)."""
+    """The strings around a turn (see encode_prompt); `end` and `audio` are one token each. A real
+    teacher's comes as a JSON file of these fields (--chat_format); `pad` is optional."""
     user: str = USER
     assistant: str = ASSISTANT
     end: str = END
@@ -848,8 +778,7 @@ TOY_FORMAT = ChatFormat()
 
 
 def read_chat_format(path):
-    """A chat-format JSON file -> ChatFormat; a missing file, unknown field or non-string value is
-    an error naming the file and the field."""
+    """A chat-format JSON file -> ChatFormat; ValueError naming the file and a bad field."""
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -895,19 +824,16 @@ def load_tokenizer(path):
 
 
 def chat_ids(tok, fmt):
-    """The ids of a chat format's single tokens -> {"end", "audio", "pad"}. The audio placeholder is
-    added to the tokenizer when it lacks it (a real teacher's never has it); the decoder never
-    embeds it, so it needs no row of the vocabulary. The end token and the placeholder must each
-    be one token (a string that splits is refused, naming the field)."""
+    """{"end", "audio", "pad"} -> their one-token ids. The audio placeholder is added when the
+    tokenizer lacks it (it is never embedded); a pad that splits is the end id (it is masked)."""
     if tok.token_to_id(fmt.audio) is None:
         tok.add_special_tokens([fmt.audio])
     out = {}
     for name in ("end", "audio", "pad"):
         ids = tok.encode(getattr(fmt, name), add_special_tokens=False).ids
-        if len(ids) != 1:
-            if name == "pad":
-                out["pad"] = out["end"]  # padding is masked: any valid id will do
-                continue
+        if len(ids) != 1 and name == "pad":
+            ids = [out["end"]]
+        elif len(ids) != 1:
             raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = "
                              f"{getattr(fmt, name)!r} is {len(ids)} tokens for the tokenizer, "
                              f"expected exactly one")
@@ -920,13 +846,8 @@ def _ids(tok, text):
 
 
 def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
-    """The chat format, for the teacher's text prompt and the student's speech prompt alike:
-        text:   user transcript instruction assistant
-        speech: user <|audio|>  instruction assistant
-    (toy: <|user|> ... <|assistant|>). The instruction is encoded with the space before it, as a
-    byte-level BPE sees it mid-sentence (a word-level tokenizer drops the space). The prompt ends
-    with the assistant string, so response ids (encode_response) follow directly and are the same
-    in both modalities."""
+    """Prompt ids, `user transcript instruction assistant` or `user audio instruction assistant`
+    by modality; the instruction with the space before it (as a BPE sees it mid-sentence)."""
     if modality == "text":
         content = _ids(tok, record["transcript"])
     elif modality == "speech":
@@ -939,9 +860,7 @@ def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
 
 
 def spoken_word_ids(tok, transcript):
-    """The token ids of a transcript's spoken words (punctuation is silent), one list per word:
-    one id each with a word-level tokenizer, a word's pieces with a BPE (mid-sentence words with
-    the space before them, as they occur in text)."""
+    """A transcript's spoken words -> one id list per word (a BPE's pieces, as mid-sentence)."""
     words = [w for w in normalize_text(transcript).split() if w.isalpha()]
     return [_ids(tok, w if i == 0 else " " + w) for i, w in enumerate(words)]
 
@@ -964,8 +883,7 @@ def decode_response(tok, ids, fmt=TOY_FORMAT):
 
 MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instruction": "",
                      "reference": "", "teacher": None, "answer": "", "voice": {}}
-# what each field must hold, checked as a manifest is read (not when a stage first uses it):
-# (types, said as). reference and teacher may be null: a record without that response.
+# field: (types, said as), checked as a manifest is read; a null response: a record without one
 STRING, NUMBER = (str, "a string"), ((int, float), "a number")
 OPTIONAL = ((str, type(None)), "a string or null")
 FIELD_TYPES = {"split": STRING, "task": STRING, "instruction": STRING, "answer": STRING,
@@ -977,8 +895,7 @@ VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise
 
 
 def field_error(r):
-    """The first field of record r (defaults filled in) that holds the wrong type -> 'field ... is
-    ...; expected ...', or None."""
+    """The first field of record r that holds the wrong type -> 'field ... is ...; expected ...'."""
     checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
     if isinstance(r["voice"], dict):
         checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k])
@@ -993,12 +910,9 @@ def field_error(r):
 
 
 def read_manifest(path, audio=True, seen=None, required=False):
-    """-> list of records, defaults filled in, 'audio' resolved to an absolute path. Blank lines
-    are skipped; a malformed line raises ValueError naming the file, line and field (manifest_
-    record). audio=False reads unspoken prompts (the teacher's text.jsonl): no 'audio' field.
-    Ids are unique (log-mels and encoder features are cached by id) in the file and across the
-    files read with the same `seen` dict ({id: 'file:line'}, updated). required: a file without
-    records is an error too (found here, not at the stage that needs them)."""
+    """-> records with defaults filled in and absolute 'audio' paths (audio=False: unspoken
+    prompts, no 'audio'). Ids are unique across the files read with one `seen` ({id: file:line},
+    updated), as features are cached by id; required: a file without records is an error."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
@@ -1019,9 +933,8 @@ def read_manifest(path, audio=True, seen=None, required=False):
 
 
 def manifest_record(raw, where, audio, seen):
-    """One manifest line (bytes) -> its record with defaults filled in, or None when blank;
-    ValueError '<where>: <what is wrong>' when it is not UTF-8, not a JSON object, lacks a field,
-    repeats an id of `seen` or holds a field of the wrong type."""
+    """One manifest line (bytes) -> its record, defaults filled in, or None when blank; else
+    ValueError '<where>: <what is wrong>'."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -1067,8 +980,7 @@ def mix_seed(*parts):
 
 
 class Progress:
-    """A progress line at most every `every` seconds while `total` items are worked through:
-    '[name] what: n/total unit, rate unit/s, eta'. Call it with the number done so far."""
+    """Called with the number done: '[name] what: n/total unit, rate unit/s, eta' each `every` s."""
 
     def __init__(self, name, what, total, unit="clips", every=5.0):
         self.name, self.what, self.total, self.unit, self.every = name, what, total, unit, every
@@ -1085,8 +997,7 @@ class Progress:
 
 
 def fingerprint(obj):
-    """16 hex digits of a SHA-256 over a JSON-able object (keys sorted): equal exactly when what
-    went into an output (settings, data digests, the fingerprints of its inputs) is equal."""
+    """16 hex digits of a SHA-256 over a JSON-able object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -1103,8 +1014,7 @@ def file_digest(path, head=None):
 
 
 def atomic_write(path, write, mode="w"):
-    """write(f) into path + ".tmp", then rename it to path: a failure (a full disk, no
-    permission) leaves no partial file and ends in one OSError naming path."""
+    """write(f) to path + ".tmp", renamed to path; a failure leaves no file: one OSError."""
     tmp = path + ".tmp"
     try:
         with open(tmp, mode) as f:
@@ -1139,16 +1049,10 @@ def collate_mels(mels):
 
 @dataclass
 class Batch:
-    """One batch of prompts, and optionally of fixed responses, as xopd.py's steps take it. Right
-    padded; each *_lens (B,) holds the real length of every row; a field not carried is None.
-
-        text_ids, text_lens          (B, T_t)  <|user|> transcript instruction <|assistant|>
-        speech_ids, speech_lens      (B, T_s)  <|user|> <|audio|> instruction <|assistant|>
-        mels, mel_lens               (B, n_mels, T_mel)  log-mels of the speech prompts' audio
-        feats, feat_lens             (B, T_enc, n_state) a frozen encoder's outputs for that
-                                     audio, in place of mels
-        response_ids, response_lens  (B, L)    fixed responses, ending with <|end|>
-    """
+    """Prompts, and optionally fixed responses, as xopd.py's steps take them: right padded, each
+    *_lens (B,) the rows' lengths, None where not carried. text_ids (B, T_t) and speech_ids
+    (B, T_s) prompts; mels (B, n_mels, T_mel), or a frozen encoder's feats (B, T_enc, n_state);
+    response_ids (B, L) ending with the end token."""
     text_ids: torch.Tensor | None = None
     text_lens: torch.Tensor | None = None
     speech_ids: torch.Tensor | None = None
@@ -1187,44 +1091,35 @@ def batch_indices(n_items, batch_size, step, seed):
 
 
 class World:
-    """A data folder loaded once per run: a manifest per pool (train.jsonl and test.jsonl required;
-    align.jsonl, val.jsonl and the teacher's unspoken text.jsonl optional), the tokenizer (the
-    folder's tokenizer.json, or a real teacher's) with its chat format, the records' log-mels
-    (n_mels bands: 80, or what a Whisper checkpoint takes) cached in memory, and batches of them."""
+    """A data folder read once per run: its manifests (train and test required), a tokenizer and
+    chat format, the log-mels of n_mels bands cached by id, and batches of them."""
 
     def __init__(self, data_dir, tokenizer=None, fmt=TOY_FORMAT, n_mels=N_MELS):
         self.dir, self.fmt, self.n_mels = data_dir, fmt, n_mels
         path = lambda name: os.path.join(data_dir, f"{name}.jsonl")
         self.tok = load_tokenizer(tokenizer or os.path.join(data_dir, "tokenizer.json"))
-        # one id space for every spoken manifest (the mel and feature caches are keyed by id);
-        # id -> 'file:line', where an error about a record points
-        self.lines = ids = {}
+        self.lines = ids = {}  # id -> 'file:line', one id space for the spoken manifests
         self.train = read_manifest(path("train"), seen=ids, required=True)
         self.test = read_manifest(path("test"), seen=ids, required=True)
         exists = lambda name: os.path.exists(path(name))
         self.align = read_manifest(path("align"), seen=ids) if exists("align") else []
         self.val = read_manifest(path("val"), seen=ids) if exists("val") else []
         self.text = read_manifest(path("text"), audio=False) if exists("text") else []
-        # the speakers of the train pool: a clip by anyone else is an unseen speaker's
+        # a clip by anyone else is an unseen speaker's
         self.train_speakers = {r["voice"].get("speaker") for r in self.train} - {None, ""}
         special = chat_ids(self.tok, fmt)
         self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
         self._mels, self._digests = {}, {}
-        # encoder -> {record id: features}; weak, so an encoder's features go with it, and
-        # another encoder never reads them
         self._feats = weakref.WeakKeyDictionary()
 
     def check_clips(self, max_seconds, pools=POOLS, decode=False):
-        """Every clip of the spoken manifests (of `pools`) by check_clip: by its header, or
-        decoded in full (decode, for a user's clips): a bad one is found before any stage trains,
-        not at the first that reads it."""
+        """check_clip on every clip of `pools`, before any stage trains."""
         for r in (r for pool in pools for r in getattr(self, pool)):
             check_clip(r["audio"], self.lines[r["id"]], max_seconds, decode)
 
     def digest(self, pools):
-        """What the records of `pools` hold, for fingerprints: the manifests' bytes, each clip's
-        size and header (file_digest), the tokenizer and the chat format. Folder-independent:
-        two copies of one data folder give the same digest. -> 16 hex digits, cached per pools."""
+        """16 hex digits over `pools`' manifests, clips' size and header, the tokenizer and chat
+        format: the same for two copies of a data folder. Cached."""
         key = tuple(pools)
         if key not in self._digests:
             parts = {"tokenizer": fingerprint(self.tok.to_str()), "chat_format": asdict(self.fmt)}
@@ -1251,10 +1146,8 @@ class World:
         return self._mels[rec["id"]]
 
     def features(self, recs, encoder, device):
-        """A frozen encoder's outputs, computed once per clip and encoder (the omni stage sees
-        each clip many times); the encoder is padding invariant, so batching does not change
-        them. A record that carries its outputs under "feats" (train.spliced_lists: no clip of
-        its own) uses those. -> feats (B, T, n_state), lens (B,)."""
+        """A frozen encoder's outputs (B, T, n_state), lens (B,), cached per clip and encoder (a
+        weak key: they go with it); a record's own "feats" (train.spliced_lists) are used as is."""
         cache = self._feats.setdefault(encoder, {})
         todo = [r for r in recs if "feats" not in r and r["id"] not in cache]
         if todo:
@@ -1267,9 +1160,8 @@ class World:
         return feats, lens.to(device)
 
     def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
-        """A Batch of recs: text and/or speech prompts, and optional fixed responses (a list of
-        strings, one per record). Speech comes as mels, or, given a frozen encoder, as its
-        cached outputs (see features)."""
+        """A Batch of recs' text and/or speech prompts (mels, or an encoder's features) and
+        optional responses (strings)."""
         b = Batch()
         prompts = lambda modality: collate_tokens([self.prompt(r, modality) for r in recs],
                                                   self.pad_id)
@@ -1287,13 +1179,8 @@ class World:
         return b.to(device)
 
 
-# -----------------------------------------------------------------------------
-# a run's world
-
-
 def world_of(settings, n_mels=N_MELS, data_dir=None):
-    """The World a run reads (its TrainConfig settings as a dict): its data folder, the tokenizer
-    of its --teacher folder when it had one, its --chat_format, log-mels of n_mels bands."""
+    """The World of a run's settings: its data, its --teacher's tokenizer and its --chat_format."""
     fmt = read_chat_format(settings["chat_format"]) if settings.get("chat_format") else TOY_FORMAT
     teacher = settings.get("teacher")
     tokenizer = os.path.join(teacher, "tokenizer.json") if teacher else None
@@ -1304,9 +1191,8 @@ RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the sett
 
 
 def run_path(settings, key, out):
-    """A path a run stored in its checkpoints (settings: its saved TrainConfig), for the run now
-    in folder out: a path inside the run folder moves with the folder (a copied or moved run
-    keeps its own data); any other is returned as stored."""
+    """settings[key], a path a run stored, for the run now in folder out: one inside the run
+    folder moves with it; any other is returned as stored."""
     p, was = settings.get(key) or "", settings.get("out") or ""
     if not p or not was:
         return p
