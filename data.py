@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 # -----------------------------------------------------------------------------
-# audio: Whisper's constants, reading clips
+# audio: Whisper's constants, reading clips, the log-mel spectrogram
 
 SAMPLE_RATE = 16000  # Hz; speech has little above 8 kHz, and Whisper was trained at 16 kHz
 N_FFT = 400          # 25 ms window at 16 kHz
@@ -30,6 +30,9 @@ N_MELS = 80          # Whisper v1-v2 and large-v3-turbo use 128; 80 is the class
 # the shortest clip: 25 ms, two mel frames, one encoder frame (conv2 halves them); a shorter one
 # crashes the STFT's reflect padding or leaves the encoder nothing
 MIN_SAMPLES = N_FFT
+# Slaney's mel scale (librosa's default): 3 mels per 200 Hz below 1 kHz, then 27 per factor 6.4
+F_SP, MIN_LOG_HZ = 200.0 / 3, 1000.0
+MIN_LOG_MEL, LOGSTEP = MIN_LOG_HZ / F_SP, math.log(6.4) / 27.0
 
 
 def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, beta=8.6):
@@ -103,14 +106,6 @@ def load_audio(path):
     if sr != SAMPLE_RATE:
         audio = resample(audio, sr, SAMPLE_RATE)
     return audio.astype(np.float32)
-
-
-# -----------------------------------------------------------------------------
-# log-mel spectrogram, numerically Whisper's
-
-# Slaney's mel scale (librosa's default): 3 mels per 200 Hz below 1 kHz, then 27 per factor 6.4
-F_SP, MIN_LOG_HZ = 200.0 / 3, 1000.0
-MIN_LOG_MEL, LOGSTEP = MIN_LOG_HZ / F_SP, math.log(6.4) / 27.0
 
 
 def hz_to_mel(f):
@@ -264,8 +259,7 @@ def _smooth(x, n):
 
 
 def pitch_contour(emotion, t, word_pos):
-    """Multiplier on the speaker's pitch. t: (n,) position in the utterance in [0, 1];
-    word_pos: (n,) position inside the current word (or -1 in pauses)."""
+    """The pitch multiplier at t (n,) in the utterance (0..1) and word_pos (n,) in the word."""
     w = np.clip(word_pos, 0.0, 1.0)
     if emotion == "neutral":   # gentle declination
         return 1.0 + 0.04 * (0.5 - t)
@@ -346,21 +340,11 @@ def number_words(k):
     return TENS[k // 10] + ("" if k % 10 == 0 else " " + ONES[k % 10])
 
 
-def entity_names(rng, n):
-    """n distinct made-up names from consonant-vowel syllables (bako, timu, ...)."""
-    names = set()
-    while len(names) < n:
-        syl = lambda: rng.choice(list("bdgklmnprstvz")) + rng.choice(list("aeiou"))
-        names.add(syl() + syl() + (syl() if rng.random() < 0.3 else ""))
-    return sorted(names)
-
-
 ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
 
 
 def arith_example(rng):
-    """Two or three operations in words, left to right: 'what is three times four plus two ?'
-    Operands of plus / minus are 1..9; a product, when there is one, comes first (2..5 x 2..5)."""
+    """'what is three times four plus two ?': two or three operations, a product first if any."""
     for _ in range(1000):
         n_ops = int(rng.integers(2, 4))
         if rng.random() < 0.3:
@@ -387,8 +371,7 @@ def arith_example(rng):
 
 
 def instruct_example(rng):
-    """Instruction following over a few words: count them (two to five), or reverse their order
-    (three or four: the 462 two-word lists are too few for the teacher to learn their pattern)."""
+    """Count two to five words, or reverse three or four (too few two-word lists to learn from)."""
     pool = COLORS + ANIMALS
     count = rng.random() < 0.5
     n = int(rng.integers(2, 6) if count else rng.integers(3, 5))
@@ -423,35 +406,25 @@ FACT_TEMPLATES = {
 FACT_TEACHER = {"city": "{e} lives in {v} . the answer is {v}",
                 "color": "{e} likes {v} . the answer is {v}",
                 "pet": "{e} has a {v} . the answer is {v}"}
+FACT_VALUES = {"city": CITIES, "color": COLORS, "pet": ANIMALS}
 FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
 
 def fact_examples(rng, n_entities):
-    """-> {pool: [fact questions]} about generated entities, pools as in FACT_POOLS."""
+    """-> {pool: [fact questions]} about n_entities made-up names (bako, timu, ...)."""
+    names = set()
+    while len(names) < n_entities:
+        syl = lambda: rng.choice(list("bdgklmnprstvz")) + rng.choice(list("aeiou"))
+        names.add(syl() + syl() + (syl() if rng.random() < 0.3 else ""))
     out = {p: [] for p in set(FACT_POOLS)}
-    for e in entity_names(rng, n_entities):
-        facts = {"city": CITIES[int(rng.integers(len(CITIES)))],
-                 "color": COLORS[int(rng.integers(len(COLORS)))],
-                 "pet": ANIMALS[int(rng.integers(len(ANIMALS)))]}
+    for e in sorted(names):
+        facts = {a: vs[int(rng.integers(len(vs)))] for a, vs in FACT_VALUES.items()}
         for attr, v in facts.items():
             order = rng.permutation(len(FACT_TEMPLATES[attr]))
             for pool, i in zip(FACT_POOLS, order):
                 out[pool].append({"task": "facts", "answer": v, "reference": v,
                                   "transcript": FACT_TEMPLATES[attr][i].format(e=e),
                                   "teacher": FACT_TEACHER[attr].format(e=e, v=v)})
-    return out
-
-
-def unique_examples(make, rng, n, seen):
-    """n examples from make(rng) whose prompts are new (not in `seen`, which is updated)."""
-    out = []
-    for _ in range(200 * n):
-        if len(out) == n:
-            break
-        ex = make(rng)
-        if ex["transcript"] not in seen:
-            seen.add(ex["transcript"])
-            out.append(ex)
     return out
 
 
@@ -481,8 +454,7 @@ def voice_labels(voice):
 
 
 def make_speakers(rng, n):
-    """Speakers spk00, spk01, ...: even ones low voices (80-125 Hz, longer tracts), odd ones high
-    voices (190-260 Hz, shorter)."""
+    """Speakers spk00, spk01, ...: even ones low voices (longer tracts), odd ones high."""
     speakers = []
     for i in range(n):
         pitch, tract = ((80, 125), (1.0, 1.2)) if i % 2 == 0 else ((190, 260), (0.85, 1.05))
@@ -492,8 +464,7 @@ def make_speakers(rng, n):
 
 
 def sample_voice(rng, speaker, noisy_p=0.3):
-    """One utterance's voice: the speaker's pitch and tract, plus a rate class (slow/fast), an
-    emotion, a noise level and a loudness drawn per utterance."""
+    """One utterance's voice: the speaker's pitch and tract; rate, emotion, noise and loudness."""
     fast = rng.random() < 0.5
     noisy = rng.random() < noisy_p
     return Voice(pitch_hz=round(float(speaker["pitch_hz"]), 2),
@@ -509,9 +480,7 @@ def sample_voice(rng, speaker, noisy_p=0.3):
 # (choosing settings) or test (the tables). Audio skills have train and test clips.
 POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
 
-PRESETS = {
-    # text prompts per family (arith, instruct) and pool; facts: entities, each asked 3 x 4 times
-    # in train and 3 times in align, val and test; audio clips per task; speakers seen / unseen
+PRESETS = {  # text prompts per family and pool, entities, clips per task, speakers seen/unseen
     "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
                  asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
     "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300),
@@ -544,28 +513,33 @@ def build_world(seed=0, preset="cpu"):
 
 
 def text_pools(rng, cfg):
-    """{pool: text-skill examples} for the teacher's unspoken pool and every spoken pool."""
-    seen = set()   # every prompt string, whatever its pool: pools are disjoint by construction
-    text = {p: [] for p in ("text",) + POOLS}
+    """{pool: text-skill examples}, no prompt in two pools."""
+    seen, text = set(), {p: [] for p in ("text",) + POOLS}
     for make in (arith_example, instruct_example):
         for pool in ("test", "val", "align", "train", "text"):
-            text[pool] += unique_examples(make, rng, cfg["text"][pool], seen)
+            n, out = cfg["text"][pool], text[pool]
+            stop = len(out) + n
+            for _ in range(200 * n):   # n prompts not seen in any pool
+                if len(out) == stop:
+                    break
+                ex = make(rng)
+                if ex["transcript"] not in seen:
+                    seen.add(ex["transcript"])
+                    out.append(ex)
     for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
         text[pool] += exs
     return text
 
 
 def pick_speaker(rng, speakers, n_seen, pool):
-    """One utterance's speaker: train and align speak with the first n_seen (the training
-    speakers); val and test, half the time, with one never heard in training."""
+    """A training speaker (the first n_seen); in val and test, half the time, an unseen one."""
     seen, unseen = speakers[:n_seen], speakers[n_seen:]
     spk = seen if pool in ("train", "align") or rng.random() < 0.5 else unseen
     return spk[int(rng.integers(len(spk)))]
 
 
 def audio_records(rng, cfg, text, speakers, n_seen):
-    """The audio-skill records of the train and test pools: transcription (half of it the pool's
-    own spoken prompts, half random words of the world's vocabulary) and the voice questions."""
+    """The train and test pools' transcription and voice-question records."""
     vocab = sorted({w for exs in text.values() for ex in exs for w in ex["transcript"].split()
                     if w.isalpha()})
     seen, records = set(), []
@@ -656,10 +630,9 @@ def speak_in_workers(jobs, progress):
     [] with one core or when the workers cannot start (then the caller makes the clips)."""
     cores = getattr(os, "sched_getaffinity", None)
     workers = min(len(cores(0)) if cores else os.cpu_count() or 1, 8)
-    made = []
     if workers < 2:
-        return made
-    others = set(multiprocessing.active_children())
+        return []
+    made, others = [], set(multiprocessing.active_children())
     try:
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
                                  initializer=_end_with_parent, initargs=(os.getpid(),)) as ex:
@@ -800,10 +773,8 @@ def read_chat_format(path):
 
 
 def toy_corpus(records):
-    for r in records:
-        for key in ("transcript", "instruction", "reference", "teacher"):
-            if r.get(key):
-                yield r[key]
+    keys = ("transcript", "instruction", "reference", "teacher")
+    return (r[k] for r in records for k in keys if r.get(k))
 
 
 def train_tokenizer(corpus):
@@ -871,11 +842,8 @@ def encode_response(tok, text, fmt=TOY_FORMAT):
 
 def decode_response(tok, ids, fmt=TOY_FORMAT):
     """Ids -> text, stopping at the first end token and dropping special tokens."""
-    ids = [int(i) for i in ids]
-    end = tok.token_to_id(fmt.end)
-    if end in ids:
-        ids = ids[:ids.index(end)]
-    return tok.decode(ids, skip_special_tokens=True)
+    ids = [int(i) for i in ids] + [tok.token_to_id(fmt.end)]  # an end token at the latest
+    return tok.decode(ids[:ids.index(ids[-1])], skip_special_tokens=True)
 
 
 # -----------------------------------------------------------------------------
@@ -886,27 +854,13 @@ MANIFEST_DEFAULTS = {"split": "train", "task": "custom", "kind": "text", "instru
 # field: (types, said as), checked as a manifest is read; a null response: a record without one
 STRING, NUMBER = (str, "a string"), ((int, float), "a number")
 OPTIONAL = ((str, type(None)), "a string or null")
-FIELD_TYPES = {"split": STRING, "task": STRING, "instruction": STRING, "answer": STRING,
-               "reference": OPTIONAL, "teacher": OPTIONAL,
-               "voice": (dict, "an object of voice fields")}
+FIELD_TYPES = {"split": STRING, "task": STRING, "kind": (str, "'text' or 'audio'"),
+               "instruction": STRING, "answer": STRING, "reference": OPTIONAL,
+               "teacher": OPTIONAL, "voice": (dict, "an object of voice fields")}
 VOICE_TYPES = {"pitch_hz": NUMBER, "tract_scale": NUMBER, "rate": NUMBER, "noise": NUMBER,
                "loudness": NUMBER, "emotion": (str, f"one of {', '.join(EMOTIONS)}"),
                "speaker": STRING}
-
-
-def field_error(r):
-    """The first field of record r that holds the wrong type -> 'field ... is ...; expected ...'."""
-    checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
-    if isinstance(r["voice"], dict):
-        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k])
-                   for k in VOICE_TYPES if k in r["voice"]]
-    for name, v, types, what in checks:
-        if (not isinstance(v, types) or isinstance(v, bool)
-                or (name == "voice.emotion" and v not in EMOTIONS)):
-            shown = json.dumps(v)
-            shown = shown if len(shown) < 60 else shown[:57] + "..."
-            return f"field {name!r} is {shown}; expected {what}"
-    return None
+CHOICES = {"kind": ("text", "audio"), "voice.emotion": EMOTIONS}
 
 
 def read_manifest(path, audio=True, seen=None, required=False):
@@ -934,7 +888,7 @@ def read_manifest(path, audio=True, seen=None, required=False):
 
 def manifest_record(raw, where, audio, seen):
     """One manifest line (bytes) -> its record, defaults filled in, or None when blank; else
-    ValueError '<where>: <what is wrong>'."""
+    ValueError '<where>: <what is wrong>' (the first field of the wrong type by the tables)."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -951,17 +905,20 @@ def manifest_record(raw, where, audio, seen):
     needed = ("id", "audio", "transcript") if audio else ("id", "transcript")
     missing = [k for k in needed if not isinstance(r.get(k), str)]
     if missing:
-        wrong = f"missing or non-string field(s) {missing}"
-    elif r.get("kind", "text") not in ("text", "audio"):
-        wrong = "kind must be 'text' or 'audio'"
-    elif r["id"] in seen:
-        wrong = (f"id {r['id']!r} is already used at {seen[r['id']]}; ids must be unique across "
-                 f"the manifests (audio is cached by id)")
-    else:
-        r = {**MANIFEST_DEFAULTS, **r}
-        wrong = field_error(r)
-    if wrong:
-        raise ValueError(f"{where}: {wrong}")
+        raise ValueError(f"{where}: missing or non-string field(s) {missing}")
+    if r["id"] in seen:
+        raise ValueError(f"{where}: id {r['id']!r} is already used at {seen[r['id']]}; ids must be "
+                         f"unique across the manifests (audio is cached by id)")
+    r = {**MANIFEST_DEFAULTS, **r}
+    checks = [(k, r[k], *FIELD_TYPES[k]) for k in FIELD_TYPES]
+    if isinstance(r["voice"], dict):
+        checks += [(f"voice.{k}", r["voice"][k], *VOICE_TYPES[k])
+                   for k in VOICE_TYPES if k in r["voice"]]
+    for name, v, types, what in checks:
+        if not isinstance(v, types) or isinstance(v, bool) or v not in CHOICES.get(name, [v]):
+            shown = json.dumps(v)
+            shown = shown if len(shown) < 60 else shown[:57] + "..."
+            raise ValueError(f"{where}: field {name!r} is {shown}; expected {what}")
     return r
 
 
