@@ -159,7 +159,6 @@ def log_mel_spectrogram(audio, n_mels=N_MELS):
 # then overlap-added, leveled and mixed with background noise.
 
 SYN_FRAME, SYN_HOP = 256, 128   # 16 ms frames, 8 ms hop: periodic Hann at 50% overlap sums to 1
-
 # letter: (kind, (F1, F2, F3) Hz, (noise center, noise width) Hz, duration ms)
 UNITS = {
     "a": ("vowel", (750, 1200, 2500), None, 95),
@@ -194,7 +193,7 @@ FORMANT_GAINS = np.array([1.0, 0.6, 0.35])    # falling spectral tilt of the glo
 WORD_PAUSE_MS, PUNCT_PAUSE_MS, EDGE_SILENCE_MS = 50, 90, 100
 EMOTIONS = ("neutral", "happy", "sad")
 EMOTION_ENERGY = {"neutral": 1.0, "happy": 1.4, "sad": 0.6}
-# a unit kind's sources: (voice amplitude, noise amplitude, noise shaped by the formants)
+# a unit kind's sources: voice amplitude, noise amplitude, noise shaped by the formants (asp)
 KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
                 "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
                 "aspirate": (0.0, 0.6, 1.0)}
@@ -212,10 +211,10 @@ class Voice:
 
 
 def _unit_track(text, rate):
-    """Text -> per-frame targets. Returns a dict of (n_frames,) / (n_frames, 3) arrays."""
+    """Text -> per-frame targets: F (n_frames, 3), av, an, nc, nw, asp and word_pos (n_frames,)."""
     frames = lambda ms: max(2, int(round(ms / 8.0 / rate)))   # 8 ms per frame
-    rows = []   # ((F(3), voice amp, noise amp, noise center, noise width, asp), word_pos)
-    silence = ((500, 1500, 2500), 0.0, 0.0, 3000, 3000, 0.0)
+    rows = []   # ((F, noise center, noise width, voice amp, noise amp, asp), word_pos)
+    silence = ((500, 1500, 2500), 3000, 3000, 0.0, 0.0, 0.0)
 
     def add(n, spec, word_pos=-1.0):
         pos = np.linspace(*word_pos, n) if isinstance(word_pos, tuple) else np.full(n, word_pos)
@@ -235,16 +234,15 @@ def _unit_track(text, rate):
             pos += n
             nc, nw = band if band else (3000, 3000)
             if kind in KIND_SOURCES:
-                av, an, asp = KIND_SOURCES[kind]
-                add(n, (F, av, an, nc, nw, asp), span)
-            else:   # stops: closure then burst
+                add(n, (F, nc, nw, *KIND_SOURCES[kind]), span)
+            else:   # stops: closure (a voice bar for b d g) then burst
                 n_burst = max(2, n // 3)
                 bar = 0.15 if kind == "vstop" else 0.0
-                add(n - n_burst, ((250, 900, 2300), bar, 0.0, nc, nw, 0.0), (span[0], span[0]))
-                add(n_burst, (F, 0.0, 0.9, nc, nw, 0.0), (span[1], span[1]))
+                add(n - n_burst, ((250, 900, 2300), nc, nw, bar, 0.0, 0.0), (span[0], span[0]))
+                add(n_burst, (F, nc, nw, 0.0, 0.9, 0.0), (span[1], span[1]))
         add(frames(WORD_PAUSE_MS), silence)
     add(frames(EDGE_SILENCE_MS), silence)
-    names = ("F", "av", "an", "nc", "nw", "asp")
+    names = ("F", "nc", "nw", "av", "an", "asp")
     track = {k: np.array([s[i] for s, _ in rows], dtype=np.float64) for i, k in enumerate(names)}
     track["word_pos"] = np.array([p for _, p in rows])
     return track
@@ -286,8 +284,7 @@ def synthesize(text, voice, seed=0):
     f0 = voice.pitch_hz * pitch_contour(voice.emotion, t, tr["word_pos"]) * drift   # (n,)
     n_samples = (n + 1) * SYN_HOP
     f0_s = np.interp(np.arange(n_samples), np.arange(n) * SYN_HOP + SYN_FRAME // 2, f0)
-    phase = np.cumsum(f0_s / SAMPLE_RATE)
-    pulses = np.diff(np.floor(phase), prepend=0.0)                    # 1 at each glottal closure
+    pulses = np.diff(np.floor(np.cumsum(f0_s / SAMPLE_RATE)), prepend=0.0)  # 1 at each closure
     noise_src = 0.12 * rng.standard_normal(n_samples)
     # frame both sources: (n, SYN_FRAME) -> spectra (n, SYN_FRAME // 2 + 1)
     win = np.hanning(SYN_FRAME + 1)[:-1]                               # periodic Hann
@@ -307,8 +304,7 @@ def synthesize(text, voice, seed=0):
     out.reshape(-1, SYN_HOP)[1:] += y[:, SYN_HOP:]
     rms = np.sqrt(np.mean(out ** 2)) + 1e-12
     out *= 0.05 * EMOTION_ENERGY.get(voice.emotion, 1.0) * voice.loudness / rms
-    speech_rms = np.sqrt(np.mean(out ** 2))
-    out += voice.noise * speech_rms * rng.standard_normal(n_samples)   # background noise
+    out += voice.noise * np.sqrt(np.mean(out ** 2)) * rng.standard_normal(n_samples)  # background
     peak = np.abs(out).max()
     if peak > 0.99:
         out *= 0.99 / peak
@@ -361,13 +357,12 @@ def arith_example(rng):
         if all(0 <= s[2] <= ARITH_MAX for s in steps):
             break
     expr = number_words(a) + "".join(f" {op} {number_words(b)}" for op, b, _ in steps)
-    prompt = f"what is {expr} ?"
-    chain, cur = [], number_words(a)
-    for op, b, r in steps:
-        chain.append(f"{cur} {op} {number_words(b)} is {number_words(r)} .")
+    chain, cur = "", number_words(a)
+    for op, b, r in steps:   # the teacher's chain: 'three times four is twelve . ...'
+        chain += f"{cur} {op} {number_words(b)} is {number_words(r)} . "
         cur = number_words(r)
-    return {"task": "arith", "transcript": prompt, "answer": cur,
-            "teacher": " ".join(chain) + f" the answer is {cur}", "reference": cur}
+    return {"task": "arith", "transcript": f"what is {expr} ?", "answer": cur,
+            "teacher": chain + f"the answer is {cur}", "reference": cur}
 
 
 def instruct_example(rng):
@@ -403,10 +398,9 @@ FACT_TEMPLATES = {
             "tell me the pet of {e} .", "which pet does {e} own ?",
             "what animal lives with {e} ?", "what kind of animal does {e} have ?"],
 }
-FACT_TEACHER = {"city": "{e} lives in {v} . the answer is {v}",
-                "color": "{e} likes {v} . the answer is {v}",
-                "pet": "{e} has a {v} . the answer is {v}"}
-FACT_VALUES = {"city": CITIES, "color": COLORS, "pet": ANIMALS}
+# attribute: (its values, the teacher's sentence before "the answer is")
+FACT_VALUES = {"city": (CITIES, "{e} lives in {v}"), "color": (COLORS, "{e} likes {v}"),
+               "pet": (ANIMALS, "{e} has a {v}")}
 FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
 
@@ -418,13 +412,13 @@ def fact_examples(rng, n_entities):
         names.add(syl() + syl() + (syl() if rng.random() < 0.3 else ""))
     out = {p: [] for p in set(FACT_POOLS)}
     for e in sorted(names):
-        facts = {a: vs[int(rng.integers(len(vs)))] for a, vs in FACT_VALUES.items()}
-        for attr, v in facts.items():
+        facts = {a: (vs[int(rng.integers(len(vs)))], say) for a, (vs, say) in FACT_VALUES.items()}
+        for attr, (v, say) in facts.items():
             order = rng.permutation(len(FACT_TEMPLATES[attr]))
+            teacher = say.format(e=e, v=v) + f" . the answer is {v}"
             for pool, i in zip(FACT_POOLS, order):
-                out[pool].append({"task": "facts", "answer": v, "reference": v,
-                                  "transcript": FACT_TEMPLATES[attr][i].format(e=e),
-                                  "teacher": FACT_TEACHER[attr].format(e=e, v=v)})
+                out[pool].append({"task": "facts", "answer": v, "reference": v, "teacher": teacher,
+                                  "transcript": FACT_TEMPLATES[attr][i].format(e=e)})
     return out
 
 
@@ -444,7 +438,6 @@ AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
                 "emotion": lambda v: v["emotion"],
                 "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
 VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
-
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 
 
@@ -479,7 +472,6 @@ def sample_voice(rng, speaker, noisy_p=0.3):
 # omni stage's; the teacher reads it too), align (the pairs every alignment method uses), val
 # (choosing settings) or test (the tables). Audio skills have train and test clips.
 POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
-
 PRESETS = {  # text prompts per family and pool, entities, clips per task, speakers seen/unseen
     "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
                  asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
@@ -493,7 +485,20 @@ def build_world(seed=0, preset="cpu"):
     """-> list of records (without audio written) for every pool, deterministic in the seed."""
     cfg = PRESETS[preset]
     rng = np.random.default_rng(seed)
-    text = text_pools(rng, cfg)
+    seen, text = set(), {p: [] for p in ("text",) + POOLS}   # no prompt in two pools
+    for make in (arith_example, instruct_example):
+        for pool in ("test", "val", "align", "train", "text"):
+            n, out = cfg["text"][pool], text[pool]
+            stop = len(out) + n
+            for _ in range(200 * n):
+                if len(out) == stop:
+                    break
+                ex = make(rng)
+                if ex["transcript"] not in seen:
+                    seen.add(ex["transcript"])
+                    out.append(ex)
+    for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
+        text[pool] += exs
     speakers = make_speakers(rng, sum(cfg["speakers"]))
     n_seen = cfg["speakers"][0]
     records = []
@@ -510,25 +515,6 @@ def build_world(seed=0, preset="cpu"):
         if "voice" in r:
             r["audio"] = f"wavs/{r['id']}.wav"
     return records
-
-
-def text_pools(rng, cfg):
-    """{pool: text-skill examples}, no prompt in two pools."""
-    seen, text = set(), {p: [] for p in ("text",) + POOLS}
-    for make in (arith_example, instruct_example):
-        for pool in ("test", "val", "align", "train", "text"):
-            n, out = cfg["text"][pool], text[pool]
-            stop = len(out) + n
-            for _ in range(200 * n):   # n prompts not seen in any pool
-                if len(out) == stop:
-                    break
-                ex = make(rng)
-                if ex["transcript"] not in seen:
-                    seen.add(ex["transcript"])
-                    out.append(ex)
-    for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
-        text[pool] += exs
-    return text
 
 
 def pick_speaker(rng, speakers, n_seen, pool):
@@ -684,7 +670,14 @@ def _holding_ctrl_c(start):
 
 
 # -----------------------------------------------------------------------------
-# scoring
+# scoring, the tokenizer and the chat format
+#
+# The tokenizer is word-level on the toy corpus (a closed vocabulary of a few hundred words): one
+# token per word keeps sequences short and makes ASR a word choice; an unknown word becomes UNK.
+
+PAD, USER, ASSISTANT, END, AUDIO = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|audio|>"
+UNK = "<|unk|>"
+SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this order
 
 
 def normalize_text(s):
@@ -722,17 +715,6 @@ def score(record, prediction):
     if record["task"] == "asr":
         return max(0.0, 1.0 - wer(record["answer"], prediction))
     return float(extract_answer(prediction) == normalize_text(record["answer"]))
-
-
-# -----------------------------------------------------------------------------
-# tokenizer and chat format
-#
-# Word-level on the toy corpus (a closed vocabulary of a few hundred words): one token per word
-# keeps sequences short and makes ASR a word choice; an unknown word becomes UNK.
-
-PAD, USER, ASSISTANT, END, AUDIO = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>", "<|audio|>"
-UNK = "<|unk|>"
-SPECIAL_TOKENS = [PAD, USER, ASSISTANT, END, AUDIO, UNK]   # ids 0..5 in this order
 
 
 @dataclass(frozen=True)
@@ -873,29 +855,27 @@ def read_manifest(path, audio=True, seen=None, required=False):
     records = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            r = manifest_record(raw, f"{path}:{lineno}", audio, seen)
-            if r is None:
-                continue
-            seen[r["id"]] = f"{path}:{lineno}"
-            if audio:
-                r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
-            records.append(r)
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); expected JSON Lines in UTF-8") from None
+            if line.strip():
+                r = manifest_record(line, where, audio, seen)
+                seen[r["id"]] = where
+                if audio:
+                    r["audio"] = os.path.join(root, r["audio"])   # absolute paths pass through
+                records.append(r)
     if required and not records:
         raise ValueError(f"{path}: no records; expected one JSON object per line (README, "
                          f"'Bring your own audio')")
     return records
 
 
-def manifest_record(raw, where, audio, seen):
-    """One manifest line (bytes) -> its record, defaults filled in, or None when blank; else
-    ValueError '<where>: <what is wrong>' (the first field of the wrong type by the tables)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column "
-                         f"{e.start + 1}); expected JSON Lines in UTF-8") from None
-    if not line.strip():
-        return None
+def manifest_record(line, where, audio, seen):
+    """One manifest line -> its record, defaults filled in; else ValueError '<where>: <what is
+    wrong>' (the first field of the wrong type by the tables)."""
     try:
         r = json.loads(line)
     except json.JSONDecodeError as e:
