@@ -193,6 +193,11 @@ FORMANT_GAINS = np.array([1.0, 0.6, 0.35])    # falling spectral tilt of the glo
 WORD_PAUSE_MS, PUNCT_PAUSE_MS, EDGE_SILENCE_MS = 50, 90, 100
 EMOTIONS = ("neutral", "happy", "sad")
 EMOTION_ENERGY = {"neutral": 1.0, "happy": 1.4, "sad": 0.6}
+# the pitch multiplier at t (n,) in the utterance and w (n,) in the word: neutral declines gently,
+# happy is raised with an accent on every word, rising; sad is lowered, flat and falling
+PITCH_CONTOURS = {"neutral": lambda t, w: 1.0 + 0.04 * (0.5 - t),
+                  "happy": lambda t, w: 1.12 * (1.0 + 0.10 * np.sin(np.pi * w)) * (1.0 + 0.06 * t),
+                  "sad": lambda t, w: 0.92 * (1.0 + 0.08 * (0.5 - t))}
 # a unit kind's sources: voice amplitude, noise amplitude, noise shaped by the formants (asp)
 KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
                 "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
@@ -256,20 +261,10 @@ def _smooth(x, n):
     return (c[n:] - c[:-n]) / n
 
 
-def pitch_contour(emotion, t, word_pos):
-    """The pitch multiplier at t (n,) in the utterance (0..1) and word_pos (n,) in the word."""
-    w = np.clip(word_pos, 0.0, 1.0)
-    if emotion == "neutral":   # gentle declination
-        return 1.0 + 0.04 * (0.5 - t)
-    if emotion == "happy":     # raised, lively accent on every word, rising at the end
-        return 1.12 * (1.0 + 0.10 * np.sin(np.pi * w)) * (1.0 + 0.06 * t)
-    if emotion == "sad":       # lowered, flat and falling
-        return 0.92 * (1.0 + 0.08 * (0.5 - t))
-    raise ValueError(f"unknown emotion {emotion!r}; expected one of {EMOTIONS}")
-
-
 def synthesize(text, voice, seed=0):
     """Speak `text` with `voice` -> float32 waveform at 16 kHz. Deterministic for a seed."""
+    if voice.emotion not in PITCH_CONTOURS:
+        raise ValueError(f"unknown emotion {voice.emotion!r}; expected one of {EMOTIONS}")
     rng = np.random.default_rng(seed)
     tr = _unit_track(text, voice.rate)
     n = len(tr["av"])
@@ -281,7 +276,8 @@ def synthesize(text, voice, seed=0):
     # pitch: contour x slow random drift (+-1.5%), interpolated to samples
     t = np.linspace(0.0, 1.0, n)
     drift = 1.0 + 0.015 * _smooth(rng.standard_normal(n), 15) * np.sqrt(15)
-    f0 = voice.pitch_hz * pitch_contour(voice.emotion, t, tr["word_pos"]) * drift   # (n,)
+    contour = PITCH_CONTOURS[voice.emotion](t, np.clip(tr["word_pos"], 0.0, 1.0))
+    f0 = voice.pitch_hz * contour * drift   # (n,)
     n_samples = (n + 1) * SYN_HOP
     f0_s = np.interp(np.arange(n_samples), np.arange(n) * SYN_HOP + SYN_FRAME // 2, f0)
     pulses = np.diff(np.floor(np.cumsum(f0_s / SAMPLE_RATE)), prepend=0.0)  # 1 at each closure
@@ -439,6 +435,8 @@ AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
                 "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
 VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
+# speakers spk00, spk01, ...: (pitch Hz, tract scale) ranges of the even ones and the odd ones
+SPEAKER_RANGES = (((80, 125), (1.0, 1.2)), ((190, 260), (0.85, 1.05)))
 
 
 def voice_labels(voice):
@@ -446,26 +444,20 @@ def voice_labels(voice):
     return {t: AUDIO_LABELS[t](voice) for t, k in VOICE_FIELDS.items() if k in voice}
 
 
-def make_speakers(rng, n):
-    """Speakers spk00, spk01, ...: even ones low voices (longer tracts), odd ones high."""
-    speakers = []
-    for i in range(n):
-        pitch, tract = ((80, 125), (1.0, 1.2)) if i % 2 == 0 else ((190, 260), (0.85, 1.05))
-        speakers.append({"speaker": f"spk{i:02d}", "pitch_hz": rng.uniform(*pitch),
-                         "tract_scale": rng.uniform(*tract)})
-    return speakers
-
-
-def sample_voice(rng, speaker, noisy_p=0.3):
-    """One utterance's voice: the speaker's pitch and tract; rate, emotion, noise and loudness."""
+def sample_voice(rng, speakers, n_seen, pool, noisy_p=0.3):
+    """One utterance's voice fields: the pitch and tract of a training speaker (the first n_seen;
+    in val and test, half the time, an unseen one), and a rate, emotion, noise and loudness."""
+    heard = pool in ("train", "align") or rng.random() < 0.5
+    spk = speakers[:n_seen] if heard else speakers[n_seen:]
+    speaker = spk[int(rng.integers(len(spk)))]
     fast = rng.random() < 0.5
     noisy = rng.random() < noisy_p
-    return Voice(pitch_hz=round(float(speaker["pitch_hz"]), 2),
+    return asdict(Voice(pitch_hz=round(float(speaker["pitch_hz"]), 2),
                  tract_scale=round(float(speaker["tract_scale"]), 3),
                  rate=round(float(rng.uniform(1.2, 1.45) if fast else rng.uniform(0.7, 0.85)), 3),
                  emotion=EMOTIONS[int(rng.integers(3))],
                  noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
-                 loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
+                 loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"]))
 
 
 # Every text prompt lies in one pool: text (unspoken, the teacher's alone), train (spoken, the
@@ -499,7 +491,9 @@ def build_world(seed=0, preset="cpu"):
                     out.append(ex)
     for pool, exs in fact_examples(rng, cfg["facts_entities"]).items():
         text[pool] += exs
-    speakers = make_speakers(rng, sum(cfg["speakers"]))
+    speakers = [{"speaker": f"spk{i:02d}", "pitch_hz": rng.uniform(*SPEAKER_RANGES[i % 2][0]),
+                 "tract_scale": rng.uniform(*SPEAKER_RANGES[i % 2][1])}
+                for i in range(sum(cfg["speakers"]))]
     n_seen = cfg["speakers"][0]
     records = []
     for pool in ("text",) + POOLS:
@@ -508,20 +502,13 @@ def build_world(seed=0, preset="cpu"):
                  "kind": "text", "transcript": ex["transcript"], "instruction": "",
                  "reference": ex["reference"], "teacher": ex["teacher"], "answer": ex["answer"]}
             if pool != "text":   # the teacher's own pool is never spoken
-                r["voice"] = asdict(sample_voice(rng, pick_speaker(rng, speakers, n_seen, pool)))
+                r["voice"] = sample_voice(rng, speakers, n_seen, pool)
             records.append(r)
     records += audio_records(rng, cfg, text, speakers, n_seen)
     for r in records:
         if "voice" in r:
             r["audio"] = f"wavs/{r['id']}.wav"
     return records
-
-
-def pick_speaker(rng, speakers, n_seen, pool):
-    """A training speaker (the first n_seen); in val and test, half the time, an unseen one."""
-    seen, unseen = speakers[:n_seen], speakers[n_seen:]
-    spk = seen if pool in ("train", "align") or rng.random() < 0.5 else unseen
-    return spk[int(rng.integers(len(spk)))]
 
 
 def audio_records(rng, cfg, text, speakers, n_seen):
@@ -542,8 +529,7 @@ def audio_records(rng, cfg, text, speakers, n_seen):
                     if (task, s) not in seen:
                         break
                 seen.add((task, s))
-                speaker = pick_speaker(rng, speakers, n_seen, pool)
-                voice = asdict(sample_voice(rng, speaker, noisy_p=0.5 if task == "noise" else 0.3))
+                voice = sample_voice(rng, speakers, n_seen, pool, 0.5 if task == "noise" else 0.3)
                 answer = s if task == "asr" else AUDIO_LABELS[task](voice)
                 records.append({"id": f"{pool}-{task}-{i:05d}", "split": pool, "task": task,
                                 "kind": "audio", "transcript": s,
