@@ -308,7 +308,7 @@ def synthesize(text, voice, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# the toy world: text skills (what the text teacher is good at)
+# the toy world: text skills the teacher has, audio skills the speech model has, and the clips
 #
 # An example's `teacher` response is the teacher's style (a short chain of thought, then "the
 # answer is X"); its `reference`, as in real datasets, is the bare answer, which the SFT baseline
@@ -323,6 +323,58 @@ ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "horse", "mouse",
            "lion"]
 CITIES = ["lima", "oslo", "paris", "cairo", "tokyo", "rome", "delhi", "quito", "dakar", "hanoi",
           "perth", "bern"]
+ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
+# facts: each (entity, attribute) has eight phrasings, a random four of them in train, one each in
+# align, val and test: the fact is known, but an align / val / test prompt is never trained on
+FACT_TEMPLATES = {
+    "city": ["where does {e} live ?", "in which city does {e} live ?",
+             "what is the home city of {e} ?", "which city is {e} from ?",
+             "tell me the city where {e} lives .", "what city is home to {e} ?",
+             "where is the home of {e} ?", "name the city of {e} ."],
+    "color": ["what color does {e} like ?", "what is the favorite color of {e} ?",
+              "which color is liked by {e} ?", "name the color that {e} likes .",
+              "tell me the color {e} likes .", "which color does {e} love ?",
+              "what is the color that {e} likes best ?", "what color is the favorite of {e} ?"],
+    "pet": ["what pet does {e} have ?", "which animal does {e} keep ?",
+            "what is the pet of {e} ?", "name the animal that {e} owns .",
+            "tell me the pet of {e} .", "which pet does {e} own ?",
+            "what animal lives with {e} ?", "what kind of animal does {e} have ?"],
+}
+# attribute: (its values, the teacher's sentence before "the answer is")
+FACT_VALUES = {"city": (CITIES, "{e} lives in {v}"), "color": (COLORS, "{e} likes {v}"),
+               "pet": (ANIMALS, "{e} has a {v}")}
+FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
+
+AUDIO_INSTRUCTIONS = {
+    "asr": "transcribe the speech .",
+    "pitch": "is the voice of the speaker high or low ?",
+    "rate": "is the speaker talking fast or slow ?",
+    "emotion": "does the speaker sound neutral , happy or sad ?",
+    "noise": "is the recording clean or noisy ?",
+}
+# a voice's label for each question (thresholds sit in the gaps between the sampled ranges)
+AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
+                "rate": lambda v: "fast" if v["rate"] >= 1.0 else "slow",
+                "emotion": lambda v: v["emotion"],
+                "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
+VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
+TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
+# speakers spk00, spk01, ...: (pitch Hz, tract scale) ranges of the even ones and the odd ones
+SPEAKER_RANGES = (((80, 125), (1.0, 1.2)), ((190, 260), (0.85, 1.05)))
+
+# Every text prompt lies in one pool: text (unspoken, the teacher's alone), train (spoken, the
+# omni stage's; the teacher reads it too), align (the pairs every alignment method uses), val
+# (choosing settings) or test (the tables). Audio skills have train and test clips.
+POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
+PRESETS = {  # text prompts per family and pool, entities, clips per task, speakers seen/unseen
+    "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
+                 asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
+    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300),
+                facts_entities=100, asr=dict(train=3000, test=200),
+                audio_q=dict(train=400, test=100), speakers=(24, 8)),
+}
+WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
+UNFINISHED = "generating.json"  # written before the first clip, removed after done.json
 
 
 def number_words(k):
@@ -330,9 +382,6 @@ def number_words(k):
     if k < 20:
         return ONES[k]
     return TENS[k // 10] + ("" if k % 10 == 0 else " " + ONES[k % 10])
-
-
-ARITH_MAX = 30   # every intermediate result stays in 0..30: ~600 facts a small model learns
 
 
 def arith_example(rng):
@@ -378,28 +427,6 @@ def instruct_example(rng):
             "teacher": teacher + f" . the answer is {answer}", "reference": answer}
 
 
-# facts: each (entity, attribute) has eight phrasings, a random four of them in train, one each in
-# align, val and test: the fact is known, but an align / val / test prompt is never trained on
-FACT_TEMPLATES = {
-    "city": ["where does {e} live ?", "in which city does {e} live ?",
-             "what is the home city of {e} ?", "which city is {e} from ?",
-             "tell me the city where {e} lives .", "what city is home to {e} ?",
-             "where is the home of {e} ?", "name the city of {e} ."],
-    "color": ["what color does {e} like ?", "what is the favorite color of {e} ?",
-              "which color is liked by {e} ?", "name the color that {e} likes .",
-              "tell me the color {e} likes .", "which color does {e} love ?",
-              "what is the color that {e} likes best ?", "what color is the favorite of {e} ?"],
-    "pet": ["what pet does {e} have ?", "which animal does {e} keep ?",
-            "what is the pet of {e} ?", "name the animal that {e} owns .",
-            "tell me the pet of {e} .", "which pet does {e} own ?",
-            "what animal lives with {e} ?", "what kind of animal does {e} have ?"],
-}
-# attribute: (its values, the teacher's sentence before "the answer is")
-FACT_VALUES = {"city": (CITIES, "{e} lives in {v}"), "color": (COLORS, "{e} likes {v}"),
-               "pet": (ANIMALS, "{e} has a {v}")}
-FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
-
-
 def fact_examples(rng, n_entities):
     """-> {pool: [fact questions]} about n_entities made-up names (bako, timu, ...)."""
     names = set()
@@ -416,27 +443,6 @@ def fact_examples(rng, n_entities):
                 out[pool].append({"task": "facts", "answer": v, "reference": v, "teacher": teacher,
                                   "transcript": FACT_TEMPLATES[attr][i].format(e=e)})
     return out
-
-
-# -----------------------------------------------------------------------------
-# the toy world: audio skills (what the speech model can do that text cannot)
-
-AUDIO_INSTRUCTIONS = {
-    "asr": "transcribe the speech .",
-    "pitch": "is the voice of the speaker high or low ?",
-    "rate": "is the speaker talking fast or slow ?",
-    "emotion": "does the speaker sound neutral , happy or sad ?",
-    "noise": "is the recording clean or noisy ?",
-}
-# a voice's label for each question (thresholds sit in the gaps between the sampled ranges)
-AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
-                "rate": lambda v: "fast" if v["rate"] >= 1.0 else "slow",
-                "emotion": lambda v: v["emotion"],
-                "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
-VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
-TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
-# speakers spk00, spk01, ...: (pitch Hz, tract scale) ranges of the even ones and the odd ones
-SPEAKER_RANGES = (((80, 125), (1.0, 1.2)), ((190, 260), (0.85, 1.05)))
 
 
 def voice_labels(voice):
@@ -458,19 +464,6 @@ def sample_voice(rng, speakers, n_seen, pool, noisy_p=0.3):
                  emotion=EMOTIONS[int(rng.integers(3))],
                  noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
                  loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"]))
-
-
-# Every text prompt lies in one pool: text (unspoken, the teacher's alone), train (spoken, the
-# omni stage's; the teacher reads it too), align (the pairs every alignment method uses), val
-# (choosing settings) or test (the tables). Audio skills have train and test clips.
-POOLS = ("train", "align", "val", "test")   # the spoken pools, one manifest each
-PRESETS = {  # text prompts per family and pool, entities, clips per task, speakers seen/unseen
-    "tiny": dict(text=dict(text=200, train=40, align=12, val=8, test=12), facts_entities=5,
-                 asr=dict(train=30, test=10), audio_q=dict(train=16, test=6), speakers=(6, 3)),
-    "cpu": dict(text=dict(text=20000, train=900, align=300, val=100, test=300),
-                facts_entities=100, asr=dict(train=3000, test=200),
-                audio_q=dict(train=400, test=100), speakers=(24, 8)),
-}
 
 
 def build_world(seed=0, preset="cpu"):
@@ -536,10 +529,6 @@ def audio_records(rng, cfg, text, speakers, n_seen):
                                 "instruction": AUDIO_INSTRUCTIONS[task], "reference": answer,
                                 "teacher": None, "answer": answer, "voice": voice})
     return records
-
-
-WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
-UNFINISHED = "generating.json"  # written before the first clip, removed after done.json
 
 
 def make_toy_data(out_dir, seed=0, preset="cpu"):
@@ -950,7 +939,9 @@ def atomic_write(path, write, mode="w"):
 
 
 # -----------------------------------------------------------------------------
-# batching
+# batches and the World a run reads
+
+RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
 
 
 def pad(seqs, value=0):
@@ -1108,9 +1099,6 @@ def world_of(settings, n_mels=N_MELS, data_dir=None):
     teacher = settings.get("teacher")
     tokenizer = os.path.join(teacher, "tokenizer.json") if teacher else None
     return World(data_dir or settings["data"], tokenizer, fmt, n_mels)
-
-
-RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the settings that are paths
 
 
 def run_path(settings, key, out):
