@@ -36,8 +36,7 @@ MIN_LOG_MEL, LOGSTEP = MIN_LOG_HZ / F_SP, math.log(6.4) / 27.0
 
 
 def resample(audio, sr_in, sr_out=SAMPLE_RATE, zero_crossings=16, rolloff=0.95, beta=8.6):
-    """Band-limited resampling of a 1-D signal: output n = sum_k x[k] h(n * sr_in / sr_out - k),
-    h a Kaiser-windowed sinc cut at rolloff * the lower Nyquist, tabulated once per phase."""
+    """Band-limited resampling of a 1-D signal by a Kaiser-windowed sinc, one table per phase."""
     x = np.asarray(audio, dtype=np.float64)
     if sr_in == sr_out:
         return x.astype(np.float32)
@@ -108,21 +107,17 @@ def load_audio(path):
     return audio.astype(np.float32)
 
 
-def hz_to_mel(f):
-    f = np.asarray(f, dtype=np.float64)
-    log_part = MIN_LOG_MEL + np.log(np.maximum(f, 1e-10) / MIN_LOG_HZ) / LOGSTEP
-    return np.where(f >= MIN_LOG_HZ, log_part, f / F_SP)
-
-
-def mel_to_hz(m):
-    m = np.asarray(m, dtype=np.float64)
-    return np.where(m >= MIN_LOG_MEL, MIN_LOG_HZ * np.exp(LOGSTEP * (m - MIN_LOG_MEL)), m * F_SP)
-
-
 @lru_cache(maxsize=8)
 def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE):
-    """(n_mels, n_fft // 2 + 1) unit-area triangles on the Slaney mel scale, 0 Hz to Nyquist:
-    Whisper's mel_filters.npz (librosa.filters.mel(sr=16000, n_fft=400))."""
+    """(n_mels, n_fft // 2 + 1) Slaney mel filters: Whisper's (librosa.filters.mel's) values."""
+    def hz_to_mel(f):
+        log_part = MIN_LOG_MEL + np.log(np.maximum(f, 1e-10) / MIN_LOG_HZ) / LOGSTEP
+        return np.where(f >= MIN_LOG_HZ, log_part, f / F_SP)
+
+    def mel_to_hz(m):
+        log_part = MIN_LOG_HZ * np.exp(LOGSTEP * (m - MIN_LOG_MEL))
+        return np.where(m >= MIN_LOG_MEL, log_part, m * F_SP)
+
     fft_freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)                       # (F,)
     mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
     lower = (fft_freqs[None, :] - mel_f[:-2, None]) / np.diff(mel_f)[:-1, None]   # rising edge
@@ -532,9 +527,8 @@ def audio_records(rng, cfg, text, speakers, n_seen):
 
 
 def make_toy_data(out_dir, seed=0, preset="cpu"):
-    """Write the toy world to out_dir: {text,train,align,val,test}.jsonl, wavs/*.wav (by worker
-    processes when they start) and tokenizer.json, each file atomically; nothing when out_dir
-    holds this (seed, preset, format) already. -> the paths."""
+    """Write the toy world's manifests, wavs/ and tokenizer.json to out_dir, each file atomically,
+    unless it holds this (seed, preset, format) already. -> the paths."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise SystemExit(0)  # a spawned worker re-running a guard-less script: its pool breaks
     paths = {p: os.path.join(out_dir, f"{p}.jsonl") for p in ("text",) + POOLS}
@@ -617,8 +611,7 @@ def speak_in_workers(jobs, progress):
 
 
 def _end_with_parent(parent):
-    """A clip worker's first step: a thread that ends the worker once its parent is gone (killed
-    by any signal), so that no worker writes clips after its generation."""
+    """A clip worker's first step: a thread that ends it once its parent is gone (any signal)."""
     def watch():
         while os.getppid() == parent:
             time.sleep(0.2)
@@ -627,9 +620,8 @@ def _end_with_parent(parent):
 
 
 def _holding_ctrl_c(start):
-    """start() with Ctrl-C held, then raised. Blocked SIGINT is inherited by the workers start()
-    spawns (no traceback in each); another thread receiving it only notes it (no half-spawned
-    worker)."""
+    """start() with Ctrl-C held, then raised: the workers it spawns inherit SIGINT blocked, and
+    another thread receiving it only notes it (no half-spawned worker)."""
     if threading.current_thread() is not threading.main_thread() or os.name != "posix":
         return start()
     held = []
@@ -752,20 +744,20 @@ def load_tokenizer(path):
 
 
 def chat_ids(tok, fmt):
-    """{"end", "audio", "pad"} -> their one-token ids. The audio placeholder is added when the
+    """The one-token ids of fmt's end, audio and pad. The audio placeholder is added when the
     tokenizer lacks it (it is never embedded); a pad that splits is the end id (it is masked)."""
     if tok.token_to_id(fmt.audio) is None:
         tok.add_special_tokens([fmt.audio])
-    out = {}
+    out = []
     for name in ("end", "audio", "pad"):
         ids = tok.encode(getattr(fmt, name), add_special_tokens=False).ids
         if len(ids) != 1 and name == "pad":
-            ids = [out["end"]]
+            ids = out[:1]
         elif len(ids) != 1:
             raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = "
                              f"{getattr(fmt, name)!r} is {len(ids)} tokens for the tokenizer, "
                              f"expected exactly one")
-        out[name] = ids[0]
+        out += ids
     return out
 
 
@@ -776,12 +768,10 @@ def _ids(tok, text):
 def encode_prompt(tok, record, modality, fmt=TOY_FORMAT):
     """Prompt ids, `user transcript instruction assistant` or `user audio instruction assistant`
     by modality; the instruction with the space before it (as a BPE sees it mid-sentence)."""
-    if modality == "text":
-        content = _ids(tok, record["transcript"])
-    elif modality == "speech":
-        content = [tok.token_to_id(fmt.audio)]
-    else:
+    if modality not in ("text", "speech"):
         raise ValueError(f"modality must be 'text' or 'speech', got {modality!r}")
+    audio = [tok.token_to_id(fmt.audio)]
+    content = _ids(tok, record["transcript"]) if modality == "text" else audio
     instruction = record.get("instruction", "")
     return (_ids(tok, fmt.user) + content + _ids(tok, " " + instruction if instruction else "")
             + _ids(tok, fmt.assistant))
@@ -821,9 +811,8 @@ CHOICES = {"kind": ("text", "audio"), "voice.emotion": EMOTIONS}
 
 
 def read_manifest(path, audio=True, seen=None, required=False):
-    """-> records with defaults filled in and absolute 'audio' paths (audio=False: unspoken
-    prompts, no 'audio'). Ids are unique across the files read with one `seen` ({id: file:line},
-    updated), as features are cached by id; required: a file without records is an error."""
+    """-> records, defaults filled in, 'audio' made absolute (audio=False: no 'audio'); ids unique
+    across the files read with one `seen` {id: file:line}; required: no records is an error."""
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     seen = {} if seen is None else seen
@@ -849,8 +838,7 @@ def read_manifest(path, audio=True, seen=None, required=False):
 
 
 def manifest_record(line, where, audio, seen):
-    """One manifest line -> its record, defaults filled in; else ValueError '<where>: <what is
-    wrong>' (the first field of the wrong type by the tables)."""
+    """One manifest line -> its record, defaults filled in; else ValueError '<where>: <what>'."""
     try:
         r = json.loads(line)
     except json.JSONDecodeError as e:
@@ -994,8 +982,7 @@ def text_families(records, per_family=None):
 
 
 def batch_indices(n_items, batch_size, step, seed):
-    """Rows of step `step`: a fresh permutation per epoch, seeded by (seed, epoch) only,
-    so any step's batch can be rebuilt on resume without replaying the ones before it."""
+    """Rows of step `step`: a permutation per epoch seeded by (seed, epoch), so resumable."""
     if n_items < batch_size:  # tiny corpora: draw with replacement
         return np.random.default_rng([seed, step]).integers(0, n_items, batch_size).tolist()
     per_epoch = n_items // batch_size
@@ -1021,8 +1008,7 @@ class World:
         self.text = read_manifest(path("text"), audio=False) if exists("text") else []
         # a clip by anyone else is an unseen speaker's
         self.train_speakers = {r["voice"].get("speaker") for r in self.train} - {None, ""}
-        special = chat_ids(self.tok, fmt)
-        self.pad_id, self.end_id, self.audio_id = special["pad"], special["end"], special["audio"]
+        self.end_id, self.audio_id, self.pad_id = chat_ids(self.tok, fmt)
         self._mels, self._digests = {}, {}
         self._feats = weakref.WeakKeyDictionary()
 
@@ -1074,8 +1060,7 @@ class World:
         return feats, lens.to(device)
 
     def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
-        """A Batch of recs' text and/or speech prompts (mels, or an encoder's features) and
-        optional responses (strings)."""
+        """A Batch of recs' text and speech prompts (mels, or an encoder's) and responses."""
         b = Batch()
         prompts = lambda modality: collate_tokens([self.prompt(r, modality) for r in recs],
                                                   self.pad_id)
