@@ -560,7 +560,12 @@ def make_toy_data(out_dir, seed=0, preset="cpu"):
     for pool in ("text",) + POOLS:
         lines = "".join(json.dumps(r) + "\n" for r in records if r["split"] == pool)
         atomic_write(paths[pool], lambda f: f.write(lines))
-    tok = train_tokenizer(toy_corpus(records))
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()   # \w+ and runs of punctuation
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)   # ids 0..5
+    tok.train_from_iterator(toy_corpus(records), trainer)
     atomic_write(paths["tokenizer"], lambda f: f.write(tok.to_str(pretty=True)))
     atomic_write(stamp, lambda f: json.dump(want, f))
     os.remove(mark)
@@ -600,6 +605,9 @@ def speak_in_workers(jobs, progress):
             except BaseException as e:  # Ctrl-C, a full disk: stop now, not after every task
                 for w in set(multiprocessing.active_children()) - others:  # the pool's workers
                     w.terminate()
+                    w.join()
+                for tmp in [job[3] + ".tmp" for job in jobs if os.path.exists(job[3] + ".tmp")]:
+                    os.remove(tmp)   # a clip a terminated worker was writing
                 e.__cause__ = None  # a worker's error names its file: no remote traceback under it
                 raise
     except BrokenProcessPool:
@@ -724,15 +732,6 @@ def read_chat_format(path):
 def toy_corpus(records):
     keys = ("transcript", "instruction", "reference", "teacher")
     return (r[k] for r in records for k in keys if r.get(k))
-
-
-def train_tokenizer(corpus):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()   # \w+ and runs of punctuation
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    return tok
 
 
 def load_tokenizer(path):
