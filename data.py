@@ -340,13 +340,11 @@ FACT_VALUES = {"city": (CITIES, "{e} lives in {v}"), "color": (COLORS, "{e} like
                "pet": (ANIMALS, "{e} has a {v}")}
 FACT_POOLS = ("train",) * 4 + ("align", "val", "test")   # 7 of the 8 phrasings are used
 
-AUDIO_INSTRUCTIONS = {
-    "asr": "transcribe the speech .",
-    "pitch": "is the voice of the speaker high or low ?",
-    "rate": "is the speaker talking fast or slow ?",
-    "emotion": "does the speaker sound neutral , happy or sad ?",
-    "noise": "is the recording clean or noisy ?",
-}
+AUDIO_INSTRUCTIONS = {"asr": "transcribe the speech .",
+                      "pitch": "is the voice of the speaker high or low ?",
+                      "rate": "is the speaker talking fast or slow ?",
+                      "emotion": "does the speaker sound neutral , happy or sad ?",
+                      "noise": "is the recording clean or noisy ?"}
 # a voice's label for each question (thresholds sit in the gaps between the sampled ranges)
 AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
                 "rate": lambda v: "fast" if v["rate"] >= 1.0 else "slow",
