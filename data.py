@@ -451,12 +451,13 @@ def sample_voice(rng, speakers, n_seen, pool, noisy_p=0.3):
     speaker = spk[int(rng.integers(len(spk)))]
     fast = rng.random() < 0.5
     noisy = rng.random() < noisy_p
-    return asdict(Voice(pitch_hz=round(float(speaker["pitch_hz"]), 2),
-                 tract_scale=round(float(speaker["tract_scale"]), 3),
-                 rate=round(float(rng.uniform(1.2, 1.45) if fast else rng.uniform(0.7, 0.85)), 3),
-                 emotion=EMOTIONS[int(rng.integers(3))],
-                 noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
-                 loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"]))
+    v = Voice(pitch_hz=round(float(speaker["pitch_hz"]), 2),
+              tract_scale=round(float(speaker["tract_scale"]), 3),
+              rate=round(float(rng.uniform(1.2, 1.45) if fast else rng.uniform(0.7, 0.85)), 3),
+              emotion=EMOTIONS[int(rng.integers(3))],
+              noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
+              loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
+    return asdict(v)
 
 
 def build_world(seed=0, preset="cpu"):
