@@ -840,37 +840,6 @@ def test_an_interrupted_toy_data_generation_is_recognised_and_made_again(tiny_da
     assert not os.path.exists(os.path.join(tiny_data, data.UNFINISHED))
 
 
-def test_ctrl_c_while_the_clip_workers_start_is_held_not_lost(tmp_path, monkeypatch):
-    """A Ctrl-C that arrives while make_toy_data starts its clip workers (sent here right after the
-    first submit, when the workers are being born) stops the generation all the same: held while
-    they start, then raised, the workers ended, the generation known as cut short. (The workers
-    used to be started with Ctrl-C ignored in this process: a Ctrl-C then was lost.)"""
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
-    submit, sent = ProcessPoolExecutor.submit, []
-
-    def submit_then_ctrl_c(self, *args, **kwargs):
-        future = submit(self, *args, **kwargs)
-        if not sent:
-            sent.append(os.kill(os.getpid(), signal.SIGINT))
-        return future
-    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_then_ctrl_c)
-    # two workers on any machine
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    before = set(multiprocessing.active_children())
-    # as in a terminal, even if pytest runs in the background
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            data.make_toy_data(str(tmp_path / "d"), seed=0, preset="tiny")
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    assert sent and os.path.exists(tmp_path / "d" / data.UNFINISHED) and not os.path.exists(tmp_path / "d" / "done.json")
-    for w in set(multiprocessing.active_children()) - before:
-        w.join(timeout=30)
-        assert not w.is_alive()
-
-
 def test_make_toy_data_from_a_script_without_a_main_guard_makes_the_clips_itself(tmp_path):
     """Spawned workers import the calling script; without `if __name__ == "__main__":` they cannot
     start: the clips are made in the calling process instead, with one line saying why, no
