@@ -33,7 +33,7 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
         return [r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr" else r["answer"] if i % 2 == 0 else "no"
                 for i, r in enumerate(recs)]
     dropped = {r["id"] for r in E.test_sets(world, 10)[1]["asr"][::2]}
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.evaluate_model(student, world, "cpu", per_family=4, max_new_tokens=8)
     text, audio = E.test_sets(world, 4)
     assert res["T"] == {fam: 100.0 for fam in text}
@@ -174,7 +174,7 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
     train_lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts][:len(recs)]
     dropped = {r["id"] for r in recs[::2] + train_lists[::3]}
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
     parts = {"prompts": [r for r in recs if r["transcript"] in prompts], "lists": [r for r in recs if r["transcript"] not in prompts]}
     assert parts["prompts"] and parts["lists"]
@@ -366,7 +366,7 @@ def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_dat
             return [" ".join(r["transcript"].split()[index[r["id"]] % 3 == 0:]) for r in recs]
         right = (lambda i: i % 3 != 0) if is_aligned(model) else (lambda i: i % 3 == 1)
         return [r["answer"] if right(index[r["id"]]) else "no" for r in recs]
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.heard_split(str(tmp_path), world, "cpu", per_family=6, max_new_tokens=8)
     assert set(res) == {"heard", "omni", "align/xopd"}
     heard = {f: [i % 3 != 0 for i in range(len(rs))] for f, rs in fams.items()}
