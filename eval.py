@@ -246,7 +246,7 @@ def check_runs(outs):
     made = {out: {name: shaping(M.load_checkpoint(os.path.join(d, "model.pt")))
                   for name, d in run_dirs(out).items()} for out in outs}
     for out in outs[1:]:
-        for name in made[out].keys() & made[outs[0]].keys():
+        for name in (n for n in made[outs[0]] if n in made[out]):
             a, b = made[outs[0]][name], made[out][name]
             diff = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
             if diff:

@@ -1,4 +1,5 @@
 """eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, and when cached scores are made again."""
+import glob
 import itertools
 import json
 import os
@@ -254,64 +255,154 @@ def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_d
     assert res["rkl_cm"] == pytest.approx(sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values()), rel=1e-4)
 
 
-def test_cached_scores_are_made_again_when_their_settings_or_data_differ(tiny_data, tmp_path, monkeypatch):
-    """eval.json carries what it was scored with: the prompts per family, the answer length and
-    the data (its manifests, a toy world's done.json). Another value of any of them scores again;
-    the same values, or a copy of the same world, reuse it."""
+def user_copy(src, dest, edit=None):
+    """A data folder as a user's (manifests and tokenizer copied, wavs/ linked); edit(name, path)
+    may change each copied file."""
+    os.makedirs(dest)
+    for f in os.listdir(src):
+        if f.endswith(".jsonl") or f == "tokenizer.json":
+            shutil.copy(os.path.join(src, f), dest / f)
+            if edit:
+                edit(f, dest / f)
+    os.symlink(os.path.join(src, "wavs"), dest / "wavs")
+    return dest
+
+
+def test_cached_scores_are_made_again_when_what_they_were_made_from_differs(tiny_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """eval.json's fingerprint: the checkpoint's and its teacher's fingerprints, the data scored
+    (the test and val pools, wherever the folder is) and the settings. Another value of any of
+    them scores again, and so does a missing, truncated or incomplete eval.json; the same values,
+    from a copy of the data folder, reuse it."""
     out = tmp_path / "run"
-    for name in ("teacher", "omni"):
-        M.save_checkpoint(str(out / name / "model.pt"), {"model": {}, "configs": {}, "train": {}})
     calls = []
 
-    def evaluate_model(m, world, device, per_family, max_new_tokens, done=None):
-        calls.append((world.dir, per_family, max_new_tokens))
+    def save(name, fingerprint_id):  # older than any eval.json: only the fingerprint tells
+        path = out / name / "model.pt"
+        M.save_checkpoint(str(path), {"model": {}, "configs": {}, "train": {},
+                                      "fingerprint_id": fingerprint_id})
+        os.utime(path, (0, 0))
+
+    def evaluate_model(m, world, device, per_family, max_new_tokens, name="eval"):
+        calls.append(name)
         return {"T": {"arith": float(per_family)}, "S": {}, "audio": {}}
     monkeypatch.setattr(E, "evaluate_model", evaluate_model)
     monkeypatch.setattr(M, "load_model", lambda path, device: (None, None))
-    world = type("World", (), {"dir": tiny_data})()
-    scored = lambda: [json.load(open(out / n / "eval.json"))["T"]["arith"] for n in ("teacher", "omni")]
-    E.evaluate_all(str(out), world, "cpu", 2, 8)
-    assert len(calls) == 2 and scored() == [2.0, 2.0]
-    E.evaluate_all(str(out), world, "cpu", 2, 8)
-    assert len(calls) == 2  # the same settings: cached
-    E.evaluate_all(str(out), world, "cpu", 3, 8)
-    assert calls[2:] == [(tiny_data, 3, 8)] * 2 and scored() == [3.0, 3.0]
-    E.evaluate_all(str(out), world, "cpu", 3, 16)
-    assert calls[4:] == [(tiny_data, 3, 16)] * 2
-    # a copy of the same generated world is the same data
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in ("train.jsonl", "test.jsonl", "val.jsonl", "done.json"):
-        shutil.copy(os.path.join(tiny_data, f), copy / f)
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 6
-    # a user's folder of three test prompts is other data, and so is an edited test.jsonl
-    os.remove(copy / "done.json")
-    (copy / "test.jsonl").write_text("".join(open(os.path.join(tiny_data, "test.jsonl")).readlines()[:3]))
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert calls[6:] == [(str(copy), 3, 16)] * 2
-    with open(copy / "test.jsonl", "a") as f:
-        f.write(open(os.path.join(tiny_data, "test.jsonl")).readlines()[3])
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 10
-    # an eval.json without its settings (an older version's) is scored again
-    res = json.load(open(out / "omni" / "eval.json"))
-    del res["settings"]
-    json.dump(res, open(out / "omni" / "eval.json", "w"))
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 11
+
+    def scored(world=data.World(tiny_data), per_family=2, max_new_tokens=8):
+        calls.clear()
+        E.evaluate_all(str(out), world, "cpu", per_family, max_new_tokens)
+        return sorted(calls)
+    save("teacher", "t1")
+    save("omni", "o1")
+    both = ["omni", "teacher"]
+    assert scored() == both and scored() == []
+    assert scored(per_family=3) == both and scored(per_family=3) == []
+    assert "was scored with other settings (per_family 2 -> 3)" in capsys.readouterr().out
+    assert scored(per_family=3, max_new_tokens=16) == both
+    assert json.load(open(out / "omni" / "eval.json"))["settings"]["max_new_tokens"] == 16
+    copy = user_copy(tiny_data, tmp_path / "copy")
+    assert scored(data.World(str(copy)), 3, 16) == []  # the same data in another folder
+    short = lambda f, path: f != "test.jsonl" or path.write_text(  # noqa: E731
+        "".join(open(path).readlines()[:-1]))
+    assert scored(data.World(str(user_copy(tiny_data, tmp_path / "short", short))), 3, 16) == both
+    assert scored(per_family=3, max_new_tokens=16) == both  # back on the whole test pool
+    save("omni", "o2")  # omni made again from other inputs
+    assert scored(per_family=3, max_new_tokens=16) == ["omni"]
+    save("teacher", "t2")  # another teacher: every student is judged by it
+    assert scored(per_family=3, max_new_tokens=16) == both
+    for damage in ("{\"T\": {\"ari", "{}", "[1, 2]", "\x00\xff"):
+        (out / "omni" / "eval.json").write_text(damage)
+        assert scored(per_family=3, max_new_tokens=16) == ["omni"], damage
+    assert "eval.json is unreadable or incomplete: scoring again" in capsys.readouterr().out
+    os.remove(out / "omni" / "eval.json")
+    assert scored(per_family=3, max_new_tokens=16) == ["omni"]
+
+
+def tiny_teacher_run(world, out, **train):
+    """A run folder holding a tiny untrained teacher, saved as train.py saves it."""
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    settings = {"data": world.dir, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "",
+                "chat_format": "", **train}
+    M.save_checkpoint(str(out / "teacher" / "model.pt"),
+                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher),
+                       "train": settings, "tokenizer": world.tok.to_str()})
+    return out
+
+
+def test_eval_with_another_data_folders_tokenizer_is_refused_naming_both(tiny_data, tmp_path):
+    """--data whose tokenizer gives two words each other's ids, or has one word more, than the
+    tokenizer the run was trained with: one message naming both files, nothing scored or
+    written."""
+    run = tiny_teacher_run(data.World(tiny_data), tmp_path / "run")
+
+    def swap(vocab):
+        a, b = "seven", "blue"
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    def more(vocab):
+        vocab["zebra"] = len(vocab)
+    for edit in (swap, more):
+        def tokenizer(f, path):
+            if f == "tokenizer.json":
+                tok = json.load(open(path))
+                edit(tok["model"]["vocab"])
+                json.dump(tok, open(path, "w"))
+        other = user_copy(tiny_data, tmp_path / edit.__name__, tokenizer)
+        with pytest.raises(SystemExit, match=rf"{other}/tokenizer\.json is not the tokenizer "
+                           rf"{run}/teacher/model\.pt was trained with .*expected"):
+            E.main(["--out", str(run), "--data", str(other)])
+    assert sorted(os.listdir(run)) == ["teacher"] and os.listdir(run / "teacher") == ["model.pt"]
+
+
+def test_several_out_folders_of_other_settings_or_one_folder_twice_are_refused(tmp_path):
+    """The seeds of one table: a folder given twice (through a link) and runs trained with other
+    settings are refused by name before anything is scored or written; seeds that differ in the
+    seed and the folders only are not."""
+    def run(folder, **align):
+        base = {"preset": "tiny", "seed": int(folder[-1]), "out": str(tmp_path / folder),
+                "data": str(tmp_path / folder / "data"), "align_steps": 4, "lam": 0.5}
+        for name, train in (("teacher", base), ("align/xopd", {**base, **align})):
+            M.save_checkpoint(str(tmp_path / folder / name / "model.pt"),
+                              {"model": {}, "configs": {}, "train": train})
+        return str(tmp_path / folder)
+    s0, s1 = run("s0"), run("s1")
+    E.check_runs([s0, s1])
+    os.symlink(s0, tmp_path / "seed0")
+    with pytest.raises(SystemExit, match=rf"{s0} and {tmp_path / 'seed0'} are the same run folder"):
+        E.main(["--out", s0, str(tmp_path / "seed0")])
+    s2 = run("s2", align_steps=2)
+    for order, (a, b) in (((s0, s2), ("4", "2")), ((s2, s0), ("2", "4"))):
+        with pytest.raises(SystemExit, match=rf"align/xopd of {order[0]} and of {order[1]} were "
+                           rf"trained with other settings \(align_steps {a} vs {b}\)"):
+            E.main(["--out", *order])
+    s3 = run("s3")
+    M.save_checkpoint(str(tmp_path / "s3" / "teacher" / "model.pt"),
+                      {"model": {}, "configs": {}, "train": {"preset": "cpu"}})
+    with pytest.raises(SystemExit, match=r"teacher of .*s0 and of .*s3 .*preset 'tiny' vs 'cpu'"):
+        E.main(["--out", s0, s3])
+    written = [f for f in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(f)]
+    assert all(f.endswith("model.pt") for f in written)
+
+
+def test_eval_on_a_folder_it_cannot_write_is_one_message_naming_the_path(tiny_data, tmp_path,
+                                                                         monkeypatch):
+    run = tiny_teacher_run(data.World(tiny_data), tmp_path / "run")
+
+    def read_only(path, write, mode="w"):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(M, "atomic_write", read_only)
+    with pytest.raises(SystemExit, match=rf"^eval\.py: cannot write {run}/teacher/eval\.json: "
+                       r"Permission denied$"):
+        E.main(["--out", str(run)])
 
 
 def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path, capsys):
     """python eval.py --out RUN --eval_per_family N on a run scored with another N prints N's
     tables, not the cached ones."""
-    world = data.World(tiny_data)
-    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
-    torch.manual_seed(0)
-    teacher = M.Decoder(dec)
-    settings = {"data": tiny_data, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "", "chat_format": ""}
-    M.save_checkpoint(str(tmp_path / "teacher" / "model.pt"),
-                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher), "train": settings})
+    tiny_teacher_run(data.World(tiny_data), tmp_path)
     E.main(["--out", str(tmp_path)])
     assert json.load(open(tmp_path / "teacher" / "eval.json"))["settings"]["per_family"] == 1
     E.main(["--out", str(tmp_path), "--eval_per_family", "2"])
@@ -320,23 +411,64 @@ def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path,
     assert "scored with other settings (per_family 1 -> 2)" in capsys.readouterr().out
 
 
-def test_bench_decode_step_and_sampling_rows_on_a_cpu():
+def test_timeit_is_the_best_run_per_call_after_a_warm_up(monkeypatch):
+    clock = iter([0.0, 10.0, 20.0, 26.0, 30.0, 39.0])  # runs of 2 calls: 10 s, 6 s, 9 s
+    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock))
+    calls, synced = [], []
+    assert E.timeit(lambda: calls.append(1), reps=3, calls=2, sync=lambda: synced.append(1)) == 3.0
+    assert len(calls) == 1 + 3 * 2 and len(synced) == 1 + 3
+
+
+def test_bench_decode_step_and_samplers_on_a_cpu():
     # the bench's CPU path: the bytes a static decode step must read, from the config by hand
     # (the layers' projections and every position of the keys and values), no graph on a CPU,
-    # and the fixed-shape sampler's tokens equal to the default's
+    # and the fixed-shape samplers' tokens equal to the default's and to the naive sampler's
+    # (the timings: test_timeit_is_the_best_run_per_call_after_a_warm_up)
     r = E.bench_decode_step("tiny", batch=3, prompt=4, new_tokens=6, reps=1)
     _, _, c = M.make_configs("tiny", 2000)
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     per_layer = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.hidden_dim
     assert r["weight_bytes"] == 4 * c.n_layers * per_layer
     assert r["kv_bytes"] == 4 * 2 * c.n_layers * 3 * kv * (4 + 6)
-    assert r["graph_s"] is None and r["eager_s"] > 0 and r["matmuls_s"] > 0
-    assert [row[1] for row in E.step_rows({"tiny": r})] == ["bytes it reads", "eager", "its matmuls alone"]
+    assert r["graph_s"] is None
     s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
     assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
     r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
     assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
-    assert len(E.rollout_rows(r)) == 3
+
+
+def test_same_tokens_counts_equal_tokens_against_a_naive_sampler():
+    """The benchmarks' share of equal tokens: the naive sampler's tokens against themselves with
+    one token in four changed, and against a sampler that stops early (other shape: none)."""
+    _, _, c = M.make_configs("tiny", 50)
+    torch.manual_seed(0)
+    dec = M.Decoder(c).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    naive = E.sample_recompute(dec, torch.full((2,), 5), ids, max_new_tokens=6, eos_id=-1,
+                               generator=torch.Generator().manual_seed(0))
+    changed = naive.clone()
+    changed[:, ::4] += 1
+    assert E.same(naive, naive) == 1.0 and E.same(changed, naive) == pytest.approx(8 / 12)
+    assert E.same(naive[:, :3], naive) == 0.0
+
+
+def test_bench_rows_from_known_results():
+    """Items 5 and 6's table rows from hand-made results: every figure derived as by hand."""
+    r = dict(eager_s=2e-6, graph_s=None, matmuls_s=1e-6, weight_bytes=4e6, kv_bytes=2e6,
+             copy_bytes_s=12e9)
+    assert E.step_rows({"tiny": r}) == [
+        ("5 decode step, tiny", "bytes it reads", "6.0 MB",
+         "weights 4.0 MB, keys and values 2.0 MB; a device copy reaches 12 GB/s (read + write)"),
+        ("5 decode step, tiny", "eager", "2 µs", "matmuls 50% of it; 3000 GB/s, 25000% of the copy's"),
+        ("5 decode step, tiny", "its matmuls alone", "1 µs", "weights read at 4000 GB/s")]
+    r = dict(eager_s=0.5, static_s=0.25, graph_s=0.1, tokens=1000, eager_repeats=True,
+             static_repeats=True, graph_repeats=False, eager_same_as_eager=1.0,
+             static_same_as_eager=0.75, graph_same_as_eager=0.125)
+    rows = E.rollout_rows(r)
+    assert [row[2:] for row in rows] == [
+        ("500 ms", "2000 tok/s, 1.00x eager; same tokens run to run: yes; 100.0% of the tokens as eager"),
+        ("250 ms", "4000 tok/s, 2.00x eager; same tokens run to run: yes; 75.0% of the tokens as eager"),
+        ("100 ms", "10000 tok/s, 5.00x eager; same tokens run to run: NO; 12.5% of the tokens as eager")]
 
 
 def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path, monkeypatch):
