@@ -8,13 +8,12 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose
                                                   # words: encoder, adapter, decoder
     python eval.py bench                # speed / memory benchmarks (print a table, assert nothing)
-    python eval.py bench --device cuda  # the samplers, one decode step and the align stage's
-                                        # rollouts alone, on the GPU
+    python eval.py bench --device cuda  # the samplers, one decode step and the align rollouts,
+                                        # on the GPU
 
-Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
-         speakers) / 15 % (unseen), ΔS 8 to 25, 0 < ΔT <= ΔS / 2, audio questions >= 80 % on
-         average; the teacher can judge the student: its log-prob per token of the student's
-         greedy answers from speech >= -3 nats on every family, per-token reverse KL <= 3 nats.
+Premise  the paper's setting in miniature (PREMISE): a strong text teacher, a base student that
+         hears well but answers worse from speech, audio skills worth keeping, a teacher that
+         can judge the student's answers.
 Table 1  S and T score per text-skill family; ΔS / ΔT = mean over families of the relative drop
          (%) against the text teacher's T score (the paper's "Avg. Drop").
 Table 2  the λ ablation of X-OPD: λ = 0 (speech only), 0.5, 1 (text only).
@@ -40,19 +39,21 @@ import data
 import model as M
 import xopd
 
+NAN = float("nan")
+
 # -----------------------------------------------------------------------------
 # Metrics
 
 def relative_drop(score, reference):
     """(reference - score) / reference, in percent: the paper's per-benchmark drop."""
-    return 100.0 * (reference - score) / reference if reference > 0 else float("nan")
+    return 100.0 * (reference - score) / reference if reference > 0 else NAN
 
 
 def avg_drop(scores, reference):
     """Mean relative drop over the families that both dicts score (ΔS or ΔT)."""
     fams = [f for f in reference if f in scores]
     if not fams:
-        return float("nan")
+        return NAN
     return sum(relative_drop(scores[f], reference[f]) for f in fams) / len(fams)
 
 
@@ -117,15 +118,14 @@ def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"
 @torch.no_grad()
 def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed=0, batch_size=64):
     """
-    Can the text teacher judge what the student says from speech? X-OPD's only signal is the
-    teacher's log-probability of the student's tokens. On val prompts (never test ones), per family:
-      teacher_lp   the teacher's mean log-probability per token (end token included, pooled over
-                   the family's tokens) of the student's greedy answers from speech; also split by
-                   answers right (teacher_lp_right) and wrong (teacher_lp_wrong);
-      rkl_cm       the student's per-token cross-modal reverse KL: one answer per prompt sampled
-                   from speech at temperature 1, the mean over its tokens of
-                   log pi_theta(y_t | S, y<t) - log pi_phi(y_t | T, y<t) (the align log's -adv_cm),
-                   pooled over tokens; "rkl_cm" alone is the same over every family.
+    Can the text teacher judge what the student says from speech (X-OPD's only signal is its
+    log-probability of the student's tokens)? On val prompts, per family, pooled over tokens:
+      teacher_lp  its mean log-prob per token (end token included) of the student's greedy
+                  answers from speech; also over the answers right / wrong (teacher_lp_right /
+                  teacher_lp_wrong);
+      rkl_cm      the student's per-token cross-modal reverse KL (xopd.sampled_rkl: the align
+                  log's -adv_cm) on one answer per prompt sampled from speech at temperature 1;
+                  "rkl_cm" alone: over every family.
     -> {"teacher_lp": {family: nats}, "teacher_lp_right": {...}, "teacher_lp_wrong": {...},
         "rkl_cm_by_family": {...}, "rkl_cm": nats}
     """
@@ -169,9 +169,8 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
     transcription clips (all, seen and unseen speakers) and the voice heads' accuracy on the
     clips of each audio question. Perception measured before any decoder reads it."""
     m.eval()
-    _, audio = test_sets(world, per_task)
     res = {"voice": {}}
-    for task, recs in audio.items():
+    for task, recs in test_sets(world, per_task)[1].items():
         preds, voice = [], {}
         for i in range(0, len(recs), batch_size):
             mels, mel_lens = data.collate_mels([world.mel(r) for r in recs[i:i + batch_size]])
@@ -179,14 +178,12 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
             preds += M.ctc_greedy(logp, lens)
             for k, logits in v.items():
                 voice.setdefault(k, []).extend(logits.argmax(-1).tolist())
-        if task == "asr":
-            # against the transcript as spoken (a doubled letter once): what CTC can write
+        if task == "asr":  # against the transcript as spoken (a doubled letter once)
             res.update(wer_by_speaker(recs, preds, world.train_speakers, "ctc_wer",
                                       M.spoken_letters))
             res["example"] = {"transcript": recs[0]["transcript"], "ctc": preds[0]}
         elif task in M.VOICE_CLASSES:
-            classes = M.VOICE_CLASSES[task]
-            right = sum(classes[p] == r["answer"] for r, p in zip(recs, voice[task]))
+            right = sum(M.VOICE_CLASSES[task][p] == r["answer"] for r, p in zip(recs, voice[task]))
             res["voice"][task] = 100.0 * right / len(recs)
     return res
 
@@ -194,7 +191,7 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
 # -----------------------------------------------------------------------------
 # Run folders: what they hold, what they were made from, and the scores cached in them
 
-# The settings two seeds of one run may differ in: where it is, its seed, how often it logs
+# The settings two seeds of one run may differ in (check_runs)
 BESIDE_THE_RUN = ("out", "data", "seed", "resume", "ckpt_every", "log_every", "eval_per_family")
 
 
@@ -208,67 +205,61 @@ def run_dirs(out):
 def run_world(out, data_dir=None):
     """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
     run's speech encoder), from any directory. Refused when its tokenizer is not the run's."""
-    ckpts = {name: M.load_checkpoint(os.path.join(out, name, "model.pt"))
-             for name in ("teacher", "omni") if os.path.exists(os.path.join(out, name, "model.pt"))}
+    ckpts = {name: M.load_checkpoint(os.path.join(d, "model.pt"))
+             for name, d in run_dirs(out).items() if name in ("teacher", "omni")}
     settings = ckpts["teacher"]["train"]
     settings = {**settings, **{k: data.run_path(settings, k, out) for k in data.RUN_PATHS}}
     enc = ckpts["omni"]["configs"]["encoder"] if "omni" in ckpts else {}
     world = data.world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
-    tok_dir = settings["teacher"] or data_dir or settings["data"]  # where world_of read it
+    tokenizer = os.path.join(settings["teacher"] or data_dir or settings["data"], "tokenizer.json")
     for name, ckpt in ckpts.items():
-        stored = ckpt.get("tokenizer")
-        if stored is not None and stored != world.tok.to_str():
+        if ckpt.get("tokenizer", world.tok.to_str()) != world.tok.to_str():
             raise ValueError(
-                f"{os.path.join(tok_dir, 'tokenizer.json')} is not the tokenizer "
-                f"{os.path.join(out, name, 'model.pt')} was trained with (vocabularies of "
-                f"{world.tok.get_vocab_size()} and {Tokenizer.from_str(stored).get_vocab_size()} "
-                "tokens); expected the one of the run's own data folder")
+                f"{tokenizer} is not the tokenizer {os.path.join(out, name, 'model.pt')} was "
+                f"trained with (vocabularies of {world.tok.get_vocab_size()} and "
+                f"{Tokenizer.from_str(ckpt['tokenizer']).get_vocab_size()} tokens); expected "
+                "the one of the run's own data folder")
     world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))
     return world
 
 
-def shaping(ckpt):
-    """The settings that made a checkpoint (its fingerprint's, else all it saved), less those of
-    BESIDE_THE_RUN."""
-    settings = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
-    return {k: v for k, v in settings.items() if k not in BESIDE_THE_RUN}
-
-
 def check_runs(outs):
     """Several --out folders are the seeds of one table: refused when two are one folder (a link
-    to another), or when a run of one was trained with other settings than the same run of
-    another (the seed, the folders and the like aside). Before anything is scored or written."""
+    to another), or when a run of one was trained with other settings (its fingerprint's, else
+    all it saved; BESIDE_THE_RUN aside) than the same run of another."""
     seen = {}
     for out in outs:
         first = seen.setdefault(os.path.realpath(out), out)
         if first != out:
             raise ValueError(f"{first} and {out} are the same run folder: give each seed's once")
-    made = {out: {name: shaping(M.load_checkpoint(os.path.join(d, "model.pt")))
-                  for name, d in run_dirs(out).items()} for out in outs}
+    made = {out: {} for out in outs}
+    for out in outs:
+        for name, d in run_dirs(out).items():
+            ckpt = M.load_checkpoint(os.path.join(d, "model.pt"))
+            settings = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
+            made[out][name] = {k: v for k, v in settings.items() if k not in BESIDE_THE_RUN}
     for out in outs[1:]:
         for name in (n for n in made[outs[0]] if n in made[out]):
             a, b = made[outs[0]][name], made[out][name]
-            diff = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                             if a.get(k) != b.get(k))
             if diff:
-                raise ValueError(
-                    f"{name} of {outs[0]} and of {out} were trained with other settings ("
-                    + "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
-                    + "): a table's cells are the seeds of one run")
+                raise ValueError(f"{name} of {outs[0]} and of {out} were trained with other "
+                                 f"settings ({diff}): a table's cells are the seeds of one run")
 
 
-def scored_with(world, model_pt, teacher_id, per_family, max_new_tokens=None):
+def scored_with(world, model_pt, per_family, teacher_id=None, max_new_tokens=None):
     """What a score is made from, the parts of eval.json's fingerprint: the checkpoint and the
-    teacher that judges it (their fingerprints), the data scored (its test and val pools) and
-    the settings (prompts per family, answer length)."""
+    teacher that judges it (their fingerprints), the data scored, the settings."""
     return {"model": M.load_checkpoint(model_pt).get("fingerprint_id"), "teacher": teacher_id,
             "data": world.digest(("test", "val")), "per_family": per_family,
             "max_new_tokens": max_new_tokens}
 
 
 def cached(path, model_pt, key, name, fields):
-    """The scores in eval.json at path when their fingerprint is the one of key (scored_with) and
-    they were written after the checkpoint; else None, with a line saying why they are made
-    again. A missing, unreadable or incomplete (no `fields`) eval.json is simply made again."""
+    """The scores in eval.json at path when their fingerprint is key's (scored_with) and they
+    were written after the checkpoint; else None, with a line saying why they are made again.
+    A missing, unreadable or incomplete (no `fields`) eval.json is simply made again."""
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(model_pt):
         return None
     try:
@@ -287,47 +278,43 @@ def cached(path, model_pt, key, name, fields):
     return None
 
 
-def score_encoder(out, world, device, per_task):
-    """The pretrained encoder on its own, into encoder/eval.json (unless cached), printed."""
-    path, ckpt = os.path.join(out, "encoder", "eval.json"), os.path.join(out, "encoder", "model.pt")
-    if not os.path.exists(ckpt):
-        return
-    key = scored_with(world, ckpt, None, per_task)
-    if cached(path, ckpt, key, "encoder", ("voice",)):
-        return
-    m, _ = M.load_model(ckpt, device)
-    res = {**evaluate_encoder(m, world, device, per_task), "settings": key,
-           "fingerprint": data.fingerprint(key)}
-    M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-    nan = float("nan")
-    wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
-           f"{res.get('ctc_wer_seen', nan):.1f}, unseen {res.get('ctc_wer_unseen', nan):.1f})"
-           if "ctc_wer" in res else "no transcription clips (task asr)")
-    print(f"[eval] encoder on its own, test clips: {wer}; voice heads "
-          f"{fmt_scores(res['voice']) or '-'}")
-
-
 def evaluate_all(out, world, device, per_family, max_new_tokens):
-    """Score every finished run (stage 5) whose eval.json is not of this checkpoint, teacher,
-    data and settings (cached); a student is also judged by the run's teacher on the val
-    prompts (judge, under "judge")."""
-    score_encoder(out, world, device, per_family)
+    """Score every finished run (stage 5), and the pretrained encoder on its own, unless its
+    eval.json holds scores of this checkpoint, teacher, data and settings (cached); a student
+    is also judged by the run's teacher on the val prompts (judge, under "judge")."""
     teacher_pt = os.path.join(out, "teacher", "model.pt")
     teacher_id, teacher = M.load_checkpoint(teacher_pt).get("fingerprint_id"), None
-    for name, d in run_dirs(out).items():
-        path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
-        key = scored_with(world, ckpt, teacher_id, per_family, max_new_tokens)
-        old = cached(path, ckpt, key, name, ("T", "S", "audio"))
-        if old and ("judge" in old or not old["S"]):  # a student (scored from speech) is judged too
+    encoder = os.path.join(out, "encoder")
+    runs = {"encoder": encoder} if os.path.exists(os.path.join(encoder, "model.pt")) else {}
+    for name, d in (runs | run_dirs(out)).items():
+        path, ckpt, alone = os.path.join(d, "eval.json"), os.path.join(d, "model.pt"), d == encoder
+        key = scored_with(world, ckpt, per_family, *(() if alone else (teacher_id, max_new_tokens)))
+        old = cached(path, ckpt, key, name, ("voice",) if alone else ("T", "S", "audio"))
+        if old and (alone or "judge" in old or not old["S"]):  # a student is judged too
             continue
         m, _ = M.load_model(ckpt, device)
-        res = evaluate_model(m, world, device, per_family, max_new_tokens, name)
-        res.update(settings=key, fingerprint=data.fingerprint(key))
+        if alone:
+            res = evaluate_encoder(m, world, device, per_family)
+        else:
+            res = evaluate_model(m, world, device, per_family, max_new_tokens, name)
         if isinstance(m, M.SpeechLM):
             teacher = teacher or M.load_model(teacher_pt, device)[0]
             res["judge"] = judge(teacher, m, world, device, max_new_tokens)
+        res.update(settings=key, fingerprint=data.fingerprint(key))
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-        print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+        print("[eval] " + (encoder_line(res) if alone else
+                           f"{name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}"))
+
+
+def encoder_line(res):
+    wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
+           f"{res.get('ctc_wer_seen', NAN):.1f}, unseen {res.get('ctc_wer_unseen', NAN):.1f})"
+           if "ctc_wer" in res else "no transcription clips (task asr)")
+    return f"encoder on its own, test clips: {wer}; voice heads {fmt_scores(res['voice'])}"
+
+
+def fmt_scores(d):
+    return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
 
 
 # -----------------------------------------------------------------------------
@@ -336,11 +323,10 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
 @torch.no_grad()
 def first_token_probe(out, world, device, per_family):
     """
-    Does the student start its answers as its teacher does? On val prompts (never test ones):
-    the first token of the text teacher's greedy answer from text, and its probability under the
-    base student and every aligned one, from speech and from text. At temperature 1 that is the
-    share of a student's rollouts whose first token is the teacher's.
-    -> {run: {family: (p from speech, p from text)}}
+    Does the student start its answers as its teacher does? On val prompts: the first token of
+    the text teacher's greedy answer from text, and its probability under the base student and
+    every aligned one, from speech and from text (at temperature 1: the share of a student's
+    rollouts that start with it). -> {run: {family: (p from speech, p from text)}}
     """
     runs = run_dirs(out)
     teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
@@ -368,7 +354,7 @@ def first_token_probe(out, world, device, per_family):
 
 def read_alone(student, world, recs, device, batch_size=64):
     """What the student's encoder (greedy CTC) and adapter (each word's best-scoring token, no
-    decoder) read in each clip of recs, on their own. -> (CTC texts, adapter texts)"""
+    decoder) read in each clip of recs. -> (CTC texts, adapter texts)"""
     ctc, adapter = [], []
     for i in range(0, len(recs), batch_size):
         rows = recs[i:i + batch_size]
@@ -387,17 +373,13 @@ def read_alone(student, world, recs, device, batch_size=64):
 def hearing_probe(out, world, device, per_task, max_new_tokens):
     """
     Where are words lost between the clip and the base student's transcript? On the test
-    transcription clips, split into clips of spoken prompts (sentences of the text families) and
-    of word lists (random words of the vocabulary, which no language model can guess), the WER of:
-    the frozen encoder's own greedy CTC output (against the words as spoken: a doubled letter
-    once); the adapter's word scores alone (each word's best-scoring token, no decoder); the base
-    student's transcript; and the text teacher copying the same transcripts from text ("repeat
-    the words : ..."), which needs no hearing at all. Also the share of spoken prompts read with
-    every spoken word right: a task can only be answered from what was heard; and, as many, the
-    word lists of the training clips, which the omni stage trained on (a decoder that memorised
-    them reads those far better than the test lists).
-    -> {row: {"prompts": WER %, "lists": WER %, "all": WER % (test clips), "train lists": WER %,
-              "whole": % of prompt clips}}
+    transcription clips of spoken prompts (sentences of the text families) and of word lists
+    (random words, which no language model can guess), and as many word lists of the training
+    clips (which the omni stage trained on), the WER of: the encoder's greedy CTC (against the
+    words as spoken) and the adapter's word scores alone (read_alone); the base student's
+    transcript; the text teacher copying the transcript from text (no hearing at all). "whole":
+    the share of spoken prompts read with every spoken word right.
+    -> {row: {"prompts" / "lists" / "all" / "train lists": WER %, "whole": %}}
     """
     student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
     teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
@@ -408,15 +390,15 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
     test = test_sets(world, per_task)[1]["asr"]
     lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts]
     recs = test + lists[:len(test)]
-    ctc, adapter = read_alone(student, world, recs, device)
     copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .",
              "instruction": ""} for r in recs]
-    hyps = {"audio encoder alone, greedy CTC": ctc,
-            "adapter's word scores alone (best token per word)": adapter,
-            "base student, from speech": xopd.generate(student, world, recs, "speech", device,
-                                                       max_new_tokens, encoder=student.encoder),
-            "text teacher, copying the transcript from text": xopd.generate(
-                teacher, world, copy, "text", device, max_new_tokens)}
+    hyps = dict(zip(("audio encoder alone, greedy CTC",
+                     "adapter's word scores alone (best token per word)"),
+                    read_alone(student, world, recs, device)))
+    hyps["base student, from speech"] = xopd.generate(student, world, recs, "speech", device,
+                                                      max_new_tokens, encoder=student.encoder)
+    hyps["text teacher, copying the transcript from text"] = xopd.generate(
+        teacher, world, copy, "text", device, max_new_tokens)
     res = {}
     for row, preds in hyps.items():
         ref = ((lambda t: M.spoken_letters(data.spoken_words(t)))
@@ -435,12 +417,11 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
 @torch.no_grad()
 def heard_split(out, world, device, per_family, max_new_tokens):
     """
-    How much of each student's ΔS is hearing? The test prompts of every text family are split by
-    whether the base student transcribes the prompt's own clip whole (every spoken word right,
-    asked with the transcription instruction). Encoder and adapter are frozen after the omni
-    stage, so every aligned student reads the same audio vectors as the base one. Each student's
-    score from speech and ΔS on either part (against the teacher's text scores on the same
-    prompts): ΔS on the prompts heard whole is the gap that is not about hearing.
+    How much of each student's ΔS is hearing? The test prompts of every text family split by
+    whether the base student transcribes the prompt's own clip whole (every spoken word right);
+    encoder and adapter are frozen after omni, so every student reads the same audio vectors.
+    Each student's score from speech and ΔS on either part (against the teacher's text scores
+    on the same prompts): ΔS on the prompts heard whole is the gap that is not about hearing.
     -> {"heard": {family: % heard whole}, run: {"S heard" / "S misheard": {family: %},
         "ΔS" / "ΔS heard" / "ΔS misheard": float}} (a part with no prompt scores nan)
     """
@@ -463,7 +444,7 @@ def heard_split(out, world, device, per_family, max_new_tokens):
 
     def on(xs, part):  # {family: % right} on one part of the split
         sel = {f: [x for x, h in zip(xs[f], heard[f]) if part is None or h == part] for f in xs}
-        return {f: 100.0 * sum(v) / len(v) if v else float("nan") for f, v in sel.items()}
+        return {f: 100.0 * sum(v) / len(v) if v else NAN for f, v in sel.items()}
     teacher_T = scores(teacher, "text")
     res = {"heard": {f: 100.0 * sum(h) / len(h) for f, h in heard.items()}}
     for name, d in runs.items():
@@ -474,10 +455,6 @@ def heard_split(out, world, device, per_family, max_new_tokens):
         for key, part in (("ΔS", None), ("ΔS heard", True), ("ΔS misheard", False)):
             res[name][key] = avg_drop(on(S, part), on(teacher_T, part))
     return res
-
-
-def fmt_scores(d):
-    return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +469,7 @@ def mean_se(xs):
     """Mean and standard error of the mean (sample std / sqrt(n)); se is nan for one value."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return m, float("nan")
+        return m, NAN
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
@@ -508,40 +485,35 @@ def drops(seeds, name, modality):
 
 
 def markdown(header, rows):
-    """A markdown table: the header's cells, a rule, one line per row of cells."""
+    """A markdown table: the header, a rule, a line per row of cells (an empty cell is blank)."""
     lines = [header, "|---|" + "---|" * (header.count("|") - 2)]
     return "\n".join(lines + ["|" + "".join(f" {c} |" if c else " |" for c in row) for row in rows])
 
 
-def omni_judge(r, key, default):
-    return r["omni"].get("judge", {}).get(key, default)
-
-
 # The premise (the paper's setting, in miniature): a strong text teacher; a base student that
-# hears well but answers worse from speech than its text backbone does, and lost a little
-# from text; audio skills worth forgetting; a teacher that can judge the student (judge): it
-# gives the student's answers from speech a probability a real text LLM would, and the two are
-# close enough for its feedback to carry. name, value from one seed's results, target, test.
+# hears well but answers worse from speech than its text backbone does, and lost a little from
+# text; audio skills worth forgetting; a teacher that can judge the student (judge: it gives the
+# student's answers from speech a probability a real text LLM would, and the two are close
+# enough for its feedback to carry). Name, value from one seed's results, target, test.
 PREMISE = [
-    ("text teacher, worst family from text (%)",
-     lambda r: min(r["teacher"]["T"].values()), ">= 90", lambda v: v >= 90),
-    ("base student ASR WER, seen speakers (%)",
-     lambda r: r["omni"].get("asr_wer_seen", float("nan")), "<= 10", lambda v: v <= 10),
-    ("base student ASR WER, unseen speakers (%)",
-     lambda r: r["omni"].get("asr_wer_unseen", float("nan")), "<= 15", lambda v: v <= 15),
-    ("base student ΔS (%)",
-     lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), "8 to 25", lambda v: 8 <= v <= 25),
-    ("base student ΔT (%)",
-     lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]), "> 0 and <= ΔS / 2", None),
+    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()),
+     ">= 90", lambda v: v >= 90),
+    ("base student ASR WER, seen speakers (%)", lambda r: r["omni"].get("asr_wer_seen", NAN),
+     "<= 10", lambda v: v <= 10),
+    ("base student ASR WER, unseen speakers (%)", lambda r: r["omni"].get("asr_wer_unseen", NAN),
+     "<= 15", lambda v: v <= 15),
+    ("base student ΔS (%)", lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), "8 to 25",
+     lambda v: 8 <= v <= 25),
+    ("base student ΔT (%)", lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]),
+     "> 0 and <= ΔS / 2", None),
     ("base student audio questions, mean accuracy (%)",
      lambda r: sum(r["omni"]["audio"].values()) / max(1, len(r["omni"]["audio"])), ">= 80",
      lambda v: v >= 80),
     ("teacher's log-prob per token of the base student's greedy answers from speech, worst "
-     "family, val (nats)",
-     lambda r: min(omni_judge(r, "teacher_lp", {"-": float("nan")}).values()), ">= -3",
-     lambda v: v >= -3),
+     "family, val (nats)", lambda r: min(r["omni"].get("judge", {}).get("teacher_lp", {"-": NAN})
+                                         .values()), ">= -3", lambda v: v >= -3),
     ("base student's per-token cross-modal reverse KL to the teacher, val (nats)",
-     lambda r: omni_judge(r, "rkl_cm", float("nan")), "<= 3", lambda v: v <= 3),
+     lambda r: r["omni"].get("judge", {}).get("rkl_cm", NAN), "<= 3", lambda v: v <= 3),
 ]
 
 
@@ -562,10 +534,9 @@ def premise(seeds):
 
 
 def premise_table(seeds, names):
-    if "omni" not in names:
-        return None
-    rows = [(n, fmt(v), t, "yes" if ok else "NO") for n, v, t, ok in premise(seeds)]
-    return markdown("| premise | value | target | met |", rows)
+    if "omni" in names:
+        rows = [(n, fmt(v), t, "yes" if ok else "NO") for n, v, t, ok in premise(seeds)]
+        return markdown("| premise | value | target | met |", rows)
 
 
 def table1(seeds, names):
@@ -578,14 +549,13 @@ def table1(seeds, names):
             cells.append(fmt([r[n]["T"][f] for r in seeds]))
         ds = fmt(drops(seeds, n, "S"), 2) if seeds[0][n]["S"] else "-"
         rows.append([label(n), *cells, ds, fmt(drops(seeds, n, "T"), 2)])
-    head = "| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |"
-    return markdown(head, rows)
+    return markdown("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |", rows)
 
 
 def paired_table(seeds, names):
     """Paired over seeds: each method's ΔS / ΔT minus the base student's of the same seed, so the
-    seed-to-seed spread of the pipeline cancels; '*' marks a mean beyond two standard errors.
-    With X-OPD among the methods, also X-OPD's against every other method's (is it the lowest?)."""
+    seed-to-seed spread of the pipeline cancels ('*': a mean beyond two standard errors); with
+    X-OPD among the methods, X-OPD's against each method's too (is X-OPD's the lowest?)."""
     methods = [n for n in names if n.startswith("align/")]
     if "omni" not in names or not methods or len(seeds) < 2:
         return None
@@ -594,19 +564,16 @@ def paired_table(seeds, names):
         d = [a - b for a, b in zip(drops(seeds, n, modality), drops(seeds, against, modality))]
         m, se = mean_se(d)
         return fmt(d, 2) + (" *" if abs(m) > 2 * se else "")
-    xo = "align/xopd" in methods
     head = "| model | ΔS − base student's | ΔT − base student's |"
-    if not xo:
-        return markdown(head, [[label(n), paired(n, "S"), paired(n, "T")] for n in methods])
-    rows = [[label(n), paired(n, "S"), paired(n, "T")]
-            + (["", ""] if n == "align/xopd"
-               else [paired("align/xopd", "S", n), paired("align/xopd", "T", n)])
-            for n in methods]
+    rows = [[label(n), paired(n, "S"), paired(n, "T")] for n in methods]
+    if "align/xopd" not in methods:
+        return markdown(head, rows)
+    for n, row in zip(methods, rows):
+        row += ["", ""] if n == "align/xopd" else [paired("align/xopd", m, n) for m in "ST"]
     return markdown(head + " X-OPD's ΔS − this | X-OPD's ΔT − this |", rows)
 
 
 def table2(seeds, names):
-    """The λ ablation of X-OPD."""
     runs = ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1"))
     rows = [[f"{lam:g}", fmt(drops(seeds, n, "S"), 2), fmt(drops(seeds, n, "T"), 2)]
             for lam, n in runs if n in names]
@@ -614,7 +581,6 @@ def table2(seeds, names):
 
 
 def table3(seeds, names):
-    """Audio skills against the base student (forgetting)."""
     students = [n for n in names if seeds[0][n].get("audio")]
     if "omni" not in students:
         return None
@@ -624,12 +590,11 @@ def table3(seeds, names):
         return sum(r["audio"].values()) / len(r["audio"])
     rows = [[label(n), *(fmt([r[n]["audio"][t] for r in seeds]) for t in tasks),
              fmt([avg(r[n]) for r in seeds]), fmt([avg(r[n]) - avg(r["omni"]) for r in seeds]),
-             fmt([r[n].get("asr_wer", float("nan")) for r in seeds])] for n in students]
+             fmt([r[n].get("asr_wer", NAN) for r in seeds])] for n in students]
     return markdown("| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |", rows)
 
 
 def curves_table(seeds, names):
-    """The align stage's val curves: score from speech and the two reverse-KL estimates."""
     curved = [n for n in names if n.startswith("align/") and all(r[n].get("curve") for r in seeds)]
     if not curved:
         return None
@@ -640,52 +605,46 @@ def curves_table(seeds, names):
             return fmt([r[n]["curve"][i][key] for r in seeds], 2 if key.startswith("rkl") else 1)
         rows.append([label(n), *(at("val_S", i) for i in range(len(steps)))]
                     + [f"{at(k, 0)} → {at(k, -1)}" for k in ("rkl_im", "rkl_cm")])
-    head = ("| model | " + " | ".join(f"step {k}" for k in steps)
-            + " | rkl_im first → last | rkl_cm first → last |")
-    return markdown(head, rows)
+    return markdown("| model | " + " | ".join(f"step {k}" for k in steps)
+                    + " | rkl_im first → last | rkl_cm first → last |", rows)
 
 
-TABLES = {"premise": premise_table, "table1": table1, "paired": paired_table, "table2": table2,
-          "table3": table3, "curves": curves_table}
+# Each table: its key in tables(), the function that makes it (None: not for these runs), title
+TABLES = [
+    ("premise", premise_table, "Premise: the paper's setting in miniature (base student = after "
+     "the omni stage)"),
+    ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative "
+     "drop (%) vs the text teacher"),
+    ("paired", paired_table, "Table 1, paired: each method's change of ΔS / ΔT against the base "
+     "student of its own seed, and X-OPD's against each method's, seed by seed (* beyond two "
+     "standard errors)"),
+    ("table2", table2, "Table 2: λ ablation of X-OPD"),
+    ("table3", table3, "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"),
+    ("curves", curves_table, "The align stage's val curves: score from speech (%, val prompts) at "
+     "each val step; reverse-KL estimates (nats per response)"),
+]
+TITLES = {key: title for key, _, title in TABLES}
 
 
 def tables(seeds):
-    """The premise table and the paper's three tables as markdown, from a list of per-seed
-    results ({run name: eval.json contents}); a cell is the mean ± standard error over seeds.
-    Only runs present in every seed are shown."""
+    """The premise table, the paper's three tables and the align stage's val curves as markdown,
+    from per-seed results ({run name: eval.json contents}); a cell is the mean ± standard error
+    over seeds. Only runs present in every seed are shown."""
     seeds = [r for r in seeds if "teacher" in r]
-    if not seeds:
-        return {}
-    names = [n for n in seeds[0] if all(n in r for r in seeds)]
-    made = {key: make(seeds, names) for key, make in TABLES.items()}
+    names = [n for n in seeds[0] if all(n in r for r in seeds)] if seeds else []
+    made = {key: make(seeds, names) for key, make, _ in TABLES} if seeds else {}
     return {key: t for key, t in made.items() if t is not None}
 
 
-TITLES = {
-    "premise": "Premise: the paper's setting in miniature (base student = after the omni stage)",
-    "table1": "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative drop (%) "
-              "vs the text teacher",
-    "paired": "Table 1, paired: each method's change of ΔS / ΔT against the base student of its "
-              "own seed, and X-OPD's against each method's, seed by seed (* beyond two standard "
-              "errors)",
-    "table2": "Table 2: λ ablation of X-OPD",
-    "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student",
-    "curves": "The align stage's val curves: score from speech (%, val prompts) at each val step; "
-              "reverse-KL estimates (nats per response)",
-}
-
-
 def load_results(out):
-    """{run name: eval.json contents} for every evaluated run in a run folder."""
+    """{run name: eval.json contents, with an align run's val curve (its val.jsonl)}."""
     results = {}
     for name, d in run_dirs(out).items():
-        p = os.path.join(d, "eval.json")
-        if os.path.exists(p):
-            with open(p) as f:
+        if os.path.exists(os.path.join(d, "eval.json")):
+            with open(os.path.join(d, "eval.json")) as f:
                 results[name] = json.load(f)
-            curve = os.path.join(d, "val.jsonl")  # an align run's val curve (train.validate)
-            if name.startswith("align/") and os.path.exists(curve):
-                with open(curve) as f:
+            if name.startswith("align/") and os.path.exists(os.path.join(d, "val.jsonl")):
+                with open(os.path.join(d, "val.jsonl")) as f:
                     results[name]["curve"] = [json.loads(line) for line in f if line.strip()]
     return results
 
@@ -714,9 +673,8 @@ def report(outs, write_to=None):
 
 @torch.no_grad()
 def timeit(fn, reps=3, calls=1, sync=lambda: None):
-    """Seconds per call: the best of `reps` runs of `calls` calls back to back, after one warm-up
-    call (the best is the run least disturbed by other load); sync() waits for the device before
-    each clock reading."""
+    """Seconds per call: the best of `reps` runs of `calls` calls back to back (the run least
+    disturbed by other load), after one warm-up call; sync() waits for the device's work."""
     fn()
     sync()
     best = float("inf")
@@ -730,7 +688,6 @@ def timeit(fn, reps=3, calls=1, sync=lambda: None):
 
 
 def device_sync(device):
-    """What waits for the device's queued work: torch.cuda.synchronize on a GPU, nothing else."""
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
@@ -765,8 +722,7 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
 
 def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu", seed=0):
     """Item 1: tokens/s with the KV cache (eager, and at fixed shapes: xopd.static_step) and with
-    the whole prefix recomputed for every token (sample_recompute), same model and seed; the
-    share of each one's tokens equal to the KV cache's."""
+    the prefix recomputed for every token, same model and seed; the share of equal tokens."""
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
     dec = M.Decoder(dcfg).eval()
@@ -788,11 +744,8 @@ def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu"
 
 
 def _peak_rss_mb():
-    """
-    Peak resident memory of this process. On Linux, VmHWM of /proc/self/status: ru_maxrss
-    would do, except that a child started by fork/vfork + exec inherits its parent's peak
-    in ru_maxrss, which hides everything below it. Elsewhere ru_maxrss.
-    """
+    """Peak resident memory of this process: VmHWM on Linux (a child started by fork + exec
+    inherits its parent's ru_maxrss, which would hide everything below it), else ru_maxrss."""
     if os.path.exists("/proc/self/status"):
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -801,64 +754,53 @@ def _peak_rss_mb():
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def _logprobs(variant, h, w, t, chunk_size):
-    if variant == "fused":
-        return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
-    return F.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)  # (N, V) logits, and more
-
-
 def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
     """Item 2, one variant in this process: forward + backward time and peak extra RSS."""
+    def logprobs(h, w, t):
+        if variant == "fused":
+            return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
+        return F.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)  # (N, V) logits
     torch.manual_seed(seed)
     # warm-up on small sizes so kernel / allocator set-up is not counted as the variant's memory
     for n, v in ((64, 256), (N, 256)):
-        h = torch.randn(n, d, requires_grad=True)
-        w = torch.randn(v, d, requires_grad=True)
         t = torch.randint(0, v, (n,))
-        _logprobs(variant, h, w, t, chunk_size).sum().backward()
+        logprobs(torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True),
+                 t).sum().backward()
     h = (0.1 * torch.randn(N, d)).requires_grad_()
     w = (0.1 * torch.randn(V, d)).requires_grad_()
     t = torch.randint(0, V, (N,))
     upstream = torch.randn(N)
     base = _peak_rss_mb()  # inputs are in; what follows is the variant's own memory
     t0 = time.perf_counter()
-    out = _logprobs(variant, h, w, t, chunk_size)
-    (out * upstream).sum().backward()
+    (logprobs(h, w, t) * upstream).sum().backward()
     seconds = time.perf_counter() - t0
     return dict(variant=variant, seconds=seconds, peak_extra_mb=_peak_rss_mb() - base,
                 checksum=float(h.grad.double().abs().sum() + w.grad.double().abs().sum()))
 
 
-def bench_logprobs(threads=0, repeats=2, **kw):
-    """
-    Item 2: each variant in its own process, so each peak RSS is its own. Each variant runs
-    in `repeats` fresh processes: the peak is the largest of them (the kernel's high-water mark
-    can miss a freed buffer), the time the smallest.
-    """
+def bench_logprobs(threads=0, repeats=2):
+    """Item 2: each variant in `repeats` processes of its own (bench-mem), so each peak RSS is
+    its own: the largest peak (the kernel's high-water mark can miss a freed buffer), the
+    smallest time."""
     res = {}
     for variant in ("naive", "fused"):
         args = [sys.executable, os.path.abspath(__file__), "bench-mem", "--variant", variant,
                 "--threads", str(threads)]
-        for k, v in kw.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        runs = []
-        for _ in range(repeats):
-            out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+        runs = [json.loads(subprocess.run(args, check=True, capture_output=True, text=True)
+                           .stdout.strip().splitlines()[-1]) for _ in range(repeats)]
         res[variant] = dict(seconds=min(r["seconds"] for r in runs),
                             peak_extra_mb=max(r["peak_extra_mb"] for r in runs),
                             all_peaks_mb=[round(r["peak_extra_mb"]) for r in runs])
     return res
 
 
-def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0,
-               seconds_audio=3.0):
+def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, frames=300):
     """Item 3: one X-OPD step of the preset (after one warm-up step), split into its phases:
     rollouts, teacher scoring, and the update (the loss, backward and the optimiser step)."""
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
-    audio_id, eos_id = vocab - 1, 3
+    audio_id = vocab - 1
     student = M.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
     with torch.no_grad():  # a teacher that differs from the student
         for p in teacher.parameters():
@@ -866,64 +808,57 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     text_lens = torch.randint(24, 48, (batch,), generator=g)
-    text_ids = torch.randint(4, vocab - 1, (batch, int(text_lens.max())), generator=g)
     speech_ids = torch.full((batch, 8), 5)
     speech_ids[:, 3] = audio_id  # chat prefix, the AUDIO placeholder, chat suffix
-    frames = int(seconds_audio * 100)  # 10 ms hop
-    b = data.Batch(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids,
-                   speech_lens=torch.full((batch,), 8), mel_lens=torch.full((batch,), frames),
-                   mels=torch.randn(batch, enc.n_mels, frames, generator=g))
+    b = data.Batch(text_ids=torch.randint(4, vocab - 1, (batch, int(text_lens.max())), generator=g),
+                   text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
+                   mels=torch.randn(batch, enc.n_mels, frames, generator=g),  # 3 s of audio
+                   mel_lens=torch.full((batch,), frames))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=2e-6)
-    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id)
     for s in (seed, seed + 1):  # a warm-up step, then the timed one
-        gen = torch.Generator().manual_seed(s)
-        loss, m = xopd.xopd_step(student, teacher, b, generator=gen, **kw)
+        loss, m = xopd.xopd_step(student, teacher, b, n=n, max_new_tokens=max_new_tokens, eos_id=3,
+                                 generator=torch.Generator().manual_seed(s))
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)  # train.update_weights' work, without the clipping
         loss.backward()
         opt.step()
         m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3
-    m.update(batch=batch, n=n, max_new_tokens=max_new_tokens)
-    return m
+    return m | dict(batch=batch, n=n, max_new_tokens=max_new_tokens)
 
 
 def _linears(dec):
-    """The weights of every matrix multiply a token goes through: each layer's projections, then
-    the head."""
+    """The weights of every matrix multiply a token goes through: each layer's, then the head."""
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
 
 
-def matmuls_alone(dec, batch, prompt, new_tokens, reps, device):
-    """A rollout's linear layers alone, the same weights on the same rows per call: the prompt's
-    (batch * prompt rows; the head on the last position only), then one call per decoded token
-    (batch rows). -> (their FLOPs, seconds)"""
-    ws = _linears(dec)
-    calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
-    flops = sum(2 * rows * w.numel() for rows, group in calls for w in group)
+def matmuls_alone(dec, shapes, sync, graph=False, **timing):
+    """shapes: [(rows, weights)]: each weight multiplied with `rows` random rows, alone (with
+    graph, replayed from a CUDA graph: no launch cost). -> (their FLOPs, timeit's seconds)"""
     dim, hidden = dec.cfg.dim, dec.cfg.hidden_dim
-    xs = {rows: torch.randn(rows, dim, device=device) for rows in (batch, batch * prompt)}
-    hs = {rows: torch.randn(rows, hidden, device=device) for rows in (batch, batch * prompt)}
+    device = dec.lm_head.weight.device
+    xs = {rows: (torch.randn(rows, dim, device=device), torch.randn(rows, hidden, device=device))
+          for rows in {r for r, _ in shapes}}
 
     def alone():
-        for rows, group in calls:
+        for rows, group in shapes:
+            x, h = xs[rows]
             for w in group:
-                F.linear(hs[rows] if w.shape[1] == hidden else xs[rows], w)
-    return flops, timeit(alone, reps=reps, sync=device_sync(device))
+                F.linear(h if w.shape[1] == hidden else x, w)
+    flops = sum(2 * rows * w.numel() for rows, group in shapes for w in group)
+    return flops, timeit(xopd.capture_cuda_graph(alone)[0].replay if graph else alone, sync=sync,
+                         **timing)
 
 
 def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0,
                 device="cpu", compile=True):
     """
     Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
-    Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
-    top-k / top-p, no end token; best of `reps` each, after a warm-up. Ours: eager, through
-    xopd.DecodeGraph (each decode step replayed from a CUDA graph; on a CPU the same fixed-shape
-    step, eager) and, with compile, through xopd.compiled_step. Also the matmul GFLOP/s: the
-    linear layers' FLOPs over each sampler's whole time, against the same shapes run alone
-    (matmuls_alone). On a GPU every timing waits for it to finish. None when transformers is not
-    installed.
+    Llama weights (model.load_llama), temperature 1, no top-k / top-p, no end token; best of
+    `reps` each. Ours eager, through xopd.DecodeGraph (on a CPU: fixed shapes, eager) and, with
+    compile, xopd.compiled_step. Also the matmul GFLOP/s: the linear layers' FLOPs over each
+    sampler's time, against the same multiplies alone. None without transformers.
     """
     try:
         import transformers
@@ -943,25 +878,25 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
                            temperature=temperature, step=STEPS[way](dec))[0]
 
     def theirs(n=new_tokens, greedy=False):
-        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0)
+        how = dict(do_sample=not greedy) | ({} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0))
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **how)
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
-    ways = ["eager", "graph"] + (["compiled"] if compile else [])
-    with torch.inference_mode():
-        greedy, res = theirs(16, greedy=True), {}
-        for way in ways:  # the greedy tokens; the first call's time (torch.compile compiles here)
-            sync()
-            t0 = time.perf_counter()
-            res[f"same_greedy_{way}"] = same(ours(way, 16, temperature=0.0), greedy)
-            sync()
-            res[f"first_s_{way}"] = time.perf_counter() - t0
-    flops, t_alone = matmuls_alone(dec, batch, prompt, new_tokens, reps, device)
-    fns = {way: lambda way=way: ours(way) for way in ways} | {"hf": theirs}
-    for name, fn in fns.items():
+    ways, res = ["eager", "graph"] + (["compiled"] if compile else []), {}
+    greedy = theirs(16, greedy=True)
+    for way in ways:  # the greedy tokens; the first call's time (torch.compile compiles here)
+        sync()
+        t0 = time.perf_counter()
+        res[f"same_greedy_{way}"] = same(ours(way, 16, temperature=0.0), greedy)
+        sync()
+        res[f"first_s_{way}"] = time.perf_counter() - t0
+    # the prompt's multiplies (the head on the last position only), then one per decoded token
+    ws = _linears(dec)
+    calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
+    flops, t_alone = matmuls_alone(dec, calls, sync, reps=reps)
+    for name, fn in {**{w: functools.partial(ours, w) for w in ways}, "hf": theirs}.items():
         t = timeit(fn, reps=reps, sync=sync)
-        res[f"{name}_tok_s"] = batch * new_tokens / t
-        res[f"gflops_{name}"] = flops / t / 1e9
+        res |= {f"{name}_tok_s": batch * new_tokens / t, f"gflops_{name}": flops / t / 1e9}
     return res | dict(gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
 
 
@@ -969,19 +904,16 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
 def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0,
                       device="cpu"):
     """
-    Item 5: one decode step (Decoder.decode_step on a static cache: every layer, one token per row,
-    no head) in the middle of a rollout of item 4's size, eager and (on CUDA) replayed from a CUDA
-    graph: its time; the share of it its matrix multiplies need (the same multiplies alone, on CUDA
-    replayed from a graph of their own, so with no launch cost: the GPU's own time for them); and
-    the memory bandwidth it reaches, the bytes it must read (the layers' weights, and the keys and
-    values of all the static cache's positions, which its attention reads) over its time, against
-    what a device-to-device copy reaches (read + write). float32, as item 4.
+    Item 5: one decode step (Decoder.decode_step on a static cache: every layer, one token per
+    row, no head) mid-rollout of item 4's size, eager and (on CUDA) from a CUDA graph: its time;
+    the share of it its matrix multiplies alone need; the bandwidth it reaches, the bytes it
+    must read (the layers' weights, the keys and values of every position of the static cache)
+    over its time, against what a device-to-device copy reaches (read + write). float32.
     """
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
     dec = M.Decoder(dcfg).eval().to(device)
-    cuda = torch.device(device).type == "cuda"
-    sync = device_sync(device)
+    cuda, sync = torch.device(device).type == "cuda", device_sync(device)
     written = prompt + new_tokens // 2  # keys in the cache mid-rollout
     prefilled = dec.new_cache(batch, written)
     dec.prefill(prefilled, torch.full((batch,), written, device=device),
@@ -993,32 +925,24 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
     graphed = xopd.DecodeGraph(dec)
     t_graph = timeit(lambda: graphed(x, cache), calls=reps, sync=sync) if cuda else None
     ws = _linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
-    xs = torch.randn(batch, dcfg.dim, device=device)
-    hs = torch.randn(batch, dcfg.hidden_dim, device=device)
-
-    def matmuls():
-        for w in ws:
-            F.linear(hs if w.shape[1] == dcfg.hidden_dim else xs, w)
-    t_mm = timeit(xopd.capture_cuda_graph(matmuls)[0].replay if cuda else matmuls, calls=reps,
-                  sync=sync)
+    _, t_mm = matmuls_alone(dec, [(batch, ws)], sync, graph=cuda, calls=reps)
     src = torch.zeros((2**30 if cuda else 2**26) // 4, device=device)  # 1 GiB (64 MiB on a CPU)
     dst = torch.empty_like(src)
     t_copy = timeit(lambda: dst.copy_(src), calls=10, sync=sync)
-    weights = sum(w.numel() * w.element_size() for w in ws)
-    kv = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm, weight_bytes=weights,
-                kv_bytes=kv, copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
+    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm,
+                weight_bytes=sum(w.numel() * w.element_size() for w in ws),
+                kv_bytes=sum(t.numel() * t.element_size() for t in cache.k + cache.v),
+                copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
 
 
 def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
                    device="cpu"):
     """
     Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
-    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, at fixed
-    shapes (xopd.static_step) and through xopd.DecodeGraph: seconds per rollout (best of `reps`),
-    whether each gives the same tokens run to run from the same seed, and the share of tokens
-    equal to the eager sampler's (bf16 rounds the default cache's shorter attention differently,
-    and one different token changes the rest of its row). Random weights: the end token is rare.
+    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, through
+    xopd.static_step and xopd.DecodeGraph: seconds per rollout, whether each repeats its tokens
+    from the same seed, and the share of tokens equal to the eager sampler's (bf16 rounds the
+    default cache's shorter attention differently). Random weights: the end token is rare.
     """
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
@@ -1026,8 +950,7 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(24, 48, (prompts,), generator=g)
     ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
-    lens = lens.to(device)
-    kind = torch.device(device).type
+    lens, kind = lens.to(device), torch.device(device).type
 
     def run(way):
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
@@ -1045,9 +968,9 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
 
 
 def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
-    """Item 7: each preset's model: its parameters (encoder, adapter, decoder; a tied head counts
-    once), the decoder's forward on 4 x 256 tokens, a prefill of 8 x 64 tokens then 32 cached
-    decode steps, and the encoder + adapter on 4 clips of 10 s. float32, on this CPU."""
+    """Item 7: each preset's model: its parameters (a tied head counts once), the decoder's
+    forward on 4 x 256 tokens, a prefill of 8 x 64 tokens then 32 cached decode steps, and the
+    encoder + adapter on 4 clips of 10 s. float32, on this CPU."""
     res = {}
     for preset in presets:
         torch.manual_seed(seed)
@@ -1071,53 +994,48 @@ def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
 # Each item's table rows: (item, variant, speed, other), from the item's result
 
 def sampling_rows(s):
-    """Item 1's rows from bench_sampling(...)."""
-    static = f"; {100 * s['same_tokens_static']:.1f}% same tokens as the KV cache"
+    static = f"; {s['same_tokens_static']:.1%} same tokens as the KV cache"
     ways = [("KV cache", "cached", ""), ("KV cache, fixed shapes (xopd.static_step)", "static", static),
             ("recompute prefix", "naive", "")]
-    rows = [("1 sampling", name, f"{s[k + '_tok_s']:.0f} tok/s", f"{s[k + '_s']:.2f} s{more}")
-            for name, k, more in ways]
-    return rows + [("1 sampling", "ratio", f"{s['cached_tok_s'] / s['naive_tok_s']:.1f}x faster",
-                    f"{100 * s['same_tokens']:.1f}% same tokens")]
+    return [("1 sampling", name, f"{s[k + '_tok_s']:.0f} tok/s", f"{s[k + '_s']:.2f} s{more}")
+            for name, k, more in ways] + [
+        ("1 sampling", "ratio", f"{s['cached_tok_s'] / s['naive_tok_s']:.1f}x faster",
+         f"{s['same_tokens']:.1%} same tokens")]
 
 
 def logprob_rows(lp):
-    """Item 2's rows from bench_logprobs(...)."""
     nv, fu = lp["naive"], lp["fused"]
-    rows = [("2 log-probs", name, f"{r['seconds']:.2f} s",
+    return [("2 log-probs", name, f"{r['seconds']:.2f} s",
              f"{r['peak_extra_mb']:.0f} MB peak extra {r['all_peaks_mb']}")
-            for name, r in (("naive", nv), ("fused, chunk 1024", fu))]
-    return rows + [("2 log-probs", "ratio", f"{nv['seconds'] / fu['seconds']:.2f}x time (naive / fused)",
-                    f"{nv['peak_extra_mb'] / max(fu['peak_extra_mb'], 1e-9):.1f}x less memory")]
+            for name, r in (("naive", nv), ("fused, chunk 1024", fu))] + [
+        ("2 log-probs", "ratio", f"{nv['seconds'] / fu['seconds']:.2f}x time (naive / fused)",
+         f"{nv['peak_extra_mb'] / max(fu['peak_extra_mb'], 1e-9):.1f}x less memory")]
 
 
 def xopd_step_rows(st):
-    """Item 3's rows from bench_step(...)."""
     phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
     total = sum(st[k] for _, k in phases)
-    rows = [("3 xopd_step", name, f"{st[k]:.0f} ms", f"{100 * st[k] / total:.0f}%") for name, k in phases]
-    return rows + [("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens")]
+    return [("3 xopd_step", name, f"{st[k]:.0f} ms", f"{st[k] / total:.0%}") for name, k in phases] + [
+        ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens")]
 
 
 def vs_hf_rows(hf, device="cpu"):
     """Item 4's rows from {preset: bench_vs_hf(...)} (a preset whose result is None is left out)."""
+    names = dict(STEP_NAMES) | ({"graph": "xopd.DecodeGraph (fixed shapes, eager on a CPU)"}
+                                if device == "cpu" else {})
     rows = []
-    names = dict(STEP_NAMES)
-    if device == "cpu":
-        names["graph"] += " (fixed shapes, eager on a CPU)"
     for p, r in ((p, r) for p, r in hf.items() if r is not None):
         item = f"4 vs generate, {p}" + ("" if device == "cpu" else f" size on {device}")
         ours = [k for k in names if f"{k}_tok_s" in r]
         for k in ours:
-            more = (f"the same matmuls alone {r['gflops_alone']:.1f}; " if k == "eager" else
-                    f"first call {r['first_s_compiled']:.0f} s (compiles); " if k == "compiled" else "")
+            more = {"eager": f"the same matmuls alone {r['gflops_alone']:.1f}; ",
+                    "compiled": f"first call {r.get('first_s_compiled', 0):.0f} s (compiles); "}
             rows.append((item, names[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
-                         f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {more}"
-                         f"{100 * r[f'same_greedy_{k}']:.1f}% same greedy tokens as generate"))
+                         f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {more.get(k, '')}"
+                         f"{r[f'same_greedy_{k}']:.1%} same greedy tokens as generate"))
         rows.append((item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""))
         rows += [(item, f"ratio, {names[k]}", f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
-                  f"matmuls are {100 * r[f'gflops_{k}'] / r['gflops_alone']:.0f}% of its time")
-                 for k in ours]
+                  f"matmuls are {r[f'gflops_{k}'] / r['gflops_alone']:.0%} of its time") for k in ours]
     return rows
 
 
@@ -1126,44 +1044,38 @@ def step_rows(steps, device="cpu"):
     rows = []
     for p, r in steps.items():
         item = f"5 decode step, {p}" + ("" if device == "cpu" else f" size on {device}")
-        moved = r["weight_bytes"] + r["kv_bytes"]
-        copy = r["copy_bytes_s"]
+        moved, copy = r["weight_bytes"] + r["kv_bytes"], r["copy_bytes_s"]
         rows.append((item, "bytes it reads", f"{moved / 1e6:.1f} MB",
                      f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values "
                      f"{r['kv_bytes'] / 1e6:.1f} MB; a device copy reaches {copy / 1e9:.0f} GB/s "
                      "(read + write)"))
-        rows += [(item, name, f"{t * 1e6:.0f} µs",
-                  f"matmuls {100 * r['matmuls_s'] / t:.0f}% of it; {moved / t / 1e9:.0f} GB/s, "
-                  f"{100 * moved / t / copy:.0f}% of the copy's")
-                 for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t is not None]
-        alone = "its matmuls alone" + (", from a graph" if r["graph_s"] is not None else "")
-        rows.append((item, alone, f"{r['matmuls_s'] * 1e6:.0f} µs",
+        rows += [(item, name, f"{t * 1e6:.0f} µs", f"matmuls {r['matmuls_s'] / t:.0%} of it; "
+                  f"{moved / t / 1e9:.0f} GB/s, {moved / t / copy:.0%} of the copy's")
+                 for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
+        rows.append((item, "its matmuls alone" + (", from a graph" if r["graph_s"] else ""),
+                     f"{r['matmuls_s'] * 1e6:.0f} µs",
                      f"weights read at {r['weight_bytes'] / r['matmuls_s'] / 1e9:.0f} GB/s"))
     return rows
 
 
 def rollout_rows(r, device="cpu"):
     """Item 6's rows from bench_rollouts(...)."""
-    item = f"6 align rollouts, gpu size on {device}"
-    return [(item, STEP_NAMES[k], f"{r[f'{k}_s'] * 1e3:.0f} ms",
+    return [(f"6 align rollouts, gpu size on {device}", STEP_NAMES[k], f"{r[f'{k}_s'] * 1e3:.0f} ms",
              f"{r['tokens'] / r[f'{k}_s']:.0f} tok/s, {r['eager_s'] / r[f'{k}_s']:.2f}x eager; "
              f"same tokens run to run: {'yes' if r[f'{k}_repeats'] else 'NO'}; "
-             f"{100 * r[f'{k}_same_as_eager']:.1f}% of the tokens as eager")
-            for k in ("eager", "static", "graph")]
+             f"{r[f'{k}_same_as_eager']:.1%} of the tokens as eager") for k in ("eager", "static", "graph")]
 
 
 def preset_rows(presets):
     """Item 7's rows from bench_presets(...)."""
-    rows = []
+    rows, parts = [], ("encoder", "adapter", "decoder")
     for p, r in presets.items():
-        sizes = ", ".join(f"{part} {r[part] / 1e6:.3f}M" for part in ("encoder", "adapter", "decoder"))
-        total = sum(r[part] for part in ("encoder", "adapter", "decoder"))
-        rows += [(f"7 {p} preset", "parameters", f"{total / 1e6:.3f}M", sizes),
+        rows += [(f"7 {p} preset", "parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
+                  ", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts)),
                  (f"7 {p} preset", "decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
                  (f"7 {p} preset", "prefill 8 x 64, then 32 cached decode steps",
                   f"{r['decode_tok_s']:.0f} new tok/s", ""),
-                 (f"7 {p} preset", "encoder + adapter, 4 clips of 10 s",
-                  f"{r['audio_s_s']:.1f} audio s/s", "")]
+                 (f"7 {p} preset", "encoder + adapter, 4 clips of 10 s", f"{r['audio_s_s']:.1f} audio s/s", "")]
     return rows
 
 
@@ -1172,19 +1084,17 @@ def bench_items(args):
     a CPU items 1 to 5 and 7 (item 2 first, while this process is small: its children start
     from a fresh memory map); with --device, items 4 to 6 alone, there."""
     dev, both = args.device, ("cpu", "gpu")
-    vs_hf = (f"xopd.sample (eager, DecodeGraph{', compiled_step' if args.compile else ''}) vs "
-             "transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, "
-             "128 new tokens (best of 5 each)")
+    hf = (f"xopd.sample (eager, DecodeGraph{', compiled_step' if args.compile else ''}) vs "
+          "transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, 128 "
+          "new tokens (best of 5 each)")
     if dev != "cpu":
-        return [(4, f"{vs_hf} on {dev}",
-                 lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile) for p in both},
-                 lambda r: vs_hf_rows(r, dev)),
+        return [(4, f"{hf} on {dev}", lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile)
+                                               for p in both}, lambda r: vs_hf_rows(r, dev)),
                 (5, "one decode step mid-rollout (the same sizes): eager, from a CUDA graph, its "
                  "matmuls alone", lambda: {p: bench_decode_step(p, device=dev) for p in both},
                  lambda r: step_rows(r, dev)),
-                (6, "the align stage's rollouts at the gpu preset's size, bf16 autocast: eager, "
-                 "static_step, DecodeGraph", lambda: bench_rollouts(device=dev),
-                 lambda r: rollout_rows(r, dev))]
+                (6, "the align stage's rollouts at the gpu preset's size, bf16 autocast", lambda:
+                 bench_rollouts(device=dev), lambda r: rollout_rows(r, dev))]
     return [(2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, "
              "fwd+bwd (2 processes each: fastest time, largest peak)",
              lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_rows),
@@ -1192,33 +1102,27 @@ def bench_items(args):
              bench_sampling, sampling_rows),
             (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new "
              "tokens", bench_step, xopd_step_rows),
-            (4, vs_hf, lambda: {p: bench_vs_hf(p, compile=args.compile) for p in both}, vs_hf_rows),
+            (4, hf, lambda: {p: bench_vs_hf(p, compile=args.compile) for p in both}, vs_hf_rows),
             (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes, and its matmuls "
              "alone", lambda: {p: bench_decode_step(p, reps=10) for p in both}, step_rows),
-            (7, "each preset's parameters, decoder forward, cached decoding and audio encoding",
-             bench_presets, preset_rows)]
-
-
-def machine_line(device):
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = f"; {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start{gpu}")
+            (7, "each preset's parameters and speeds", bench_presets, preset_rows)]
 
 
 def bench(args):
-    """`eval.py bench`: each item printed as it starts, then one table of them all. -> (the
-    table's lines, the machine line)"""
+    """`eval.py bench`: each item printed as it starts, then one table of them all.
+    -> (the table's lines, the machine's line)"""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                    if ln.startswith("model name")), cpu)
+    machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()}"
+               f" threads, load average {os.getloadavg()[0]:.1f} at start")
     if args.device != "cpu":
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
             sys.exit(f"--device {args.device}: not usable here ({e})")
-    machine = machine_line(args.device)
+        machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
     print(f"machine: {machine}")
     results, rows = {}, []
     for number, what, run, item_rows in bench_items(args):
@@ -1248,7 +1152,7 @@ def parse_bench(argv):
                    "generate, the decode step, the align stage's rollouts), on the GPU")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="item 4 without xopd.compiled_step (its compilation takes a while)")
-    p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
+    p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (for bench)")
     p.add_argument("--variant", choices=["naive", "fused"], required=True)
     for name, default in (("--N", 8192), ("--V", 32768), ("--d", 256), ("--chunk-size", 1024),
                           ("--threads", 0)):
@@ -1261,19 +1165,15 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, nargs="+", help="run folder(s) written by train.py; "
                     "several (one per seed) give mean ± standard error")
-    ap.add_argument("--data", default=None,
-                    help="data folder (default: the one each run was trained on)")
-    ap.add_argument("--eval_per_family", type=int, default=None,
-                    help="test prompts per family (default: the run's)")
-    ap.add_argument("--max_new_tokens", type=int, default=None,
-                    help="answer length limit (default: the run's)")
+    ap.add_argument("--data", help="data folder (default: the one each run was trained on)")
+    ap.add_argument("--eval_per_family", type=int, help="test prompts per family (default: the run's)")
+    ap.add_argument("--max_new_tokens", type=int, help="answer length limit (default: the run's)")
     ap.add_argument("--first_token", action="store_true", help="instead of the tables: the "
                     "probability (%%) that each student starts its answer with its teacher's first "
                     "token, from speech and from text, on val prompts (first_token_probe)")
     ap.add_argument("--hearing", action="store_true", help="instead of the tables: where the base "
-                    "student loses words, on the test transcription clips (hearing_probe), and each "
-                    "student's ΔS on the prompts the base student hears whole and on the rest "
-                    "(heard_split)")
+                    "student loses words (hearing_probe), and each student's ΔS on the prompts the "
+                    "base student hears whole and on the rest (heard_split)")
     return ap, ap.parse_args(argv)
 
 
@@ -1296,8 +1196,7 @@ def load_runs(ap, args):
         try:
             runs.append((out, run_world(out, args.data), trained))
         except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad
-            hint = "" if args.data else " (give the data folder with --data)"
-            sys.exit(f"--out {out}: {e}{hint}")
+            sys.exit(f"--out {out}: {e}" + ("" if args.data else " (give the data folder with --data)"))
     return runs
 
 
@@ -1314,8 +1213,7 @@ def first_token_command(args, runs, device):
 def hearing_command(args, runs, device):
     seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"])
              for out, world, s in runs]
-    print("WER % on the test transcription clips"
-          + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
+    print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
     keys = ("prompts", "lists", "all", "whole", "train lists")
     print(markdown("| reads the words with | spoken prompts | word lists | all clips | spoken "
                    "prompts read whole (%) | word lists of the training clips |",
@@ -1327,13 +1225,12 @@ def hearing_command(args, runs, device):
           + ", ".join(f"{f} {fmt([s['heard'][f] for s in seeds])}" for f in fams)
           + "; each student's score from speech on those and on the rest (%), and its ΔS on "
           "either part (heard_split)")
-    parts, drops_ = ("S heard", "S misheard"), ("ΔS", "ΔS heard", "ΔS misheard")
-    rows = [[label(name), *(fmt([s[name][k][f] for s in seeds]) for f in fams for k in parts),
-             *(fmt([s[name][k] for s in seeds], 2) for k in drops_)]
+    rows = [[label(name), *(fmt([s[name][k][f] for s in seeds]) for f in fams
+                            for k in ("S heard", "S misheard")),
+             *(fmt([s[name][k] for s in seeds], 2) for k in ("ΔS", "ΔS heard", "ΔS misheard"))]
             for name in seeds[0] if name != "heard" and all(name in s for s in seeds)]
-    head = ("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams)
-            + " | ΔS | ΔS heard | ΔS misheard |")
-    print(markdown(head, rows))
+    print(markdown("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams)
+                   + " | ΔS | ΔS heard | ΔS misheard |", rows))
 
 
 def tables_command(args, runs, device):
@@ -1364,8 +1261,7 @@ def main(argv=None):
     try:
         command(args, runs, device)
     except OSError as e:  # a read-only or full run folder: one line naming the path
-        where = f"{e.filename}: " if e.filename else ""
-        sys.exit(f"eval.py: cannot write {where}{e.strerror or e}")
+        sys.exit(f"eval.py: cannot write {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
 
 
 if __name__ == "__main__":
