@@ -241,8 +241,8 @@ def check_runs(outs):
     for out in outs[1:]:
         for name in (n for n in made[outs[0]] if n in made[out]):
             a, b = made[outs[0]][name], made[out][name]
-            diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-                             if a.get(k) != b.get(k))
+            diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}"
+                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             if diff:
                 raise ValueError(f"{name} of {outs[0]} and of {out} were trained with other "
                                  f"settings ({diff}): a table's cells are the seeds of one run")
@@ -549,7 +549,8 @@ def table1(seeds, names):
             cells.append(fmt([r[n]["T"][f] for r in seeds]))
         ds = fmt(drops(seeds, n, "S"), 2) if seeds[0][n]["S"] else "-"
         rows.append([label(n), *cells, ds, fmt(drops(seeds, n, "T"), 2)])
-    return markdown("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |", rows)
+    head = "| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |"
+    return markdown(head, rows)
 
 
 def paired_table(seeds, names):
@@ -591,7 +592,8 @@ def table3(seeds, names):
     rows = [[label(n), *(fmt([r[n]["audio"][t] for r in seeds]) for t in tasks),
              fmt([avg(r[n]) for r in seeds]), fmt([avg(r[n]) - avg(r["omni"]) for r in seeds]),
              fmt([r[n].get("asr_wer", NAN) for r in seeds])] for n in students]
-    return markdown("| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |", rows)
+    head = "| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |"
+    return markdown(head, rows)
 
 
 def curves_table(seeds, names):
@@ -613,8 +615,8 @@ def curves_table(seeds, names):
 TABLES = [
     ("premise", premise_table, "Premise: the paper's setting in miniature (base student = after "
      "the omni stage)"),
-    ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative "
-     "drop (%) vs the text teacher"),
+    ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean "
+     "relative drop (%) vs the text teacher"),
     ("paired", paired_table, "Table 1, paired: each method's change of ΔS / ΔT against the base "
      "student of its own seed, and X-OPD's against each method's, seed by seed (* beyond two "
      "standard errors)"),
@@ -698,7 +700,8 @@ def same(a, b):
 
 # xopd.sample's ways to run a decode step (its step=), by name: a new one for every rollout
 STEPS = {"eager": lambda dec: None, "static": lambda dec: xopd.static_step(dec),
-         "graph": lambda dec: xopd.DecodeGraph(dec), "compiled": lambda dec: xopd.compiled_step(dec)}
+         "graph": lambda dec: xopd.DecodeGraph(dec),
+         "compiled": lambda dec: xopd.compiled_step(dec)}
 STEP_NAMES = {"eager": "xopd.sample", "static": "xopd.static_step", "graph": "xopd.DecodeGraph",
               "compiled": "xopd.compiled_step"}
 
@@ -830,7 +833,8 @@ def _linears(dec):
     """The weights of every matrix multiply a token goes through: each layer's, then the head."""
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
+    ws = [layer.get_submodule(n).weight for layer in dec.layers for n in names]
+    return ws + [dec.lm_head.weight]
 
 
 def matmuls_alone(dec, shapes, sync, graph=False, **timing):
@@ -878,7 +882,8 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
                            temperature=temperature, step=STEPS[way](dec))[0]
 
     def theirs(n=new_tokens, greedy=False):
-        how = dict(do_sample=not greedy) | ({} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0))
+        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0,
+                                                        top_p=1.0)
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **how)
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
@@ -995,7 +1000,8 @@ def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
 
 def sampling_rows(s):
     static = f"; {s['same_tokens_static']:.1%} same tokens as the KV cache"
-    ways = [("KV cache", "cached", ""), ("KV cache, fixed shapes (xopd.static_step)", "static", static),
+    ways = [("KV cache", "cached", ""),
+            ("KV cache, fixed shapes (xopd.static_step)", "static", static),
             ("recompute prefix", "naive", "")]
     return [("1 sampling", name, f"{s[k + '_tok_s']:.0f} tok/s", f"{s[k + '_s']:.2f} s{more}")
             for name, k, more in ways] + [
@@ -1015,7 +1021,8 @@ def logprob_rows(lp):
 def xopd_step_rows(st):
     phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
     total = sum(st[k] for _, k in phases)
-    return [("3 xopd_step", name, f"{st[k]:.0f} ms", f"{st[k] / total:.0%}") for name, k in phases] + [
+    return [("3 xopd_step", name, f"{st[k]:.0f} ms", f"{st[k] / total:.0%}")
+            for name, k in phases] + [
         ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens")]
 
 
@@ -1033,9 +1040,11 @@ def vs_hf_rows(hf, device="cpu"):
             rows.append((item, names[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
                          f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {more.get(k, '')}"
                          f"{r[f'same_greedy_{k}']:.1%} same greedy tokens as generate"))
-        rows.append((item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""))
+        rows.append((item, f"transformers {r['transformers']} generate",
+                     f"{r['hf_tok_s']:.0f} tok/s", ""))
         rows += [(item, f"ratio, {names[k]}", f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
-                  f"matmuls are {r[f'gflops_{k}'] / r['gflops_alone']:.0%} of its time") for k in ours]
+                  f"matmuls are {r[f'gflops_{k}'] / r['gflops_alone']:.0%} of its time")
+                 for k in ours]
     return rows
 
 
@@ -1060,22 +1069,26 @@ def step_rows(steps, device="cpu"):
 
 def rollout_rows(r, device="cpu"):
     """Item 6's rows from bench_rollouts(...)."""
-    return [(f"6 align rollouts, gpu size on {device}", STEP_NAMES[k], f"{r[f'{k}_s'] * 1e3:.0f} ms",
+    return [(f"6 align rollouts, gpu size on {device}", STEP_NAMES[k],
+             f"{r[f'{k}_s'] * 1e3:.0f} ms",
              f"{r['tokens'] / r[f'{k}_s']:.0f} tok/s, {r['eager_s'] / r[f'{k}_s']:.2f}x eager; "
              f"same tokens run to run: {'yes' if r[f'{k}_repeats'] else 'NO'}; "
-             f"{r[f'{k}_same_as_eager']:.1%} of the tokens as eager") for k in ("eager", "static", "graph")]
+             f"{r[f'{k}_same_as_eager']:.1%} of the tokens as eager")
+            for k in ("eager", "static", "graph")]
 
 
 def preset_rows(presets):
     """Item 7's rows from bench_presets(...)."""
     rows, parts = [], ("encoder", "adapter", "decoder")
     for p, r in presets.items():
-        rows += [(f"7 {p} preset", "parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
+        item = f"7 {p} preset"
+        rows += [(item, "parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
                   ", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts)),
-                 (f"7 {p} preset", "decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
-                 (f"7 {p} preset", "prefill 8 x 64, then 32 cached decode steps",
+                 (item, "decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
+                 (item, "prefill 8 x 64, then 32 cached decode steps",
                   f"{r['decode_tok_s']:.0f} new tok/s", ""),
-                 (f"7 {p} preset", "encoder + adapter, 4 clips of 10 s", f"{r['audio_s_s']:.1f} audio s/s", "")]
+                 (item, "encoder + adapter, 4 clips of 10 s",
+                  f"{r['audio_s_s']:.1f} audio s/s", "")]
     return rows
 
 
@@ -1115,14 +1128,15 @@ def bench(args):
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                     if ln.startswith("model name")), cpu)
-    machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()}"
-               f" threads, load average {os.getloadavg()[0]:.1f} at start")
+    machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
     if args.device != "cpu":
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
             sys.exit(f"--device {args.device}: not usable here ({e})")
-        machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
+        if args.device.startswith("cuda"):
+            machine += f"; {torch.cuda.get_device_name(args.device)}"
     print(f"machine: {machine}")
     results, rows = {}, []
     for number, what, run, item_rows in bench_items(args):
@@ -1166,14 +1180,15 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, nargs="+", help="run folder(s) written by train.py; "
                     "several (one per seed) give mean ± standard error")
     ap.add_argument("--data", help="data folder (default: the one each run was trained on)")
-    ap.add_argument("--eval_per_family", type=int, help="test prompts per family (default: the run's)")
+    ap.add_argument("--eval_per_family", type=int,
+                    help="test prompts per family (default: the run's)")
     ap.add_argument("--max_new_tokens", type=int, help="answer length limit (default: the run's)")
     ap.add_argument("--first_token", action="store_true", help="instead of the tables: the "
                     "probability (%%) that each student starts its answer with its teacher's first "
                     "token, from speech and from text, on val prompts (first_token_probe)")
-    ap.add_argument("--hearing", action="store_true", help="instead of the tables: where the base "
-                    "student loses words (hearing_probe), and each student's ΔS on the prompts the "
-                    "base student hears whole and on the rest (heard_split)")
+    ap.add_argument("--hearing", action="store_true", help="instead of the tables: where the "
+                    "base student loses words (hearing_probe), and each student's ΔS on the "
+                    "prompts the base student hears whole and on the rest (heard_split)")
     return ap, ap.parse_args(argv)
 
 
@@ -1196,7 +1211,8 @@ def load_runs(ap, args):
         try:
             runs.append((out, run_world(out, args.data), trained))
         except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad
-            sys.exit(f"--out {out}: {e}" + ("" if args.data else " (give the data folder with --data)"))
+            hint = "" if args.data else " (give the data folder with --data)"
+            sys.exit(f"--out {out}: {e}{hint}")
     return runs
 
 
@@ -1213,7 +1229,8 @@ def first_token_command(args, runs, device):
 def hearing_command(args, runs, device):
     seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"])
              for out, world, s in runs]
-    print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
+    print("WER % on the test transcription clips"
+          + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
     keys = ("prompts", "lists", "all", "whole", "train lists")
     print(markdown("| reads the words with | spoken prompts | word lists | all clips | spoken "
                    "prompts read whole (%) | word lists of the training clips |",
@@ -1261,7 +1278,8 @@ def main(argv=None):
     try:
         command(args, runs, device)
     except OSError as e:  # a read-only or full run folder: one line naming the path
-        sys.exit(f"eval.py: cannot write {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"eval.py: cannot write {where}{e.strerror or e}")
 
 
 if __name__ == "__main__":
