@@ -120,14 +120,12 @@ def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed
     """
     Can the text teacher judge what the student says from speech (X-OPD's only signal is its
     log-probability of the student's tokens)? On val prompts, per family, pooled over tokens:
-      teacher_lp  its mean log-prob per token (end token included) of the student's greedy
-                  answers from speech; also over the answers right / wrong (teacher_lp_right /
-                  teacher_lp_wrong);
-      rkl_cm      the student's per-token cross-modal reverse KL (xopd.sampled_rkl: the align
-                  log's -adv_cm) on one answer per prompt sampled from speech at temperature 1;
-                  "rkl_cm" alone: over every family.
-    -> {"teacher_lp": {family: nats}, "teacher_lp_right": {...}, "teacher_lp_wrong": {...},
-        "rkl_cm_by_family": {...}, "rkl_cm": nats}
+    teacher_lp (teacher_lp_right / _wrong): its mean log-prob per token, end token included, of
+    the student's greedy answers from speech (those right / wrong); rkl_cm: the student's
+    per-token cross-modal reverse KL (xopd.sampled_rkl, the align log's -adv_cm) on one answer
+    per prompt sampled from speech at temperature 1 ("rkl_cm" alone: over every family).
+    -> {"teacher_lp": {family: nats}, "teacher_lp_right", "teacher_lp_wrong", "rkl_cm_by_family":
+        {family: nats}, "rkl_cm": nats}
     """
     teacher.eval()
     student.eval()
@@ -909,11 +907,10 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
 def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0,
                       device="cpu"):
     """
-    Item 5: one decode step (Decoder.decode_step on a static cache: every layer, one token per
-    row, no head) mid-rollout of item 4's size, eager and (on CUDA) from a CUDA graph: its time;
-    the share of it its matrix multiplies alone need; the bandwidth it reaches, the bytes it
-    must read (the layers' weights, the keys and values of every position of the static cache)
-    over its time, against what a device-to-device copy reaches (read + write). float32.
+    Item 5: one decode step (Decoder.decode_step on a static cache, no head) mid-rollout of item
+    4's size, eager and (on CUDA) from a CUDA graph: its time, its matmuls' share of it, and the
+    bandwidth it reaches (the layers' weights and every cached key and value over its time)
+    against a device-to-device copy's (read + write). float32.
     """
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
@@ -944,10 +941,9 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
                    device="cpu"):
     """
     Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
-    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, through
-    xopd.static_step and xopd.DecodeGraph: seconds per rollout, whether each repeats its tokens
-    from the same seed, and the share of tokens equal to the eager sampler's (bf16 rounds the
-    default cache's shorter attention differently). Random weights: the end token is rare.
+    n 4, 64 new tokens, temperature 1, bf16 autocast on CUDA), eager, through xopd.static_step
+    and xopd.DecodeGraph: seconds per rollout, whether each repeats its tokens from one seed,
+    the share of tokens equal to the eager sampler's. Random weights: the end token is rare.
     """
     _, _, dcfg = M.make_configs(preset, vocab)
     torch.manual_seed(seed)
