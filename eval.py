@@ -230,6 +230,8 @@ def check_runs(outs):
         first = seen.setdefault(os.path.realpath(out), out)
         if first != out:
             raise ValueError(f"{first} and {out} are the same run folder: give each seed's once")
+    if len(outs) < 2:
+        return
     made = {out: {} for out in outs}
     for out in outs:
         for name, d in run_dirs(out).items():
