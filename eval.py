@@ -3,22 +3,15 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
 
     python eval.py --out runs/cpu                 # score what the run folder holds; the tables
     python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± standard error
-    python eval.py --out runs/cpu --first_token   # does each student start its answers as the
-                                                  # teacher does, from speech and from text?
-    python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose
-                                                  # words: encoder, adapter, decoder
-    python eval.py bench                # speed / memory benchmarks (print a table, assert nothing)
-    python eval.py bench --device cuda  # the samplers, one decode step and the align rollouts,
-                                        # on the GPU
+    python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
+    python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
+    python eval.py bench [--device cuda]          # speed / memory benchmarks (a table)
 
-Premise  the paper's setting in miniature (PREMISE): a strong text teacher, a base student that
-         hears well but answers worse from speech, audio skills worth keeping, a teacher that
-         can judge the student's answers.
-Table 1  S and T score per text-skill family; ΔS / ΔT = mean over families of the relative drop
-         (%) against the text teacher's T score (the paper's "Avg. Drop").
-Table 2  the λ ablation of X-OPD: λ = 0 (speech only), 0.5, 1 (text only).
-Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR WER, with the
-         change against the base student (forgetting).
+Premise: the paper's setting in miniature (PREMISE). Table 1: S and T score per text-skill family;
+ΔS / ΔT = mean over families of the relative drop (%) against the text teacher's T score (the
+paper's "Avg. Drop"). Table 2: the λ ablation of X-OPD (0: speech only, 0.5, 1: text only).
+Table 3: audio skills (accuracy per question type, ASR WER) and their change against the base
+student (forgetting).
 """
 import argparse
 import functools
@@ -75,8 +68,8 @@ def test_sets(world, per_family):
 
 
 def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
-    """{key: WER %, key_seen / key_unseen: WER % on clips of speakers in / not in `speakers`
-    (World.train_speakers)}, against reference(transcript)."""
+    """{key: WER %, key_seen / key_unseen: WER % on the clips of speakers in / not in
+    `speakers`}, against reference(transcript)."""
     wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in speakers)
             for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
@@ -88,9 +81,8 @@ def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
 
 
 def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"):
-    """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": WER, "asr_wer_seen" /
-    "asr_wer_unseen": WER on clips of the training speakers / of the others, "examples": [...]},
-    with a progress line (data.Progress) while the families and audio tasks are scored."""
+    """{"T" / "S": {family: score}, "audio": {task: score}, "asr_wer" (and _seen / _unseen: the
+    training speakers' clips / the others'), "examples": [...]}, with a progress line."""
     model.eval()
     text, audio = test_sets(world, per_family)
     speech = not isinstance(model, M.Decoder)
@@ -117,16 +109,11 @@ def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"
 
 @torch.no_grad()
 def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed=0, batch_size=64):
-    """
-    Can the text teacher judge what the student says from speech (X-OPD's only signal is its
-    log-probability of the student's tokens)? On val prompts, per family, pooled over tokens:
-    teacher_lp (teacher_lp_right / _wrong): its mean log-prob per token, end token included, of
-    the student's greedy answers from speech (those right / wrong); rkl_cm: the student's
-    per-token cross-modal reverse KL (xopd.sampled_rkl, the align log's -adv_cm) on one answer
-    per prompt sampled from speech at temperature 1 ("rkl_cm" alone: over every family).
-    -> {"teacher_lp": {family: nats}, "teacher_lp_right", "teacher_lp_wrong", "rkl_cm_by_family":
-        {family: nats}, "rkl_cm": nats}
-    """
+    """Can the text teacher judge the student's answers from speech? On val prompts, per family,
+    pooled over tokens: the teacher's mean log-prob per token (end token included) of the
+    student's greedy answers ("teacher_lp"; "_right" / "_wrong": of the right / wrong ones), and
+    the student's cross-modal reverse KL per token (xopd.sampled_rkl) on one answer per prompt
+    sampled at temperature 1 ("rkl_cm_by_family"; "rkl_cm": over every family). In nats."""
     teacher.eval()
     student.eval()
     gen = torch.Generator(device).manual_seed(seed)
@@ -163,9 +150,8 @@ def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed
 
 
 def evaluate_encoder(m, world, device, per_task, batch_size=64):
-    """A pretrained model.CTCEncoder on its own, on the test clips: greedy CTC WER of the
-    transcription clips (all, seen and unseen speakers) and the voice heads' accuracy on the
-    clips of each audio question. Perception measured before any decoder reads it."""
+    """A pretrained model.CTCEncoder alone on the test clips (perception before any decoder):
+    greedy CTC WER (all, seen and unseen speakers), the voice heads' accuracy per question."""
     m.eval()
     res = {"voice": {}}
     for task, recs in test_sets(world, per_task)[1].items():
@@ -200,8 +186,13 @@ def run_dirs(out):
             if os.path.exists(os.path.join(out, name, "model.pt"))}
 
 
+def load(run_dir, device):
+    """The model a run folder holds, on device, in eval mode."""
+    return M.load_model(os.path.join(run_dir, "model.pt"), device)[0].eval()
+
+
 def run_world(out, data_dir=None):
-    """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
+    """The World of the run in folder out as train.py built it (world_of, with the n_mels of the
     run's speech encoder), from any directory. Refused when its tokenizer is not the run's."""
     ckpts = {name: M.load_checkpoint(os.path.join(d, "model.pt"))
              for name, d in run_dirs(out).items() if name in ("teacher", "omni")}
@@ -222,9 +213,9 @@ def run_world(out, data_dir=None):
 
 
 def check_runs(outs):
-    """Several --out folders are the seeds of one table: refused when two are one folder (a link
-    to another), or when a run of one was trained with other settings (its fingerprint's, else
-    all it saved; BESIDE_THE_RUN aside) than the same run of another."""
+    """Several --out folders are the seeds of one table: refused when two are one folder, or
+    when a run of one was trained with other settings (its fingerprint's, else all it saved,
+    BESIDE_THE_RUN aside) than the same run of another."""
     seen = {}
     for out in outs:
         first = seen.setdefault(os.path.realpath(out), out)
@@ -249,8 +240,8 @@ def check_runs(outs):
 
 
 def scored_with(world, model_pt, per_family, teacher_id=None, max_new_tokens=None):
-    """What a score is made from, the parts of eval.json's fingerprint: the checkpoint and the
-    teacher that judges it (their fingerprints), the data scored, the settings."""
+    """What a score is made from (eval.json's fingerprint): the checkpoint, the teacher that
+    judges it (their fingerprints), the data scored, the settings."""
     return {"model": M.load_checkpoint(model_pt).get("fingerprint_id"), "teacher": teacher_id,
             "data": world.digest(("test", "val")), "per_family": per_family,
             "max_new_tokens": max_new_tokens}
@@ -258,8 +249,8 @@ def scored_with(world, model_pt, per_family, teacher_id=None, max_new_tokens=Non
 
 def cached(path, model_pt, key, name, fields):
     """The scores in eval.json at path when their fingerprint is key's (scored_with) and they
-    were written after the checkpoint; else None, with a line saying why they are made again.
-    A missing, unreadable or incomplete (no `fields`) eval.json is simply made again."""
+    are newer than the checkpoint; else None, with a line saying why they are made again
+    (a missing eval.json, or one without `fields`, is simply made again)."""
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(model_pt):
         return None
     try:
@@ -322,14 +313,12 @@ def fmt_scores(d):
 
 @torch.no_grad()
 def first_token_probe(out, world, device, per_family):
-    """
-    Does the student start its answers as its teacher does? On val prompts: the first token of
-    the text teacher's greedy answer from text, and its probability under the base student and
-    every aligned one, from speech and from text (at temperature 1: the share of a student's
-    rollouts that start with it). -> {run: {family: (p from speech, p from text)}}
-    """
+    """Does the student start its answers as its teacher does? On val prompts: the probability
+    of the first token of the teacher's greedy answer from text under the base student and every
+    aligned one, from speech and from text (at temperature 1: the share of a student's rollouts
+    that start with it). -> {run: {family: (p from speech, p from text)}}"""
     runs = run_dirs(out)
-    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
+    teacher = load(runs.pop("teacher"), device)
     fams = data.text_families(world.val, per_family)
     last = xopd.last_hidden  # (B, T, d) -> (B, d) at each row's last prompt position
     first = {}
@@ -338,8 +327,7 @@ def first_token_probe(out, world, device, per_family):
         first[fam] = teacher.logits(last(teacher(b.text_ids), b.text_lens)).argmax(-1)  # (B,)
     res = {}
     for name, d in runs.items():
-        m, _ = M.load_model(os.path.join(d, "model.pt"), device)
-        m.eval()
+        m = load(d, device)
         res[name] = {}
         for fam, rs in fams.items():
             b = world.batch(rs, device=device, encoder=m.encoder)
@@ -371,20 +359,14 @@ def read_alone(student, world, recs, device, batch_size=64):
 
 @torch.no_grad()
 def hearing_probe(out, world, device, per_task, max_new_tokens):
-    """
-    Where are words lost between the clip and the base student's transcript? On the test
-    transcription clips of spoken prompts (sentences of the text families) and of word lists
-    (random words, which no language model can guess), and as many word lists of the training
-    clips (which the omni stage trained on), the WER of: the encoder's greedy CTC (against the
-    words as spoken) and the adapter's word scores alone (read_alone); the base student's
-    transcript; the text teacher copying the transcript from text (no hearing at all). "whole":
-    the share of spoken prompts read with every spoken word right.
-    -> {row: {"prompts" / "lists" / "all" / "train lists": WER %, "whole": %}}
-    """
-    student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
-    teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
-    student.eval()
-    teacher.eval()
+    """Where are words lost between a clip and the base student's transcript? The WER, on the
+    test transcription clips of spoken prompts and of word lists (random words: no language
+    model can guess them) and on as many word lists of the training clips, of: the encoder's
+    greedy CTC and the adapter's word scores alone (read_alone), the base student's transcript,
+    the text teacher copying the transcript from text. "whole": % of spoken prompts read whole.
+    -> {row: {"prompts" / "lists" / "all" / "train lists": WER %, "whole": %}}"""
+    student = load(os.path.join(out, "omni"), device)
+    teacher = load(os.path.join(out, "teacher"), device)
     pools = world.train + world.align + world.val + world.test
     prompts = {r["transcript"] for r in pools if r["kind"] == "text"}
     test = test_sets(world, per_task)[1]["asr"]
@@ -416,19 +398,14 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
 
 @torch.no_grad()
 def heard_split(out, world, device, per_family, max_new_tokens):
-    """
-    How much of each student's ΔS is hearing? The test prompts of every text family split by
-    whether the base student transcribes the prompt's own clip whole (every spoken word right);
-    encoder and adapter are frozen after omni, so every student reads the same audio vectors.
-    Each student's score from speech and ΔS on either part (against the teacher's text scores
-    on the same prompts): ΔS on the prompts heard whole is the gap that is not about hearing.
-    -> {"heard": {family: % heard whole}, run: {"S heard" / "S misheard": {family: %},
-        "ΔS" / "ΔS heard" / "ΔS misheard": float}} (a part with no prompt scores nan)
-    """
+    """How much of each student's ΔS is hearing? Each text family's test prompts split by whether
+    the base student transcribes the prompt's clip whole (encoder and adapter are frozen after
+    omni: every student reads the same audio vectors); each student's score from speech and ΔS
+    on either part (against the teacher's T on the same prompts). -> {"heard": {family: % heard
+    whole}, run: {"S heard" / "S misheard": {family: %}, "ΔS" / "ΔS heard" / "ΔS misheard"}}"""
     runs = run_dirs(out)
-    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
-    base, _ = M.load_model(os.path.join(runs["omni"], "model.pt"), device)
-    base.eval()
+    teacher = load(runs.pop("teacher"), device)
+    base = load(runs["omni"], device)
     fams = test_sets(world, per_family)[0]
 
     def gen(model, recs, modality):
@@ -442,15 +419,13 @@ def heard_split(out, world, device, per_family, max_new_tokens):
         return {f: [data.score(r, p) for r, p in zip(rs, gen(model, rs, modality))]
                 for f, rs in fams.items()}
 
-    def on(xs, part):  # {family: % right} on one part of the split
+    def on(xs, part):  # {family: % right} on one part of the split (nan: no prompt)
         sel = {f: [x for x, h in zip(xs[f], heard[f]) if part is None or h == part] for f in xs}
         return {f: 100.0 * sum(v) / len(v) if v else NAN for f, v in sel.items()}
     teacher_T = scores(teacher, "text")
     res = {"heard": {f: 100.0 * sum(h) / len(h) for f, h in heard.items()}}
     for name, d in runs.items():
-        m = base if name == "omni" else M.load_model(os.path.join(d, "model.pt"), device)[0]
-        m.eval()
-        S = scores(m, "speech")
+        S = scores(base if name == "omni" else load(d, device), "speech")
         res[name] = {"S heard": on(S, True), "S misheard": on(S, False)}
         for key, part in (("ΔS", None), ("ΔS heard", True), ("ΔS misheard", False)):
             res[name][key] = avg_drop(on(S, part), on(teacher_T, part))
@@ -490,11 +465,10 @@ def markdown(header, rows):
     return "\n".join(lines + ["|" + "".join(f" {c} |" if c else " |" for c in row) for row in rows])
 
 
-# The premise (the paper's setting, in miniature): a strong text teacher; a base student that
-# hears well but answers worse from speech than its text backbone does, and lost a little from
-# text; audio skills worth forgetting; a teacher that can judge the student (judge: it gives the
-# student's answers from speech a probability a real text LLM would, and the two are close
-# enough for its feedback to carry). Name, value from one seed's results, target, test.
+# The premise, the paper's setting in miniature: a strong text teacher; a base student that hears
+# well but answers worse from speech than its backbone, a little worse from text, with audio
+# skills it can forget; a teacher that can judge the student (judge). Name, value from one seed's
+# results, target, test.
 PREMISE = [
     ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()),
      ">= 90", lambda v: v >= 90),
@@ -668,6 +642,8 @@ def report(outs, write_to=None):
     summary = {"runs": outs, "results": results, "tables": t}
     M.atomic_write(os.path.join(dest, "tables.json"), lambda f: json.dump(summary, f, indent=1))
     return t
+
+
 
 
 # -----------------------------------------------------------------------------
