@@ -466,9 +466,8 @@ def markdown(header, rows):
 
 
 # The premise, the paper's setting in miniature: a strong text teacher; a base student that hears
-# well but answers worse from speech than its backbone, a little worse from text, with audio
-# skills it can forget; a teacher that can judge the student (judge). Name, value from one seed's
-# results, target, test.
+# well but answers worse from speech than from text, with audio skills it can forget; a teacher
+# that can judge the student (judge). Name, value from one seed's results, target, test.
 PREMISE = [
     ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()),
      ">= 90", lambda v: v >= 90),
@@ -674,12 +673,18 @@ def same(a, b):
     return (a == b).float().mean().item() if a.shape == b.shape else 0.0
 
 
+def random_decoder(preset, vocab, seed, device="cpu"):
+    _, _, dcfg = M.make_configs(preset, vocab)
+    torch.manual_seed(seed)
+    return M.Decoder(dcfg).eval().to(device)
+
+
 # xopd.sample's ways to run a decode step (its step=), by name: a new one for every rollout
 STEPS = {"eager": lambda dec: None, "static": lambda dec: xopd.static_step(dec),
          "graph": lambda dec: xopd.DecodeGraph(dec),
          "compiled": lambda dec: xopd.compiled_step(dec)}
 STEP_NAMES = {"eager": "xopd.sample", "static": "xopd.static_step", "graph": "xopd.DecodeGraph",
-              "compiled": "xopd.compiled_step"}
+              "compiled": "xopd.compiled_step", "naive": "recompute prefix (no cache)"}
 
 
 def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, temperature=1.0,
@@ -699,26 +704,34 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
     return torch.stack(out, 1)
 
 
-def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu", seed=0):
-    """Item 1: tokens/s with the KV cache (eager, and at fixed shapes: xopd.static_step) and with
-    the prefix recomputed for every token, same model and seed; the share of equal tokens."""
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval()
-    ids = torch.randint(0, vocab, (batch, prompt))
-    lens = torch.full((batch,), prompt)
-    samplers = {"cached": lambda **kw: xopd.sample(dec, lens, **kw)[0],
-                "static": lambda **kw: xopd.sample(dec, lens, step=STEPS["static"](dec), **kw)[0],
-                "naive": lambda **kw: sample_recompute(dec, lens, **kw)}
-    res, tokens = {}, {}
-    for name, fn in samplers.items():
-        def run():  # eos -1 is never sampled: every row runs the full length, the same work
-            tokens[name] = fn(input_ids=ids, max_new_tokens=new_tokens, eos_id=-1,
-                              generator=torch.Generator().manual_seed(seed))
-        res[f"{name}_s"] = timeit(run, reps=1)
-        res[f"{name}_tok_s"] = batch * new_tokens / res[f"{name}_s"]
-    res["same_tokens"] = same(tokens["cached"], tokens["naive"])
-    res["same_tokens_static"] = same(tokens["cached"], tokens["static"])
+def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
+                   device="cpu", ways=("eager", "static", "graph"), prompt=None, eos_id=3):
+    """Items 1 and 6: a random decoder's rollouts, temperature 1, bf16 autocast on CUDA, prompts
+    of `prompt` tokens (None: 24 to 47, the align stage's), each way after the other ("naive":
+    sample_recompute). -> {way: {"s": seconds per rollout, "tok_s", "repeats": the same tokens
+    from one seed, "same": the share of its tokens equal to the first way's}}"""
+    dec = random_decoder(preset, vocab, seed, device)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(24, 48, (prompts,), generator=g) if prompt is None else (
+        torch.full((prompts,), prompt))
+    ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
+    lens, kind = lens.to(device), torch.device(device).type
+    kw = dict(input_ids=ids, max_new_tokens=new_tokens, eos_id=eos_id)
+
+    def run(way):
+        gen = torch.Generator(device).manual_seed(seed)
+        if way == "naive":
+            return (sample_recompute(dec, lens, generator=gen, **kw),)
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
+            return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way](dec), **kw)
+    res, outs = {}, {}
+    for way in ways:
+        outs[way] = []
+        s = timeit(lambda: outs[way].append(run(way)), reps=reps, sync=device_sync(device))
+        first, last = outs[way][0], outs[way][-1]
+        res[way] = dict(s=s, tok_s=prompts * n * new_tokens / s,
+                        repeats=all(torch.equal(a, b) for a, b in zip(first, last)),
+                        same=same(first[0], outs[ways[0]][0][0]))
     return res
 
 
@@ -758,9 +771,8 @@ def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
 
 
 def bench_logprobs(threads=0, repeats=2):
-    """Item 2: each variant in `repeats` processes of its own (bench-mem), so each peak RSS is
-    its own: the largest peak (the kernel's high-water mark can miss a freed buffer), the
-    smallest time."""
+    """Item 2: each variant in `repeats` processes of its own (bench-mem), so that each peak RSS
+    is its own: the largest peak (the high-water mark can miss a freed buffer), the least time."""
     res = {}
     for variant in ("naive", "fused"):
         args = [sys.executable, os.path.abspath(__file__), "bench-mem", "--variant", variant,
@@ -774,8 +786,8 @@ def bench_logprobs(threads=0, repeats=2):
 
 
 def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, frames=300):
-    """Item 3: one X-OPD step of the preset (after one warm-up step), split into its phases:
-    rollouts, teacher scoring, and the update (the loss, backward and the optimiser step)."""
+    """Item 3: one X-OPD step of the preset (after a warm-up step) in its phases: rollouts,
+    teacher scoring, the update (loss, backward, optimiser step)."""
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
@@ -833,13 +845,10 @@ def matmuls_alone(dec, shapes, sync, graph=False, **timing):
 
 def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0,
                 device="cpu", compile=True):
-    """
-    Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
-    Llama weights (model.load_llama), temperature 1, no top-k / top-p, no end token; best of
-    `reps` each. Ours eager, through xopd.DecodeGraph (on a CPU: fixed shapes, eager) and, with
-    compile, xopd.compiled_step. Also the matmul GFLOP/s: the linear layers' FLOPs over each
-    sampler's time, against the same multiplies alone. None without transformers.
-    """
+    """Item 4: xopd.sample (eager, xopd.DecodeGraph, with compile xopd.compiled_step) against
+    transformers' generate on the same random Llama weights, temperature 1, no end token; the
+    linear layers' FLOPs over each one's time and over the same multiplies alone's. None
+    without transformers."""
     try:
         import transformers
     except ImportError:
@@ -884,15 +893,10 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
 @torch.inference_mode()
 def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0,
                       device="cpu"):
-    """
-    Item 5: one decode step (Decoder.decode_step on a static cache, no head) mid-rollout of item
-    4's size, eager and (on CUDA) from a CUDA graph: its time, its matmuls' share of it, and the
-    bandwidth it reaches (the layers' weights and every cached key and value over its time)
-    against a device-to-device copy's (read + write). float32.
-    """
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval().to(device)
+    """Item 5: one decode step (no head) on a static cache mid-rollout of item 4's size, eager
+    and (CUDA) from a CUDA graph: its time, its matmuls' share, the bandwidth it reaches (weights
+    and cached keys and values over its time) against a device copy's (read + write)."""
+    dec = random_decoder(preset, vocab, seed, device)
     cuda, sync = torch.device(device).type == "cuda", device_sync(device)
     written = prompt + new_tokens // 2  # keys in the cache mid-rollout
     prefilled = dec.new_cache(batch, written)
@@ -915,41 +919,10 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
                 copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
 
 
-def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
-                   device="cpu"):
-    """
-    Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
-    n 4, 64 new tokens, temperature 1, bf16 autocast on CUDA), eager, through xopd.static_step
-    and xopd.DecodeGraph: seconds per rollout, whether each repeats its tokens from one seed,
-    the share of tokens equal to the eager sampler's. Random weights: the end token is rare.
-    """
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval().to(device)
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(24, 48, (prompts,), generator=g)
-    ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
-    lens, kind = lens.to(device), torch.device(device).type
-
-    def run(way):
-        with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
-            return xopd.sample(dec, lens, input_ids=ids, n=n, max_new_tokens=new_tokens, eos_id=3,
-                               generator=torch.Generator(device).manual_seed(seed),
-                               step=STEPS[way](dec))
-    res, first, last = {}, {}, {}
-    for way in ("eager", "static", "graph"):
-        first[way] = run(way)
-        res[f"{way}_s"] = timeit(lambda: last.update({way: run(way)}), reps=reps,
-                                 sync=device_sync(device))
-        res[f"{way}_repeats"] = all(torch.equal(a, b) for a, b in zip(first[way], last[way]))
-        res[f"{way}_same_as_eager"] = same(first[way][0], first["eager"][0])
-    return res | dict(tokens=prompts * n * new_tokens)
-
-
 def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
-    """Item 7: each preset's model: its parameters (a tied head counts once), the decoder's
-    forward on 4 x 256 tokens, a prefill of 8 x 64 tokens then 32 cached decode steps, and the
-    encoder + adapter on 4 clips of 10 s. float32, on this CPU."""
+    """Item 7, float32 on this CPU: each preset's parameters (a tied head once), the decoder's
+    forward on 4 x 256 tokens, a prefill of 8 x 64 then 32 cached decode steps, the encoder +
+    adapter on 4 clips of 10 s."""
     res = {}
     for preset in presets:
         torch.manual_seed(seed)
@@ -972,15 +945,12 @@ def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
 
 # Each item's table rows: (item, variant, speed, other), from the item's result
 
-def sampling_rows(s):
-    static = f"; {s['same_tokens_static']:.1%} same tokens as the KV cache"
-    ways = [("KV cache", "cached", ""),
-            ("KV cache, fixed shapes (xopd.static_step)", "static", static),
-            ("recompute prefix", "naive", "")]
-    return [("1 sampling", name, f"{s[k + '_tok_s']:.0f} tok/s", f"{s[k + '_s']:.2f} s{more}")
-            for name, k, more in ways] + [
-        ("1 sampling", "ratio", f"{s['cached_tok_s'] / s['naive_tok_s']:.1f}x faster",
-         f"{s['same_tokens']:.1%} same tokens")]
+def rollout_rows(item, r):
+    base = next(iter(r))
+    return [(item, STEP_NAMES[k], f"{v['s'] * 1e3:.0f} ms",
+             f"{v['tok_s']:.0f} tok/s, {r[base]['s'] / v['s']:.2f}x {base}; same tokens run to "
+             f"run: {'yes' if v['repeats'] else 'NO'}; {v['same']:.1%} of the tokens as {base}")
+            for k, v in r.items()]
 
 
 def logprob_rows(lp):
@@ -1001,11 +971,10 @@ def xopd_step_rows(st):
 
 
 def vs_hf_rows(hf, device="cpu"):
-    """Item 4's rows from {preset: bench_vs_hf(...)} (a preset whose result is None is left out)."""
     names = dict(STEP_NAMES) | ({"graph": "xopd.DecodeGraph (fixed shapes, eager on a CPU)"}
                                 if device == "cpu" else {})
     rows = []
-    for p, r in ((p, r) for p, r in hf.items() if r is not None):
+    for p, r in ((p, r) for p, r in hf.items() if r is not None):  # None: no transformers
         item = f"4 vs generate, {p}" + ("" if device == "cpu" else f" size on {device}")
         ours = [k for k in names if f"{k}_tok_s" in r]
         for k in ours:
@@ -1023,7 +992,6 @@ def vs_hf_rows(hf, device="cpu"):
 
 
 def step_rows(steps, device="cpu"):
-    """Item 5's rows from {preset: bench_decode_step(...)}."""
     rows = []
     for p, r in steps.items():
         item = f"5 decode step, {p}" + ("" if device == "cpu" else f" size on {device}")
@@ -1041,35 +1009,23 @@ def step_rows(steps, device="cpu"):
     return rows
 
 
-def rollout_rows(r, device="cpu"):
-    """Item 6's rows from bench_rollouts(...)."""
-    return [(f"6 align rollouts, gpu size on {device}", STEP_NAMES[k],
-             f"{r[f'{k}_s'] * 1e3:.0f} ms",
-             f"{r['tokens'] / r[f'{k}_s']:.0f} tok/s, {r['eager_s'] / r[f'{k}_s']:.2f}x eager; "
-             f"same tokens run to run: {'yes' if r[f'{k}_repeats'] else 'NO'}; "
-             f"{r[f'{k}_same_as_eager']:.1%} of the tokens as eager")
-            for k in ("eager", "static", "graph")]
-
-
 def preset_rows(presets):
-    """Item 7's rows from bench_presets(...)."""
     rows, parts = [], ("encoder", "adapter", "decoder")
     for p, r in presets.items():
-        item = f"7 {p} preset"
-        rows += [(item, "parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
-                  ", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts)),
-                 (item, "decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
-                 (item, "prefill 8 x 64, then 32 cached decode steps",
-                  f"{r['decode_tok_s']:.0f} new tok/s", ""),
-                 (item, "encoder + adapter, 4 clips of 10 s",
-                  f"{r['audio_s_s']:.1f} audio s/s", "")]
+        rows += [(f"7 {p} preset", what, speed, other) for what, speed, other in (
+            ("parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
+             ", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts)),
+            ("decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
+            ("prefill 8 x 64, then 32 cached decode steps", f"{r['decode_tok_s']:.0f} new tok/s",
+             ""),
+            ("encoder + adapter, 4 clips of 10 s", f"{r['audio_s_s']:.1f} audio s/s", ""))]
     return rows
 
 
 def bench_items(args):
-    """`eval.py bench`'s items on this machine: [(number, what it measures, run, its rows)]. On
-    a CPU items 1 to 5 and 7 (item 2 first, while this process is small: its children start
-    from a fresh memory map); with --device, items 4 to 6 alone, there."""
+    """`eval.py bench`'s items here: [(number, what it measures, run, its rows)]. On a CPU items
+    1 to 5 and 7 (item 2 first, while this process is small: its children start from a fresh
+    memory map); with --device, items 4 to 6 alone, there."""
     dev, both = args.device, ("cpu", "gpu")
     hf = (f"xopd.sample (eager, DecodeGraph{', compiled_step' if args.compile else ''}) vs "
           "transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, 128 "
@@ -1081,12 +1037,15 @@ def bench_items(args):
                  "matmuls alone", lambda: {p: bench_decode_step(p, device=dev) for p in both},
                  lambda r: step_rows(r, dev)),
                 (6, "the align stage's rollouts at the gpu preset's size, bf16 autocast", lambda:
-                 bench_rollouts(device=dev), lambda r: rollout_rows(r, dev))]
+                 bench_rollouts(device=dev), lambda r: rollout_rows(f"6 align rollouts, gpu size "
+                                                                    f"on {dev}", r))]
     return [(2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, "
              "fwd+bwd (2 processes each: fastest time, largest peak)",
              lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_rows),
             (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
-             bench_sampling, sampling_rows),
+             lambda: bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1, prompt=64,
+                                    ways=("eager", "static", "naive"), eos_id=-1),
+             lambda r: rollout_rows("1 sampling", r)),
             (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new "
              "tokens", bench_step, xopd_step_rows),
             (4, hf, lambda: {p: bench_vs_hf(p, compile=args.compile) for p in both}, vs_hf_rows),
@@ -1130,27 +1089,24 @@ def bench(args):
 # -----------------------------------------------------------------------------
 # Command line: the tables (default), --first_token, --hearing, bench, bench-mem
 
-def parse_bench(argv):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers vs "
-                   "generate, the decode step, the align stage's rollouts), on the GPU")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="item 4 without xopd.compiled_step (its compilation takes a while)")
-    p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (for bench)")
-    p.add_argument("--variant", choices=["naive", "fused"], required=True)
-    for name, default in (("--N", 8192), ("--V", 32768), ("--d", 256), ("--chunk-size", 1024),
-                          ("--threads", 0)):
-        p.add_argument(name, type=int, default=default)
-    return ap.parse_args(argv)
-
-
 def parse_args(argv):
+    """-> (the parser, the arguments): of `bench` or `bench-mem`, else of the tables."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv[:1] in (["bench"], ["bench-mem"]):
+        sub = ap.add_subparsers(dest="cmd", required=True)
+        p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers "
+                       "vs generate, the decode step, the align stage's rollouts), on the GPU")
+        p.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="item 4 without xopd.compiled_step (its compilation takes a while)")
+        p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (bench)")
+        p.add_argument("--variant", choices=["naive", "fused"], required=True)
+        for name, default in (("--N", 8192), ("--V", 32768), ("--d", 256), ("--chunk-size", 1024),
+                              ("--threads", 0)):
+            p.add_argument(name, type=int, default=default)
+        return ap, ap.parse_args(argv)
     ap.add_argument("--out", required=True, nargs="+", help="run folder(s) written by train.py; "
                     "several (one per seed) give mean ± standard error")
     ap.add_argument("--data", help="data folder (default: the one each run was trained on)")
@@ -1233,9 +1189,8 @@ def tables_command(args, runs, device):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["bench"], ["bench-mem"]):
-        args = parse_bench(argv)
+    ap, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "cmd" in args:  # bench or bench-mem
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.cmd == "bench":
@@ -1243,7 +1198,6 @@ def main(argv=None):
         else:
             print(json.dumps(bench_mem(args.variant, args.N, args.V, args.d, args.chunk_size)))
         return
-    ap, args = parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
     runs = load_runs(ap, args)

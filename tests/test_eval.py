@@ -482,11 +482,11 @@ def test_bench_decode_step_and_samplers_on_a_cpu():
     assert r["weight_bytes"] == 4 * c.n_layers * per_layer
     assert r["kv_bytes"] == 4 * 2 * c.n_layers * 3 * kv * (4 + 6)
     assert r["graph_s"] is None
-    s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
-    assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
-    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
-    for k in ("eager", "static", "graph"):
-        assert r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0
+    r = E.bench_rollouts("tiny", prompts=3, n=1, new_tokens=6, reps=1, prompt=8,
+                         ways=("eager", "static", "naive"), eos_id=-1)  # item 1
+    assert all(r[k]["repeats"] and r[k]["same"] == 1.0 for k in ("eager", "static", "naive"))
+    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)  # item 6
+    assert all(r[k]["repeats"] and r[k]["same"] == 1.0 for k in ("eager", "static", "graph"))
 
 
 def test_same_tokens_counts_equal_tokens_against_a_naive_sampler():
@@ -514,17 +514,17 @@ def test_bench_rows_from_known_results():
         ("5 decode step, tiny", "eager", "2 µs",
          "matmuls 50% of it; 3000 GB/s, 25000% of the copy's"),
         ("5 decode step, tiny", "its matmuls alone", "1 µs", "weights read at 4000 GB/s")]
-    r = dict(eager_s=0.5, static_s=0.25, graph_s=0.1, tokens=1000, eager_repeats=True,
-             static_repeats=True, graph_repeats=False, eager_same_as_eager=1.0,
-             static_same_as_eager=0.75, graph_same_as_eager=0.125)
-    rows = E.rollout_rows(r)
-    assert [row[2:] for row in rows] == [
-        ("500 ms", "2000 tok/s, 1.00x eager; same tokens run to run: yes; "
-                   "100.0% of the tokens as eager"),
-        ("250 ms", "4000 tok/s, 2.00x eager; same tokens run to run: yes; "
-                   "75.0% of the tokens as eager"),
-        ("100 ms", "10000 tok/s, 5.00x eager; same tokens run to run: NO; "
-                   "12.5% of the tokens as eager")]
+    r = {"eager": dict(s=0.5, tok_s=2000.0, repeats=True, same=1.0),
+         "static": dict(s=0.25, tok_s=4000.0, repeats=True, same=0.75),
+         "graph": dict(s=0.1, tok_s=10000.0, repeats=False, same=0.125)}
+    rows = E.rollout_rows("6 align rollouts", r)
+    assert [row[1:] for row in rows] == [
+        ("xopd.sample", "500 ms", "2000 tok/s, 1.00x eager; same tokens run to run: yes; "
+         "100.0% of the tokens as eager"),
+        ("xopd.static_step", "250 ms", "4000 tok/s, 2.00x eager; same tokens run to run: yes; "
+         "75.0% of the tokens as eager"),
+        ("xopd.DecodeGraph", "100 ms", "10000 tok/s, 5.00x eager; same tokens run to run: NO; "
+         "12.5% of the tokens as eager")]
 
 
 def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path,
