@@ -955,21 +955,20 @@ def xopd_step_rows(st):
 
 
 def vs_hf_rows(hf, device="cpu"):
-    names = dict(STEP_NAMES) | ({"graph": "xopd.DecodeGraph (fixed shapes, eager on a CPU)"}
-                                if device == "cpu" else {})
     rows = []
     for p, r in ((p, r) for p, r in hf.items() if r is not None):  # None: no transformers
         item = f"4 vs generate, {p}" + ("" if device == "cpu" else f" size on {device}")
-        ours = [k for k in names if f"{k}_tok_s" in r]
+        ours = [k for k in STEP_NAMES if f"{k}_tok_s" in r]
         for k in ours:
             more = {"eager": f"the same matmuls alone {r['gflops_alone']:.1f}; ",
                     "compiled": f"first call {r.get('first_s_compiled', 0):.0f} s (compiles); "}
-            rows.append((item, names[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
+            rows.append((item, STEP_NAMES[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
                          f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {more.get(k, '')}"
                          f"{r[f'same_greedy_{k}']:.1%} same greedy tokens as generate"))
         rows.append((item, f"transformers {r['transformers']} generate",
                      f"{r['hf_tok_s']:.0f} tok/s", ""))
-        rows += [(item, f"ratio, {names[k]}", f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
+        rows += [(item, f"ratio, {STEP_NAMES[k]}",
+                  f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
                   f"matmuls are {r[f'gflops_{k}'] / r['gflops_alone']:.0%} of its time")
                  for k in ours]
     return rows
@@ -1011,31 +1010,31 @@ def bench_items(args):
     1 to 5 and 7 (item 2 first, while this process is small: its children start from a fresh
     memory map); with --device, items 4 to 6 alone, there."""
     dev, both = args.device, ("cpu", "gpu")
-    hf = (f"xopd.sample (eager, DecodeGraph{', compiled_step' if args.compile else ''}) vs "
-          "transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, 128 "
-          "new tokens (best of 5 each)")
-    if dev != "cpu":
-        return [(4, f"{hf} on {dev}", lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile)
-                                               for p in both}, lambda r: vs_hf_rows(r, dev)),
-                (5, "one decode step mid-rollout (the same sizes): eager, from a CUDA graph, its "
-                 "matmuls alone", lambda: {p: bench_decode_step(p, device=dev) for p in both},
-                 lambda r: step_rows(r, dev)),
-                (6, "the align stage's rollouts at the gpu preset's size, bf16 autocast", lambda:
-                 bench_rollouts(device=dev), lambda r: rollout_rows(f"6 align rollouts, gpu size "
-                                                                    f"on {dev}", r))]
-    return [(2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, "
-             "fwd+bwd (2 processes each: fastest time, largest peak)",
-             lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_rows),
-            (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
-             lambda: bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1, prompt=64,
-                                    ways=("eager", "static", "naive"), eos_id=-1),
-             lambda r: rollout_rows("1 sampling", r)),
-            (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new "
-             "tokens", bench_step, xopd_step_rows),
-            (4, hf, lambda: {p: bench_vs_hf(p, compile=args.compile) for p in both}, vs_hf_rows),
-            (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes, and its matmuls "
-             "alone", lambda: {p: bench_decode_step(p, reps=10) for p in both}, step_rows),
-            (7, "each preset's parameters and speeds", bench_presets, preset_rows)]
+    on = "" if dev == "cpu" else f" on {dev}"
+    items = [
+        (2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
+         "(2 processes each: fastest time, largest peak)",
+         lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_rows),
+        (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
+         lambda: bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1, prompt=64,
+                                ways=("eager", "static", "naive"), eos_id=-1),
+         lambda r: rollout_rows("1 sampling", r)),
+        (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens",
+         bench_step, xopd_step_rows),
+        (4, f"xopd.sample (eager, DecodeGraph: eager on a CPU{', compiled_step' * args.compile})"
+         " vs transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, "
+         f"128 new tokens (best of 5 each){on}",
+         lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile) for p in both},
+         lambda r: vs_hf_rows(r, dev)),
+        (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes: eager, from a CUDA "
+         f"graph (on CUDA), its matmuls alone{on}",
+         lambda: {p: bench_decode_step(p, reps=100 if on else 10, device=dev) for p in both},
+         lambda r: step_rows(r, dev)),
+        (6, f"the align stage's rollouts at the gpu preset's size, bf16 autocast{on}",
+         lambda: bench_rollouts(device=dev), lambda r: rollout_rows(f"6 align rollouts, gpu size"
+                                                                    f"{on}", r)),
+        (7, "each preset's parameters and speeds", bench_presets, preset_rows)]
+    return [item for item in items if item[0] in (4, 5) or (item[0] == 6) == bool(on)]
 
 
 def bench(args):
