@@ -236,15 +236,8 @@ def check_runs(outs):
                                  f"settings ({diff}): a table's cells are the seeds of one run")
 
 
-def scored_with(world, model_pt, per_family, teacher_id=None, max_new_tokens=None):
-    """What a score is made from (eval.json's fingerprint): checkpoint, judge, data, settings."""
-    return {"model": M.load_checkpoint(model_pt).get("fingerprint_id"), "teacher": teacher_id,
-            "data": world.digest(("test", "val")), "per_family": per_family,
-            "max_new_tokens": max_new_tokens}
-
-
 def cached(path, model_pt, key, name, fields):
-    """The scores in eval.json at path when their fingerprint is key's (scored_with) and they
+    """The scores in eval.json at path when their fingerprint is key's (evaluate_all's) and they
     are newer than the checkpoint; else None, with a line saying why they are made again
     (a missing eval.json, or one without `fields`, is simply made again)."""
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(model_pt):
@@ -274,7 +267,10 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
     runs = {"encoder": encoder} if os.path.exists(os.path.join(encoder, "model.pt")) else {}
     for name, d in (runs | run_dirs(out)).items():
         path, ckpt, alone = os.path.join(d, "eval.json"), os.path.join(d, "model.pt"), d == encoder
-        key = scored_with(world, ckpt, per_family, *(() if alone else (teacher_id, max_new_tokens)))
+        # what the scores are made from (eval.json's fingerprint); the encoder has no judge
+        key = {"model": M.load_checkpoint(ckpt).get("fingerprint_id"),
+               "teacher": None if alone else teacher_id, "data": world.digest(("test", "val")),
+               "per_family": per_family, "max_new_tokens": None if alone else max_new_tokens}
         old = cached(path, ckpt, key, name, ("voice",) if alone else ("T", "S", "audio"))
         if old and (alone or "judge" in old or not old["S"]):  # a student is judged too
             continue
