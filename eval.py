@@ -210,9 +210,8 @@ def run_world(out, data_dir=None):
 
 
 def check_runs(outs):
-    """Several --out folders are the seeds of one table: refused when two are one folder, or
-    when a run of one was trained with other settings (its fingerprint's, else all it saved,
-    BESIDE_THE_RUN aside) than the same run of another."""
+    """Several --out folders, the seeds of one table: refused when two are one folder, or when a
+    run was trained with other settings (BESIDE_THE_RUN aside) than the same run of another."""
     seen = {}
     for out in outs:
         first = seen.setdefault(os.path.realpath(out), out)
@@ -237,9 +236,8 @@ def check_runs(outs):
 
 
 def cached(path, model_pt, key, name, fields):
-    """The scores in eval.json at path when their fingerprint is key's (evaluate_all's) and they
-    are newer than the checkpoint; else None, with a line saying why they are made again
-    (a missing eval.json, or one without `fields`, is simply made again)."""
+    """The scores in eval.json at path when their fingerprint is key's and they are newer than
+    the checkpoint; else None, with a line saying why (none for a missing eval.json)."""
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(model_pt):
         return None
     try:
@@ -348,12 +346,10 @@ def read_alone(student, world, recs, device, batch_size=64):
 
 @torch.no_grad()
 def hearing_probe(out, world, device, per_task, max_new_tokens):
-    """Where are words lost between a clip and the base student's transcript? The WER, on the
-    test transcription clips of spoken prompts and of word lists (random words: no language
-    model can guess them) and on as many word lists of the training clips, of: the encoder's
-    greedy CTC and the adapter's word scores alone (read_alone), the base student's transcript,
-    the text teacher copying the transcript from text. "whole": % of spoken prompts read whole.
-    -> {row: {"prompts" / "lists" / "all" / "train lists": WER %, "whole": %}}"""
+    """Where are words lost between a clip and the base student's transcript? The WER on the test
+    clips of spoken prompts and of word lists (no language model can guess them), and on as many
+    training word lists, of: the encoder's CTC and the adapter alone (read_alone), the base
+    student, the text teacher copying the transcript. "whole": % of spoken prompts read whole."""
     student = load(os.path.join(out, "omni"), device)
     teacher = load(os.path.join(out, "teacher"), device)
     pools = world.train + world.align + world.val + world.test
@@ -387,11 +383,10 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
 
 @torch.no_grad()
 def heard_split(out, world, device, per_family, max_new_tokens):
-    """How much of each student's ΔS is hearing? Each text family's test prompts split by whether
-    the base student transcribes the prompt's clip whole (encoder and adapter are frozen after
-    omni: every student reads the same audio vectors); each student's score from speech and ΔS
-    on either part (against the teacher's T on the same prompts). -> {"heard": {family: % heard
-    whole}, run: {"S heard" / "S misheard": {family: %}, "ΔS" / "ΔS heard" / "ΔS misheard"}}"""
+    """How much of each student's ΔS is hearing? The test prompts split by whether the base
+    student transcribes the prompt's clip whole (the audio side is frozen after omni: every
+    student hears the same); each student's score from speech and ΔS on either part. -> {"heard":
+    {family: %}, run: {"S heard" / "S misheard": {family: %}, "ΔS" / "ΔS heard" / "ΔS misheard"}}"""
     runs = run_dirs(out)
     teacher = load(runs.pop("teacher"), device)
     base = load(runs["omni"], device)
@@ -686,10 +681,9 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
 
 def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
                    device="cpu", ways=("eager", "static", "graph"), prompt=None, eos_id=3):
-    """Items 1 and 6: a random decoder's rollouts, temperature 1, bf16 autocast on CUDA, prompts
-    of `prompt` tokens (None: 24 to 47, the align stage's), each way after the other ("naive":
-    sample_recompute). -> {way: {"s": seconds per rollout, "tok_s", "repeats": the same tokens
-    from one seed, "same": the share of its tokens equal to the first way's}}"""
+    """Items 1 and 6: a random decoder's rollouts (temperature 1, bf16 autocast on CUDA, prompts
+    of `prompt` tokens, else 24 to 47), one way after the other. -> {way: {"s", "tok_s",
+    "repeats": the same tokens from one seed, "same": share of tokens equal to the first way's}}"""
     dec = random_decoder(preset, vocab, seed, device)
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(24, 48, (prompts,), generator=g) if prompt is None else (
@@ -900,9 +894,8 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
 
 
 def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
-    """Item 7, float32 on this CPU: each preset's parameters (a tied head once), the decoder's
-    forward on 4 x 256 tokens, a prefill of 8 x 64 then 32 cached decode steps, the encoder +
-    adapter on 4 clips of 10 s."""
+    """Item 7, on this CPU: each preset's parameters (a tied head once), decoder forward, prefill
+    then 32 cached decode steps, encoder + adapter on clips of 10 s."""
     res = {}
     for preset in presets:
         torch.manual_seed(seed)
