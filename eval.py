@@ -916,119 +916,132 @@ def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
     return res
 
 
-# Each item's table rows: (item, variant, speed, other), from the item's result
+# The bench's tables: each item's result as records (dicts), one table per item from COLUMNS,
+# (record field, column label, format), less the columns its records leave empty
+COLUMNS = [
+    ("variant", "variant", "{}"), ("s", "s", "{:.2f}"), ("ms", "ms", "{:.0f}"),
+    ("us", "µs", "{:.0f}"), ("share", "share", "{:.0%}"), ("tok_s", "tok/s", "{:.0f}"),
+    ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
+    ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
+    ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
+    ("first_s", "first call s (compiles)", "{:.0f}"), ("mb", "MB", "{:.1f}"),
+    ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
+    ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
+    ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
+    ("forward_tok_s", "decoder forward tok/s", "{:.0f}"),
+    ("decode_tok_s", "prefill + decode new tok/s", "{:.0f}"),
+    ("audio_s_s", "encoder + adapter audio s/s", "{:.1f}"), ("note", "notes", "{}")]
 
-def rollout_rows(item, r):
+
+def bench_table(records):
+    cols = [c for c in COLUMNS if any(c[0] in r for r in records)]
+    return markdown("| " + " | ".join(name for _, name, _ in cols) + " |",
+                    [[form.format(r[k]) if k in r else "" for k, _, form in cols] for r in records])
+
+
+def rollout_records(r):
     base = next(iter(r))
-    return [(item, STEP_NAMES[k], f"{v['s'] * 1e3:.0f} ms",
-             f"{v['tok_s']:.0f} tok/s, {r[base]['s'] / v['s']:.2f}x {base}; same tokens run to "
-             f"run: {'yes' if v['repeats'] else 'NO'}; {v['same']:.1%} of the tokens as {base}")
+    return [dict(variant=STEP_NAMES[k], ms=v["s"] * 1e3, tok_s=v["tok_s"], x=r[base]["s"] / v["s"],
+                 vs=base, repeats="yes" if v["repeats"] else "NO", same=v["same"])
             for k, v in r.items()]
 
 
-def logprob_rows(lp):
+def logprob_records(lp):
     nv, fu = lp["naive"], lp["fused"]
-    return [("2 log-probs", name, f"{r['seconds']:.2f} s",
-             f"{r['peak_extra_mb']:.0f} MB peak extra {r['all_peaks_mb']}")
-            for name, r in (("naive", nv), ("fused, chunk 1024", fu))] + [
-        ("2 log-probs", "ratio", f"{nv['seconds'] / fu['seconds']:.2f}x time (naive / fused)",
-         f"{nv['peak_extra_mb'] / max(fu['peak_extra_mb'], 1e-9):.1f}x less memory")]
+    recs = [dict(variant=name, s=r["seconds"], peak_mb=r["peak_extra_mb"],
+                 peaks_mb=r["all_peaks_mb"]) for name, r in (("naive", nv), ("fused", fu))]
+    recs[1].update(variant="fused, chunk 1024", x=nv["seconds"] / fu["seconds"], vs="naive",
+                   less_mem=nv["peak_extra_mb"] / max(fu["peak_extra_mb"], 1e-9))
+    return recs
 
 
-def xopd_step_rows(st):
+def xopd_step_records(st):
     phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
     total = sum(st[k] for _, k in phases)
-    return [("3 xopd_step", name, f"{st[k]:.0f} ms", f"{st[k] / total:.0%}")
-            for name, k in phases] + [
-        ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens")]
+    return [dict(variant=name, ms=st[k], share=st[k] / total) for name, k in phases] + [
+        dict(variant="total", ms=total, note=f"{st['tokens']} sampled tokens")]
 
 
-def vs_hf_rows(hf, device="cpu"):
-    rows = []
-    for p, r in ((p, r) for p, r in hf.items() if r is not None):  # None: no transformers
-        item = f"4 vs generate, {p}" + ("" if device == "cpu" else f" size on {device}")
-        ours = [k for k in STEP_NAMES if f"{k}_tok_s" in r]
-        for k in ours:
-            more = {"eager": f"the same matmuls alone {r['gflops_alone']:.1f}; ",
-                    "compiled": f"first call {r.get('first_s_compiled', 0):.0f} s (compiles); "}
-            rows.append((item, STEP_NAMES[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
-                         f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {more.get(k, '')}"
-                         f"{r[f'same_greedy_{k}']:.1%} same greedy tokens as generate"))
-        rows.append((item, f"transformers {r['transformers']} generate",
-                     f"{r['hf_tok_s']:.0f} tok/s", ""))
-        rows += [(item, f"ratio, {STEP_NAMES[k]}",
-                  f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
-                  f"matmuls are {r[f'gflops_{k}'] / r['gflops_alone']:.0%} of its time")
-                 for k in ours]
-    return rows
+def vs_hf_records(hf):
+    recs = []
+    for p, r in hf.items():
+        if r is None:
+            recs.append(dict(variant=p, note="skipped: transformers is not installed (pip install "
+                             "transformers; it is not a dependency of this project)"))
+            continue
+        recs.append(dict(variant=f"{p}: transformers {r['transformers']} generate",
+                         tok_s=r["hf_tok_s"]))
+        for k in (k for k in STEP_NAMES if f"{k}_tok_s" in r):
+            recs.append(dict(variant=f"{p}: {STEP_NAMES[k]}", tok_s=r[f"{k}_tok_s"],
+                             x=r[f"{k}_tok_s"] / r["hf_tok_s"], vs="generate",
+                             gflops=r[f"gflops_{k}"], mm_share=r[f"gflops_{k}"] / r["gflops_alone"],
+                             same_greedy=r[f"same_greedy_{k}"]))
+            if k == "compiled":
+                recs[-1]["first_s"] = r["first_s_compiled"]
+        recs.append(dict(variant=f"{p}: the same matmuls alone", gflops=r["gflops_alone"]))
+    return recs
 
 
-def step_rows(steps, device="cpu"):
-    rows = []
+def step_records(steps):
+    recs = []
     for p, r in steps.items():
-        item = f"5 decode step, {p}" + ("" if device == "cpu" else f" size on {device}")
-        moved, copy = r["weight_bytes"] + r["kv_bytes"], r["copy_bytes_s"]
-        rows.append((item, "bytes it reads", f"{moved / 1e6:.1f} MB",
-                     f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values "
-                     f"{r['kv_bytes'] / 1e6:.1f} MB; a device copy reaches {copy / 1e9:.0f} GB/s "
-                     "(read + write)"))
-        rows += [(item, name, f"{t * 1e6:.0f} µs", f"matmuls {r['matmuls_s'] / t:.0%} of it; "
-                  f"{moved / t / 1e9:.0f} GB/s, {moved / t / copy:.0%} of the copy's")
+        moved, copy, mm = r["weight_bytes"] + r["kv_bytes"], r["copy_bytes_s"], r["matmuls_s"]
+        recs += [dict(variant=f"{p}: bytes it reads", mb=moved / 1e6,
+                      note=f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values "
+                      f"{r['kv_bytes'] / 1e6:.1f} MB"),
+                 dict(variant=f"{p}: a device copy (read + write)", gb_s=copy / 1e9)]
+        recs += [dict(variant=f"{p}: {name}", us=t * 1e6, mm_share=mm / t, gb_s=moved / t / 1e9,
+                      of_copy=moved / t / copy)
                  for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
-        rows.append((item, "its matmuls alone" + (", from a graph" if r["graph_s"] else ""),
-                     f"{r['matmuls_s'] * 1e6:.0f} µs",
-                     f"weights read at {r['weight_bytes'] / r['matmuls_s'] / 1e9:.0f} GB/s"))
-    return rows
+        recs.append(dict(variant=f"{p}: its matmuls alone" + (", from a graph" if r["graph_s"]
+                                                               else ""),
+                         us=mm * 1e6, gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
+    return recs
 
 
-def preset_rows(presets):
-    rows, parts = [], ("encoder", "adapter", "decoder")
-    for p, r in presets.items():
-        rows += [(f"7 {p} preset", what, speed, other) for what, speed, other in (
-            ("parameters", f"{sum(r[k] for k in parts) / 1e6:.3f}M",
-             ", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts)),
-            ("decoder forward, 4 x 256 tokens", f"{r['forward_tok_s']:.0f} tok/s", ""),
-            ("prefill 8 x 64, then 32 cached decode steps", f"{r['decode_tok_s']:.0f} new tok/s",
-             ""),
-            ("encoder + adapter, 4 clips of 10 s", f"{r['audio_s_s']:.1f} audio s/s", ""))]
-    return rows
+def preset_records(presets):
+    parts = ("encoder", "adapter", "decoder")
+    return [dict(variant=p, params_m=sum(r[k] for k in parts) / 1e6,
+                 forward_tok_s=r["forward_tok_s"], decode_tok_s=r["decode_tok_s"],
+                 audio_s_s=r["audio_s_s"], note=", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts))
+            for p, r in presets.items()]
 
 
 def bench_items(args):
-    """`eval.py bench`'s items here: [(number, what it measures, run, its rows)]. On a CPU items
-    1 to 5 and 7 (item 2 first, while this process is small: its children start from a fresh
-    memory map); with --device, items 4 to 6 alone, there."""
+    """`eval.py bench`'s items here: [(number, what it measures, run, its records)]. On a CPU
+    items 1 to 5 and 7 (item 2 first, while this process is small: its children start from a
+    fresh memory map); with --device, items 4 to 6 alone, there."""
     dev, both = args.device, ("cpu", "gpu")
     on = "" if dev == "cpu" else f" on {dev}"
     items = [
         (2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
          "(2 processes each: fastest time, largest peak)",
-         lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_rows),
+         lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_records),
         (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
          lambda: bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1, prompt=64,
-                                ways=("eager", "static", "naive"), eos_id=-1),
-         lambda r: rollout_rows("1 sampling", r)),
+                                ways=("eager", "static", "naive"), eos_id=-1), rollout_records),
         (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens",
-         bench_step, xopd_step_rows),
+         bench_step, xopd_step_records),
         (4, f"xopd.sample (eager, DecodeGraph: eager on a CPU{', compiled_step' * args.compile})"
          " vs transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, "
          f"128 new tokens (best of 5 each){on}",
          lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile) for p in both},
-         lambda r: vs_hf_rows(r, dev)),
+         vs_hf_records),
         (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes: eager, from a CUDA "
          f"graph (on CUDA), its matmuls alone{on}",
          lambda: {p: bench_decode_step(p, reps=100 if on else 10, device=dev) for p in both},
-         lambda r: step_rows(r, dev)),
+         step_records),
         (6, f"the align stage's rollouts at the gpu preset's size, bf16 autocast{on}",
-         lambda: bench_rollouts(device=dev), lambda r: rollout_rows(f"6 align rollouts, gpu size"
-                                                                    f"{on}", r)),
-        (7, "each preset's parameters and speeds", bench_presets, preset_rows)]
+         lambda: bench_rollouts(device=dev), rollout_records),
+        (7, "each preset's parameters and speeds: decoder forward on 4 x 256 tokens, prefill "
+         "8 x 64 then 32 cached decode steps, encoder + adapter on 4 clips of 10 s",
+         bench_presets, preset_records)]
     return [item for item in items if item[0] in (4, 5) or (item[0] == 6) == bool(on)]
 
 
 def bench(args):
-    """`eval.py bench`: each item printed as it starts, then one table of them all.
-    -> (the table's lines, the machine's line)"""
+    """`eval.py bench`: each item named as it starts, then a table per item, in their order.
+    -> (the tables, the machine's line)"""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -1043,19 +1056,13 @@ def bench(args):
         if args.device.startswith("cuda"):
             machine += f"; {torch.cuda.get_device_name(args.device)}"
     print(f"machine: {machine}")
-    results, rows = {}, []
-    for number, what, run, item_rows in bench_items(args):
+    tables = {}
+    for number, what, run, records in bench_items(args):
         print(f"{number}. {what} ...", flush=True)
-        results[number] = run()
-        rows += item_rows(results[number])
-    rows.sort(key=lambda row: int(row[0].split()[0]))  # stable: each item's rows keep their order
-    table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    print("\n".join(table))
-    if None in results.get(4, {}).values():
-        print("4. skipped: transformers is not installed (pip install transformers, in a venv of "
-              "its own if you like; it is not a dependency of this project)")
-    return table, machine
+        tables[number] = f"{number}. {what}\n\n{bench_table(records(run()))}"
+    text = "\n\n".join(tables[k] for k in sorted(tables))
+    print(text)
+    return text, machine
 
 
 # -----------------------------------------------------------------------------

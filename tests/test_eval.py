@@ -504,27 +504,25 @@ def test_same_tokens_counts_equal_tokens_against_a_naive_sampler():
     assert E.same(naive[:, :3], naive) == 0.0
 
 
-def test_bench_rows_from_known_results():
-    """Items 5 and 6's table rows from hand-made results: every figure derived as by hand."""
+def test_bench_tables_from_known_results():
+    """Items 5 and 6's tables from hand-made results: every figure derived as by hand, a column
+    only where a record fills it."""
     r = dict(eager_s=2e-6, graph_s=None, matmuls_s=1e-6, weight_bytes=4e6, kv_bytes=2e6,
              copy_bytes_s=12e9)
-    assert E.step_rows({"tiny": r}) == [
-        ("5 decode step, tiny", "bytes it reads", "6.0 MB",
-         "weights 4.0 MB, keys and values 2.0 MB; a device copy reaches 12 GB/s (read + write)"),
-        ("5 decode step, tiny", "eager", "2 µs",
-         "matmuls 50% of it; 3000 GB/s, 25000% of the copy's"),
-        ("5 decode step, tiny", "its matmuls alone", "1 µs", "weights read at 4000 GB/s")]
+    assert E.bench_table(E.step_records({"tiny": r})).splitlines() == [
+        "| variant | µs | matmuls' share of it | MB | GB/s | of a device copy's GB/s | notes |",
+        "|---|---|---|---|---|---|---|",
+        "| tiny: bytes it reads | | | 6.0 | | | weights 4.0 MB, keys and values 2.0 MB |",
+        "| tiny: a device copy (read + write) | | | | 12 | | |",
+        "| tiny: eager | 2 | 50% | | 3000 | 25000% | |",
+        "| tiny: its matmuls alone | 1 | | | 4000 | | weights read |"]
     r = {"eager": dict(s=0.5, tok_s=2000.0, repeats=True, same=1.0),
          "static": dict(s=0.25, tok_s=4000.0, repeats=True, same=0.75),
          "graph": dict(s=0.1, tok_s=10000.0, repeats=False, same=0.125)}
-    rows = E.rollout_rows("6 align rollouts", r)
-    assert [row[1:] for row in rows] == [
-        ("xopd.sample", "500 ms", "2000 tok/s, 1.00x eager; same tokens run to run: yes; "
-         "100.0% of the tokens as eager"),
-        ("xopd.static_step", "250 ms", "4000 tok/s, 2.00x eager; same tokens run to run: yes; "
-         "75.0% of the tokens as eager"),
-        ("xopd.DecodeGraph", "100 ms", "10000 tok/s, 5.00x eager; same tokens run to run: NO; "
-         "12.5% of the tokens as eager")]
+    assert E.bench_table(E.rollout_records(r)).splitlines()[2:] == [
+        "| xopd.sample | 500 | 2000 | 1.00x | eager | yes | 100.0% |",
+        "| xopd.static_step | 250 | 4000 | 2.00x | eager | yes | 75.0% |",
+        "| xopd.DecodeGraph | 100 | 10000 | 5.00x | eager | NO | 12.5% |"]
 
 
 def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path,
