@@ -621,7 +621,8 @@ def report(outs, write_to=None):
 
 
 # -----------------------------------------------------------------------------
-# Speed and memory benchmarks (`eval.py bench`: print a table, assert nothing)
+# Speed and memory benchmarks (`eval.py bench`: print tables, assert nothing). Each item returns
+# records (dicts of COLUMNS' fields), each figure beside its naive way's, from the same run
 
 @torch.no_grad()
 def timeit(fn, reps=3, calls=1, sync=lambda: None):
@@ -654,12 +655,12 @@ def random_decoder(preset, vocab, seed, device="cpu"):
     return M.Decoder(dcfg).eval().to(device)
 
 
-# xopd.sample's ways to run a decode step (its step=), by name: a new one for every rollout
-STEPS = {"eager": lambda dec: None, "static": lambda dec: xopd.static_step(dec),
-         "graph": lambda dec: xopd.DecodeGraph(dec),
-         "compiled": lambda dec: xopd.compiled_step(dec)}
-STEP_NAMES = {"eager": "xopd.sample", "static": "xopd.static_step", "graph": "xopd.DecodeGraph",
-              "compiled": "xopd.compiled_step", "naive": "recompute prefix (no cache)"}
+# xopd.sample's ways to run a decode step: name -> (label, its step= for a new rollout)
+STEPS = {"eager": ("xopd.sample", lambda dec: None),
+         "static": ("xopd.static_step", lambda dec: xopd.static_step(dec)),
+         "graph": ("xopd.DecodeGraph", lambda dec: xopd.DecodeGraph(dec)),
+         "compiled": ("xopd.compiled_step", lambda dec: xopd.compiled_step(dec)),
+         "naive": ("recompute prefix (no cache)", None)}
 
 
 def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, temperature=1.0,
@@ -697,7 +698,7 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
         if way == "naive":
             return (sample_recompute(dec, lens, generator=gen, **kw),)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
-            return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way](dec), **kw)
+            return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way][1](dec), **kw)
     res, outs = {}, {}
     for way in ways:
         outs[way] = []
@@ -747,16 +748,19 @@ def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
 def bench_logprobs(threads=0, repeats=2):
     """Item 2: each variant in `repeats` processes of its own (bench-mem), so that each peak RSS
     is its own: the largest peak (the high-water mark can miss a freed buffer), the least time."""
-    res = {}
+    recs = []
     for variant in ("naive", "fused"):
         args = [sys.executable, os.path.abspath(__file__), "bench-mem", "--variant", variant,
                 "--threads", str(threads)]
         runs = [json.loads(subprocess.run(args, check=True, capture_output=True, text=True)
                            .stdout.strip().splitlines()[-1]) for _ in range(repeats)]
-        res[variant] = dict(seconds=min(r["seconds"] for r in runs),
-                            peak_extra_mb=max(r["peak_extra_mb"] for r in runs),
-                            all_peaks_mb=[round(r["peak_extra_mb"]) for r in runs])
-    return res
+        recs.append(dict(variant=variant, s=min(r["seconds"] for r in runs),
+                         peak_mb=max(r["peak_extra_mb"] for r in runs),
+                         peaks_mb=[round(r["peak_extra_mb"]) for r in runs]))
+    naive, fused = recs
+    fused.update(variant="fused, chunk 1024", x=naive["s"] / fused["s"], vs="naive",
+                 less_mem=naive["peak_mb"] / max(fused["peak_mb"], 1e-9))
+    return recs
 
 
 def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, frames=300):
@@ -788,7 +792,10 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
         loss.backward()
         opt.step()
         m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3
-    return m | dict(batch=batch, n=n, max_new_tokens=max_new_tokens)
+    phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
+    total = sum(m[k] for _, k in phases)
+    return [dict(variant=name, ms=m[k], share=m[k] / total) for name, k in phases] + [
+        dict(variant="total", ms=total, note=f"{m['tokens']} sampled tokens")]
 
 
 def _linears(dec):
@@ -826,7 +833,8 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     try:
         import transformers
     except ImportError:
-        return None
+        return [dict(variant=preset, note="skipped: transformers is not installed (pip install "
+                     "transformers; it is not a dependency of this project)")]
     _, _, dcfg = M.make_configs(preset, vocab)
     config = M.llama_config(dcfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(seed)
@@ -838,7 +846,7 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
 
     def ours(way, n=new_tokens, temperature=1.0):
         return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1,
-                           temperature=temperature, step=STEPS[way](dec))[0]
+                           temperature=temperature, step=STEPS[way][1](dec))[0]
 
     def theirs(n=new_tokens, greedy=False):
         how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0,
@@ -846,22 +854,27 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **how)
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
-    ways, res = ["eager", "graph"] + (["compiled"] if compile else []), {}
+    ways, recs = ["eager", "graph"] + (["compiled"] if compile else []), []
     greedy = theirs(16, greedy=True)
     for way in ways:  # the greedy tokens; the first call's time (torch.compile compiles here)
         sync()
         t0 = time.perf_counter()
-        res[f"same_greedy_{way}"] = same(ours(way, 16, temperature=0.0), greedy)
+        recs.append(dict(variant=f"{preset}: {STEPS[way][0]}",
+                         same_greedy=same(ours(way, 16, temperature=0.0), greedy)))
         sync()
-        res[f"first_s_{way}"] = time.perf_counter() - t0
+        recs[-1]["first_s"] = time.perf_counter() - t0
     # the prompt's multiplies (the head on the last position only), then one per decoded token
     ws = _linears(dec)
     calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
     flops, t_alone = matmuls_alone(dec, calls, sync, reps=reps)
-    for name, fn in {**{w: functools.partial(ours, w) for w in ways}, "hf": theirs}.items():
-        t = timeit(fn, reps=reps, sync=sync)
-        res |= {f"{name}_tok_s": batch * new_tokens / t, f"gflops_{name}": flops / t / 1e9}
-    return res | dict(gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
+    ts = [timeit(functools.partial(ours, way), reps=reps, sync=sync) for way in ways]
+    t_hf = timeit(theirs, reps=reps, sync=sync)
+    for rec, t in zip(recs, ts):
+        rec.update(tok_s=batch * new_tokens / t, x=t_hf / t, vs="generate",
+                   gflops=flops / t / 1e9, mm_share=t_alone / t)
+    return [dict(variant=f"{preset}: transformers {transformers.__version__} generate",
+                 tok_s=batch * new_tokens / t_hf), *recs,
+            dict(variant=f"{preset}: the same matmuls alone", gflops=flops / t_alone / 1e9)]
 
 
 @torch.inference_mode()
@@ -896,7 +909,7 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
 def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
     """Item 7, on this CPU: each preset's parameters (a tied head once), decoder forward, prefill
     then 32 cached decode steps, encoder + adapter on clips of 10 s."""
-    res = {}
+    recs = []
     for preset in presets:
         torch.manual_seed(seed)
         m = M.SpeechLM(*M.make_configs(preset, vocab), audio_token_id=1).eval()
@@ -908,23 +921,24 @@ def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
             m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
             for _ in range(steps):
                 m.decoder.decode(cache, ids[:, 0].repeat(2))
-        res[preset] = {part: sum(p.numel() for p in getattr(m, part).parameters())
-                       for part in ("encoder", "adapter", "decoder")}
-        res[preset].update(forward_tok_s=4 * 256 / timeit(lambda: m.decoder(ids), reps=5),
-                           decode_tok_s=8 * 32 / timeit(decode, reps=2),
-                           audio_s_s=40 / timeit(lambda: m.encode_audio(mel, mel_lens), reps=2))
-    return res
+        params = {part: sum(p.numel() for p in getattr(m, part).parameters()) / 1e6
+                  for part in ("encoder", "adapter", "decoder")}
+        recs.append(dict(variant=preset, params_m=sum(params.values()),
+                         forward_tok_s=4 * 256 / timeit(lambda: m.decoder(ids), reps=5),
+                         decode_tok_s=8 * 32 / timeit(decode, reps=2),
+                         audio_s_s=40 / timeit(lambda: m.encode_audio(mel, mel_lens), reps=2),
+                         note=", ".join(f"{k} {v:.3f}M" for k, v in params.items())))
+    return recs
 
 
-# The bench's tables: each item's result as records (dicts), one table per item from COLUMNS,
-# (record field, column label, format), less the columns its records leave empty
+# The bench's columns: (record field, label, format); an item's table has those its records fill
 COLUMNS = [
     ("variant", "variant", "{}"), ("s", "s", "{:.2f}"), ("ms", "ms", "{:.0f}"),
     ("us", "µs", "{:.0f}"), ("share", "share", "{:.0%}"), ("tok_s", "tok/s", "{:.0f}"),
     ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
     ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
     ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
-    ("first_s", "first call s (compiles)", "{:.0f}"), ("mb", "MB", "{:.1f}"),
+    ("first_s", "first call (s)", "{:.0f}"), ("mb", "MB", "{:.1f}"),
     ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
     ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
     ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
@@ -941,45 +955,9 @@ def bench_table(records):
 
 def rollout_records(r):
     base = next(iter(r))
-    return [dict(variant=STEP_NAMES[k], ms=v["s"] * 1e3, tok_s=v["tok_s"], x=r[base]["s"] / v["s"],
+    return [dict(variant=STEPS[k][0], ms=v["s"] * 1e3, tok_s=v["tok_s"], x=r[base]["s"] / v["s"],
                  vs=base, repeats="yes" if v["repeats"] else "NO", same=v["same"])
             for k, v in r.items()]
-
-
-def logprob_records(lp):
-    nv, fu = lp["naive"], lp["fused"]
-    recs = [dict(variant=name, s=r["seconds"], peak_mb=r["peak_extra_mb"],
-                 peaks_mb=r["all_peaks_mb"]) for name, r in (("naive", nv), ("fused", fu))]
-    recs[1].update(variant="fused, chunk 1024", x=nv["seconds"] / fu["seconds"], vs="naive",
-                   less_mem=nv["peak_extra_mb"] / max(fu["peak_extra_mb"], 1e-9))
-    return recs
-
-
-def xopd_step_records(st):
-    phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
-    total = sum(st[k] for _, k in phases)
-    return [dict(variant=name, ms=st[k], share=st[k] / total) for name, k in phases] + [
-        dict(variant="total", ms=total, note=f"{st['tokens']} sampled tokens")]
-
-
-def vs_hf_records(hf):
-    recs = []
-    for p, r in hf.items():
-        if r is None:
-            recs.append(dict(variant=p, note="skipped: transformers is not installed (pip install "
-                             "transformers; it is not a dependency of this project)"))
-            continue
-        recs.append(dict(variant=f"{p}: transformers {r['transformers']} generate",
-                         tok_s=r["hf_tok_s"]))
-        for k in (k for k in STEP_NAMES if f"{k}_tok_s" in r):
-            recs.append(dict(variant=f"{p}: {STEP_NAMES[k]}", tok_s=r[f"{k}_tok_s"],
-                             x=r[f"{k}_tok_s"] / r["hf_tok_s"], vs="generate",
-                             gflops=r[f"gflops_{k}"], mm_share=r[f"gflops_{k}"] / r["gflops_alone"],
-                             same_greedy=r[f"same_greedy_{k}"]))
-            if k == "compiled":
-                recs[-1]["first_s"] = r["first_s_compiled"]
-        recs.append(dict(variant=f"{p}: the same matmuls alone", gflops=r["gflops_alone"]))
-    return recs
 
 
 def step_records(steps):
@@ -999,43 +977,35 @@ def step_records(steps):
     return recs
 
 
-def preset_records(presets):
-    parts = ("encoder", "adapter", "decoder")
-    return [dict(variant=p, params_m=sum(r[k] for k in parts) / 1e6,
-                 forward_tok_s=r["forward_tok_s"], decode_tok_s=r["decode_tok_s"],
-                 audio_s_s=r["audio_s_s"], note=", ".join(f"{k} {r[k] / 1e6:.3f}M" for k in parts))
-            for p, r in presets.items()]
-
-
 def bench_items(args):
-    """`eval.py bench`'s items here: [(number, what it measures, run, its records)]. On a CPU
-    items 1 to 5 and 7 (item 2 first, while this process is small: its children start from a
-    fresh memory map); with --device, items 4 to 6 alone, there."""
+    """`eval.py bench`'s items here: [(number, what it measures, run -> records)]. On a CPU items
+    1 to 5 and 7 (item 2 first, while this process is small: its children start from a fresh
+    memory map); with --device, items 4 to 6 alone, there."""
     dev, both = args.device, ("cpu", "gpu")
     on = "" if dev == "cpu" else f" on {dev}"
     items = [
         (2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
          "(2 processes each: fastest time, largest peak)",
-         lambda: bench_logprobs(threads=torch.get_num_threads()), logprob_records),
+         lambda: bench_logprobs(threads=torch.get_num_threads())),
         (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
-         lambda: bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1, prompt=64,
-                                ways=("eager", "static", "naive"), eos_id=-1), rollout_records),
+         lambda: rollout_records(bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1,
+                                                prompt=64, ways=("eager", "static", "naive"),
+                                                eos_id=-1))),
         (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens",
-         bench_step, xopd_step_records),
+         bench_step),
         (4, f"xopd.sample (eager, DecodeGraph: eager on a CPU{', compiled_step' * args.compile})"
          " vs transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, "
          f"128 new tokens (best of 5 each){on}",
-         lambda: {p: bench_vs_hf(p, device=dev, compile=args.compile) for p in both},
-         vs_hf_records),
+         lambda: [r for p in both for r in bench_vs_hf(p, device=dev, compile=args.compile)]),
         (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes: eager, from a CUDA "
          f"graph (on CUDA), its matmuls alone{on}",
-         lambda: {p: bench_decode_step(p, reps=100 if on else 10, device=dev) for p in both},
-         step_records),
+         lambda: step_records({p: bench_decode_step(p, reps=100 if on else 10, device=dev)
+                               for p in both})),
         (6, f"the align stage's rollouts at the gpu preset's size, bf16 autocast{on}",
-         lambda: bench_rollouts(device=dev), rollout_records),
+         lambda: rollout_records(bench_rollouts(device=dev))),
         (7, "each preset's parameters and speeds: decoder forward on 4 x 256 tokens, prefill "
          "8 x 64 then 32 cached decode steps, encoder + adapter on 4 clips of 10 s",
-         bench_presets, preset_records)]
+         bench_presets)]
     return [item for item in items if item[0] in (4, 5) or (item[0] == 6) == bool(on)]
 
 
@@ -1057,9 +1027,9 @@ def bench(args):
             machine += f"; {torch.cuda.get_device_name(args.device)}"
     print(f"machine: {machine}")
     tables = {}
-    for number, what, run, records in bench_items(args):
+    for number, what, run in bench_items(args):
         print(f"{number}. {what} ...", flush=True)
-        tables[number] = f"{number}. {what}\n\n{bench_table(records(run()))}"
+        tables[number] = f"{number}. {what}\n\n{bench_table(run())}"
     text = "\n\n".join(tables[k] for k in sorted(tables))
     print(text)
     return text, machine
