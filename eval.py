@@ -938,7 +938,7 @@ COLUMNS = [
     ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
     ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
     ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
-    ("first_s", "first call (s)", "{:.0f}"), ("mb", "MB", "{:.1f}"),
+    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"),
     ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
     ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
     ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
