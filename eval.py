@@ -65,8 +65,7 @@ def test_sets(world, per_family):
 
 
 def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
-    """{key: WER % against reference(transcript), key_seen / key_unseen: on `speakers`' clips /
-    on the others'}."""
+    """{key: WER % against reference(transcript), key_seen / key_unseen: on speakers' / others'}."""
     wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in speakers)
             for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
@@ -107,10 +106,9 @@ def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"
 @torch.no_grad()
 def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed=0, batch_size=64):
     """Can the text teacher judge the student's answers from speech? On val prompts, per family,
-    pooled over tokens: the teacher's mean log-prob per token (end token included) of the
-    student's greedy answers ("teacher_lp"; "_right" / "_wrong": of the right / wrong ones), and
-    the student's cross-modal reverse KL per token (xopd.sampled_rkl) on one answer per prompt
-    sampled at temperature 1 ("rkl_cm_by_family"; "rkl_cm": over every family). In nats."""
+    in nats per token (end token included): the teacher's log-prob of the student's greedy
+    answers ("teacher_lp"; "_right" / "_wrong": of the right / wrong ones), xopd.sampled_rkl on
+    one answer per prompt sampled at temperature 1 ("rkl_cm_by_family"; "rkl_cm": pooled)."""
     teacher.eval()
     student.eval()
     gen = torch.Generator(device).manual_seed(seed)
@@ -280,15 +278,14 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
             res["judge"] = judge(teacher, m, world, device, max_new_tokens)
         res.update(settings=key, fingerprint=data.fingerprint(key))
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-        print("[eval] " + (encoder_line(res) if alone else
-                           f"{name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}"))
-
-
-def encoder_line(res):
-    wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
-           f"{res.get('ctc_wer_seen', NAN):.1f}, unseen {res.get('ctc_wer_unseen', NAN):.1f})"
-           if "ctc_wer" in res else "no transcription clips (task asr)")
-    return f"encoder on its own, test clips: {wer}; voice heads {fmt_scores(res['voice'])}"
+        if not alone:
+            print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+            continue
+        wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
+               f"{res.get('ctc_wer_seen', NAN):.1f}, unseen {res.get('ctc_wer_unseen', NAN):.1f})"
+               if "ctc_wer" in res else "no transcription clips (task asr)")
+        print(f"[eval] encoder on its own, test clips: {wer}; voice heads "
+              f"{fmt_scores(res['voice'])}")
 
 
 def fmt_scores(d):
@@ -300,10 +297,9 @@ def fmt_scores(d):
 
 @torch.no_grad()
 def first_token_probe(out, world, device, per_family):
-    """Does the student start its answers as its teacher does? On val prompts: the probability
-    of the first token of the teacher's greedy answer from text under the base student and every
-    aligned one, from speech and from text (at temperature 1: the share of a student's rollouts
-    that start with it). -> {run: {family: (p from speech, p from text)}}"""
+    """Does each student start its answers as its teacher does? On val prompts, the probability
+    (%) of the teacher's greedy first token from text under every student, from speech and from
+    text. -> {run: {family: (p from speech, p from text)}}"""
     runs = run_dirs(out)
     teacher = load(runs.pop("teacher"), device)
     fams = data.text_families(world.val, per_family)
@@ -327,9 +323,22 @@ def first_token_probe(out, world, device, per_family):
     return res
 
 
-def read_alone(student, world, recs, device, batch_size=64):
-    """What the student's encoder (greedy CTC) and adapter (each word's best-scoring token, no
-    decoder) read in each clip of recs. -> (CTC texts, adapter texts)"""
+@torch.no_grad()
+def hearing_probe(out, world, device, per_task, max_new_tokens, batch_size=64):
+    """Where are words lost between a clip and the base student's transcript? The WER on the test
+    clips of spoken prompts and of word lists (no language model can guess them), and on as many
+    training word lists, of: the encoder's greedy CTC alone, the adapter alone (each word's
+    best-scoring token, no decoder), the base student, the text teacher copying the transcript.
+    "whole": % of spoken prompts read whole."""
+    student = load(os.path.join(out, "omni"), device)
+    teacher = load(os.path.join(out, "teacher"), device)
+    pools = world.train + world.align + world.val + world.test
+    prompts = {r["transcript"] for r in pools if r["kind"] == "text"}
+    test = test_sets(world, per_task)[1]["asr"]
+    lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts]
+    recs = test + lists[:len(test)]
+    copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .",
+             "instruction": ""} for r in recs]
     ctc, adapter = [], []
     for i in range(0, len(recs), batch_size):
         rows = recs[i:i + batch_size]
@@ -341,27 +350,8 @@ def read_alone(student, world, recs, device, batch_size=64):
         _, n, logits = student.adapter(b.feats, b.feat_lens, emb)  # (B, W, vocab)
         best = logits.argmax(-1).tolist()
         adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(best, n.tolist())]
-    return ctc, adapter
-
-
-@torch.no_grad()
-def hearing_probe(out, world, device, per_task, max_new_tokens):
-    """Where are words lost between a clip and the base student's transcript? The WER on the test
-    clips of spoken prompts and of word lists (no language model can guess them), and on as many
-    training word lists, of: the encoder's CTC and the adapter alone (read_alone), the base
-    student, the text teacher copying the transcript. "whole": % of spoken prompts read whole."""
-    student = load(os.path.join(out, "omni"), device)
-    teacher = load(os.path.join(out, "teacher"), device)
-    pools = world.train + world.align + world.val + world.test
-    prompts = {r["transcript"] for r in pools if r["kind"] == "text"}
-    test = test_sets(world, per_task)[1]["asr"]
-    lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts]
-    recs = test + lists[:len(test)]
-    copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .",
-             "instruction": ""} for r in recs]
-    hyps = dict(zip(("audio encoder alone, greedy CTC",
-                     "adapter's word scores alone (best token per word)"),
-                    read_alone(student, world, recs, device)))
+    hyps = {"audio encoder alone, greedy CTC": ctc,
+            "adapter's word scores alone (best token per word)": adapter}
     hyps["base student, from speech"] = xopd.generate(student, world, recs, "speech", device,
                                                       max_new_tokens, encoder=student.encoder)
     hyps["text teacher, copying the transcript from text"] = xopd.generate(
@@ -384,9 +374,9 @@ def hearing_probe(out, world, device, per_task, max_new_tokens):
 @torch.no_grad()
 def heard_split(out, world, device, per_family, max_new_tokens):
     """How much of each student's ΔS is hearing? The test prompts split by whether the base
-    student transcribes the prompt's clip whole (the audio side is frozen after omni: every
-    student hears the same); each student's score from speech and ΔS on either part. -> {"heard":
-    {family: %}, run: {"S heard" / "S misheard": {family: %}, "ΔS" / "ΔS heard" / "ΔS misheard"}}"""
+    student transcribes their clip whole (the audio side is frozen after omni: every student
+    hears the same): each student's score from speech ("S heard" / "S misheard", per family) and
+    ΔS ("ΔS", "ΔS heard", "ΔS misheard"); "heard": {family: % heard whole}."""
     runs = run_dirs(out)
     teacher = load(runs.pop("teacher"), device)
     base = load(runs["omni"], device)
@@ -505,9 +495,8 @@ def table1(seeds, names):
 
 
 def paired_table(seeds, names):
-    """Paired over seeds: each method's ΔS / ΔT minus the base student's of the same seed, so the
-    seed-to-seed spread of the pipeline cancels ('*': a mean beyond two standard errors); with
-    X-OPD among the methods, X-OPD's against each method's too (is X-OPD's the lowest?)."""
+    """Each method's ΔS / ΔT minus the base student's of the same seed (the seeds' spread cancels;
+    '*': beyond two standard errors), and X-OPD's minus each method's (is X-OPD's the lowest?)."""
     methods = [n for n in names if n.startswith("align/")]
     if "omni" not in names or not methods or len(seeds) < 2:
         return None
@@ -588,24 +577,19 @@ def tables(seeds):
     return {key: t for key, t in made.items() if t is not None}
 
 
-def load_results(out):
-    """{run name: eval.json contents, with an align run's val curve (its val.jsonl)}."""
-    results = {}
-    for name, d in run_dirs(out).items():
-        if os.path.exists(os.path.join(d, "eval.json")):
-            with open(os.path.join(d, "eval.json")) as f:
-                results[name] = json.load(f)
-            if name.startswith("align/") and os.path.exists(os.path.join(d, "val.jsonl")):
-                with open(os.path.join(d, "val.jsonl")) as f:
-                    results[name]["curve"] = [json.loads(line) for line in f if line.strip()]
-    return results
-
-
 def report(outs, write_to=None):
     """Print the tables of one run folder, or of several (one per seed: mean ± standard error),
     and write them as tables.md and tables.json into write_to (default: the first folder)."""
     outs = [outs] if isinstance(outs, str) else list(outs)
-    seeds = [load_results(o) for o in outs]
+    seeds = [{} for _ in outs]  # per seed: {run name: eval.json, an align run's val.jsonl curve}
+    for results, out in zip(seeds, outs):
+        for name, d in run_dirs(out).items():
+            if os.path.exists(os.path.join(d, "eval.json")):
+                with open(os.path.join(d, "eval.json")) as f:
+                    results[name] = json.load(f)
+                if name.startswith("align/") and os.path.exists(os.path.join(d, "val.jsonl")):
+                    with open(os.path.join(d, "val.jsonl")) as f:
+                        results[name]["curve"] = [json.loads(ln) for ln in f if ln.strip()]
     t = tables(seeds)
     head = f"{len(outs)} seed(s): " + ", ".join(outs)
     head += "; cells are mean ± standard error over seeds" if len(outs) > 1 else ""
@@ -683,8 +667,8 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
 def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
                    device="cpu", ways=("eager", "static", "graph"), prompt=None, eos_id=3):
     """Items 1 and 6: a random decoder's rollouts (temperature 1, bf16 autocast on CUDA, prompts
-    of `prompt` tokens, else 24 to 47), one way after the other. -> {way: {"s", "tok_s",
-    "repeats": the same tokens from one seed, "same": share of tokens equal to the first way's}}"""
+    of `prompt` tokens, else 24 to 47) each way. -> {way: {"s", "tok_s", "repeats": the same
+    tokens from one seed, "same": share of tokens equal to the first way's}}"""
     dec = random_decoder(preset, vocab, seed, device)
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(24, 48, (prompts,), generator=g) if prompt is None else (
@@ -710,19 +694,16 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
     return res
 
 
-def _peak_rss_mb():
-    """Peak resident memory of this process: VmHWM on Linux (a child started by fork + exec
-    inherits its parent's ru_maxrss, which would hide everything below it), else ru_maxrss."""
-    if os.path.exists("/proc/self/status"):
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
 def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
     """Item 2, one variant in this process: forward + backward time and peak extra RSS."""
+    def peak_rss_mb():  # VmHWM on Linux: a child started by fork + exec inherits ru_maxrss
+        if os.path.exists("/proc/self/status"):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
     def logprobs(h, w, t):
         if variant == "fused":
             return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
@@ -737,11 +718,11 @@ def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
     w = (0.1 * torch.randn(V, d)).requires_grad_()
     t = torch.randint(0, V, (N,))
     upstream = torch.randn(N)
-    base = _peak_rss_mb()  # inputs are in; what follows is the variant's own memory
+    base = peak_rss_mb()  # inputs are in; what follows is the variant's own memory
     t0 = time.perf_counter()
     (logprobs(h, w, t) * upstream).sum().backward()
     seconds = time.perf_counter() - t0
-    return dict(variant=variant, seconds=seconds, peak_extra_mb=_peak_rss_mb() - base,
+    return dict(variant=variant, seconds=seconds, peak_extra_mb=peak_rss_mb() - base,
                 checksum=float(h.grad.double().abs().sum() + w.grad.double().abs().sum()))
 
 
@@ -764,8 +745,7 @@ def bench_logprobs(threads=0, repeats=2):
 
 
 def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, frames=300):
-    """Item 3: one X-OPD step of the preset (after a warm-up step) in its phases: rollouts,
-    teacher scoring, the update (loss, backward, optimiser step)."""
+    """Item 3: one X-OPD step of the preset (after a warm-up step), phase by phase."""
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
@@ -826,10 +806,8 @@ def matmuls_alone(dec, shapes, sync, graph=False, **timing):
 
 def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0,
                 device="cpu", compile=True):
-    """Item 4: xopd.sample (eager, xopd.DecodeGraph, with compile xopd.compiled_step) against
-    transformers' generate on the same random Llama weights, temperature 1, no end token; the
-    linear layers' FLOPs over each one's time and over the same multiplies alone's. None
-    without transformers."""
+    """Item 4: xopd.sample's ways against transformers' generate on the same random Llama
+    weights (temperature 1, no end token); the linear layers' FLOPs over each one's time."""
     try:
         import transformers
     except ImportError:
@@ -881,8 +859,7 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
 def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0,
                       device="cpu"):
     """Item 5: one decode step (no head) on a static cache mid-rollout of item 4's size, eager
-    and (CUDA) from a CUDA graph: its time, its matmuls' share, the bandwidth it reaches (weights
-    and cached keys and values over its time) against a device copy's (read + write)."""
+    and (CUDA) from a CUDA graph: the time, the bytes it reads, and a device copy's speed."""
     dec = random_decoder(preset, vocab, seed, device)
     cuda, sync = torch.device(device).type == "cuda", device_sync(device)
     written = prompt + new_tokens // 2  # keys in the cache mid-rollout
@@ -907,8 +884,7 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
 
 
 def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
-    """Item 7, on this CPU: each preset's parameters (a tied head once), decoder forward, prefill
-    then 32 cached decode steps, encoder + adapter on clips of 10 s."""
+    """Item 7, on this CPU: each preset's parameters (a tied head once) and speeds."""
     recs = []
     for preset in presets:
         torch.manual_seed(seed)
@@ -978,9 +954,8 @@ def step_records(steps):
 
 
 def bench_items(args):
-    """`eval.py bench`'s items here: [(number, what it measures, run -> records)]. On a CPU items
-    1 to 5 and 7 (item 2 first, while this process is small: its children start from a fresh
-    memory map); with --device, items 4 to 6 alone, there."""
+    """[(number, what it measures, run -> records)]: items 1 to 5 and 7 on a CPU (2 first, while
+    this process is small: its children fork from it), with --device items 4 to 6 there."""
     dev, both = args.device, ("cpu", "gpu")
     on = "" if dev == "cpu" else f" on {dev}"
     items = [
@@ -1010,8 +985,7 @@ def bench_items(args):
 
 
 def bench(args):
-    """`eval.py bench`: each item named as it starts, then a table per item, in their order.
-    -> (the tables, the machine's line)"""
+    """`eval.py bench`: each item named as it starts, then its table. -> (tables, machine)"""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
