@@ -1,35 +1,18 @@
 """
 Score runs on the toy benchmarks, from speech (S) and from text (T), and build the paper's tables.
 
-    python eval.py --out runs/cpu        # evaluate what the run folder holds, print + write the tables
-    python eval.py --out runs/s0 runs/s1 runs/s2   # one folder per seed: mean ± standard error
-    python eval.py bench                 # speed / memory benchmarks (print a table, assert nothing):
-                                         # KV-cached vs recomputed sampling, fused vs naive log-probs,
-                                         # one X-OPD step split into its parts, (with
-                                         # transformers installed) the sampler, eager,
-                                         # graphed and compiled, vs its generate, and one
-                                         # decode step: its matmuls' share, its bandwidth
-    python eval.py bench --device cuda   # the last two alone, on the GPU, and the align
-                                         # stage's rollouts, eager and graphed
-    python eval.py --out runs/cpu --first_token   # does each student start its answers as the
-                                                  # teacher does, from speech and from text?
-    python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words:
-                                                  # encoder, adapter, decoder; prompts vs word lists
+    python eval.py --out runs/cpu                 # score what the run folder holds; the tables
+    python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± standard error
+    python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
+    python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
+    python eval.py bench [--device cuda]          # speed / memory benchmarks (a table)
 
-Premise  the paper's setting: teacher >= 90 % on every family, base student ASR WER <= 10 % (seen
-         speakers) / 15 % (unseen), ΔS 8 to 25, 0 < ΔT <= ΔS / 2, audio questions >= 80 % on
-         average; the teacher can judge the student: its log-prob per token of the student's
-         greedy answers from speech >= -3 nats on every family, per-token reverse KL <= 3 nats.
-Table 1  S and T score per text-skill family; ΔS / ΔT = mean over families of the relative drop
-         (%) against the text teacher's T score (the paper's "Avg. Drop").
-Table 2  the λ ablation of X-OPD: λ = 0 (speech only), 0.5, 1 (text only).
-Table 3  audio skills (the analog of MMAR): accuracy per question type and ASR WER, with the change
-         against the base student (forgetting).
+The tables: the premise (PREMISE), the paper's Tables 1 to 3 (TABLES); ΔS / ΔT is the paper's
+"Avg. Drop", the mean relative drop over families against the text teacher's T (avg_drop).
 """
 import argparse
 import functools
 import glob
-import hashlib
 import json
 import os
 import platform
@@ -40,30 +23,36 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 import data
 import model as M
 import xopd
+
+NAN = float("nan")
 
 # -----------------------------------------------------------------------------
 # Metrics
 
 def relative_drop(score, reference):
     """(reference - score) / reference, in percent: the paper's per-benchmark drop."""
-    return 100.0 * (reference - score) / reference if reference > 0 else float("nan")
+    return 100.0 * (reference - score) / reference if reference > 0 else NAN
 
 
 def avg_drop(scores, reference):
     """Mean relative drop over the families that both dicts score (ΔS or ΔT)."""
     fams = [f for f in reference if f in scores]
-    return sum(relative_drop(scores[f], reference[f]) for f in fams) / len(fams) if fams else float("nan")
+    if not fams:
+        return NAN
+    return sum(relative_drop(scores[f], reference[f]) for f in fams) / len(fams)
+
+
+def percent_right(recs, preds):
+    return 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
 
 
 # -----------------------------------------------------------------------------
 # Scoring one model
-
-generate = xopd.generate  # greedy answers (tests replace E.generate)
-
 
 def test_sets(world, per_family):
     """The first `per_family` test records of every family, split into text and audio skills."""
@@ -71,13 +60,14 @@ def test_sets(world, per_family):
     for r in world.test:
         if r["kind"] == "audio":
             audio.setdefault(r["task"], []).append(r)
-    return data.text_families(world.test, per_family), {t: rs[:per_family] for t, rs in sorted(audio.items())}
+    text = data.text_families(world.test, per_family)
+    return text, {t: rs[:per_family] for t, rs in sorted(audio.items())}
 
 
-def wer_by_speaker(recs, preds, heard, key, reference=lambda text: text):
-    """{key: WER %, key_seen / key_unseen: WER % on clips of speakers in / not in `heard`
-    (World.heard: the train pool's speakers)}, against reference(transcript)."""
-    wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in heard) for r, p in zip(recs, preds)]
+def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
+    """{key: WER % against reference(transcript), key_seen / key_unseen: on speakers' / others'}."""
+    wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in speakers)
+            for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
     for suffix, want in (("_seen", True), ("_unseen", False)):
         part = [w for w, seen in wers if seen == want]
@@ -86,74 +76,65 @@ def wer_by_speaker(recs, preds, heard, key, reference=lambda text: text):
     return out
 
 
-def evaluate_model(model, world, device, per_family, max_new_tokens, done=lambda part: None):
-    """{"T": {family: score}, "S": {...}, "audio": {task: score}, "asr_wer": WER, "asr_wer_seen" /
-    "asr_wer_unseen": WER on clips of speakers heard / never heard in training, "examples": [...]}.
-    done(part) is called as each family or audio task is scored (for progress lines)."""
+def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"):
+    """{"T" / "S": {family: score}, "audio": {task: score}, "asr_wer" (and _seen / _unseen: the
+    training speakers' clips / the others'), "examples": [...]}, with a progress line."""
     model.eval()
     text, audio = test_sets(world, per_family)
+    speech = not isinstance(model, M.Decoder)
+    audio = audio if speech else {}
+    progress = data.Progress("eval", f"{name} scored", len(text) + len(audio), unit="parts")
     res, examples = {"T": {}, "S": {}, "audio": {}}, []
-    modalities = ["text"] if isinstance(model, M.Decoder) else ["text", "speech"]
-    for fam, recs in text.items():
-        for mod in modalities:
-            preds = generate(model, world, recs, mod, device, max_new_tokens)
-            res["T" if mod == "text" else "S"][fam] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
-            examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"], "prediction": preds[0],
-                             "answer": recs[0]["answer"]})
-        done(fam)
-    if modalities == ["text", "speech"]:
-        for task, recs in audio.items():
-            preds = generate(model, world, recs, "speech", device, max_new_tokens)
-            done(task)
-            if task != "asr":
-                res["audio"][task] = 100.0 * sum(data.score(r, p) for r, p in zip(recs, preds)) / len(recs)
-                continue
-            res.update(wer_by_speaker(recs, preds, world.heard, "asr_wer"))
+    for i, (fam, recs) in enumerate(text.items()):
+        for mod in ("text", "speech") if speech else ("text",):
+            preds = xopd.generate(model, world, recs, mod, device, max_new_tokens)
+            res["T" if mod == "text" else "S"][fam] = percent_right(recs, preds)
+            examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"],
+                             "prediction": preds[0], "answer": recs[0]["answer"]})
+        progress(i + 1)
+    for i, (task, recs) in enumerate(audio.items()):
+        preds = xopd.generate(model, world, recs, "speech", device, max_new_tokens)
+        progress(len(text) + i + 1)
+        if task == "asr":
+            res.update(wer_by_speaker(recs, preds, world.train_speakers, "asr_wer"))
+        else:
+            res["audio"][task] = percent_right(recs, preds)
     res["examples"] = examples
     return res
 
 
 @torch.no_grad()
-@torch.no_grad()
 def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed=0, batch_size=64):
-    """
-    Can the text teacher judge what the student says from speech? X-OPD's only signal is the
-    teacher's log-probability of the student's tokens. On val prompts (never test ones), per family:
-      teacher_lp   the teacher's mean log-probability per token (end token included, pooled over
-                   the family's tokens) of the student's greedy answers from speech; also split by
-                   answers right (teacher_lp_right) and wrong (teacher_lp_wrong);
-      rkl_cm       the student's per-token cross-modal reverse KL: one answer per prompt sampled
-                   from speech at temperature 1, the mean over its tokens of
-                   log pi_theta(y_t | S, y<t) - log pi_phi(y_t | T, y<t) (the align log's -adv_cm),
-                   pooled over tokens; "rkl_cm" alone is the same over every family.
-    -> {"teacher_lp": {family: nats}, "teacher_lp_right": {...}, "teacher_lp_wrong": {...},
-        "rkl_cm_by_family": {...}, "rkl_cm": nats}
-    """
+    """Can the text teacher judge the student's answers from speech? On val prompts, per family,
+    in nats per token (end token included): the teacher's log-prob of the student's greedy
+    answers ("teacher_lp"; "_right" / "_wrong": of the right / wrong ones), xopd.sampled_rkl on
+    one answer per prompt sampled at temperature 1 ("rkl_cm_by_family"; "rkl_cm": pooled)."""
     teacher.eval()
     student.eval()
     gen = torch.Generator(device).manual_seed(seed)
     sums = {}  # (key, family) -> [nats, tokens]
 
-    def add(key, fam, nats, tokens):
+    def add(key, fam, nats, mask):
         acc = sums.setdefault((key, fam), [0.0, 0])
-        acc[0] += float(nats)
-        acc[1] += int(tokens)
+        acc[0] += float(nats.sum())
+        acc[1] += int(mask.sum())
+    kw = dict(terms=("cm",), n=1, max_new_tokens=max_new_tokens, eos_id=world.end_id, generator=gen)
     for fam, recs in data.text_families(world.val, per_family).items():
         for i in range(0, len(recs), batch_size):
             rows = recs[i:i + batch_size]
             b = world.batch(rows, device=device, encoder=student.encoder)
-            kw = dict(terms=("cm",), n=1, max_new_tokens=max_new_tokens, eos_id=world.end_id, generator=gen)
             _, greedy = xopd.student_rollouts(student, b, temperature=0.0, **kw)
             _, sampled = xopd.student_rollouts(student, b, temperature=1.0, **kw)
             ids, mask, _ = greedy["cm"]
             t_lp = xopd.teacher_logprobs(teacher, b, greedy, n=1)["cm"] * mask  # (B, L)
-            right = torch.tensor([data.score(r, world.decode(row)) == 1.0 for r, row in zip(rows, ids.tolist())])
-            add("teacher_lp", fam, t_lp.sum(), mask.sum())
-            add("teacher_lp_right", fam, t_lp[right].sum(), mask[right].sum())
-            add("teacher_lp_wrong", fam, t_lp[~right].sum(), mask[~right].sum())
+            right = torch.tensor([data.score(r, world.decode(row)) == 1.0
+                                  for r, row in zip(rows, ids.tolist())])
+            add("teacher_lp", fam, t_lp, mask)
+            add("teacher_lp_right", fam, t_lp[right], mask[right])
+            add("teacher_lp_wrong", fam, t_lp[~right], mask[~right])
             _, mask, s_lp = sampled["cm"]
-            rkl = (s_lp - xopd.teacher_logprobs(teacher, b, sampled, n=1)["cm"]) * mask
-            add("rkl_cm_by_family", fam, rkl.sum(), mask.sum())
+            t_lp = xopd.teacher_logprobs(teacher, b, sampled, n=1)["cm"]
+            add("rkl_cm_by_family", fam, xopd.sampled_rkl(s_lp, t_lp, mask), mask)
     res = {}
     for (key, fam), (nats, tokens) in sums.items():
         if tokens:
@@ -164,13 +145,11 @@ def judge(teacher, student, world, device, max_new_tokens, per_family=None, seed
 
 
 def evaluate_encoder(m, world, device, per_task, batch_size=64):
-    """A pretrained model.CTCEncoder on its own, on the test clips: greedy CTC WER of the
-    transcription clips (all, seen and unseen speakers) and the voice heads' accuracy on the
-    clips of each audio question. Perception measured before any decoder reads it."""
+    """A pretrained model.CTCEncoder alone on the test clips (perception before any decoder):
+    greedy CTC WER (all, seen and unseen speakers), the voice heads' accuracy per question."""
     m.eval()
-    _, audio = test_sets(world, per_task)
     res = {"voice": {}}
-    for task, recs in audio.items():
+    for task, recs in test_sets(world, per_task)[1].items():
         preds, voice = [], {}
         for i in range(0, len(recs), batch_size):
             mels, mel_lens = data.collate_mels([world.mel(r) for r in recs[i:i + batch_size]])
@@ -178,121 +157,151 @@ def evaluate_encoder(m, world, device, per_task, batch_size=64):
             preds += M.ctc_greedy(logp, lens)
             for k, logits in v.items():
                 voice.setdefault(k, []).extend(logits.argmax(-1).tolist())
-        if task == "asr":
-            # against the transcript as spoken (a doubled letter once): what CTC can write
-            res.update(wer_by_speaker(recs, preds, world.heard, "ctc_wer", M.spoken_letters))
+        if task == "asr":  # against the transcript as spoken (a doubled letter once)
+            res.update(wer_by_speaker(recs, preds, world.train_speakers, "ctc_wer",
+                                      M.spoken_letters))
             res["example"] = {"transcript": recs[0]["transcript"], "ctc": preds[0]}
         elif task in M.VOICE_CLASSES:
-            classes = M.VOICE_CLASSES[task]
-            res["voice"][task] = 100.0 * sum(classes[p] == r["answer"] for r, p in zip(recs, voice[task])) / len(recs)
+            right = sum(M.VOICE_CLASSES[task][p] == r["answer"] for r, p in zip(recs, voice[task]))
+            res["voice"][task] = 100.0 * right / len(recs)
     return res
+
+
+# -----------------------------------------------------------------------------
+# Run folders: what they hold, what they were made from, and the scores cached in them
+
+# The settings two seeds of one run may differ in (check_runs)
+BESIDE_THE_RUN = ("out", "data", "seed", "resume", "ckpt_every", "log_every", "eval_per_family")
 
 
 def run_dirs(out):
     """Every finished run under out: teacher, omni (the base student), align/<name>."""
-    runs = {}
-    for name in ["teacher", "omni"] + sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "align", "*"))):
-        if os.path.exists(os.path.join(out, name, "model.pt")):
-            runs[name] = os.path.join(out, name)
-    return runs
+    aligned = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "align", "*")))
+    return {name: os.path.join(out, name) for name in ["teacher", "omni"] + aligned
+            if os.path.exists(os.path.join(out, name, "model.pt"))}
+
+
+def load(run_dir, device):
+    """The model a run folder holds, on device, in eval mode."""
+    return M.load_model(os.path.join(run_dir, "model.pt"), device)[0].eval()
 
 
 def run_world(out, data_dir=None):
-    """The World of the run in folder out, as train.py built it (world_of, with the n_mels of the
-    run's speech encoder), from any directory."""
-    settings = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+    """The World of the run in folder out as train.py built it (world_of, with the n_mels of the
+    run's speech encoder), from any directory. Refused when its tokenizer is not the run's."""
+    ckpts = {name: M.load_checkpoint(os.path.join(d, "model.pt"))
+             for name, d in run_dirs(out).items() if name in ("teacher", "omni")}
+    settings = ckpts["teacher"]["train"]
     settings = {**settings, **{k: data.run_path(settings, k, out) for k in data.RUN_PATHS}}
-    omni = os.path.join(out, "omni", "model.pt")
-    enc = M.load_checkpoint(omni)["configs"]["encoder"] if os.path.exists(omni) else {}
+    enc = ckpts["omni"]["configs"]["encoder"] if "omni" in ckpts else {}
     world = data.world_of(settings, enc.get("n_mels", data.N_MELS), data_dir)
-    world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))  # before any model is scored
+    tokenizer = os.path.join(settings["teacher"] or data_dir or settings["data"], "tokenizer.json")
+    for name, ckpt in ckpts.items():
+        if ckpt.get("tokenizer", world.tok.to_str()) != world.tok.to_str():
+            raise ValueError(
+                f"{tokenizer} is not the tokenizer {os.path.join(out, name, 'model.pt')} was "
+                f"trained with (vocabularies of {world.tok.get_vocab_size()} and "
+                f"{Tokenizer.from_str(ckpt['tokenizer']).get_vocab_size()} tokens); expected "
+                "the one of the run's own data folder")
+    world.check_clips(data.encoder_seconds(enc.get("n_ctx", M.EncoderConfig.n_ctx)))
     return world
 
 
-def scored_on(world, **settings):
-    """What a score depends on besides the model: the settings given (prompts per family, answer
-    length) and the data scored, known by a hash of the manifests eval reads (test.jsonl: the
-    prompts and clips; train.jsonl: which speakers count as heard; val.jsonl: judge's prompts) and, for a generated toy world,
-    its done.json (seed, preset, format: the clips themselves). Cached with the scores in eval.json:
-    scores cached under another key are made again, never shown as this one's."""
-    h = hashlib.sha256()
-    for name in ("test.jsonl", "train.jsonl", "val.jsonl"):  # val: the prompts judge reads
-        if os.path.exists(os.path.join(world.dir, name)):
-            with open(os.path.join(world.dir, name), "rb") as f:
-                h.update(f.read())
-    done = os.path.join(world.dir, "done.json")
-    toy = json.load(open(done)) if os.path.exists(done) else None
-    return {**settings, "data": {"manifests": h.hexdigest()[:16], "toy_world": toy}}
+def check_runs(outs):
+    """Several --out folders, the seeds of one table: refused when two are one folder, or when a
+    run was trained with other settings (BESIDE_THE_RUN aside) than the same run of another."""
+    seen = {}
+    for out in outs:
+        first = seen.setdefault(os.path.realpath(out), out)
+        if first != out:
+            raise ValueError(f"{first} and {out} are the same run folder: give each seed's once")
+    if len(outs) < 2:
+        return
+    made = {out: {} for out in outs}
+    for out in outs:
+        for name, d in run_dirs(out).items():
+            ckpt = M.load_checkpoint(os.path.join(d, "model.pt"))
+            settings = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
+            made[out][name] = {k: v for k, v in settings.items() if k not in BESIDE_THE_RUN}
+    for out in outs[1:]:
+        for name in (n for n in made[outs[0]] if n in made[out]):
+            a, b = made[outs[0]][name], made[out][name]
+            diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}"
+                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+            if diff:
+                raise ValueError(f"{name} of {outs[0]} and of {out} were trained with other "
+                                 f"settings ({diff}): a table's cells are the seeds of one run")
 
 
-def cached(path, ckpt, key, name):
-    """The scores in eval.json at path when they are of this checkpoint (written after it) and of
-    this key (scored_on); else None, with a line saying why they are made again."""
-    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(ckpt):
+def cached(path, model_pt, key, name, fields):
+    """The scores in eval.json at path when their fingerprint is key's and they are newer than
+    the checkpoint; else None, with a line saying why (none for a missing eval.json)."""
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(model_pt):
         return None
-    with open(path) as f:
-        res = json.load(f)
-    old = res.get("settings", {})
-    if old == key:
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        res = None
+    if not isinstance(res, dict) or any(k not in res for k in fields):
+        print(f"[eval] {name}: {path} is unreadable or incomplete: scoring again")
+        return None
+    if res.get("fingerprint") == data.fingerprint(key):
         return res
-    diff = [f"{k} {old.get(k)!r} -> {v!r}" if k != "data" else "another data folder" for k, v in key.items() if old.get(k) != v]
-    print(f"[eval] {name}: {path} was scored with other settings ({'; '.join(diff)}): scoring again")
+    old = res.get("settings", {})
+    diff = "; ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in key.items() if old.get(k) != v)
+    print(f"[eval] {name}: {path} was scored with other settings ({diff}): scoring again")
     return None
 
 
-def score_encoder(out, world, device, per_task):
-    """The pretrained encoder on its own, into encoder/eval.json (unless cached), printed."""
-    path, ckpt = os.path.join(out, "encoder", "eval.json"), os.path.join(out, "encoder", "model.pt")
-    key = scored_on(world, per_family=per_task)
-    if not os.path.exists(ckpt) or cached(path, ckpt, key, "encoder"):
-        return
-    m, _ = M.load_model(ckpt, device)
-    res = {**evaluate_encoder(m, world, device, per_task), "settings": key}
-    M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-    wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers {res.get('ctc_wer_seen', float('nan')):.1f}, "
-           f"unseen {res.get('ctc_wer_unseen', float('nan')):.1f})" if "ctc_wer" in res else "no transcription clips (task asr)")
-    print(f"[eval] encoder on its own, test clips: {wer}; voice heads {fmt_scores(res['voice']) or '-'}")
-
-
 def evaluate_all(out, world, device, per_family, max_new_tokens):
-    """Score every finished run whose eval.json is missing, older than its model.pt, or scored
-    with other settings or data (scored_on) (stage 5); a student is also judged by the run's
-    teacher on the val prompts (judge, under "judge")."""
-    key = scored_on(world, per_family=per_family, max_new_tokens=max_new_tokens)
-    score_encoder(out, world, device, per_family)
-    teacher = None
-    for name, d in run_dirs(out).items():
-        path, ckpt = os.path.join(d, "eval.json"), os.path.join(d, "model.pt")
-        old = cached(path, ckpt, key, name)
-        if old and ("judge" in old or not old["S"]):  # a student (scored from speech) is judged too
+    """Score every finished run and the pretrained encoder alone, unless their eval.json is
+    cached; a student is also judged by the run's teacher on the val prompts (judge)."""
+    teacher_pt = os.path.join(out, "teacher", "model.pt")
+    teacher_id, teacher = M.load_checkpoint(teacher_pt).get("fingerprint_id"), None
+    encoder = os.path.join(out, "encoder")
+    runs = {"encoder": encoder} if os.path.exists(os.path.join(encoder, "model.pt")) else {}
+    for name, d in (runs | run_dirs(out)).items():
+        path, ckpt, alone = os.path.join(d, "eval.json"), os.path.join(d, "model.pt"), d == encoder
+        # what the scores are made from (eval.json's fingerprint); the encoder has no judge
+        key = {"model": M.load_checkpoint(ckpt).get("fingerprint_id"),
+               "teacher": None if alone else teacher_id, "data": world.digest(("test", "val")),
+               "per_family": per_family, "max_new_tokens": None if alone else max_new_tokens}
+        old = cached(path, ckpt, key, name, ("voice",) if alone else ("T", "S", "audio"))
+        if old and (alone or "judge" in old or not old["S"]):  # a student is judged too
             continue
         m, _ = M.load_model(ckpt, device)
-        t0 = shown = time.time()
-
-        def done(part):  # a line at most every 5 s while one model is scored
-            nonlocal shown
-            if time.time() - shown >= 5:
-                print(f"[eval] {name}: ... {part} scored ({time.time() - t0:.0f} s)", flush=True)
-                shown = time.time()
-        res = {**evaluate_model(m, world, device, per_family, max_new_tokens, done), "settings": key}
+        res = (evaluate_encoder(m, world, device, per_family) if alone else
+               evaluate_model(m, world, device, per_family, max_new_tokens, name))
         if isinstance(m, M.SpeechLM):
-            teacher = teacher or M.load_model(os.path.join(out, "teacher", "model.pt"), device)[0]
+            teacher = teacher or M.load_model(teacher_pt, device)[0]
             res["judge"] = judge(teacher, m, world, device, max_new_tokens)
+        res.update(settings=key, fingerprint=data.fingerprint(key))
         M.atomic_write(path, lambda f: json.dump(res, f, indent=1))
-        print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+        if not alone:
+            print(f"[eval] {name}: T {fmt_scores(res['T'])} | S {fmt_scores(res['S'])}")
+            continue
+        wer = (f"greedy CTC WER {res['ctc_wer']:.1f} % (seen speakers "
+               f"{res.get('ctc_wer_seen', NAN):.1f}, unseen {res.get('ctc_wer_unseen', NAN):.1f})"
+               if "ctc_wer" in res else "no transcription clips (task asr)")
+        print(f"[eval] encoder on its own, test clips: {wer}; voice heads "
+              f"{fmt_scores(res['voice'])}")
 
+
+def fmt_scores(d):
+    return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
+
+
+# -----------------------------------------------------------------------------
+# Probes: where the gap from speech comes from
 
 @torch.no_grad()
 def first_token_probe(out, world, device, per_family):
-    """
-    Does the student start its answers as its teacher does? On val prompts (never test ones):
-    the first token of the text teacher's greedy answer from text, and its probability under the
-    base student and every aligned one, from speech and from text. At temperature 1 that is the
-    share of a student's rollouts whose first token is the teacher's.
-    -> {run: {family: (p from speech, p from text)}}
-    """
+    """Does each student start its answers as its teacher does? On val prompts, the probability
+    (%) of the teacher's greedy first token from text under every student, from speech and from
+    text. -> {run: {family: (p from speech, p from text)}}"""
     runs = run_dirs(out)
-    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
+    teacher = load(runs.pop("teacher"), device)
     fams = data.text_families(world.val, per_family)
     last = xopd.last_hidden  # (B, T, d) -> (B, d) at each row's last prompt position
     first = {}
@@ -301,8 +310,7 @@ def first_token_probe(out, world, device, per_family):
         first[fam] = teacher.logits(last(teacher(b.text_ids), b.text_lens)).argmax(-1)  # (B,)
     res = {}
     for name, d in runs.items():
-        m, _ = M.load_model(os.path.join(d, "model.pt"), device)
-        m.eval()
+        m = load(d, device)
         res[name] = {}
         for fam, rs in fams.items():
             b = world.batch(rs, device=device, encoder=m.encoder)
@@ -316,111 +324,101 @@ def first_token_probe(out, world, device, per_family):
 
 
 @torch.no_grad()
-def hearing_probe(out, world, device, per_task, max_new_tokens):
-    """
-    Where are words lost between the clip and the base student's transcript? On the test
-    transcription clips, split into clips of spoken prompts (sentences of the text families) and
-    of word lists (random words of the vocabulary, which no language model can guess), the WER of:
-    the frozen encoder's own greedy CTC output (against the words as spoken: a doubled letter
-    once); the adapter's word scores alone (each word's best-scoring token, no decoder); the base
-    student's transcript; and the text teacher copying the same transcripts from text ("repeat
-    the words : ..."), which needs no hearing at all. Also the share of spoken prompts read with
-    every spoken word right: a task can only be answered from what was heard; and, as many, the
-    word lists of the training clips, which the omni stage trained on (a decoder that memorised
-    them reads those far better than the test lists).
-    -> {row: {"prompts": WER %, "lists": WER %, "all": WER % (test clips), "train lists": WER %,
-              "whole": % of prompt clips}}
-    """
-    student, _ = M.load_model(os.path.join(out, "omni", "model.pt"), device)
-    teacher, _ = M.load_model(os.path.join(out, "teacher", "model.pt"), device)
-    student.eval()
-    teacher.eval()
-    prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
+def hearing_probe(out, world, device, per_task, max_new_tokens, batch_size=64):
+    """Where are words lost between a clip and the base student's transcript? The WER on the test
+    clips of spoken prompts and of word lists (no language model can guess them), and on as many
+    training word lists, of: the encoder's greedy CTC alone, the adapter alone (each word's
+    best-scoring token, no decoder), the base student, the text teacher copying the transcript.
+    "whole": % of spoken prompts read whole."""
+    student = load(os.path.join(out, "omni"), device)
+    teacher = load(os.path.join(out, "teacher"), device)
+    pools = world.train + world.align + world.val + world.test
+    prompts = {r["transcript"] for r in pools if r["kind"] == "text"}
     test = test_sets(world, per_task)[1]["asr"]
-    recs = test + [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts][:len(test)]
+    lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts]
+    recs = test + lists[:len(test)]
+    copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .",
+             "instruction": ""} for r in recs]
     ctc, adapter = [], []
-    for i in range(0, len(recs), 64):
-        rows = recs[i:i + 64]
+    for i in range(0, len(recs), batch_size):
+        rows = recs[i:i + batch_size]
         mels, mel_lens = data.collate_mels([world.mel(r) for r in rows])
         _, lens, logp = student.encoder.frames(mels.to(device), mel_lens.to(device))
         ctc += M.ctc_greedy(logp, lens)
         b = world.batch(rows, device=device, text=False, encoder=student.encoder)
-        _, n, logits = student.adapter(b.feats, b.feat_lens, student.decoder.embed_tokens.weight)  # (B, W, vocab)
-        adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(logits.argmax(-1).tolist(), n.tolist())]
-    copy = [{**r, "transcript": f"repeat the words : {data.spoken_words(r['transcript'])} .", "instruction": ""} for r in recs]
+        emb = student.decoder.embed_tokens.weight
+        _, n, logits = student.adapter(b.feats, b.feat_lens, emb)  # (B, W, vocab)
+        best = logits.argmax(-1).tolist()
+        adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(best, n.tolist())]
     hyps = {"audio encoder alone, greedy CTC": ctc,
-            "adapter's word scores alone (best token per word)": adapter,
-            "base student, from speech": generate(student, world, recs, "speech", device, max_new_tokens, encoder=student.encoder),
-            "text teacher, copying the transcript from text": generate(teacher, world, copy, "text", device, max_new_tokens)}
+            "adapter's word scores alone (best token per word)": adapter}
+    hyps["base student, from speech"] = xopd.generate(student, world, recs, "speech", device,
+                                                      max_new_tokens, encoder=student.encoder)
+    hyps["text teacher, copying the transcript from text"] = xopd.generate(
+        teacher, world, copy, "text", device, max_new_tokens)
     res = {}
     for row, preds in hyps.items():
-        ref = (lambda t: M.spoken_letters(data.spoken_words(t))) if row.startswith("audio encoder") else data.spoken_words
-        wers = [(data.wer(ref(r["transcript"]), data.spoken_words(p)), r["transcript"] in prompts) for r, p in zip(recs, preds)]
+        ref = ((lambda t: M.spoken_letters(data.spoken_words(t)))
+               if row.startswith("audio encoder") else data.spoken_words)
+        wers = [(data.wer(ref(r["transcript"]), data.spoken_words(p)), r["transcript"] in prompts)
+                for r, p in zip(recs, preds)]
         wers, train = wers[:len(test)], wers[len(test):]
-        res[row] = {k: 100.0 * sum(w for w, _ in part) / max(1, len(part)) for k, part in
-                    (("prompts", [x for x in wers if x[1]]), ("lists", [x for x in wers if not x[1]]), ("all", wers),
-                     ("train lists", train))}
-        res[row]["whole"] = 100.0 * sum(w == 0 for w, p in wers if p) / max(1, sum(p for _, p in wers))
+        parts = (("prompts", [x for x in wers if x[1]]), ("lists", [x for x in wers if not x[1]]),
+                 ("all", wers), ("train lists", train))
+        res[row] = {k: 100.0 * sum(w for w, _ in part) / max(1, len(part)) for k, part in parts}
+        whole = sum(w == 0 for w, p in wers if p)
+        res[row]["whole"] = 100.0 * whole / max(1, sum(p for _, p in wers))
     return res
 
 
 @torch.no_grad()
 def heard_split(out, world, device, per_family, max_new_tokens):
-    """
-    How much of each student's ΔS is hearing? The test prompts of every text family are split by
-    whether the base student transcribes the prompt's own clip whole (every spoken word right, asked
-    with the transcription instruction). Encoder and adapter are frozen after the omni stage, so
-    every aligned student reads the same audio vectors as the base one. Each student's score from
-    speech and ΔS on either part (against the teacher's text scores on the same prompts): ΔS on
-    the prompts heard whole is the gap that is not about hearing.
-    -> {"heard": {family: % heard whole}, run: {"S heard" / "S misheard": {family: %},
-        "ΔS" / "ΔS heard" / "ΔS misheard": float}} (a part with no prompt scores nan)
-    """
+    """How much of each student's ΔS is hearing? The test prompts split by whether the base
+    student transcribes their clip whole (the audio side is frozen after omni: every student
+    hears the same): each student's score from speech ("S heard" / "S misheard", per family) and
+    ΔS ("ΔS", "ΔS heard", "ΔS misheard"); "heard": {family: % heard whole}."""
     runs = run_dirs(out)
-    teacher, _ = M.load_model(os.path.join(runs.pop("teacher"), "model.pt"), device)
-    base, _ = M.load_model(os.path.join(runs["omni"], "model.pt"), device)
-    base.eval()
+    teacher = load(runs.pop("teacher"), device)
+    base = load(runs["omni"], device)
     fams = test_sets(world, per_family)[0]
+
+    def gen(model, recs, modality):
+        return xopd.generate(model, world, recs, modality, device, max_new_tokens)
     asr = data.AUDIO_INSTRUCTIONS["asr"]
     heard = {f: [data.spoken_words(p) == data.spoken_words(r["transcript"]) for r, p in
-                 zip(rs, generate(base, world, [{**r, "instruction": asr} for r in rs], "speech", device, max_new_tokens))]
+                 zip(rs, gen(base, [{**r, "instruction": asr} for r in rs], "speech"))]
              for f, rs in fams.items()}
 
     def scores(model, modality):
-        return {f: [data.score(r, p) for r, p in zip(rs, generate(model, world, rs, modality, device, max_new_tokens))]
+        return {f: [data.score(r, p) for r, p in zip(rs, gen(model, rs, modality))]
                 for f, rs in fams.items()}
 
-    def on(xs, part):  # {family: % right} on one part of the split
+    def on(xs, part):  # {family: % right} on one part of the split (nan: no prompt)
         sel = {f: [x for x, h in zip(xs[f], heard[f]) if part is None or h == part] for f in xs}
-        return {f: 100.0 * sum(v) / len(v) if v else float("nan") for f, v in sel.items()}
+        return {f: 100.0 * sum(v) / len(v) if v else NAN for f, v in sel.items()}
     teacher_T = scores(teacher, "text")
     res = {"heard": {f: 100.0 * sum(h) / len(h) for f, h in heard.items()}}
     for name, d in runs.items():
-        m = base if name == "omni" else M.load_model(os.path.join(d, "model.pt"), device)[0]
-        m.eval()
-        S = scores(m, "speech")
+        S = scores(base if name == "omni" else load(d, device), "speech")
         res[name] = {"S heard": on(S, True), "S misheard": on(S, False)}
         for key, part in (("ΔS", None), ("ΔS heard", True), ("ΔS misheard", False)):
             res[name][key] = avg_drop(on(S, part), on(teacher_T, part))
     return res
 
 
-def fmt_scores(d):
-    return " ".join(f"{k} {v:.1f}" for k, v in d.items()) or "-"
-
-
 # -----------------------------------------------------------------------------
 # Tables
 
 def label(name):
-    return {"teacher": "text teacher (T only)", "omni": "base student"}.get(name, name.replace("align/", ""))
+    return {"teacher": "text teacher (T only)", "omni": "base student"}.get(
+        name, name.replace("align/", ""))
 
 
 def mean_se(xs):
     """Mean and standard error of the mean (sample std / sqrt(n)); se is nan for one value."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return m, float("nan")
+        return m, NAN
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
@@ -435,23 +433,36 @@ def drops(seeds, name, modality):
     return [avg_drop(r[name][modality], r["teacher"]["T"]) for r in seeds]
 
 
-# The premise (the paper's setting, in miniature): a strong text teacher; a base student that
-# hears well but answers worse from speech than its text backbone does, and lost a little
-# from text; audio skills worth forgetting. name, value from one seed's results, target, test.
+def markdown(header, rows):
+    """A markdown table: the header, a rule, a line per row of cells (an empty cell is blank)."""
+    lines = [header, "|---|" + "---|" * (header.count("|") - 2)]
+    return "\n".join(lines + ["|" + "".join(f" {c} |" if c else " |" for c in row) for row in rows])
+
+
+# The premise, the paper's setting in miniature: a strong text teacher; a base student that hears
+# well but answers worse from speech than its backbone, a little worse from text, with audio
+# skills it can forget; a teacher that can judge the student (judge). Name, value from one seed's
+# results, target, test of the seeds' mean (and of the seeds).
 PREMISE = [
-    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()), ">= 90", lambda v: v >= 90),
-    ("base student ASR WER, seen speakers (%)", lambda r: r["omni"].get("asr_wer_seen", float("nan")), "<= 10", lambda v: v <= 10),
-    ("base student ASR WER, unseen speakers (%)", lambda r: r["omni"].get("asr_wer_unseen", float("nan")), "<= 15", lambda v: v <= 15),
-    ("base student ΔS (%)", lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), "8 to 25", lambda v: 8 <= v <= 25),
-    ("base student ΔT (%)", lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]), "> 0 and <= ΔS / 2", None),
+    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()),
+     ">= 90", lambda v, _: v >= 90),
+    ("base student ASR WER, seen speakers (%)", lambda r: r["omni"].get("asr_wer_seen", NAN),
+     "<= 10", lambda v, _: v <= 10),
+    ("base student ASR WER, unseen speakers (%)", lambda r: r["omni"].get("asr_wer_unseen", NAN),
+     "<= 15", lambda v, _: v <= 15),
+    ("base student ΔS (%)", lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), "8 to 25",
+     lambda v, _: 8 <= v <= 25),
+    ("base student ΔT (%)", lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]),
+     "> 0 and <= ΔS / 2",
+     lambda v, seeds: 0 < v <= sum(drops(seeds, "omni", "S")) / len(seeds) / 2),
     ("base student audio questions, mean accuracy (%)",
-     lambda r: sum(r["omni"]["audio"].values()) / max(1, len(r["omni"]["audio"])), ">= 80", lambda v: v >= 80),
-    # the teacher can judge the student (judge): it gives the student's answers from speech a
-    # probability a real text LLM would, and the two are close enough for its feedback to carry
-    ("teacher's log-prob per token of the base student's greedy answers from speech, worst family, val (nats)",
-     lambda r: min(r["omni"].get("judge", {}).get("teacher_lp", {"-": float("nan")}).values()), ">= -3", lambda v: v >= -3),
+     lambda r: sum(r["omni"]["audio"].values()) / max(1, len(r["omni"]["audio"])), ">= 80",
+     lambda v, _: v >= 80),
+    ("teacher's log-prob per token of the base student's greedy answers from speech, worst "
+     "family, val (nats)", lambda r: min(r["omni"].get("judge", {}).get("teacher_lp", {"-": NAN})
+                                         .values()), ">= -3", lambda v, _: v >= -3),
     ("base student's per-token cross-modal reverse KL to the teacher, val (nats)",
-     lambda r: r["omni"].get("judge", {}).get("rkl_cm", float("nan")), "<= 3", lambda v: v <= 3),
+     lambda r: r["omni"].get("judge", {}).get("rkl_cm", NAN), "<= 3", lambda v, _: v <= 3),
 ]
 
 
@@ -461,134 +472,183 @@ def premise(seeds):
     rows = []
     for name, value, target, test in PREMISE:
         vals = [value(r) for r in seeds]
-        m = sum(vals) / len(vals)
-        if test is None:  # ΔT: between 0 and the same seeds' mean ΔS
-            ds = sum(avg_drop(r["omni"]["S"], r["teacher"]["T"]) for r in seeds) / len(seeds)
-            met = 0 < m <= ds / 2
-        else:
-            met = test(m)
-        rows.append((name, vals, target, met))
+        rows.append((name, vals, target, test(sum(vals) / len(vals), seeds)))
     return rows
 
 
-def tables(seeds):
-    """The premise table and the paper's three tables as markdown, from a list of per-seed
-    results ({run name: eval.json contents}); a cell is the mean ± standard error over seeds.
-    Only runs present in every seed are shown."""
-    seeds = [r for r in seeds if "teacher" in r]
-    if not seeds:
-        return {}
-    names = [n for n in seeds[0] if all(n in r for r in seeds)]
-    fams = list(seeds[0]["teacher"]["T"])
-    out = {}
+def premise_table(seeds, names):
     if "omni" in names:
-        rows = ["| premise | value | target | met |", "|---|---|---|---|"]
-        rows += [f"| {n} | {fmt(v)} | {t} | {'yes' if ok else 'NO'} |" for n, v, t, ok in premise(seeds)]
-        out["premise"] = "\n".join(rows)
-    # Table 1
-    rows = ["| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |",
-            "|---|" + "---|---|" * len(fams) + "---|---|"]
-    for n in names:
-        cells = []
-        for f in fams:
-            s = fmt([r[n]["S"][f] for r in seeds]) if f in seeds[0][n]["S"] else "-"
-            cells.append(f"{s} | {fmt([r[n]['T'][f] for r in seeds])}")
-        ds = fmt(drops(seeds, n, "S"), 2) if seeds[0][n]["S"] else "-"
-        rows.append(f"| {label(n)} | " + " | ".join(cells) + f" | {ds} | {fmt(drops(seeds, n, 'T'), 2)} |")
-    out["table1"] = "\n".join(rows)
-    # paired over seeds: each method's ΔS / ΔT minus the base student's of the same seed, so the
-    # seed-to-seed spread of the pipeline cancels; '*' marks a mean beyond two standard errors
+        rows = [(n, fmt(v), t, "yes" if ok else "NO") for n, v, t, ok in premise(seeds)]
+        return markdown("| premise | value | target | met |", rows)
+
+
+def table1(seeds, names):
+    fams = list(seeds[0]["teacher"]["T"])
+
+    def cell(n, modality, f):  # the teacher has no S
+        return fmt([r[n][modality][f] for r in seeds]) if f in seeds[0][n][modality] else "-"
+    rows = [[label(n), *(cell(n, m, f) for f in fams for m in "ST"),
+             fmt(drops(seeds, n, "S"), 2) if seeds[0][n]["S"] else "-",
+             fmt(drops(seeds, n, "T"), 2)] for n in names]
+    head = "| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " | ΔS | ΔT |"
+    return markdown(head, rows)
+
+
+def paired_table(seeds, names):
+    """Each method's ΔS / ΔT minus the base student's of the same seed (the seeds' spread cancels;
+    '*': beyond two standard errors), and X-OPD's minus each method's (is X-OPD's the lowest?)."""
     methods = [n for n in names if n.startswith("align/")]
-    if "omni" in names and methods and len(seeds) > 1:
-        def paired(n, modality, against="omni"):
-            d = [a - b for a, b in zip(drops(seeds, n, modality), drops(seeds, against, modality))]
-            m, se = mean_se(d)
-            return fmt(d, 2) + (" *" if abs(m) > 2 * se else "")
-        xo = "align/xopd" in methods  # is X-OPD's the lowest? the same pairing, X-OPD against every other method
-        rows = ["| model | ΔS − base student's | ΔT − base student's |" + (" X-OPD's ΔS − this | X-OPD's ΔT − this |" if xo else ""),
-                "|---|---|---|" + ("---|---|" if xo else "")]
-        for n in methods:
-            vs = "" if not xo else " | |" if n == "align/xopd" else f" {paired('align/xopd', 'S', n)} | {paired('align/xopd', 'T', n)} |"
-            rows.append(f"| {label(n)} | {paired(n, 'S')} | {paired(n, 'T')} |" + vs)
-        out["paired"] = "\n".join(rows)
-    # Table 2: λ ablation
-    lam_runs = [(lam, n) for lam, n in ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1")) if n in names]
-    if lam_runs:
-        rows = ["| λ | ΔS | ΔT |", "|---|---|---|"]
-        rows += [f"| {lam:g} | {fmt(drops(seeds, n, 'S'), 2)} | {fmt(drops(seeds, n, 'T'), 2)} |" for lam, n in lam_runs]
-        out["table2"] = "\n".join(rows)
-    # Table 3: audio skills against the base student (forgetting)
+    if "omni" not in names or not methods or len(seeds) < 2:
+        return None
+
+    def paired(n, modality, against="omni"):
+        d = [a - b for a, b in zip(drops(seeds, n, modality), drops(seeds, against, modality))]
+        m, se = mean_se(d)
+        return fmt(d, 2) + (" *" if abs(m) > 2 * se else "")
+    head = "| model | ΔS − base student's | ΔT − base student's |"
+    rows = [[label(n), paired(n, "S"), paired(n, "T")] for n in methods]
+    if "align/xopd" not in methods:
+        return markdown(head, rows)
+    for n, row in zip(methods, rows):
+        row += ["", ""] if n == "align/xopd" else [paired("align/xopd", m, n) for m in "ST"]
+    return markdown(head + " X-OPD's ΔS − this | X-OPD's ΔT − this |", rows)
+
+
+def table2(seeds, names):
+    runs = ((0.0, "align/xopd_lam0"), (0.5, "align/xopd"), (1.0, "align/xopd_lam1"))
+    rows = [[f"{lam:g}", fmt(drops(seeds, n, "S"), 2), fmt(drops(seeds, n, "T"), 2)]
+            for lam, n in runs if n in names]
+    return markdown("| λ | ΔS | ΔT |", rows) if rows else None
+
+
+def table3(seeds, names):
     students = [n for n in names if seeds[0][n].get("audio")]
-    if "omni" in students:
-        tasks = list(seeds[0]["omni"]["audio"])
-        avg = lambda r: sum(r["audio"].values()) / len(r["audio"])
-        rows = ["| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |", "|---|" + "---|" * (len(tasks) + 3)]
-        for n in students:
-            rows.append(f"| {label(n)} | " + " | ".join(fmt([r[n]["audio"][t] for r in seeds]) for t in tasks) +
-                        f" | {fmt([avg(r[n]) for r in seeds])} | {fmt([avg(r[n]) - avg(r['omni']) for r in seeds])} |"
-                        f" {fmt([r[n].get('asr_wer', float('nan')) for r in seeds])} |")
-        out["table3"] = "\n".join(rows)
-    # the align stage's val curves: score from speech and the two reverse-KL estimates, per val step
-    curved = [n for n in methods if all(r[n].get("curve") for r in seeds)]
-    if curved:
-        steps = [c["step"] for c in seeds[0][curved[0]]["curve"]]
-        rows = ["| model | " + " | ".join(f"step {k}" for k in steps) + " | rkl_im first → last | rkl_cm first → last |",
-                "|---|" + "---|" * (len(steps) + 2)]
-        for n in curved:
-            at = lambda key, i: fmt([r[n]["curve"][i][key] for r in seeds], 2 if key.startswith("rkl") else 1)
-            rows.append(f"| {label(n)} | " + " | ".join(at("val_S", i) for i in range(len(steps))) +
-                        "".join(f" | {at(k, 0)} → {at(k, -1)}" for k in ("rkl_im", "rkl_cm")) + " |")
-        out["curves"] = "\n".join(rows)
-    return out
+    if "omni" not in students:
+        return None
+    tasks = list(seeds[0]["omni"]["audio"])
+
+    def avg(r):
+        return sum(r["audio"].values()) / len(r["audio"])
+    rows = [[label(n), *(fmt([r[n]["audio"][t] for r in seeds]) for t in tasks),
+             fmt([avg(r[n]) for r in seeds]), fmt([avg(r[n]) - avg(r["omni"]) for r in seeds]),
+             fmt([r[n].get("asr_wer", NAN) for r in seeds])] for n in students]
+    head = "| model | " + " | ".join(tasks) + " | audio avg | Δ vs base | ASR WER |"
+    return markdown(head, rows)
 
 
-TITLES = {
-    "premise": "Premise: the paper's setting in miniature (base student = after the omni stage)",
-    "table1": "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean relative drop (%) vs the text teacher",
-    "paired": "Table 1, paired: each method's change of ΔS / ΔT against the base student of its own seed, and X-OPD's against each method's, seed by seed (* beyond two standard errors)",
-    "table2": "Table 2: λ ablation of X-OPD",
-    "table3": "Table 3: audio skills (accuracy %, ASR WER %) vs the base student",
-    "curves": "The align stage's val curves: score from speech (%, val prompts) at each val step; reverse-KL estimates (nats per response)",
-}
+def curves_table(seeds, names):
+    curved = [n for n in names if n.startswith("align/") and all(r[n].get("curve") for r in seeds)]
+    if not curved:
+        return None
+    steps = [c["step"] for c in seeds[0][curved[0]]["curve"]]
+    rows = []
+    for n in curved:
+        def at(key, i):
+            return fmt([r[n]["curve"][i][key] for r in seeds], 2 if key.startswith("rkl") else 1)
+        rows.append([label(n), *(at("val_S", i) for i in range(len(steps)))]
+                    + [f"{at(k, 0)} → {at(k, -1)}" for k in ("rkl_im", "rkl_cm")])
+    return markdown("| model | " + " | ".join(f"step {k}" for k in steps)
+                    + " | rkl_im first → last | rkl_cm first → last |", rows)
 
 
-def load_results(out):
-    """{run name: eval.json contents} for every evaluated run in a run folder."""
-    results = {}
-    for name, d in run_dirs(out).items():
-        p = os.path.join(d, "eval.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                results[name] = json.load(f)
-            curve = os.path.join(d, "val.jsonl")  # an align run's val curve (train.validate)
-            if name.startswith("align/") and os.path.exists(curve):
-                with open(curve) as f:
-                    results[name]["curve"] = [json.loads(line) for line in f if line.strip()]
-    return results
+# Each table: its key in tables(), the function that makes it (None: not for these runs), title
+TABLES = [
+    ("premise", premise_table, "Premise: the paper's setting in miniature (base student = after "
+     "the omni stage)"),
+    ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean "
+     "relative drop (%) vs the text teacher"),
+    ("paired", paired_table, "Table 1, paired: each method's change of ΔS / ΔT against the base "
+     "student of its own seed, and X-OPD's against each method's, seed by seed (* beyond two "
+     "standard errors)"),
+    ("table2", table2, "Table 2: λ ablation of X-OPD"),
+    ("table3", table3, "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"),
+    ("curves", curves_table, "The align stage's val curves: score from speech (%, val prompts) at "
+     "each val step; reverse-KL estimates (nats per response)"),
+]
+TITLES = {key: title for key, _, title in TABLES}
+
+
+def tables(seeds):
+    """TABLES as markdown from per-seed results ({run name: eval.json contents}): a cell is the
+    mean ± standard error over seeds, of the runs present in every seed."""
+    seeds = [r for r in seeds if "teacher" in r]
+    names = [n for n in seeds[0] if all(n in r for r in seeds)] if seeds else []
+    made = {key: make(seeds, names) for key, make, _ in TABLES} if seeds else {}
+    return {key: t for key, t in made.items() if t is not None}
 
 
 def report(outs, write_to=None):
     """Print the tables of one run folder, or of several (one per seed: mean ± standard error),
     and write them as tables.md and tables.json into write_to (default: the first folder)."""
     outs = [outs] if isinstance(outs, str) else list(outs)
-    seeds = [load_results(o) for o in outs]
+    seeds = [{} for _ in outs]  # per seed: {run name: eval.json, an align run's val.jsonl curve}
+    for results, out in zip(seeds, outs):
+        for name, d in run_dirs(out).items():
+            if os.path.exists(os.path.join(d, "eval.json")):
+                with open(os.path.join(d, "eval.json")) as f:
+                    results[name] = json.load(f)
+                if name.startswith("align/") and os.path.exists(os.path.join(d, "val.jsonl")):
+                    with open(os.path.join(d, "val.jsonl")) as f:
+                        results[name]["curve"] = [json.loads(ln) for ln in f if ln.strip()]
     t = tables(seeds)
-    head = f"{len(outs)} seed(s): " + ", ".join(outs) + ("; cells are mean ± standard error over seeds" if len(outs) > 1 else "")
+    head = f"{len(outs)} seed(s): " + ", ".join(outs)
+    head += "; cells are mean ± standard error over seeds" if len(outs) > 1 else ""
     md = head + "\n\n" + "\n\n".join(f"### {TITLES[k]}\n\n{v}" for k, v in t.items())
     print(md)
     dest = write_to or outs[0]
     M.atomic_write(os.path.join(dest, "tables.md"), lambda f: f.write(md + "\n"))
-    summary = {"runs": outs, "results": [{n: {k: v for k, v in r.items() if k != "examples"} for n, r in s.items()} for s in seeds],
-               "tables": t}
+    results = [{n: {k: v for k, v in r.items() if k != "examples"} for n, r in s.items()}
+               for s in seeds]
+    summary = {"runs": outs, "results": results, "tables": t}
     M.atomic_write(os.path.join(dest, "tables.json"), lambda f: json.dump(summary, f, indent=1))
     return t
 
 
 # -----------------------------------------------------------------------------
-# speed / memory benchmarks (print a table, assert nothing)
+# Speed and memory benchmarks (`eval.py bench`: print tables, assert nothing). Each item returns
+# records (dicts of COLUMNS' fields), each figure beside its naive way's, from the same run
+
+@torch.no_grad()
+def timeit(fn, reps=3, calls=1, sync=lambda: None):
+    """Seconds per call: the best of `reps` runs of `calls` calls back to back (the run least
+    disturbed by other load), after one warm-up call; sync() waits for the device's work."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
 
 
-def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, temperature=1.0, generator=None):
+def device_sync(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def same(a, b):
+    """The share of equal tokens in two samplers' outputs (0 when their shapes differ)."""
+    return (a == b).float().mean().item() if a.shape == b.shape else 0.0
+
+
+def random_decoder(preset, vocab, seed, device="cpu"):
+    _, _, dcfg = M.make_configs(preset, vocab)
+    torch.manual_seed(seed)
+    return M.Decoder(dcfg).eval().to(device)
+
+
+# xopd.sample's ways to run a decode step: name -> (label, its step= for a new rollout)
+STEPS = {"eager": ("xopd.sample", lambda dec: None),
+         "static": ("xopd.static_step", lambda dec: xopd.static_step(dec)),
+         "graph": ("xopd.DecodeGraph", lambda dec: xopd.DecodeGraph(dec)),
+         "compiled": ("xopd.compiled_step", lambda dec: xopd.compiled_step(dec)),
+         "naive": ("recompute prefix (no cache)", None)}
+
+
+def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, temperature=1.0,
+                     generator=None):
     """The naive way to sample: run the whole prefix through the decoder for every new token."""
     B, T = input_ids.shape
     ids = torch.cat([input_ids, input_ids.new_full((B, max_new_tokens), eos_id)], dim=1)
@@ -604,280 +664,92 @@ def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, tem
     return torch.stack(out, 1)
 
 
-def bench_sampling(batch=32, prompt=64, new_tokens=128, vocab=2000, preset="cpu", seed=0):
-    """Item 1: tokens/s with the KV cache (today's, and at fixed shapes: sample(static=True)) and
-    with full recomputation, same model and seed."""
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval()
-    ids = torch.randint(0, vocab, (batch, prompt))
-    lens = torch.full((batch,), prompt)
-    no_eos = -1  # never sampled: every row runs the full length, the same work for both
-    xopd.sample(dec, torch.full((2,), 8), input_ids=ids[:2, :8], max_new_tokens=4, eos_id=no_eos)  # warm-up
-    out, seconds = {}, {}
-    for name, fn in (("cached", functools.partial(xopd.sample, dec)),
-                     ("static", functools.partial(xopd.sample, dec, static=True)),
-                     ("naive", functools.partial(sample_recompute, dec))):
-        t0 = time.perf_counter()
-        out[name] = fn(lens, input_ids=ids, max_new_tokens=new_tokens, eos_id=no_eos,
-                       generator=torch.Generator().manual_seed(seed))
-        seconds[name] = time.perf_counter() - t0
-        out[name] = out[name][0] if isinstance(out[name], tuple) else out[name]
-    n_tok = batch * new_tokens
-    return dict(cached_tok_s=n_tok / seconds["cached"], static_tok_s=n_tok / seconds["static"],
-                naive_tok_s=n_tok / seconds["naive"], cached_s=seconds["cached"], static_s=seconds["static"],
-                naive_s=seconds["naive"], same_tokens=(out["cached"] == out["naive"]).float().mean().item(),
-                same_tokens_static=(out["cached"] == out["static"]).float().mean().item())
-
-
-def _linears(dec):
-    """The weights of every matrix multiply a token goes through: each layer's projections, then the head."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    return [layer.get_submodule(n).weight for layer in dec.layers for n in names] + [dec.lm_head.weight]
-
-
-def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0, device="cpu",
-                compile=True):
-    """
-    Item 4: xopd.sample against transformers' generate (its default KV cache) on the same random
-    Llama weights (loaded into this project's Decoder with model.load_llama), temperature 1, no
-    top-k / top-p, no end token; the samplers alternate, best of `reps` each. Ours: eager, with
-    graph=True (each decode step replayed from a CUDA graph; on a CPU the same fixed-shape step,
-    eager) and, with compile, through torch.compile. Also the matmul GFLOP/s: the linear layers'
-    FLOPs over each sampler's whole time, against the same shapes (same weights, same rows per
-    call) run alone. On a GPU (device "cuda") every timing waits for the GPU to finish. None when
-    transformers is not installed.
-    """
-    try:
-        import transformers
-    except ImportError:
-        return None
-    _, _, dcfg = M.make_configs(preset, vocab)
-    config = M.llama_config(dcfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval().to(device)
-    dec = M.load_llama(hf.state_dict(), config).eval().to(device)
-    ids = torch.randint(0, vocab, (batch, prompt)).to(device)
-    lens = torch.full((batch,), prompt, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-    def ours(n=new_tokens, temperature=1.0, **way):
-        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1, temperature=temperature, **way)[0]
-
-    def theirs(n=new_tokens, greedy=False):
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=not greedy,
-                              **({} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0)))
-        assert out.shape == (batch, prompt + n), "generate stopped early"
-        return out[:, prompt:]
-
-    ways = {"ours": {}, "graphed": dict(graph=True)} | ({"compiled": dict(compile=True)} if compile else {})
-    greedy = theirs(16, greedy=True)
-    res = {}
-    for name, way in ways.items():  # the greedy tokens; the first call's time (torch.compile compiles here)
-        sync()
-        t0 = time.perf_counter()
-        res[f"same_greedy_{name}"] = (ours(16, temperature=0.0, **way) == greedy).float().mean().item()
-        sync()
-        res[f"first_s_{name}"] = time.perf_counter() - t0
-    fns = {name: functools.partial(ours, **way) for name, way in ways.items()} | {"hf": theirs}
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    # the same matrix multiplies alone: the prompt's (batch * prompt rows; the head on the last
-    # position only), then one call per decoded token (batch rows)
-    ws = _linears(dec)
-    calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
-    flops = sum(2 * rows * w.numel() for rows, group in calls for w in group)
-    xs = {rows: torch.randn(rows, dcfg.dim, device=device) for rows in (batch, batch * prompt)}
-    hs = {rows: torch.randn(rows, dcfg.hidden_dim, device=device) for rows in (batch, batch * prompt)}
-
-    def alone():
-        with torch.inference_mode():
-            for rows, group in calls:
-                for w in group:
-                    F.linear(hs[rows] if w.shape[1] == dcfg.hidden_dim else xs[rows], w)
-        sync()
-    t_alone = M._bench(alone, reps=reps)
-    n_tok = batch * new_tokens
-    for name in fns:
-        res[f"{name}_tok_s"] = n_tok / best[name]
-        res[f"gflops_{name}"] = flops / best[name] / 1e9
-    return res | dict(gflops_alone=flops / t_alone / 1e9, transformers=transformers.__version__)
-
-
-def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0, device="cpu"):
-    """
-    Item 5: one decode step (Decoder.decode_step on a static cache: every layer, one token per row,
-    no head) in the middle of a rollout of item 4's size, eager and (on CUDA) replayed from a CUDA
-    graph: its time; the share of it its matrix multiplies need (the same multiplies alone, on CUDA
-    replayed from a graph of their own, so with no launch cost: the GPU's own time for them); and
-    the memory bandwidth it reaches, the bytes it must read (the layers' weights, and the keys and
-    values of all the static cache's positions, which its attention reads) over its time, against
-    what a device-to-device copy reaches (read + write). float32, as item 4.
-    """
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval().to(device)
-    cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def per_call(fn, n=reps):  # seconds per call: the best of 3 runs of n calls back to back
-        return M._bench(fn, reps=3, calls=n, sync=sync)
-
-    with torch.inference_mode():
-        written = prompt + new_tokens // 2  # keys in the cache mid-rollout
-        prefilled = dec.new_cache(batch, written)
-        dec.prefill(prefilled, torch.full((batch,), written, device=device),
-                    input_ids=torch.randint(0, vocab, (batch, written), device=device))
-        cache = prefilled.repeat_interleave(1, max_len=prompt + new_tokens)
-        x = dec.embed_tokens(torch.randint(0, vocab, (batch, 1), device=device))  # (B, 1, dim)
-        # every call writes the same position (lengths does not advance): the same work each time
-        t_eager = per_call(lambda: dec.decode_step(x, cache))
-        graphed = xopd.DecodeGraph(dec)
-        t_graph = per_call(lambda: graphed(x, cache)) if cuda else None
-        ws = _linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
-        xs, hs = torch.randn(batch, dcfg.dim, device=device), torch.randn(batch, dcfg.hidden_dim, device=device)
-
-        def matmuls():
-            for w in ws:
-                F.linear(hs if w.shape[1] == dcfg.hidden_dim else xs, w)
-        t_mm = per_call(xopd.capture_cuda_graph(matmuls)[0].replay if cuda else matmuls)
-        src = torch.zeros((2**30 if cuda else 2**26) // 4, device=device)  # 1 GiB (64 MiB on a CPU)
-        dst = torch.empty_like(src)
-        t_copy = per_call(lambda: dst.copy_(src), n=10)
-    weights = sum(w.numel() * w.element_size() for w in ws)
-    kv = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm, weight_bytes=weights, kv_bytes=kv,
-                copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
-
-
-def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0, device="cpu"):
-    """
-    Item 6: rollouts of the align stage's size (the gpu preset's: 64 prompts of 24 to 47 tokens,
-    n 4, 64 new tokens, temperature 1; bf16 autocast on CUDA, as train.py's), eager, at fixed
-    shapes (static=True) and graph=True: seconds per rollout (best of `reps`), whether each gives
-    the same tokens run to run from the same seed, and the share of tokens equal to the eager
-    sampler's (bf16 rounds the default cache's shorter attention differently, and one different
-    token changes the rest of its row). Random weights: the end token is rare.
-    """
-    _, _, dcfg = M.make_configs(preset, vocab)
-    torch.manual_seed(seed)
-    dec = M.Decoder(dcfg).eval().to(device)
+def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
+                   device="cpu", ways=("eager", "static", "graph"), prompt=None, eos_id=3):
+    """Items 1 and 6: a random decoder's rollouts (temperature 1, bf16 autocast on CUDA, prompts
+    of `prompt` tokens, else 24 to 47) each way. -> {way: {"s", "tok_s", "repeats": the same
+    tokens from one seed, "same": share of tokens equal to the first way's}}"""
+    dec = random_decoder(preset, vocab, seed, device)
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(24, 48, (prompts,), generator=g)
+    lens = torch.randint(24, 48, (prompts,), generator=g) if prompt is None else (
+        torch.full((prompts,), prompt))
     ids = torch.randint(4, vocab, (prompts, int(lens.max())), generator=g).to(device)
-    lens = lens.to(device)
-    kind = torch.device(device).type
-    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    lens, kind = lens.to(device), torch.device(device).type
+    kw = dict(input_ids=ids, max_new_tokens=new_tokens, eos_id=eos_id)
 
-    def run(**way):
+    def run(way):
+        gen = torch.Generator(device).manual_seed(seed)
+        if way == "naive":
+            return (sample_recompute(dec, lens, generator=gen, **kw),)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
-            return xopd.sample(dec, lens, input_ids=ids, n=n, max_new_tokens=new_tokens, eos_id=3,
-                               generator=torch.Generator(device).manual_seed(seed), **way)
-    res, first = {}, {}
-    for name, way in (("eager", {}), ("static", dict(static=True)), ("graph", dict(graph=True))):
-        first[name] = run(**way)
-        best = float("inf")
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            again = run(**way)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        res[f"{name}_s"] = best
-        res[f"{name}_repeats"] = all(torch.equal(a, b) for a, b in zip(first[name], again))
-        same = first[name][0].shape == first["eager"][0].shape and first[name][0] == first["eager"][0]
-        res[f"{name}_same_as_eager"] = float(torch.as_tensor(same, dtype=torch.float).mean())
-    return res | dict(tokens=prompts * n * new_tokens)
-
-
-def rollout_rows(r, device="cpu"):
-    """Item 6's table rows from bench_rollouts(...)."""
-    item = f"6 align rollouts, gpu size on {device}"
-    return [(item, name, f"{r[f'{key}_s'] * 1e3:.0f} ms",
-             f"{r['tokens'] / r[f'{key}_s']:.0f} tok/s, {r['eager_s'] / r[f'{key}_s']:.2f}x eager; "
-             f"same tokens run to run: {'yes' if r[f'{key}_repeats'] else 'NO'}; "
-             f"{100 * r[f'{key}_same_as_eager']:.1f}% of the tokens as eager")
-            for key, name in (("eager", "xopd.sample"), ("static", "static=True"), ("graph", "graph=True"))]
-
-
-def _peak_rss_mb():
-    """
-    Peak resident memory of this process. On Linux, VmHWM of /proc/self/status: ru_maxrss
-    would do, except that a child started by fork/vfork + exec inherits its parent's peak
-    in ru_maxrss, which hides everything below it. Elsewhere ru_maxrss.
-    """
-    if os.path.exists("/proc/self/status"):
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+            return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way][1](dec), **kw)
+    res, outs = {}, {}
+    for way in ways:
+        outs[way] = []
+        s = timeit(lambda: outs[way].append(run(way)), reps=reps, sync=device_sync(device))
+        first, last = outs[way][0], outs[way][-1]
+        res[way] = dict(s=s, tok_s=prompts * n * new_tokens / s,
+                        repeats=all(torch.equal(a, b) for a, b in zip(first, last)),
+                        same=same(first[0], outs[ways[0]][0][0]))
+    return res
 
 
 def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
     """Item 2, one variant in this process: forward + backward time and peak extra RSS."""
+    def peak_rss_mb():  # VmHWM on Linux: a child started by fork + exec inherits ru_maxrss
+        if os.path.exists("/proc/self/status"):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
+    def logprobs(h, w, t):
+        if variant == "fused":
+            return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
+        return F.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)  # (N, V) logits
     torch.manual_seed(seed)
     # warm-up on small sizes so kernel / allocator set-up is not counted as the variant's memory
     for n, v in ((64, 256), (N, 256)):
-        h = torch.randn(n, d, requires_grad=True)
-        w = torch.randn(v, d, requires_grad=True)
         t = torch.randint(0, v, (n,))
-        _logprobs(variant, h, w, t, chunk_size).sum().backward()
+        logprobs(torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True),
+                 t).sum().backward()
     h = (0.1 * torch.randn(N, d)).requires_grad_()
     w = (0.1 * torch.randn(V, d)).requires_grad_()
     t = torch.randint(0, V, (N,))
     upstream = torch.randn(N)
-    base = _peak_rss_mb()  # inputs are in; what follows is the variant's own memory
+    base = peak_rss_mb()  # inputs are in; what follows is the variant's own memory
     t0 = time.perf_counter()
-    out = _logprobs(variant, h, w, t, chunk_size)
-    (out * upstream).sum().backward()
+    (logprobs(h, w, t) * upstream).sum().backward()
     seconds = time.perf_counter() - t0
-    return dict(variant=variant, seconds=seconds, peak_extra_mb=_peak_rss_mb() - base,
+    return dict(variant=variant, seconds=seconds, peak_extra_mb=peak_rss_mb() - base,
                 checksum=float(h.grad.double().abs().sum() + w.grad.double().abs().sum()))
 
 
-def _logprobs(variant, h, w, t, chunk_size):
-    if variant == "fused":
-        return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
-    return F.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)  # (N, V) logits, and more
-
-
-def bench_logprobs(threads=0, repeats=2, **kw):
-    """
-    Item 2: each variant in its own process, so each peak RSS is its own. Each variant runs
-    in `repeats` fresh processes: the peak is the largest of them (on this VM the kernel's
-    high-water mark occasionally misses a freed buffer), the time the smallest.
-    """
-    res = {}
+def bench_logprobs(threads=0, repeats=2):
+    """Item 2: each variant in `repeats` processes of its own (bench-mem), so that each peak RSS
+    is its own: the largest peak (the high-water mark can miss a freed buffer), the least time."""
+    recs = []
     for variant in ("naive", "fused"):
-        args = [sys.executable, os.path.abspath(__file__), "bench-mem", "--variant", variant, "--threads", str(threads)]
-        for k, v in kw.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        runs = [json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-                for _ in range(repeats)]
-        res[variant] = dict(seconds=min(r["seconds"] for r in runs),
-                            peak_extra_mb=max(r["peak_extra_mb"] for r in runs),
-                            all_peaks_mb=[round(r["peak_extra_mb"]) for r in runs])
-    return res
+        args = [sys.executable, os.path.abspath(__file__), "bench-mem", "--variant", variant,
+                "--threads", str(threads)]
+        runs = [json.loads(subprocess.run(args, check=True, capture_output=True, text=True)
+                           .stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+        recs.append(dict(variant=variant, s=min(r["seconds"] for r in runs),
+                         peak_mb=max(r["peak_extra_mb"] for r in runs),
+                         peaks_mb=[round(r["peak_extra_mb"]) for r in runs]))
+    naive, fused = recs
+    fused.update(variant="fused, chunk 1024", x=naive["s"] / fused["s"], vs="naive",
+                 less_mem=naive["peak_mb"] / max(fused["peak_mb"], 1e-9))
+    return recs
 
 
-def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, seconds_audio=3.0):
-    """Item 3: one X-OPD step of the preset (after one warm-up step), split into its phases:
-    rollouts, teacher scoring, and the update (the loss, backward and the optimiser step)."""
+def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0, frames=300):
+    """Item 3: one X-OPD step of the preset (after a warm-up step), phase by phase."""
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
-    audio_id, eos_id = vocab - 1, 3
+    audio_id = vocab - 1
     student = M.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
     with torch.no_grad():  # a teacher that differs from the student
         for p in teacher.parameters():
@@ -885,158 +757,363 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     text_lens = torch.randint(24, 48, (batch,), generator=g)
-    text_ids = torch.randint(4, vocab - 1, (batch, int(text_lens.max())), generator=g)
     speech_ids = torch.full((batch, 8), 5)
     speech_ids[:, 3] = audio_id  # chat prefix, the AUDIO placeholder, chat suffix
-    frames = int(seconds_audio * 100)  # 10 ms hop
-    b = data.Batch(text_ids=text_ids, text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
-                   mels=torch.randn(batch, enc.n_mels, frames, generator=g), mel_lens=torch.full((batch,), frames))
+    b = data.Batch(text_ids=torch.randint(4, vocab - 1, (batch, int(text_lens.max())), generator=g),
+                   text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
+                   mels=torch.randn(batch, enc.n_mels, frames, generator=g),  # 3 s of audio
+                   mel_lens=torch.full((batch,), frames))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=2e-6)
-    kw = dict(n=n, max_new_tokens=max_new_tokens, eos_id=eos_id)
     for s in (seed, seed + 1):  # a warm-up step, then the timed one
-        loss, m = xopd.xopd_step(student, teacher, b, generator=torch.Generator().manual_seed(s), **kw)
+        loss, m = xopd.xopd_step(student, teacher, b, n=n, max_new_tokens=max_new_tokens, eos_id=3,
+                                 generator=torch.Generator().manual_seed(s))
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)  # train.update_weights' work, without the clipping
         loss.backward()
         opt.step()
         m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3
-    m.update(batch=batch, n=n, max_new_tokens=max_new_tokens)
-    return m
+    phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
+    total = sum(m[k] for _, k in phases)
+    return [dict(variant=name, ms=m[k], share=m[k] / total) for name, k in phases] + [
+        dict(variant="total", ms=total, note=f"{m['tokens']} sampled tokens")]
 
 
-def vs_hf_rows(hf, device="cpu"):
-    """Item 4's table rows from {preset: bench_vs_hf(...)} (a preset whose result is None is left out)."""
-    rows = []
-    names = {"ours": "xopd.sample", "graphed": "xopd.sample(graph=True)" + (" (fixed shapes, eager on a CPU)" if device == "cpu" else ""),
-             "compiled": "xopd.sample(compile=True)"}
-    for p, r in hf.items():
-        if r is None:
-            continue
-        item = f"4 vs generate, {p}" if device == "cpu" else f"4 vs generate, {p} size on {device}"
-        alone = f"the same matmuls alone {r['gflops_alone']:.1f}"
-        ours = [k for k in names if f"{k}_tok_s" in r]
-        for k in ours:
-            first = f"first call {r['first_s_compiled']:.0f} s (compiles); " if k == "compiled" else ""
-            rows.append((item, names[k], f"{r[f'{k}_tok_s']:.0f} tok/s",
-                         f"{r[f'gflops_{k}']:.1f} matmul GFLOP/s; {alone + '; ' if k == 'ours' else first}"
-                         f"{100 * r[f'same_greedy_{k}']:.1f}% same greedy tokens as generate"))
-        rows.append((item, f"transformers {r['transformers']} generate", f"{r['hf_tok_s']:.0f} tok/s", ""))
-        for k in ours:
-            rows.append((item, f"ratio, {names[k]}", f"{r[f'{k}_tok_s'] / r['hf_tok_s']:.2f}x generate",
-                         f"matmuls are {100 * r[f'gflops_{k}'] / r['gflops_alone']:.0f}% of its time"))
-    return rows
+def _linears(dec):
+    """The weights of every matrix multiply a token goes through: each layer's, then the head."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    ws = [layer.get_submodule(n).weight for layer in dec.layers for n in names]
+    return ws + [dec.lm_head.weight]
 
 
-def step_rows(steps, device="cpu"):
-    """Item 5's table rows from {preset: bench_decode_step(...)}."""
-    rows = []
+def matmuls_alone(dec, shapes, sync, graph=False, **timing):
+    """shapes: [(rows, weights)]: each weight multiplied with `rows` random rows, alone (with
+    graph, replayed from a CUDA graph: no launch cost). -> (their FLOPs, timeit's seconds)"""
+    dim, hidden = dec.cfg.dim, dec.cfg.hidden_dim
+    device = dec.lm_head.weight.device
+    xs = {rows: (torch.randn(rows, dim, device=device), torch.randn(rows, hidden, device=device))
+          for rows in {r for r, _ in shapes}}
+
+    def alone():
+        for rows, group in shapes:
+            x, h = xs[rows]
+            for w in group:
+                F.linear(h if w.shape[1] == hidden else x, w)
+    flops = sum(2 * rows * w.numel() for rows, group in shapes for w in group)
+    return flops, timeit(xopd.capture_cuda_graph(alone)[0].replay if graph else alone, sync=sync,
+                         **timing)
+
+
+def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0,
+                device="cpu", compile=True):
+    """Item 4: xopd.sample's ways against transformers' generate on the same random Llama
+    weights (temperature 1, no end token); the linear layers' FLOPs over each one's time."""
+    try:
+        import transformers
+    except ImportError:
+        return [dict(variant=preset, note="skipped: transformers is not installed (pip install "
+                     "transformers; it is not a dependency of this project)")]
+    _, _, dcfg = M.make_configs(preset, vocab)
+    config = M.llama_config(dcfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval().to(device)
+    dec = M.load_llama(hf.state_dict(), config).eval().to(device)
+    ids = torch.randint(0, vocab, (batch, prompt)).to(device)
+    lens = torch.full((batch,), prompt, device=device)
+    sync = device_sync(device)
+
+    def ours(way, n=new_tokens, temperature=1.0):
+        return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1,
+                           temperature=temperature, step=STEPS[way][1](dec))[0]
+
+    def theirs(n=new_tokens, greedy=False):
+        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0,
+                                                        top_p=1.0)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **how)
+        assert out.shape == (batch, prompt + n), "generate stopped early"
+        return out[:, prompt:]
+    ways, recs = ["eager", "graph"] + (["compiled"] if compile else []), []
+    greedy = theirs(16, greedy=True)
+    for way in ways:  # the greedy tokens; the first call's time (torch.compile compiles here)
+        sync()
+        t0 = time.perf_counter()
+        recs.append(dict(variant=f"{preset}: {STEPS[way][0]}",
+                         same_greedy=same(ours(way, 16, temperature=0.0), greedy)))
+        sync()
+        recs[-1]["first_s"] = time.perf_counter() - t0
+    # the prompt's multiplies (the head on the last position only), then one per decoded token
+    ws = _linears(dec)
+    calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
+    flops, t_alone = matmuls_alone(dec, calls, sync, reps=reps)
+    ts = [timeit(functools.partial(ours, way), reps=reps, sync=sync) for way in ways]
+    t_hf = timeit(theirs, reps=reps, sync=sync)
+    for rec, t in zip(recs, ts):
+        rec.update(tok_s=batch * new_tokens / t, x=t_hf / t, vs="generate",
+                   gflops=flops / t / 1e9, mm_share=t_alone / t)
+    return [dict(variant=f"{preset}: transformers {transformers.__version__} generate",
+                 tok_s=batch * new_tokens / t_hf), *recs,
+            dict(variant=f"{preset}: the same matmuls alone", gflops=flops / t_alone / 1e9)]
+
+
+@torch.inference_mode()
+def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=100, seed=0,
+                      device="cpu"):
+    """Item 5: one decode step (no head) on a static cache mid-rollout of item 4's size, eager
+    and (CUDA) from a CUDA graph: the time, the bytes it reads, and a device copy's speed."""
+    dec = random_decoder(preset, vocab, seed, device)
+    cuda, sync = torch.device(device).type == "cuda", device_sync(device)
+    written = prompt + new_tokens // 2  # keys in the cache mid-rollout
+    prefilled = dec.new_cache(batch, written)
+    dec.prefill(prefilled, torch.full((batch,), written, device=device),
+                input_ids=torch.randint(0, vocab, (batch, written), device=device))
+    cache = prefilled.repeat_interleave(1, max_len=prompt + new_tokens)
+    x = dec.embed_tokens(torch.randint(0, vocab, (batch, 1), device=device))  # (B, 1, dim)
+    # every call writes the same position (lengths does not advance): the same work each time
+    t_eager = timeit(lambda: dec.decode_step(x, cache), calls=reps, sync=sync)
+    graphed = xopd.DecodeGraph(dec)
+    t_graph = timeit(lambda: graphed(x, cache), calls=reps, sync=sync) if cuda else None
+    ws = _linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
+    _, t_mm = matmuls_alone(dec, [(batch, ws)], sync, graph=cuda, calls=reps)
+    src = torch.zeros((2**30 if cuda else 2**26) // 4, device=device)  # 1 GiB (64 MiB on a CPU)
+    dst = torch.empty_like(src)
+    t_copy = timeit(lambda: dst.copy_(src), calls=10, sync=sync)
+    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm,
+                weight_bytes=sum(w.numel() * w.element_size() for w in ws),
+                kv_bytes=sum(t.numel() * t.element_size() for t in cache.k + cache.v),
+                copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
+
+
+def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
+    """Item 7, on this CPU: each preset's parameters (a tied head once) and speeds."""
+    recs = []
+    for preset in presets:
+        torch.manual_seed(seed)
+        m = M.SpeechLM(*M.make_configs(preset, vocab), audio_token_id=1).eval()
+        ids = torch.randint(0, vocab, (4, 256))
+        mel, mel_lens = torch.randn(4, m.enc_cfg.n_mels, 1000), torch.full((4,), 1000)
+
+        def decode(steps=32):
+            cache = m.decoder.new_cache(8, 64 + steps)
+            m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
+            for _ in range(steps):
+                m.decoder.decode(cache, ids[:, 0].repeat(2))
+        params = {part: sum(p.numel() for p in getattr(m, part).parameters()) / 1e6
+                  for part in ("encoder", "adapter", "decoder")}
+        recs.append(dict(variant=preset, params_m=sum(params.values()),
+                         forward_tok_s=4 * 256 / timeit(lambda: m.decoder(ids), reps=5),
+                         decode_tok_s=8 * 32 / timeit(decode, reps=2),
+                         audio_s_s=40 / timeit(lambda: m.encode_audio(mel, mel_lens), reps=2),
+                         note=", ".join(f"{k} {v:.3f}M" for k, v in params.items())))
+    return recs
+
+
+# The bench's columns: (record field, label, format); an item's table has those its records fill
+COLUMNS = [
+    ("variant", "variant", "{}"), ("s", "s", "{:.2f}"), ("ms", "ms", "{:.0f}"),
+    ("us", "µs", "{:.0f}"), ("share", "share", "{:.0%}"), ("tok_s", "tok/s", "{:.0f}"),
+    ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
+    ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
+    ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
+    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"),
+    ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
+    ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
+    ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
+    ("forward_tok_s", "decoder forward tok/s", "{:.0f}"),
+    ("decode_tok_s", "prefill + decode new tok/s", "{:.0f}"),
+    ("audio_s_s", "encoder + adapter audio s/s", "{:.1f}"), ("note", "notes", "{}")]
+
+
+def bench_table(records):
+    cols = [c for c in COLUMNS if any(c[0] in r for r in records)]
+    return markdown("| " + " | ".join(name for _, name, _ in cols) + " |",
+                    [[form.format(r[k]) if k in r else "" for k, _, form in cols] for r in records])
+
+
+def rollout_records(r):
+    base = next(iter(r))
+    return [dict(variant=STEPS[k][0], ms=v["s"] * 1e3, tok_s=v["tok_s"], x=r[base]["s"] / v["s"],
+                 vs=base, repeats="yes" if v["repeats"] else "NO", same=v["same"])
+            for k, v in r.items()]
+
+
+def step_records(steps):
+    recs = []
     for p, r in steps.items():
-        item = f"5 decode step, {p}" + ("" if device == "cpu" else f" size on {device}")
-        moved = r["weight_bytes"] + r["kv_bytes"]
-        copy = r["copy_bytes_s"]
-        rows.append((item, "bytes it reads", f"{moved / 1e6:.1f} MB",
-                     f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values {r['kv_bytes'] / 1e6:.1f} MB; "
-                     f"a device copy reaches {copy / 1e9:.0f} GB/s (read + write)"))
-        for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])):
-            if t is not None:
-                rows.append((item, name, f"{t * 1e6:.0f} µs",
-                             f"matmuls {100 * r['matmuls_s'] / t:.0f}% of it; {moved / t / 1e9:.0f} GB/s, "
-                             f"{100 * moved / t / copy:.0f}% of the copy's"))
-        rows.append((item, "its matmuls alone" + (", from a graph" if r["graph_s"] is not None else ""),
-                     f"{r['matmuls_s'] * 1e6:.0f} µs", f"weights read at {r['weight_bytes'] / r['matmuls_s'] / 1e9:.0f} GB/s"))
-    return rows
+        moved, copy, mm = r["weight_bytes"] + r["kv_bytes"], r["copy_bytes_s"], r["matmuls_s"]
+        recs += [dict(variant=f"{p}: bytes it reads", mb=moved / 1e6,
+                      note=f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values "
+                      f"{r['kv_bytes'] / 1e6:.1f} MB"),
+                 dict(variant=f"{p}: a device copy (read + write)", gb_s=copy / 1e9)]
+        recs += [dict(variant=f"{p}: {name}", us=t * 1e6, mm_share=mm / t, gb_s=moved / t / 1e9,
+                      of_copy=moved / t / copy)
+                 for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
+        recs.append(dict(variant=f"{p}: its matmuls alone" + (", from a graph" if r["graph_s"]
+                                                               else ""),
+                         us=mm * 1e6, gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
+    return recs
+
+
+def bench_items(args):
+    """[(number, what it measures, run -> records)]: items 1 to 5 and 7 on a CPU (2 first, while
+    this process is small: its children fork from it), with --device items 4 to 6 there."""
+    dev, both = args.device, ("cpu", "gpu")
+    on = "" if dev == "cpu" else f" on {dev}"
+    items = [
+        (2, "token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
+         "(2 processes each: fastest time, largest peak)",
+         lambda: bench_logprobs(threads=torch.get_num_threads())),
+        (1, "sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens",
+         lambda: rollout_records(bench_rollouts("cpu", prompts=32, n=1, new_tokens=128, reps=1,
+                                                prompt=64, ways=("eager", "static", "naive"),
+                                                eos_id=-1))),
+        (3, "one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens",
+         bench_step),
+        (4, f"xopd.sample (eager, DecodeGraph: eager on a CPU{', compiled_step' * args.compile})"
+         " vs transformers' generate, cpu and gpu preset decoders, float32, batch 32, prompt 64, "
+         f"128 new tokens (best of 5 each){on}",
+         lambda: [r for p in both for r in bench_vs_hf(p, device=dev, compile=args.compile)]),
+        (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes: eager, from a CUDA "
+         f"graph (on CUDA), its matmuls alone{on}",
+         lambda: step_records({p: bench_decode_step(p, reps=100 if on else 10, device=dev)
+                               for p in both})),
+        (6, f"the align stage's rollouts at the gpu preset's size, bf16 autocast{on}",
+         lambda: rollout_records(bench_rollouts(device=dev))),
+        (7, "each preset's parameters and speeds: decoder forward on 4 x 256 tokens, prefill "
+         "8 x 64 then 32 cached decode steps, encoder + adapter on 4 clips of 10 s",
+         bench_presets)]
+    return [item for item in items if item[0] in (4, 5) or (item[0] == 6) == bool(on)]
 
 
 def bench(args):
+    """`eval.py bench`: each item named as it starts, then its table. -> (tables, machine)"""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    machine = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start"
-    if args.device != "cpu":  # items 4 to 6 alone: items 1-3 measure this CPU (item 2 its process memory)
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                    if ln.startswith("model name")), cpu)
+    machine = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
+    if args.device != "cpu":
         try:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
             sys.exit(f"--device {args.device}: not usable here ({e})")
-        machine += f"; {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
-        print(f"machine: {machine}")
-        print(f"4. xopd.sample (eager, graph=True{', compile=True' if args.compile else ''}) vs transformers' "
-              f"generate on {args.device}, cpu and gpu preset decoders, float32, batch 32, prompt 64, 128 new tokens "
-              "(alternating, best of 5 each) ...", flush=True)
-        hf = {p: bench_vs_hf(p, device=args.device, compile=args.compile) for p in ("cpu", "gpu")}
-        print("5. one decode step mid-rollout (the same sizes): eager, from a CUDA graph, its matmuls alone ...", flush=True)
-        steps = {p: bench_decode_step(p, device=args.device) for p in ("cpu", "gpu")}
-        print("6. the align stage's rollouts at the gpu preset's size, bf16 autocast: eager, static, graph ...", flush=True)
-        rollouts = bench_rollouts(device=args.device)
-        rows = vs_hf_rows(hf, args.device) + step_rows(steps, args.device) + rollout_rows(rollouts, args.device)
-        table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-        table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-        print("\n".join(table))
-        if None in hf.values():
-            print("4. skipped: it needs transformers (pip install transformers; it is not a dependency of this project)")
-        return table, machine
+        if args.device.startswith("cuda"):
+            machine += f"; {torch.cuda.get_device_name(args.device)}"
     print(f"machine: {machine}")
-    # item 2 first, while this process is small: its children start from a fresh memory map
-    print("2. token_logprobs vs log_softmax(h @ W.T).gather, N 8192, V 32768, d 256, fp32, fwd+bwd "
-          "(2 processes each: fastest time, largest peak) ...", flush=True)
-    lp = bench_logprobs(threads=torch.get_num_threads())
-    print("1. sampling, cpu preset decoder (vocab 2000), batch 32, prompt 64, 128 new tokens ...", flush=True)
-    s = bench_sampling()
-    print("3. one xopd_step, cpu preset (vocab 2000), 8 prompts x n 4 x 2 modalities, 64 new tokens ...", flush=True)
-    st = bench_step()
-    print("4. xopd.sample vs transformers' generate, cpu and gpu preset decoders, batch 32, prompt 64, "
-          "128 new tokens (alternating, best of 5 each) ...", flush=True)
-    hf = {p: bench_vs_hf(p, compile=args.compile) for p in ("cpu", "gpu")}
-    print("5. one decode step mid-rollout (item 4's sizes), at fixed shapes, and its matmuls alone ...", flush=True)
-    steps = {p: bench_decode_step(p, reps=10) for p in ("cpu", "gpu")}
-    nv, fu = lp["naive"], lp["fused"]
-    total = st["ms_rollout"] + st["ms_teacher"] + st["ms_update"]
-    rows = [
-        ("1 sampling", "KV cache", f"{s['cached_tok_s']:.0f} tok/s", f"{s['cached_s']:.2f} s"),
-        ("1 sampling", "KV cache, fixed shapes (static=True)", f"{s['static_tok_s']:.0f} tok/s",
-         f"{s['static_s']:.2f} s; {100 * s['same_tokens_static']:.1f}% same tokens as the KV cache"),
-        ("1 sampling", "recompute prefix", f"{s['naive_tok_s']:.0f} tok/s", f"{s['naive_s']:.2f} s"),
-        ("1 sampling", "ratio", f"{s['cached_tok_s'] / s['naive_tok_s']:.1f}x faster",
-         f"{100 * s['same_tokens']:.1f}% same tokens"),
-        ("2 log-probs", "naive", f"{nv['seconds']:.2f} s", f"{nv['peak_extra_mb']:.0f} MB peak extra {nv['all_peaks_mb']}"),
-        ("2 log-probs", "fused, chunk 1024", f"{fu['seconds']:.2f} s", f"{fu['peak_extra_mb']:.0f} MB peak extra {fu['all_peaks_mb']}"),
-        ("2 log-probs", "ratio", f"{nv['seconds'] / fu['seconds']:.2f}x time (naive / fused)",
-         f"{nv['peak_extra_mb'] / max(fu['peak_extra_mb'], 1e-9):.1f}x less memory"),
-        ("3 xopd_step", "rollout", f"{st['ms_rollout']:.0f} ms", f"{100 * st['ms_rollout'] / total:.0f}%"),
-        ("3 xopd_step", "teacher scoring", f"{st['ms_teacher']:.0f} ms", f"{100 * st['ms_teacher'] / total:.0f}%"),
-        ("3 xopd_step", "update", f"{st['ms_update']:.0f} ms", f"{100 * st['ms_update'] / total:.0f}%"),
-        ("3 xopd_step", "total", f"{total:.0f} ms", f"{st['tokens']} sampled tokens"),
-    ]
-    rows += vs_hf_rows(hf) + step_rows(steps)
-    table = ["| item | variant | speed | other |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    print("\n".join(table))
-    if None in hf.values():
-        print("4. skipped: transformers is not installed (pip install transformers, in a venv of its own "
-              "if you like; it is not a dependency of this project)")
-    return table, machine
+    tables = {}
+    for number, what, run in bench_items(args):
+        print(f"{number}. {what} ...", flush=True)
+        tables[number] = f"{number}. {what}\n\n{bench_table(run())}"
+    text = "\n\n".join(tables[k] for k in sorted(tables))
+    print(text)
+    return text, machine
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# -----------------------------------------------------------------------------
+# Command line: the tables (default), --first_token, --hearing, bench, bench-mem
+
+def parse_args(argv):
+    """-> (the parser, the arguments): of `bench` or `bench-mem`, else of the tables."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if argv[:1] in (["bench"], ["bench-mem"]):
         sub = ap.add_subparsers(dest="cmd", required=True)
         p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-        p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers vs generate, "
-                       "the decode step, the align stage's rollouts), on the GPU")
+        p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers "
+                       "vs generate, the decode step, the align stage's rollouts), on the GPU")
         p.add_argument("--no-compile", dest="compile", action="store_false",
-                       help="item 4 without xopd.sample(compile=True) (its compilation takes a while)")
-        p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (used by bench)")
+                       help="item 4 without xopd.compiled_step (its compilation takes a while)")
+        p = sub.add_parser("bench-mem", help="one token_logprobs variant in this process (bench)")
         p.add_argument("--variant", choices=["naive", "fused"], required=True)
-        p.add_argument("--N", type=int, default=8192)
-        p.add_argument("--V", type=int, default=32768)
-        p.add_argument("--d", type=int, default=256)
-        p.add_argument("--chunk-size", type=int, default=1024)
-        p.add_argument("--threads", type=int, default=0)
-        args = ap.parse_args(argv)
+        for name, default in (("--N", 8192), ("--V", 32768), ("--d", 256), ("--chunk-size", 1024),
+                              ("--threads", 0)):
+            p.add_argument(name, type=int, default=default)
+        return ap, ap.parse_args(argv)
+    ap.add_argument("--out", required=True, nargs="+", help="run folder(s) written by train.py; "
+                    "several (one per seed) give mean ± standard error")
+    ap.add_argument("--data", help="data folder (default: the one each run was trained on)")
+    ap.add_argument("--eval_per_family", type=int,
+                    help="test prompts per family (default: the run's)")
+    ap.add_argument("--max_new_tokens", type=int, help="answer length limit (default: the run's)")
+    ap.add_argument("--first_token", action="store_true", help="instead of the tables: the "
+                    "probability (%%) that each student starts its answer with its teacher's first "
+                    "token, from speech and from text, on val prompts (first_token_probe)")
+    ap.add_argument("--hearing", action="store_true", help="instead of the tables: where the "
+                    "base student loses words (hearing_probe), and each student's ΔS on the "
+                    "prompts the base student hears whole and on the rest (heard_split)")
+    return ap, ap.parse_args(argv)
+
+
+def load_runs(ap, args):
+    """[(folder, its World, its settings)] per --out folder: what the flags leave out, as the
+    run was trained. A folder refused by check_runs or run_world ends the program in one line."""
+    for out in args.out:
+        teacher = os.path.join(out, "teacher", "model.pt")
+        if not os.path.exists(teacher):
+            ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
+    try:
+        check_runs(args.out)
+    except ValueError as e:
+        sys.exit(f"--out: {e}")
+    runs = []
+    for out in args.out:
+        trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
+        trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens")
+                        if getattr(args, k) is not None})
+        try:
+            runs.append((out, run_world(out, args.data), trained))
+        except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad
+            hint = "" if args.data else " (give the data folder with --data)"
+            sys.exit(f"--out {out}: {e}{hint}")
+    return runs
+
+
+def first_token_command(args, runs, device):
+    seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
+    fams = list(next(iter(seeds[0].values())))
+    print("P(first token = the teacher's), % (mean over val prompts"
+          + (", ± se over seeds)" if len(seeds) > 1 else ")"))
+    rows = [[label(name), *(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1))]
+            for name in seeds[0] if all(name in s for s in seeds)]  # runs of every seed
+    print(markdown("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |", rows))
+
+
+def hearing_command(args, runs, device):
+    seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"])
+             for out, world, s in runs]
+    print("WER % on the test transcription clips"
+          + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
+    keys = ("prompts", "lists", "all", "whole", "train lists")
+    print(markdown("| reads the words with | spoken prompts | word lists | all clips | spoken "
+                   "prompts read whole (%) | word lists of the training clips |",
+                   [[row, *(fmt([s[row][k] for s in seeds]) for k in keys)] for row in seeds[0]]))
+    seeds = [heard_split(out, world, device, s["eval_per_family"], s["max_new_tokens"])
+             for out, world, s in runs]
+    fams = list(seeds[0]["heard"])
+    print("\nTest prompts the base student transcribes whole from their clips (%): "
+          + ", ".join(f"{f} {fmt([s['heard'][f] for s in seeds])}" for f in fams)
+          + "; each student's score from speech on those and on the rest (%), and its ΔS on "
+          "either part (heard_split)")
+    rows = [[label(name), *(fmt([s[name][k][f] for s in seeds]) for f in fams
+                            for k in ("S heard", "S misheard")),
+             *(fmt([s[name][k] for s in seeds], 2) for k in ("ΔS", "ΔS heard", "ΔS misheard"))]
+            for name in seeds[0] if name != "heard" and all(name in s for s in seeds)]
+    print(markdown("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams)
+                   + " | ΔS | ΔS heard | ΔS misheard |", rows))
+
+
+def tables_command(args, runs, device):
+    for out, world, s in runs:
+        evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])
+    # one folder: its tables beside its runs; several seeds: in the folder that holds them all
+    common = os.path.commonpath([os.path.abspath(o) for o in args.out])
+    report(args.out, args.out[0] if len(args.out) == 1 else common)
+
+
+def main(argv=None):
+    ap, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "cmd" in args:  # bench or bench-mem
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.cmd == "bench":
@@ -1044,67 +1121,22 @@ def main(argv=None):
         else:
             print(json.dumps(bench_mem(args.variant, args.N, args.V, args.d, args.chunk_size)))
         return
-    ap.add_argument("--out", required=True, nargs="+",
-                    help="run folder(s) written by train.py; several (one per seed) give mean ± standard error")
-    ap.add_argument("--data", default=None, help="data folder (default: the one each run was trained on)")
-    ap.add_argument("--eval_per_family", type=int, default=None, help="test prompts per family (default: the run's)")
-    ap.add_argument("--max_new_tokens", type=int, default=None, help="answer length limit (default: the run's)")
-    ap.add_argument("--first_token", action="store_true",
-                    help="instead of the tables: the probability (%%) that each student starts its answer with its "
-                         "teacher's first token, from speech and from text, on val prompts (first_token_probe)")
-    ap.add_argument("--hearing", action="store_true",
-                    help="instead of the tables: where the base student loses words, on the test transcription "
-                         "clips (hearing_probe), and each student's ΔS on the prompts the base student hears whole and on the rest (heard_split)")
-    args = ap.parse_args(argv)
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
-    runs = []  # (folder, its World, its settings): what the flags leave out, as the run was trained
-    for out in args.out:
-        teacher = os.path.join(out, "teacher", "model.pt")
-        if not os.path.exists(teacher):
-            ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
-        trained = M.load_checkpoint(teacher)["train"]
-        trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens") if getattr(args, k) is not None})
-        try:
-            runs.append((out, run_world(out, args.data), trained))
-        except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad manifests or clips
-            sys.exit(f"--out {out}: {e}" + ("" if args.data else " (give the data folder with --data)"))
-    if args.first_token:
-        seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
-        fams = list(next(iter(seeds[0].values())))
-        print("P(first token = the teacher's), % (mean over val prompts" + (", ± se over seeds)" if len(seeds) > 1 else ")"))
-        print("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |\n|---|" + "---|---|" * len(fams))
-        for name in (n for n in seeds[0] if all(n in s for s in seeds)):  # runs of every seed, as in the tables
-            print(f"| {label(name)} | " + " | ".join(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1)) + " |")
-        return
-    if args.hearing:
-        seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
-        print("WER % on the test transcription clips" + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
-        print("| reads the words with | spoken prompts | word lists | all clips | spoken prompts read whole (%) "
-              "| word lists of the training clips |\n|---|---|---|---|---|---|")
-        for row in seeds[0]:
-            print(f"| {row} | " + " | ".join(fmt([s[row][k] for s in seeds]) for k in ("prompts", "lists", "all", "whole", "train lists")) + " |")
-        seeds = [heard_split(out, world, device, s["eval_per_family"], s["max_new_tokens"]) for out, world, s in runs]
-        fams = list(seeds[0]["heard"])
-        print("\nTest prompts the base student transcribes whole from their clips (%): " +
-              ", ".join(f"{f} {fmt([s['heard'][f] for s in seeds])}" for f in fams) + "; each student's score from speech "
-              "on those and on the rest (%), and its ΔS on either part (heard_split)")
-        print("| model | " + " | ".join(f"{f} S heard | {f} S misheard" for f in fams) + " | ΔS | ΔS heard | ΔS misheard |\n"
-              "|---|" + "---|---|" * len(fams) + "---|---|---|")
-        for name in (n for n in seeds[0] if n != "heard" and all(n in s for s in seeds)):
-            print(f"| {label(name)} | " + " | ".join(fmt([s[name][k][f] for s in seeds]) for f in fams for k in ("S heard", "S misheard"))
-                  + " | " + " | ".join(fmt([s[name][k] for s in seeds], 2) for k in ("ΔS", "ΔS heard", "ΔS misheard")) + " |")
-        return
-    for out, world, s in runs:
-        evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])
-    # one folder: its tables beside its runs; several seeds: in the folder that holds them all
-    report(args.out, args.out[0] if len(args.out) == 1 else os.path.commonpath([os.path.abspath(o) for o in args.out]))
+    runs = load_runs(ap, args)
+    command = (first_token_command if args.first_token else hearing_command if args.hearing
+               else tables_command)
+    try:
+        command(args, runs, device)
+    except OSError as e:  # a read-only or full run folder: one line naming the path
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"eval.py: cannot write {where}{e.strerror or e}")
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted. The scores written so far (each model's eval.json) are kept: run the same command "
-              "again to score the rest.", file=sys.stderr)
+        print("\ninterrupted. The scores written so far (each model's eval.json) are kept: run the "
+              "same command again to score the rest.", file=sys.stderr)
         sys.exit(130)

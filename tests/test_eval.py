@@ -1,4 +1,6 @@
-"""eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, and when cached scores are made again."""
+"""eval.py: the paper's drop metrics, the scores evaluate_model assembles from predictions, the
+tables, the probes, when cached scores are made again, the refusals, and the bench's figures."""
+import glob
 import itertools
 import json
 import os
@@ -15,9 +17,10 @@ import xopd
 
 def test_relative_and_average_drop():
     # ΔS: teacher scores 80 / 50; student 60 / 50 -> drops 25 % and 0 % -> 12.5
-    assert E.avg_drop({"arith": 60.0, "facts": 50.0}, {"arith": 80.0, "facts": 50.0}) == pytest.approx(12.5)
+    teacher = {"arith": 80.0, "facts": 50.0}
+    assert E.avg_drop({"arith": 60.0, "facts": 50.0}, teacher) == pytest.approx(12.5)
     assert E.relative_drop(40.0, 50.0) == pytest.approx(20.0)
-    assert E.avg_drop({"arith": 60.0}, {"arith": 80.0, "facts": 50.0}) == pytest.approx(25.0)  # shared families only
+    assert E.avg_drop({"arith": 60.0}, teacher) == pytest.approx(25.0)  # shared families only
 
 
 def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
@@ -30,17 +33,20 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     def generate(model, world, recs, modality, device, max_new_tokens):
         if modality == "text":
             return [r["teacher"] or r["answer"] for r in recs]
-        return [r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr" else r["answer"] if i % 2 == 0 else "no"
-                for i, r in enumerate(recs)]
-    dropped = {r["id"] for r in E.test_sets(world, 10)[1]["asr"][::2]}
-    monkeypatch.setattr(E, "generate", generate)
+        return [r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr"
+                else r["answer"] if i % 2 == 0 else "no" for i, r in enumerate(recs)]
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.evaluate_model(student, world, "cpu", per_family=4, max_new_tokens=8)
     text, audio = E.test_sets(world, 4)
+
+    def half(recs):
+        return pytest.approx(100.0 * len(recs[::2]) / len(recs))
     assert res["T"] == {fam: 100.0 for fam in text}
-    assert res["S"] == {fam: pytest.approx(100.0 * len(recs[::2]) / len(recs)) for fam, recs in text.items()}
-    assert res["audio"] == {t: pytest.approx(100.0 * len(recs[::2]) / len(recs)) for t, recs in audio.items() if t != "asr"}
+    assert res["S"] == {fam: half(recs) for fam, recs in text.items()}
+    assert res["audio"] == {t: half(recs) for t, recs in audio.items() if t != "asr"}
     asr = audio["asr"]
-    assert res["asr_wer"] == pytest.approx(100.0 * sum(1 / len(r["transcript"].split()) for r in asr) / len(asr))
+    lost = sum(1 / len(r["transcript"].split()) for r in asr)
+    assert res["asr_wer"] == pytest.approx(100.0 * lost / len(asr))
 
 
 def _run(T, S=None, audio=None, seen=5.0, unseen=12.0, teacher_lp=None, rkl_cm=2.0):
@@ -51,42 +57,48 @@ def _run(T, S=None, audio=None, seen=5.0, unseen=12.0, teacher_lp=None, rkl_cm=2
     return r
 
 
+def save_model(folder, m):
+    M.save_checkpoint(str(folder / "model.pt"),
+                      {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+
+
 def test_premise_on_hand_made_scores():
     teacher = _run({"arith": 95.0, "facts": 100.0})
     # ΔS = mean(drop 30 %, drop 10 %) = 20; ΔT = mean(drop 10 %, drop 0 %) = 5; audio mean 85;
     # the teacher's log-prob per token of the student's answers: worst family -2.9
-    omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 66.5, "facts": 90.0}, {"pitch": 90.0, "rate": 80.0},
-                teacher_lp={"arith": -2.9, "facts": -1.0}, rkl_cm=2.5)
-    rows = E.premise([{"teacher": teacher, "omni": omni}])
-    values = {name: vals[0] for name, vals, _, _ in rows}
-    met = [ok for _, _, _, ok in rows]
-    assert values["base student ΔS (%)"] == pytest.approx(20.0)
-    assert values["base student ΔT (%)"] == pytest.approx(5.0)
-    assert values["text teacher, worst family from text (%)"] == 95.0
-    assert values["base student audio questions, mean accuracy (%)"] == pytest.approx(85.0)
-    assert values["teacher's log-prob per token of the base student's greedy answers from speech, worst family, val (nats)"] == -2.9
-    assert values["base student's per-token cross-modal reverse KL to the teacher, val (nats)"] == 2.5
-    assert met == [True] * 8
+    omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 66.5, "facts": 90.0},
+                {"pitch": 90.0, "rate": 80.0}, teacher_lp={"arith": -2.9, "facts": -1.0},
+                rkl_cm=2.5)
+
+    def met(omni, teacher=teacher):
+        return [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": omni}])]
+    values = [vals[0] for _, vals, _, _ in E.premise([{"teacher": teacher, "omni": omni}])]
+    assert values == [95.0, 5.0, 12.0, pytest.approx(20.0), pytest.approx(5.0),
+                      pytest.approx(85.0), -2.9, 2.5]
+    assert met(omni) == [True] * 8
     # each criterion fails on its own
-    weak = E.premise([{"teacher": _run({"arith": 89.0, "facts": 100.0}), "omni": omni}])
-    assert [ok for _, _, _, ok in weak] == [False] + [True] * 7  # ΔS, ΔT move with the teacher but stay within
-    deaf = E.premise([{"teacher": teacher, "omni": {**omni, "asr_wer_seen": 10.5, "asr_wer_unseen": 15.5}}])
-    assert [ok for _, _, _, ok in deaf] == [True, False, False] + [True] * 5
-    for s_arith, ok in ((47.5, False), (95.0 * 0.86, True), (95.0 * 0.94, False)):  # ΔS 30, 12, 8 (ΔT 5 > 8 / 2)
-        r = E.premise([{"teacher": teacher, "omni": {**omni, "S": {"arith": s_arith, "facts": 90.0}}}])
-        assert [x[3] for x in r][3:5] == ([False, True] if s_arith == 47.5 else [True, True] if ok else [True, False])
-    better_from_text = {**omni, "T": {"arith": 96.0, "facts": 100.0}}  # ΔT < 0
-    assert [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": better_from_text}])][4] is False
+    weak = _run({"arith": 89.0, "facts": 100.0})
+    assert met(omni, weak) == [False] + [True] * 7  # ΔS, ΔT move with the teacher but stay within
+    deaf = {**omni, "asr_wer_seen": 10.5, "asr_wer_unseen": 15.5}
+    assert met(deaf) == [True, False, False] + [True] * 5
+    for s_arith, ok in ((47.5, False), (95.0 * 0.86, True), (95.0 * 0.94, False)):
+        # ΔS 30, 12, 8 (ΔT 5 > 8 / 2)
+        r = met({**omni, "S": {"arith": s_arith, "facts": 90.0}})
+        assert r[3:5] == ([False, True] if s_arith == 47.5 else [True, ok])
+    assert met({**omni, "T": {"arith": 96.0, "facts": 100.0}})[4] is False  # ΔT < 0
     unjudged = {**omni, "judge": {"teacher_lp": {"arith": -12.7, "facts": -1.0}, "rkl_cm": 12.5}}
-    assert [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": unjudged}])] == [True] * 6 + [False, False]
+    assert met(unjudged) == [True] * 6 + [False, False]
 
 
 def test_mean_and_standard_error_over_seeds():
     m, se = E.mean_se([1.0, 2.0, 6.0])
-    assert m == pytest.approx(3.0) and se == pytest.approx((7.0 / 3) ** 0.5)  # sample var (4+1+9)/2 = 7, / n
+    # sample var (4+1+9)/2 = 7, / n
+    assert m == pytest.approx(3.0) and se == pytest.approx((7.0 / 3) ** 0.5)
     assert E.fmt([2.0]) == "2.0" and E.fmt([1.0, 2.0, 6.0]) == "3.0 ± 1.5"
-    seeds = [{"teacher": _run({"arith": 100.0}), "omni": _run({"arith": 90.0}, {"arith": s})} for s in (50.0, 70.0)]
-    row = [line for line in E.tables(seeds)["table1"].splitlines() if line.startswith("| base student")][0]
+    seeds = [{"teacher": _run({"arith": 100.0}), "omni": _run({"arith": 90.0}, {"arith": s})}
+             for s in (50.0, 70.0)]
+    table = E.tables(seeds)["table1"].splitlines()
+    row = [line for line in table if line.startswith("| base student")][0]
     assert "| 60.0 ± 10.0 | 90.0 ± 0.0 | 40.00 ± 10.00 | 10.00 ± 0.00 |" in row
 
 
@@ -95,7 +107,8 @@ def test_paired_differences_against_the_base_student_of_each_seed():
     # in every seed but one (6): unpaired its cells overlap, paired the change is clear
     teacher = _run({"arith": 100.0})
     seeds = [{"teacher": teacher, "omni": _run({"arith": 100.0}, {"arith": 100.0 - b}),
-              "align/xopd": _run({"arith": 100.0}, {"arith": 100.0 - b + g})} for b, g in ((40, 5), (20, 5), (30, 6))]
+              "align/xopd": _run({"arith": 100.0}, {"arith": 100.0 - b + g})}
+             for b, g in ((40, 5), (20, 5), (30, 6))]
     for s, g in zip(seeds, (3, 4, 3)):  # a second method, 1 to 3 points behind X-OPD in every seed
         s["align/kd"] = _run({"arith": 100.0}, {"arith": float(s["omni"]["S"]["arith"]) + g})
     rows = {line.split(" |")[0][2:]: line for line in E.tables(seeds)["paired"].splitlines()[2:]}
@@ -104,20 +117,27 @@ def test_paired_differences_against_the_base_student_of_each_seed():
     assert rows["xopd"] == f"| xopd | {m:.2f} ± {se:.2f} * | 0.00 ± 0.00 | | |"
     m2, se2 = E.mean_se([-2.0, -1.0, -3.0])  # X-OPD's ΔS − KD's, seed by seed
     assert rows["kd"].endswith(f" | {m2:.2f} ± {se2:.2f} * | 0.00 ± 0.00 |")
-    seeds[2]["align/xopd"] = _run({"arith": 100.0}, {"arith": 100.0 - 30 - 9})  # worse in one seed: within noise
+    # worse in one seed: within noise
+    seeds[2]["align/xopd"] = _run({"arith": 100.0}, {"arith": 100.0 - 30 - 9})
     row = [line for line in E.tables(seeds)["paired"].splitlines() if line.startswith("| xopd")][0]
     assert "*" not in row.split("|")[2]
 
 
 def test_curves_table_gives_each_val_step_over_seeds():
     teacher = _run({"arith": 100.0})
-    curve = lambda s0, s1, kl: [{"step": 0, "val_S": s0, "rkl_im": 1.0, "rkl_cm": kl}, {"step": 20, "val_S": s1, "rkl_im": 0.5, "rkl_cm": kl / 2}]
+
+    def curve(s0, s1, kl):
+        return [{"step": 0, "val_S": s0, "rkl_im": 1.0, "rkl_cm": kl},
+                {"step": 20, "val_S": s1, "rkl_im": 0.5, "rkl_cm": kl / 2}]
     seeds = [{"teacher": teacher, "omni": _run({"arith": 90.0}, {"arith": 60.0}),
-              "align/xopd": {**_run({"arith": 90.0}, {"arith": 70.0}), "curve": curve(60.0, s1, kl)}} for s1, kl in ((70.0, 2.0), (80.0, 4.0))]
+              "align/xopd": {**_run({"arith": 90.0}, {"arith": 70.0}),
+                             "curve": curve(60.0, s1, kl)}}
+             for s1, kl in ((70.0, 2.0), (80.0, 4.0))]
     rows = E.tables(seeds)["curves"].splitlines()
     assert rows[0].startswith("| model | step 0 | step 20 | rkl_im")
-    assert rows[2] == "| xopd | 60.0 ± 0.0 | 75.0 ± 5.0 | 1.00 ± 0.00 → 0.50 ± 0.00 | 3.00 ± 1.00 → 1.50 ± 0.50 |"
-    del seeds[1]["align/xopd"]["curve"]  # a seed without its curve: no table rather than a partial one
+    assert rows[2] == ("| xopd | 60.0 ± 0.0 | 75.0 ± 5.0 | 1.00 ± 0.00 → 0.50 ± 0.00 "
+                       "| 3.00 ± 1.00 → 1.50 ± 0.50 |")
+    del seeds[1]["align/xopd"]["curve"]  # a seed without its curve: no table, not a partial one
     assert "curves" not in E.tables(seeds)
 
 
@@ -134,7 +154,7 @@ def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, 
         teacher.embed_tokens.weight.mul_(30.0)  # a confident teacher: its first token is no tie
     student = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
     for name, m in (("teacher", teacher), ("omni", student)):
-        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+        save_model(tmp_path / name, m)
     res = E.first_token_probe(str(tmp_path), world, "cpu", per_family=5)
     assert set(res) == {"omni"}
     student.eval()
@@ -142,16 +162,43 @@ def test_first_token_probe_of_a_student_whose_decoder_is_its_teacher(tiny_data, 
         top, heard = [], []
         with torch.no_grad():
             for r in rs:
-                p = teacher.logits(teacher(torch.tensor([data.encode_prompt(world.tok, r, "text")]))[0, -1]).softmax(-1)
+                text = torch.tensor([data.encode_prompt(world.tok, r, "text")])
+                p = teacher.logits(teacher(text)[0, -1]).softmax(-1)
                 top.append(float(p.max()))
-                ids, mel = torch.tensor([data.encode_prompt(world.tok, r, "speech")]), world.mel(r)[None]
-                h, lens = student(ids, torch.tensor([ids.size(1)]), mel, torch.tensor([mel.size(-1)]))
-                heard.append(float(student.decoder.logits(h[0, lens[0] - 1]).softmax(-1)[p.argmax()]))
+                ids = torch.tensor([data.encode_prompt(world.tok, r, "speech")])
+                mel = world.mel(r)[None]
+                h, lens = student(ids, torch.tensor([ids.size(1)]), mel,
+                                  torch.tensor([mel.size(-1)]))
+                logits = student.decoder.logits(h[0, lens[0] - 1])
+                heard.append(float(logits.softmax(-1)[p.argmax()]))
         assert res["omni"][fam][1] == pytest.approx(100.0 * sum(top) / len(top), rel=1e-4)
         assert res["omni"][fam][0] == pytest.approx(100.0 * sum(heard) / len(heard), rel=1e-4)
 
 
-def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(tiny_data, tmp_path, monkeypatch):
+def read_each_clip_alone(student, world, recs):
+    """The WERs of the encoder's greedy CTC and of the adapter's best token per word, each clip
+    through a forward pass of its own, decoded here (the CTC against the letters as spoken: a
+    doubled letter once)."""
+    ctc, adapter = [], []
+    with torch.no_grad():
+        for r in recs:
+            mel = world.mel(r)[None]
+            mel_lens = torch.tensor([mel.size(-1)])
+            _, n, logp = student.encoder.frames(mel, mel_lens)
+            path = logp[0, :n[0]].argmax(-1).tolist()  # best path: repeats merged, blanks dropped
+            text = "".join(M.CTC_CHARS[c - 1] for c, _ in itertools.groupby(path) if c)
+            ctc.append(data.wer(M.spoken_letters(data.spoken_words(r["transcript"])), text))
+            words, word_lens = student.encoder(mel, mel_lens)
+            _, k, logits = student.adapter(words, word_lens, student.decoder.embed_tokens.weight)
+            # one row per spoken word (k counts the clip's vector too)
+            best = logits[0, :k[0] - 1].argmax(-1).tolist()
+            adapter.append(data.wer(data.spoken_words(r["transcript"]),
+                                    data.spoken_words(world.tok.decode(best))))
+    return ctc, adapter
+
+
+def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(tiny_data, tmp_path,
+                                                                             monkeypatch):
     """Transcripts chosen here: the student drops the first word of every other clip and the
     punctuation of every clip, the teacher copies every transcript with its punctuation; the WERs
     and the share of prompts read whole must be the hand-computed ones, punctuation never
@@ -164,49 +211,49 @@ def test_hearing_probe_splits_prompts_from_word_lists_and_scores_spoken_words(ti
     teacher = M.Decoder(dec)
     student = M.student_from_teacher(teacher, enc, adp, audio_token_id=world.audio_id)
     for name, m in (("teacher", teacher), ("omni", student)):
-        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+        save_model(tmp_path / name, m)
 
     def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
-        if modality == "text":  # "repeat the words : <words> ." -> "<words> ." (a full stop is not a word)
+        # "repeat the words : <words> ." -> "<words> ." (a full stop is no word)
+        if modality == "text":
             return [r["transcript"].removeprefix("repeat the words : ") for r in recs]
-        return [" ".join(w for w in r["transcript"].split()[r["id"] in dropped:] if w.isalpha()) for r in recs]
+        return [" ".join(w for w in r["transcript"].split()[r["id"] in dropped:] if w.isalpha())
+                for r in recs]
     recs = E.test_sets(world, 10)[1]["asr"]
-    prompts = {r["transcript"] for r in world.train + world.align + world.val + world.test if r["kind"] == "text"}
-    train_lists = [r for r in world.train if r["task"] == "asr" and r["transcript"] not in prompts][:len(recs)]
+    pools = world.train + world.align + world.val + world.test
+    prompts = {r["transcript"] for r in pools if r["kind"] == "text"}
+    train_lists = [r for r in world.train
+                   if r["task"] == "asr" and r["transcript"] not in prompts][:len(recs)]
     dropped = {r["id"] for r in recs[::2] + train_lists[::3]}
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.hearing_probe(str(tmp_path), world, "cpu", per_task=10, max_new_tokens=8)
-    parts = {"prompts": [r for r in recs if r["transcript"] in prompts], "lists": [r for r in recs if r["transcript"] not in prompts]}
+    parts = {"prompts": [r for r in recs if r["transcript"] in prompts],
+             "lists": [r for r in recs if r["transcript"] not in prompts]}
     assert parts["prompts"] and parts["lists"]
-    words = lambda r: [w for w in data.normalize_text(r["transcript"]).split() if w.isalpha()]
-    lost = lambda r: 1 / len(words(r)) if r["id"] in dropped else 0.0
-    student_row, teacher_row = res["base student, from speech"], res["text teacher, copying the transcript from text"]
+
+    def lost(r):
+        words = [w for w in data.normalize_text(r["transcript"]).split() if w.isalpha()]
+        return 1 / len(words) if r["id"] in dropped else 0.0
+    student_row = res["base student, from speech"]
+    teacher_row = res["text teacher, copying the transcript from text"]
     assert len(train_lists) == len(recs) and 0 < len(train_lists[::3]) < len(train_lists)
     for part, rs in list(parts.items()) + [("all", recs), ("train lists", train_lists)]:
         assert student_row[part] == pytest.approx(100.0 * sum(lost(r) for r in rs) / len(rs))
         assert teacher_row[part] == 0.0
     assert 0 < sum(r["id"] in dropped for r in parts["prompts"]) < len(parts["prompts"])
-    assert student_row["whole"] == pytest.approx(100.0 * sum(r["id"] not in dropped for r in parts["prompts"]) / len(parts["prompts"]))
+    whole = sum(r["id"] not in dropped for r in parts["prompts"])
+    assert student_row["whole"] == pytest.approx(100.0 * whole / len(parts["prompts"]))
     assert teacher_row["whole"] == 100.0
-    ctc, adapter = [], []
-    with torch.no_grad():
-        for r in recs:
-            mel = world.mel(r)[None]
-            mel_lens = torch.tensor([mel.size(-1)])
-            _, n, logp = student.encoder.frames(mel, mel_lens)
-            path = logp[0, :n[0]].argmax(-1).tolist()  # best path: repeats merged, blanks (0) dropped
-            ctc.append(data.wer(M.spoken_letters(data.spoken_words(r["transcript"])),
-                                "".join(M.CTC_CHARS[c - 1] for c, _ in itertools.groupby(path) if c)))
-            words, word_lens = student.encoder(mel, mel_lens)
-            _, k, logits = student.adapter(words, word_lens, student.decoder.embed_tokens.weight)
-            best = logits[0, :k[0] - 1].argmax(-1).tolist()  # one row per spoken word (k counts the clip's vector too)
-            adapter.append(data.wer(data.spoken_words(r["transcript"]), data.spoken_words(world.tok.decode(best))))
-    for row, wers in (("audio encoder alone, greedy CTC", ctc), ("adapter's word scores alone (best token per word)", adapter)):
+    ctc, adapter = read_each_clip_alone(student, world, recs)
+    for row, wers in (("audio encoder alone, greedy CTC", ctc),
+                      ("adapter's word scores alone (best token per word)", adapter)):
         by_part = {"prompts": [w for w, r in zip(wers, recs) if r["transcript"] in prompts],
-                   "lists": [w for w, r in zip(wers, recs) if r["transcript"] not in prompts], "all": wers}
+                   "lists": [w for w, r in zip(wers, recs) if r["transcript"] not in prompts],
+                   "all": wers}
         for part, ws in by_part.items():
             assert res[row][part] == pytest.approx(100.0 * sum(ws) / len(ws)), (row, part)
-        assert res[row]["whole"] == pytest.approx(100.0 * sum(w == 0 for w in by_part["prompts"]) / len(by_part["prompts"]))
+        whole = sum(w == 0 for w in by_part["prompts"])
+        assert res[row]["whole"] == pytest.approx(100.0 * whole / len(by_part["prompts"]))
 
 
 def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_data):
@@ -225,7 +272,8 @@ def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_d
         prompt = data.encode_prompt(world.tok, rec, "text")
         with torch.no_grad():
             logits = teacher.logits(teacher(torch.tensor([prompt + ids]))[0])
-        return logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+        logp = logits[len(prompt) - 1:-1].log_softmax(-1)
+        return logp.gather(1, torch.tensor(ids)[:, None]).squeeze(1)
 
     gen = torch.Generator().manual_seed(3)
     rkl = {}
@@ -244,74 +292,168 @@ def test_judge_scores_the_students_answers_with_the_teachers_full_forward(tiny_d
         assert res["teacher_lp"][fam] == pytest.approx(total[0] / total[1], rel=1e-4)
         for key in ("right", "wrong"):
             if sums[key][1]:
-                assert res[f"teacher_lp_{key}"][fam] == pytest.approx(sums[key][0] / sums[key][1], rel=1e-4)
+                want = sums[key][0] / sums[key][1]
+                assert res[f"teacher_lp_{key}"][fam] == pytest.approx(want, rel=1e-4)
         rkl[fam] = [0.0, 0]
         for r, ids, mask, lp in zip(recs, sampled[0].tolist(), sampled[1], sampled[2]):
             k = int(mask.sum())
             rkl[fam][0] += float(lp[:k].sum() - teacher_lp(r, ids[:k]).sum())
             rkl[fam][1] += k
         assert res["rkl_cm_by_family"][fam] == pytest.approx(rkl[fam][0] / rkl[fam][1], rel=1e-4)
-    assert res["rkl_cm"] == pytest.approx(sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values()), rel=1e-4)
+    pooled = sum(v[0] for v in rkl.values()) / sum(v[1] for v in rkl.values())
+    assert res["rkl_cm"] == pytest.approx(pooled, rel=1e-4)
 
 
-def test_cached_scores_are_made_again_when_their_settings_or_data_differ(tiny_data, tmp_path, monkeypatch):
-    """eval.json carries what it was scored with: the prompts per family, the answer length and
-    the data (its manifests, a toy world's done.json). Another value of any of them scores again;
-    the same values, or a copy of the same world, reuse it."""
+def user_copy(src, dest, edit=None):
+    """A data folder as a user's (manifests and tokenizer copied, wavs/ linked); edit(name, path)
+    may change each copied file."""
+    os.makedirs(dest)
+    for f in os.listdir(src):
+        if f.endswith(".jsonl") or f == "tokenizer.json":
+            shutil.copy(os.path.join(src, f), dest / f)
+            if edit:
+                edit(f, dest / f)
+    os.symlink(os.path.join(src, "wavs"), dest / "wavs")
+    return dest
+
+
+def test_cached_scores_are_made_again_when_what_they_were_made_from_differs(tiny_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """eval.json's fingerprint: the checkpoint's and its teacher's fingerprints, the data scored
+    (the test and val pools, wherever the folder is) and the settings. Another value of any of
+    them scores again, and so does a missing, truncated or incomplete eval.json; the same values,
+    from a copy of the data folder, reuse it."""
     out = tmp_path / "run"
-    for name in ("teacher", "omni"):
-        M.save_checkpoint(str(out / name / "model.pt"), {"model": {}, "configs": {}, "train": {}})
     calls = []
 
-    def evaluate_model(m, world, device, per_family, max_new_tokens, done=None):
-        calls.append((world.dir, per_family, max_new_tokens))
+    def save(name, fingerprint_id):  # older than any eval.json: only the fingerprint tells
+        path = out / name / "model.pt"
+        M.save_checkpoint(str(path), {"model": {}, "configs": {}, "train": {},
+                                      "fingerprint_id": fingerprint_id})
+        os.utime(path, (0, 0))
+
+    def evaluate_model(m, world, device, per_family, max_new_tokens, name="eval"):
+        calls.append(name)
         return {"T": {"arith": float(per_family)}, "S": {}, "audio": {}}
     monkeypatch.setattr(E, "evaluate_model", evaluate_model)
     monkeypatch.setattr(M, "load_model", lambda path, device: (None, None))
-    world = type("World", (), {"dir": tiny_data})()
-    scored = lambda: [json.load(open(out / n / "eval.json"))["T"]["arith"] for n in ("teacher", "omni")]
-    E.evaluate_all(str(out), world, "cpu", 2, 8)
-    assert len(calls) == 2 and scored() == [2.0, 2.0]
-    E.evaluate_all(str(out), world, "cpu", 2, 8)
-    assert len(calls) == 2  # the same settings: cached
-    E.evaluate_all(str(out), world, "cpu", 3, 8)
-    assert calls[2:] == [(tiny_data, 3, 8)] * 2 and scored() == [3.0, 3.0]
-    E.evaluate_all(str(out), world, "cpu", 3, 16)
-    assert calls[4:] == [(tiny_data, 3, 16)] * 2
-    # a copy of the same generated world is the same data
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in ("train.jsonl", "test.jsonl", "val.jsonl", "done.json"):
-        shutil.copy(os.path.join(tiny_data, f), copy / f)
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 6
-    # a user's folder of three test prompts is other data, and so is an edited test.jsonl
-    os.remove(copy / "done.json")
-    (copy / "test.jsonl").write_text("".join(open(os.path.join(tiny_data, "test.jsonl")).readlines()[:3]))
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert calls[6:] == [(str(copy), 3, 16)] * 2
-    with open(copy / "test.jsonl", "a") as f:
-        f.write(open(os.path.join(tiny_data, "test.jsonl")).readlines()[3])
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 10
-    # an eval.json without its settings (an older version's) is scored again
-    res = json.load(open(out / "omni" / "eval.json"))
-    del res["settings"]
-    json.dump(res, open(out / "omni" / "eval.json", "w"))
-    E.evaluate_all(str(out), type("World", (), {"dir": str(copy)})(), "cpu", 3, 16)
-    assert len(calls) == 11
+
+    def scored(world=data.World(tiny_data), per_family=2, max_new_tokens=8):
+        calls.clear()
+        E.evaluate_all(str(out), world, "cpu", per_family, max_new_tokens)
+        return sorted(calls)
+    save("teacher", "t1")
+    save("omni", "o1")
+    both = ["omni", "teacher"]
+    assert scored() == both and scored() == []
+    assert scored(per_family=3) == both and scored(per_family=3) == []
+    assert "was scored with other settings (per_family 2 -> 3)" in capsys.readouterr().out
+    assert scored(per_family=3, max_new_tokens=16) == both
+    assert json.load(open(out / "omni" / "eval.json"))["settings"]["max_new_tokens"] == 16
+    copy = user_copy(tiny_data, tmp_path / "copy")
+    assert scored(data.World(str(copy)), 3, 16) == []  # the same data in another folder
+
+    def short(f, path):  # test.jsonl without its last record
+        if f == "test.jsonl":
+            path.write_text("".join(open(path).readlines()[:-1]))
+    assert scored(data.World(str(user_copy(tiny_data, tmp_path / "short", short))), 3, 16) == both
+    assert scored(per_family=3, max_new_tokens=16) == both  # back on the whole test pool
+    save("omni", "o2")  # omni made again from other inputs
+    assert scored(per_family=3, max_new_tokens=16) == ["omni"]
+    save("teacher", "t2")  # another teacher: every student is judged by it
+    assert scored(per_family=3, max_new_tokens=16) == both
+    for damage in ("{\"T\": {\"ari", "{}", "[1, 2]", "\x00\xff"):
+        (out / "omni" / "eval.json").write_text(damage)
+        assert scored(per_family=3, max_new_tokens=16) == ["omni"], damage
+    assert "eval.json is unreadable or incomplete: scoring again" in capsys.readouterr().out
+    os.remove(out / "omni" / "eval.json")
+    assert scored(per_family=3, max_new_tokens=16) == ["omni"]
+
+
+def tiny_teacher_run(world, out, **train):
+    """A run folder holding a tiny untrained teacher, saved as train.py saves it."""
+    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
+    torch.manual_seed(0)
+    teacher = M.Decoder(dec)
+    settings = {"data": world.dir, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "",
+                "chat_format": "", **train}
+    M.save_checkpoint(str(out / "teacher" / "model.pt"),
+                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher),
+                       "train": settings, "tokenizer": world.tok.to_str()})
+    return out
+
+
+def test_eval_with_another_data_folders_tokenizer_is_refused_naming_both(tiny_data, tmp_path):
+    """--data whose tokenizer gives two words each other's ids, or has one word more, than the
+    tokenizer the run was trained with: one message naming both files, nothing scored or
+    written."""
+    run = tiny_teacher_run(data.World(tiny_data), tmp_path / "run")
+
+    def swap(vocab):
+        a, b = "seven", "blue"
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    def more(vocab):
+        vocab["zebra"] = len(vocab)
+    for edit in (swap, more):
+        def tokenizer(f, path):
+            if f == "tokenizer.json":
+                tok = json.load(open(path))
+                edit(tok["model"]["vocab"])
+                json.dump(tok, open(path, "w"))
+        other = user_copy(tiny_data, tmp_path / edit.__name__, tokenizer)
+        with pytest.raises(SystemExit, match=rf"{other}/tokenizer\.json is not the tokenizer "
+                           rf"{run}/teacher/model\.pt was trained with .*expected"):
+            E.main(["--out", str(run), "--data", str(other)])
+    assert sorted(os.listdir(run)) == ["teacher"] and os.listdir(run / "teacher") == ["model.pt"]
+
+
+def test_several_out_folders_of_other_settings_or_one_folder_twice_are_refused(tmp_path):
+    """The seeds of one table: a folder given twice (through a link) and runs trained with other
+    settings are refused by name before anything is scored or written; seeds that differ in the
+    seed and the folders only are not."""
+    def run(folder, **align):
+        base = {"preset": "tiny", "seed": int(folder[-1]), "out": str(tmp_path / folder),
+                "data": str(tmp_path / folder / "data"), "align_steps": 4, "lam": 0.5}
+        for name, train in (("teacher", base), ("align/xopd", {**base, **align})):
+            M.save_checkpoint(str(tmp_path / folder / name / "model.pt"),
+                              {"model": {}, "configs": {}, "train": train})
+        return str(tmp_path / folder)
+    s0, s1 = run("s0"), run("s1")
+    E.check_runs([s0, s1])
+    os.symlink(s0, tmp_path / "seed0")
+    with pytest.raises(SystemExit, match=rf"{s0} and {tmp_path / 'seed0'} are the same run folder"):
+        E.main(["--out", s0, str(tmp_path / "seed0")])
+    s2 = run("s2", align_steps=2)
+    for order, (a, b) in (((s0, s2), ("4", "2")), ((s2, s0), ("2", "4"))):
+        with pytest.raises(SystemExit, match=rf"align/xopd of {order[0]} and of {order[1]} were "
+                           rf"trained with other settings \(align_steps {a} vs {b}\)"):
+            E.main(["--out", *order])
+    s3 = run("s3")
+    M.save_checkpoint(str(tmp_path / "s3" / "teacher" / "model.pt"),
+                      {"model": {}, "configs": {}, "train": {"preset": "cpu"}})
+    with pytest.raises(SystemExit, match=r"teacher of .*s0 and of .*s3 .*preset 'tiny' vs 'cpu'"):
+        E.main(["--out", s0, s3])
+    written = [f for f in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(f)]
+    assert all(f.endswith("model.pt") for f in written)
+
+
+def test_eval_on_a_folder_it_cannot_write_is_one_message_naming_the_path(tiny_data, tmp_path,
+                                                                         monkeypatch):
+    run = tiny_teacher_run(data.World(tiny_data), tmp_path / "run")
+
+    def read_only(path, write, mode="w"):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(M, "atomic_write", read_only)
+    with pytest.raises(SystemExit, match=rf"^eval\.py: cannot write {run}/teacher/eval\.json: "
+                       r"Permission denied$"):
+        E.main(["--out", str(run)])
 
 
 def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path, capsys):
     """python eval.py --out RUN --eval_per_family N on a run scored with another N prints N's
     tables, not the cached ones."""
-    world = data.World(tiny_data)
-    enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
-    torch.manual_seed(0)
-    teacher = M.Decoder(dec)
-    settings = {"data": tiny_data, "eval_per_family": 1, "max_new_tokens": 2, "teacher": "", "chat_format": ""}
-    M.save_checkpoint(str(tmp_path / "teacher" / "model.pt"),
-                      {"model": teacher.state_dict(), "configs": M.model_configs(teacher), "train": settings})
+    tiny_teacher_run(data.World(tiny_data), tmp_path)
     E.main(["--out", str(tmp_path)])
     assert json.load(open(tmp_path / "teacher" / "eval.json"))["settings"]["per_family"] == 1
     E.main(["--out", str(tmp_path), "--eval_per_family", "2"])
@@ -320,26 +462,71 @@ def test_eval_cli_scores_again_with_another_eval_per_family(tiny_data, tmp_path,
     assert "scored with other settings (per_family 1 -> 2)" in capsys.readouterr().out
 
 
-def test_bench_decode_step_and_sampling_rows_on_a_cpu():
+def test_timeit_is_the_best_run_per_call_after_a_warm_up(monkeypatch):
+    clock = iter([0.0, 10.0, 20.0, 26.0, 30.0, 39.0])  # runs of 2 calls: 10 s, 6 s, 9 s
+    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock))
+    calls, synced = [], []
+    assert E.timeit(lambda: calls.append(1), reps=3, calls=2, sync=lambda: synced.append(1)) == 3.0
+    assert len(calls) == 1 + 3 * 2 and len(synced) == 1 + 3
+
+
+def test_bench_decode_step_and_samplers_on_a_cpu():
     # the bench's CPU path: the bytes a static decode step must read, from the config by hand
     # (the layers' projections and every position of the keys and values), no graph on a CPU,
-    # and the fixed-shape sampler's tokens equal to the default's
+    # and the fixed-shape samplers' tokens equal to the default's and to the naive sampler's
+    # (the timings: test_timeit_is_the_best_run_per_call_after_a_warm_up)
     r = E.bench_decode_step("tiny", batch=3, prompt=4, new_tokens=6, reps=1)
     _, _, c = M.make_configs("tiny", 2000)
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     per_layer = c.dim * (q + 2 * kv) + q * c.dim + 3 * c.dim * c.hidden_dim
     assert r["weight_bytes"] == 4 * c.n_layers * per_layer
     assert r["kv_bytes"] == 4 * 2 * c.n_layers * 3 * kv * (4 + 6)
-    assert r["graph_s"] is None and r["eager_s"] > 0 and r["matmuls_s"] > 0
-    assert [row[1] for row in E.step_rows({"tiny": r})] == ["bytes it reads", "eager", "its matmuls alone"]
-    s = E.bench_sampling(batch=3, prompt=8, new_tokens=6, preset="tiny")
-    assert s["same_tokens_static"] == 1.0 and s["same_tokens"] == 1.0
-    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)
-    assert all(r[f"{k}_repeats"] and r[f"{k}_same_as_eager"] == 1.0 for k in ("eager", "static", "graph"))
-    assert len(E.rollout_rows(r)) == 3
+    assert r["graph_s"] is None
+    r = E.bench_rollouts("tiny", prompts=3, n=1, new_tokens=6, reps=1, prompt=8,
+                         ways=("eager", "static", "naive"), eos_id=-1)  # item 1
+    assert all(r[k]["repeats"] and r[k]["same"] == 1.0 for k in ("eager", "static", "naive"))
+    r = E.bench_rollouts("tiny", prompts=2, n=2, new_tokens=5, reps=1)  # item 6
+    assert all(r[k]["repeats"] and r[k]["same"] == 1.0 for k in ("eager", "static", "graph"))
 
 
-def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path, monkeypatch):
+def test_same_tokens_counts_equal_tokens_against_a_naive_sampler():
+    """The benchmarks' share of equal tokens: the naive sampler's tokens against themselves with
+    one token in four changed, and against a sampler that stops early (other shape: none)."""
+    _, _, c = M.make_configs("tiny", 50)
+    torch.manual_seed(0)
+    dec = M.Decoder(c).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    naive = E.sample_recompute(dec, torch.full((2,), 5), ids, max_new_tokens=6, eos_id=-1,
+                               generator=torch.Generator().manual_seed(0))
+    changed = naive.clone()
+    changed[:, ::4] += 1
+    assert E.same(naive, naive) == 1.0 and E.same(changed, naive) == pytest.approx(8 / 12)
+    assert E.same(naive[:, :3], naive) == 0.0
+
+
+def test_bench_tables_from_known_results():
+    """Items 5 and 6's tables from hand-made results: every figure derived as by hand, a column
+    only where a record fills it."""
+    r = dict(eager_s=2e-6, graph_s=None, matmuls_s=1e-6, weight_bytes=4e6, kv_bytes=2e6,
+             copy_bytes_s=12e9)
+    assert E.bench_table(E.step_records({"tiny": r})).splitlines() == [
+        "| variant | µs | matmuls' share of it | MB | GB/s | of a device copy's GB/s | notes |",
+        "|---|---|---|---|---|---|---|",
+        "| tiny: bytes it reads | | | 6.0 | | | weights 4.0 MB, keys and values 2.0 MB |",
+        "| tiny: a device copy (read + write) | | | | 12 | | |",
+        "| tiny: eager | 2 | 50% | | 3000 | 25000% | |",
+        "| tiny: its matmuls alone | 1 | | | 4000 | | weights read |"]
+    r = {"eager": dict(s=0.5, tok_s=2000.0, repeats=True, same=1.0),
+         "static": dict(s=0.25, tok_s=4000.0, repeats=True, same=0.75),
+         "graph": dict(s=0.1, tok_s=10000.0, repeats=False, same=0.125)}
+    assert E.bench_table(E.rollout_records(r)).splitlines()[2:] == [
+        "| xopd.sample | 500 | 2000 | 1.00x | eager | yes | 100.0% |",
+        "| xopd.static_step | 250 | 4000 | 2.00x | eager | yes | 75.0% |",
+        "| xopd.DecodeGraph | 100 | 10000 | 5.00x | eager | NO | 12.5% |"]
+
+
+def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_data, tmp_path,
+                                                                       monkeypatch):
     """Transcripts and answers chosen here: the base student transcribes every third prompt's clip
     short of its first word; it answers one prompt in three right from speech, the aligned student
     two in three, the teacher from text every prompt but the fifth ones. The shares heard whole,
@@ -353,10 +540,12 @@ def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_dat
     with torch.no_grad():
         aligned.decoder.norm.weight.fill_(2.0)  # tells the two students apart below
     for name, m in (("teacher", teacher), ("omni", base), ("align/xopd", aligned)):
-        M.save_checkpoint(str(tmp_path / name / "model.pt"), {"model": m.state_dict(), "configs": M.model_configs(m), "train": {}})
+        save_model(tmp_path / name, m)
     fams = E.test_sets(world, 6)[0]
     index = {r["id"]: i for rs in fams.values() for i, r in enumerate(rs)}
-    is_aligned = lambda m: float(m.decoder.norm.weight[0]) == 2.0
+
+    def is_aligned(m):
+        return float(m.decoder.norm.weight[0]) == 2.0
 
     def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
         if isinstance(model, M.Decoder):
@@ -366,19 +555,25 @@ def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_dat
             return [" ".join(r["transcript"].split()[index[r["id"]] % 3 == 0:]) for r in recs]
         right = (lambda i: i % 3 != 0) if is_aligned(model) else (lambda i: i % 3 == 1)
         return [r["answer"] if right(index[r["id"]]) else "no" for r in recs]
-    monkeypatch.setattr(E, "generate", generate)
+    monkeypatch.setattr(xopd, "generate", generate)
     res = E.heard_split(str(tmp_path), world, "cpu", per_family=6, max_new_tokens=8)
     assert set(res) == {"heard", "omni", "align/xopd"}
     heard = {f: [i % 3 != 0 for i in range(len(rs))] for f, rs in fams.items()}
     assert res["heard"] == pytest.approx({f: 100.0 * sum(h) / len(h) for f, h in heard.items()})
-    pct = lambda xs: 100.0 * sum(xs) / len(xs)
+    def pct(xs):
+        return 100.0 * sum(xs) / len(xs)
+
+    def on(part):  # {family: the prompts' indices in one part of the split}
+        return {f: [i for i in range(len(rs)) if part is None or heard[f][i] == part]
+                for f, rs in fams.items()}
     for name, right in (("omni", lambda i: i % 3 == 1), ("align/xopd", lambda i: i % 3 != 0)):
         for part, key in ((True, "S heard"), (False, "S misheard")):
-            assert res[name][key] == pytest.approx({f: pct([right(i) for i in range(len(rs)) if heard[f][i] == part])
-                                                    for f, rs in fams.items()})
+            want = {f: pct([right(i) for i in ix]) for f, ix in on(part).items()}
+            assert res[name][key] == pytest.approx(want)
         for part, key in ((None, "ΔS"), (True, "ΔS heard"), (False, "ΔS misheard")):
-            idx = {f: [i for i in range(len(rs)) if part is None or heard[f][i] == part] for f, rs in fams.items()}
-            drops = [100.0 * (pct([i % 5 != 4 for i in ix]) - pct([right(i) for i in ix])) / pct([i % 5 != 4 for i in ix])
-                     for ix in idx.values()]
+            teacher_T = [pct([i % 5 != 4 for i in ix]) for ix in on(part).values()]
+            S = [pct([right(i) for i in ix]) for ix in on(part).values()]
+            drops = [100.0 * (t - s) / t for t, s in zip(teacher_T, S)]
             assert res[name][key] == pytest.approx(sum(drops) / len(drops)), (name, key)
-    assert res["align/xopd"]["ΔS heard"] < res["omni"]["ΔS heard"] and res["omni"]["ΔS misheard"] == pytest.approx(100.0)
+    assert res["align/xopd"]["ΔS heard"] < res["omni"]["ΔS heard"]
+    assert res["omni"]["ΔS misheard"] == pytest.approx(100.0)
