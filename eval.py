@@ -5,7 +5,7 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± standard error
     python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
-    python eval.py bench [--device cuda]          # speed / memory benchmarks (a table)
+    python eval.py bench [--device cuda]          # speed / memory benchmarks (tables)
 
 The tables: the premise (PREMISE), the paper's Tables 1 to 3 (TABLES); ΔS / ΔT is the paper's
 "Avg. Drop", the mean relative drop over families against the text teacher's T (avg_drop).
@@ -215,17 +215,15 @@ def check_runs(outs):
         first = seen.setdefault(os.path.realpath(out), out)
         if first != out:
             raise ValueError(f"{first} and {out} are the same run folder: give each seed's once")
-    if len(outs) < 2:
-        return
-    made = {out: {} for out in outs}
-    for out in outs:
-        for name, d in run_dirs(out).items():
-            ckpt = M.load_checkpoint(os.path.join(d, "model.pt"))
-            settings = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
-            made[out][name] = {k: v for k, v in settings.items() if k not in BESIDE_THE_RUN}
-    for out in outs[1:]:
-        for name in (n for n in made[outs[0]] if n in made[out]):
-            a, b = made[outs[0]][name], made[out][name]
+
+    def settings(ckpt):  # train's per stage, else the checkpoint's whole "train"
+        got = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
+        return {k: v for k, v in got.items() if k not in BESIDE_THE_RUN}
+    made = [{name: settings(M.load_checkpoint(os.path.join(d, "model.pt")))
+             for name, d in run_dirs(out).items()} for out in outs] if len(outs) > 1 else []
+    for out, runs in zip(outs[1:], made[1:]):
+        for name in (n for n in made[0] if n in runs):
+            a, b = made[0][name], runs[name]
             diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}"
                              for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             if diff:
@@ -346,10 +344,9 @@ def hearing_probe(out, world, device, per_task, max_new_tokens, batch_size=64):
         _, lens, logp = student.encoder.frames(mels.to(device), mel_lens.to(device))
         ctc += M.ctc_greedy(logp, lens)
         b = world.batch(rows, device=device, text=False, encoder=student.encoder)
-        emb = student.decoder.embed_tokens.weight
-        _, n, logits = student.adapter(b.feats, b.feat_lens, emb)  # (B, W, vocab)
-        best = logits.argmax(-1).tolist()
-        adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(best, n.tolist())]
+        _, n, logits = student.adapter(b.feats, b.feat_lens, student.decoder.embed_tokens.weight)
+        adapter += [world.tok.decode(w[:k - 1])  # each word's best-scoring token
+                    for w, k in zip(logits.argmax(-1).tolist(), n.tolist())]
     hyps = {"audio encoder alone, greedy CTC": ctc,
             "adapter's word scores alone (best token per word)": adapter}
     hyps["base student, from speech"] = xopd.generate(student, world, recs, "speech", device,
@@ -565,7 +562,6 @@ TABLES = [
     ("curves", curves_table, "The align stage's val curves: score from speech (%, val prompts) at "
      "each val step; reverse-KL estimates (nats per response)"),
 ]
-TITLES = {key: title for key, _, title in TABLES}
 
 
 def tables(seeds):
@@ -593,7 +589,7 @@ def report(outs, write_to=None):
     t = tables(seeds)
     head = f"{len(outs)} seed(s): " + ", ".join(outs)
     head += "; cells are mean ± standard error over seeds" if len(outs) > 1 else ""
-    md = head + "\n\n" + "\n\n".join(f"### {TITLES[k]}\n\n{v}" for k, v in t.items())
+    md = head + "\n\n" + "\n\n".join(f"### {title}\n\n{t[k]}" for k, _, title in TABLES if k in t)
     print(md)
     dest = write_to or outs[0]
     M.atomic_write(os.path.join(dest, "tables.md"), lambda f: f.write(md + "\n"))
