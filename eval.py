@@ -466,11 +466,9 @@ PREMISE = [
 def premise(seeds):
     """The premise table's rows [(name, per-seed values, target, met)] from per-seed results
     ({run name: eval.json contents}, one dict per seed). A row is met when the mean meets it."""
-    rows = []
-    for name, value, target, test in PREMISE:
-        vals = [value(r) for r in seeds]
-        rows.append((name, vals, target, test(sum(vals) / len(vals), seeds)))
-    return rows
+    vals = [[value(r) for r in seeds] for _, value, _, _ in PREMISE]
+    return [(name, v, target, test(sum(v) / len(v), seeds))
+            for (name, _, target, test), v in zip(PREMISE, vals)]
 
 
 def premise_table(seeds, names):
@@ -1014,7 +1012,7 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     if argv[:1] in (["bench"], ["bench-mem"]):
         sub = ap.add_subparsers(dest="cmd", required=True)
-        p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
+        p = sub.add_parser("bench", help="speed / memory benchmarks: a table per item")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers "
                        "vs generate, the decode step, the align stage's rollouts), on the GPU")
