@@ -65,7 +65,7 @@ def test_sets(world, per_family):
 
 
 def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
-    """{key: WER % against reference(transcript), key_seen / key_unseen: on speakers' / others'}."""
+    """{key: WER % against reference(transcript); key_seen / key_unseen: speakers' / others'}."""
     wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in speakers)
             for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
@@ -908,9 +908,9 @@ COLUMNS = [
     ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
     ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
     ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
-    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"),
-    ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
-    ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
+    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"), ("gb_s", "GB/s", "{:.0f}"),
+    ("of_copy", "of a device copy's GB/s", "{:.0%}"), ("repeats", "same tokens run to run", "{}"),
+    ("same", "tokens as the first row's", "{:.1%}"),
     ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
     ("forward_tok_s", "decoder forward tok/s", "{:.0f}"),
     ("decode_tok_s", "prefill + decode new tok/s", "{:.0f}"),
@@ -941,9 +941,9 @@ def step_records(steps):
         recs += [dict(variant=f"{p}: {name}", us=t * 1e6, mm_share=mm / t, gb_s=moved / t / 1e9,
                       of_copy=moved / t / copy)
                  for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
-        recs.append(dict(variant=f"{p}: its matmuls alone" + (", from a graph" if r["graph_s"]
-                                                               else ""),
-                         us=mm * 1e6, gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
+        graph = ", from a graph" if r["graph_s"] else ""
+        recs.append(dict(variant=f"{p}: its matmuls alone{graph}", us=mm * 1e6,
+                         gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
     return recs
 
 
