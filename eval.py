@@ -5,7 +5,7 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± standard error
     python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
-    python eval.py bench [--device cuda]          # speed / memory benchmarks (a table)
+    python eval.py bench [--device cuda]          # speed / memory benchmarks (tables)
 
 The tables: the premise (PREMISE), the paper's Tables 1 to 3 (TABLES); ΔS / ΔT is the paper's
 "Avg. Drop", the mean relative drop over families against the text teacher's T (avg_drop).
@@ -65,7 +65,7 @@ def test_sets(world, per_family):
 
 
 def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
-    """{key: WER % against reference(transcript), key_seen / key_unseen: on speakers' / others'}."""
+    """{key: WER % against reference(transcript); key_seen / key_unseen: speakers' / others'}."""
     wers = [(data.wer(reference(r["transcript"]), p), r["voice"].get("speaker") in speakers)
             for r, p in zip(recs, preds)]
     out = {key: 100.0 * sum(w for w, _ in wers) / len(wers)}
@@ -215,17 +215,15 @@ def check_runs(outs):
         first = seen.setdefault(os.path.realpath(out), out)
         if first != out:
             raise ValueError(f"{first} and {out} are the same run folder: give each seed's once")
-    if len(outs) < 2:
-        return
-    made = {out: {} for out in outs}
-    for out in outs:
-        for name, d in run_dirs(out).items():
-            ckpt = M.load_checkpoint(os.path.join(d, "model.pt"))
-            settings = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
-            made[out][name] = {k: v for k, v in settings.items() if k not in BESIDE_THE_RUN}
-    for out in outs[1:]:
-        for name in (n for n in made[outs[0]] if n in made[out]):
-            a, b = made[outs[0]][name], made[out][name]
+
+    def settings(ckpt):  # train's per stage, else the checkpoint's whole "train"
+        got = ckpt.get("fingerprint", {}).get("settings", ckpt["train"])
+        return {k: v for k, v in got.items() if k not in BESIDE_THE_RUN}
+    made = [{name: settings(M.load_checkpoint(os.path.join(d, "model.pt")))
+             for name, d in run_dirs(out).items()} for out in outs] if len(outs) > 1 else []
+    for out, runs in zip(outs[1:], made[1:]):
+        for name in (n for n in made[0] if n in runs):
+            a, b = made[0][name], runs[name]
             diff = "; ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}"
                              for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
             if diff:
@@ -346,10 +344,9 @@ def hearing_probe(out, world, device, per_task, max_new_tokens, batch_size=64):
         _, lens, logp = student.encoder.frames(mels.to(device), mel_lens.to(device))
         ctc += M.ctc_greedy(logp, lens)
         b = world.batch(rows, device=device, text=False, encoder=student.encoder)
-        emb = student.decoder.embed_tokens.weight
-        _, n, logits = student.adapter(b.feats, b.feat_lens, emb)  # (B, W, vocab)
-        best = logits.argmax(-1).tolist()
-        adapter += [world.tok.decode(w[:k - 1]) for w, k in zip(best, n.tolist())]
+        _, n, logits = student.adapter(b.feats, b.feat_lens, student.decoder.embed_tokens.weight)
+        adapter += [world.tok.decode(w[:k - 1])  # each word's best-scoring token
+                    for w, k in zip(logits.argmax(-1).tolist(), n.tolist())]
     hyps = {"audio encoder alone, greedy CTC": ctc,
             "adapter's word scores alone (best token per word)": adapter}
     hyps["base student, from speech"] = xopd.generate(student, world, recs, "speech", device,
@@ -469,11 +466,9 @@ PREMISE = [
 def premise(seeds):
     """The premise table's rows [(name, per-seed values, target, met)] from per-seed results
     ({run name: eval.json contents}, one dict per seed). A row is met when the mean meets it."""
-    rows = []
-    for name, value, target, test in PREMISE:
-        vals = [value(r) for r in seeds]
-        rows.append((name, vals, target, test(sum(vals) / len(vals), seeds)))
-    return rows
+    vals = [[value(r) for r in seeds] for _, value, _, _ in PREMISE]
+    return [(name, v, target, test(sum(v) / len(v), seeds))
+            for (name, _, target, test), v in zip(PREMISE, vals)]
 
 
 def premise_table(seeds, names):
@@ -565,7 +560,6 @@ TABLES = [
     ("curves", curves_table, "The align stage's val curves: score from speech (%, val prompts) at "
      "each val step; reverse-KL estimates (nats per response)"),
 ]
-TITLES = {key: title for key, _, title in TABLES}
 
 
 def tables(seeds):
@@ -593,7 +587,7 @@ def report(outs, write_to=None):
     t = tables(seeds)
     head = f"{len(outs)} seed(s): " + ", ".join(outs)
     head += "; cells are mean ± standard error over seeds" if len(outs) > 1 else ""
-    md = head + "\n\n" + "\n\n".join(f"### {TITLES[k]}\n\n{v}" for k, v in t.items())
+    md = head + "\n\n" + "\n\n".join(f"### {title}\n\n{t[k]}" for k, _, title in TABLES if k in t)
     print(md)
     dest = write_to or outs[0]
     M.atomic_write(os.path.join(dest, "tables.md"), lambda f: f.write(md + "\n"))
@@ -914,9 +908,9 @@ COLUMNS = [
     ("x", "speed-up", "{:.2f}x"), ("vs", "over", "{}"), ("peak_mb", "peak extra MB", "{:.0f}"),
     ("peaks_mb", "each process's peak (MB)", "{}"), ("less_mem", "less memory", "{:.1f}x"),
     ("gflops", "matmul GFLOP/s", "{:.1f}"), ("mm_share", "matmuls' share of it", "{:.0%}"),
-    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"),
-    ("gb_s", "GB/s", "{:.0f}"), ("of_copy", "of a device copy's GB/s", "{:.0%}"),
-    ("repeats", "same tokens run to run", "{}"), ("same", "tokens as the first row's", "{:.1%}"),
+    ("first_s", "first call (s)", "{:.1f}"), ("mb", "MB", "{:.1f}"), ("gb_s", "GB/s", "{:.0f}"),
+    ("of_copy", "of a device copy's GB/s", "{:.0%}"), ("repeats", "same tokens run to run", "{}"),
+    ("same", "tokens as the first row's", "{:.1%}"),
     ("same_greedy", "greedy tokens as generate's", "{:.1%}"), ("params_m", "params (M)", "{:.3f}"),
     ("forward_tok_s", "decoder forward tok/s", "{:.0f}"),
     ("decode_tok_s", "prefill + decode new tok/s", "{:.0f}"),
@@ -947,9 +941,9 @@ def step_records(steps):
         recs += [dict(variant=f"{p}: {name}", us=t * 1e6, mm_share=mm / t, gb_s=moved / t / 1e9,
                       of_copy=moved / t / copy)
                  for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
-        recs.append(dict(variant=f"{p}: its matmuls alone" + (", from a graph" if r["graph_s"]
-                                                               else ""),
-                         us=mm * 1e6, gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
+        graph = ", from a graph" if r["graph_s"] else ""
+        recs.append(dict(variant=f"{p}: its matmuls alone{graph}", us=mm * 1e6,
+                         gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
     return recs
 
 
@@ -1018,7 +1012,7 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     if argv[:1] in (["bench"], ["bench-mem"]):
         sub = ap.add_subparsers(dest="cmd", required=True)
-        p = sub.add_parser("bench", help="speed / memory benchmarks: prints a table")
+        p = sub.add_parser("bench", help="speed / memory benchmarks: a table per item")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--device", default="cpu", help="cuda: items 4 to 6 alone (the samplers "
                        "vs generate, the decode step, the align stage's rollouts), on the GPU")
