@@ -1106,7 +1106,7 @@ def content_id(path):
 
 
 def stage_fingerprint(cfg, world, name, lr=None):
-    """What stage `name` is built from now (layout: docs/decisions.md, "Figures and history"); lr: the align stage's."""
+    """What stage `name` is built from now (layout: docs/decisions.md); lr: the align stage's."""
     kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
     flag = IMPORTS.get(kind)
     if flag and getattr(cfg, flag):
