@@ -501,8 +501,8 @@ def teacher_responses(cfg, world, teacher, teacher_id, recs, device, amp):
 
 
 def val_monitor(cfg, world, student, teacher, device, amp):
-    """-> monitor() -> {name: value} on the val prompts (reverse-KL probe, greedy score from
-    speech per family), or None without val prompts."""
+    """-> monitor() -> {name: value} on the val prompts (reverse-KL probe, greedy scores from
+    speech and from text per family), or None without val prompts."""
     val = data.text_families(world.val, cfg.val_per_family)
     if not val:
         return None
@@ -516,10 +516,12 @@ def val_monitor(cfg, world, student, teacher, device, amp):
             out = xopd.reverse_kl(student, teacher, b, n=1, max_new_tokens=cfg.max_new_tokens,
                                   eos_id=world.end_id, generator=gen)
             for fam, rs in val.items():
-                preds = xopd.generate(student, world, rs, "speech", device, cfg.max_new_tokens,
-                                      encoder=student.encoder)
-                out[f"val_S_{fam}"] = 100.0 * sum(map(data.score, rs, preds)) / len(rs)
-        out["val_S"] = sum(out[f"val_S_{fam}"] for fam in val) / len(val)
+                for key, modality in (("S", "speech"), ("T", "text")):
+                    preds = xopd.generate(student, world, rs, modality, device,
+                                          cfg.max_new_tokens, encoder=student.encoder)
+                    out[f"val_{key}_{fam}"] = 100.0 * sum(map(data.score, rs, preds)) / len(rs)
+        for key in "ST":
+            out[f"val_{key}"] = sum(out[f"val_{key}_{fam}"] for fam in val) / len(val)
         return out
     return monitor
 
@@ -585,35 +587,52 @@ def grid_runs(cfg):
             for lr in sorted(float(x) for x in cfg.lr_grid.split(","))]
 
 
+def val_se(rec, fams, key):
+    """The standard error of rec's val_S or val_T (key): each family's binomial se, averaged as
+    the score is."""
+    var = sum(rec[f"{key}_{f}"] * (100 - rec[f"{key}_{f}"]) / len(rs) for f, rs in fams.items())
+    return var ** 0.5 / len(fams)
+
+
+def rate_rule(base, finals, fams):
+    """docs/protocol.md's rate rule on val: among the rates whose val_T stays within two standard
+    errors of the base student's (none: the highest val_T), those whose val_S is within one
+    standard error of the best; the smallest. base, finals[lr]: val records. -> (lr, why)"""
+    se = lambda r, key: val_se(r, fams, key)
+    kept = [lr for lr, r in finals.items() if r["val_T"] >= base["val_T"] - 2 * se(base, "val_T")]
+    if not kept:
+        return max(finals, key=lambda lr: (finals[lr]["val_T"], -lr)), "no rate keeps val_T"
+    best = max((finals[lr] for lr in kept), key=lambda r: r["val_S"])
+    near = [lr for lr in kept if finals[lr]["val_S"] >= best["val_S"] - se(best, "val_S")]
+    return min(near), f"{len(kept)} of {len(finals)} rates keep val_T"
+
+
 def select_lr(cfg, world, device, amp):
-    """Align once per rate of cfg.lr_grid (in select/, apart from the tables) and choose the best
-    final val score from speech (ties: the smaller rate); the test pool plays no part."""
+    """Align once per rate of cfg.lr_grid (in select/, apart from the tables) and choose one by
+    rate_rule from the final val scores from speech and text; the test pool plays no part."""
     if not any(r["kind"] == "text" for r in world.val):
         sys.exit(f"--lr_grid: choosing a learning rate needs val prompts, and "
                  f"{world.dir}/val.jsonl has none")
-    runs, scores = grid_runs(cfg), {}
-    for lr, run in runs:
+    finals = {}
+    for lr, run in grid_runs(cfg):
         stage_align(run, world, device, amp, folder="select")
         with open(os.path.join(cfg.out, "select", align_name(run), "val.jsonl")) as f:
             recs = [json.loads(line) for line in f]
-        base = recs[0]  # step 0: the base student, the same in every run
-        scores[lr] = recs[-1]["val_S"]
-    # the base score's standard error: each family's binomial se, averaged as val_S is
+        base, finals[lr] = recs[0], recs[-1]  # step 0: the base student, the same in every run
     fams = data.text_families(world.val, cfg.val_per_family)
-    var = sum(base[f"val_S_{f}"] * (100 - base[f"val_S_{f}"]) / len(rs) for f, rs in fams.items())
-    se = var ** 0.5 / len(fams)
-    best = max(scores, key=lambda lr: (scores[lr], -lr))
+    chosen, why = rate_rule(base, finals, fams)
     name = align_name(cfg)
     if RANK == 0:
-        record = {"val_S": {f"{lr:g}": s for lr, s in scores.items()}, "chosen": best,
-                  "base_val_S": base["val_S"], "base_se": se}
+        record = {"chosen": chosen, "why": why, "base": base, "final": {
+            f"{lr:g}": r for lr, r in finals.items()}}
         M.atomic_write(os.path.join(cfg.out, "select", f"lr_{name}.json"),
                        lambda f: json.dump(record, f, indent=1))
-    moved = lambda lr: " *" if abs(scores[lr] - base["val_S"]) > 2 * se else ""
-    print(f"[select] {name}: val score from speech, base student {base['val_S']:.1f} ± {se:.1f}; "
-          + ", ".join(f"lr {lr:g} -> {scores[lr]:.1f}{moved(lr)}" for lr in scores)
-          + f" (* moved beyond two standard errors); chosen lr {best:g}")
-    return best
+    se = {k: val_se(base, fams, k) for k in ("val_S", "val_T")}
+    print(f"[select] {name}: base student val_S {base['val_S']:.1f} ± {se['val_S']:.1f}, val_T "
+          f"{base['val_T']:.1f} ± {se['val_T']:.1f}; " + ", ".join(
+              f"lr {lr:g} -> {r['val_S']:.1f} / {r['val_T']:.1f}" for lr, r in finals.items())
+          + f" (val_S / val_T); {why}: chosen lr {chosen:g}")
+    return chosen
 
 
 # -----------------------------------------------------------------------------
@@ -785,7 +804,7 @@ def sparkline(values, width=40):
 def curves(name, log_path, val_path):
     """Lines of sparklines with first -> last values: the loss, and the val measurements."""
     out = []
-    for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S"))):
+    for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S", "val_T"))):
         if not os.path.exists(path):
             continue
         with open(path) as f:

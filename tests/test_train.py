@@ -273,17 +273,12 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     monkeypatch.setattr(data, "read_manifest", read_manifest)
     train.main(like_tiny_run(tmp_path, tiny_data, "--method", "sft", "--lr_grid", "1e-3,1e-4"))
     choice = json.load(open(tmp_path / "select" / "lr_sft.json"))
-    final = {lr: read_log(tmp_path / "select" / f"sft_lr{lr}" / "val.jsonl")[-1]["val_S"]
-             for lr in ("0.0001", "0.001")}
-    assert choice["val_S"] == final
-    assert choice["chosen"] == max((1e-4, 1e-3), key=lambda lr: (final[f"{lr:g}"], -lr))
-    # the base student's val score (step 0) and its binomial standard error, by hand
-    start = read_log(tmp_path / "select" / "sft_lr0.001" / "val.jsonl")[0]
+    finals = {lr: read_log(tmp_path / "select" / f"sft_lr{lr:g}" / "val.jsonl")[-1]
+              for lr in (1e-4, 1e-3)}
+    start = read_log(tmp_path / "select" / "sft_lr0.001" / "val.jsonl")[0]  # the base student
+    assert choice["final"] == {f"{lr:g}": r for lr, r in finals.items()} and choice["base"] == start
     fams = data.text_families(data.World(tiny_data).val, 100)
-    var = sum(start[f"val_S_{f}"] / 100 * (1 - start[f"val_S_{f}"] / 100) / len(rs)
-              for f, rs in fams.items())
-    assert choice["base_val_S"] == start["val_S"]
-    assert choice["base_se"] == pytest.approx(100 * var ** 0.5 / len(fams))
+    assert choice["chosen"] == train.rate_rule(start, finals, fams)[0]
     # item 3 of issue 34: runs measured on other val prompts are not reused
     with pytest.raises(SystemExit, match=r"\[select/sft_lr0\.0001\] .*\(val_per_family 100 -> 2\)"
                                          r"\. Delete .*select/sft_lr0\.0001 to rebuild it"):
@@ -292,6 +287,36 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     # no test-set evaluation
     assert not os.path.exists(tmp_path / "select" / "sft_lr0.0001" / "eval.json")
     assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
+
+
+def val_rec(S, T):  # a val record of two families of 100 prompts each, scores per family
+    return {"val_S_a": S[0], "val_S_b": S[1], "val_T_a": T[0], "val_T_b": T[1],
+            "val_S": sum(S) / 2, "val_T": sum(T) / 2}
+
+
+# (base, {lr: final}, chosen): se of 50 % on 100 prompts is 5, so two families' mean has
+# se = sqrt(25 + 25) / 2 = 3.54; of 90 %: sqrt(9 + 9) / 2 = 2.12
+RATE_RULE_CASES = [
+    # 1e-3 has the best val_S but loses val_T (50 -> 40 < 50 - 2 * 3.54): 3e-4 wins
+    (val_rec((50, 50), (50, 50)), {1e-4: val_rec((55, 55), (50, 50)),
+                                   3e-4: val_rec((60, 60), (49, 49)),
+                                   1e-3: val_rec((80, 80), (40, 40))}, 3e-4, "2 of 3"),
+    # 1e-4 and 3e-4 keep val_T; 1e-4 is within one se (2.12) of 3e-4's val_S 90: the smaller
+    (val_rec((50, 50), (90, 90)), {1e-4: val_rec((88, 88), (90, 90)),
+                                   3e-4: val_rec((90, 90), (89, 89))}, 1e-4, "2 of 2"),
+    # no rate keeps val_T: the highest val_T
+    (val_rec((50, 50), (90, 90)), {1e-4: val_rec((60, 60), (70, 70)),
+                                   3e-4: val_rec((70, 70), (60, 60))}, 1e-4, "no rate"),
+]
+
+
+@pytest.mark.parametrize("base, finals, chosen, why", RATE_RULE_CASES)
+def test_rate_rule_keeps_the_text_side_then_the_smallest_rate_near_the_best(base, finals, chosen,
+                                                                            why):
+    fams = {"a": [None] * 100, "b": [None] * 100}
+    assert train.val_se(val_rec((50, 50), (90, 90)), fams, "val_S") == pytest.approx(50 ** 0.5 / 2)
+    got, said = train.rate_rule(base, finals, fams)
+    assert got == chosen and said.startswith(why)
 
 
 def test_word_alignment_loss_on_clips_cut_into_as_many_words_as_spoken():
