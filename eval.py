@@ -2,7 +2,7 @@
 Score runs on the toy benchmarks, from speech (S) and from text (T), and build the paper's tables.
 
     python eval.py --out runs/cpu                 # score what the run folder holds; the tables
-    python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± standard error
+    python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± t 95 %
     python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
     python eval.py bench [--device cuda]          # speed / memory benchmarks (tables)
@@ -14,6 +14,7 @@ import argparse
 import functools
 import glob
 import json
+import math
 import os
 import platform
 import resource
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -54,13 +56,14 @@ def percent_right(recs, preds):
 # -----------------------------------------------------------------------------
 # Scoring one model
 
-def test_sets(world, per_family):
-    """The first `per_family` test records of every family, split into text and audio skills."""
+def test_sets(world, per_family, pool="test"):
+    """The first `per_family` records of every family of a pool, split into text and audio skills
+    (the toy's val pool has text skills only)."""
     audio = {}
-    for r in world.test:
+    for r in getattr(world, pool):
         if r["kind"] == "audio":
             audio.setdefault(r["task"], []).append(r)
-    text = data.text_families(world.test, per_family)
+    text = data.text_families(getattr(world, pool), per_family)
     return text, {t: rs[:per_family] for t, rs in sorted(audio.items())}
 
 
@@ -76,19 +79,23 @@ def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
     return out
 
 
-def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"):
-    """{"T" / "S": {family: score}, "audio": {task: score}, "asr_wer" (and _seen / _unseen: the
-    training speakers' clips / the others'), "examples": [...]}, with a progress line."""
+def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval", pool="test"):
+    """{"T" / "S": {family: score}, "items": {"T" / "S": {family: each prompt's score}}, "audio":
+    {task: score}, "asr_wer" (and _seen / _unseen: the training speakers' clips / the others'),
+    "examples": [...]}, with a progress line. On val a speech model also transcribes the spoken
+    prompts: "prompt_wer" (_seen / _unseen) and "misheard", the % it does not transcribe whole."""
     model.eval()
-    text, audio = test_sets(world, per_family)
+    text, audio = test_sets(world, per_family, pool)
     speech = not isinstance(model, M.Decoder)
     audio = audio if speech else {}
     progress = data.Progress("eval", f"{name} scored", len(text) + len(audio), unit="parts")
-    res, examples = {"T": {}, "S": {}, "audio": {}}, []
+    res, examples = {"T": {}, "S": {}, "audio": {}, "items": {"T": {}, "S": {}}}, []
     for i, (fam, recs) in enumerate(text.items()):
         for mod in ("text", "speech") if speech else ("text",):
             preds = xopd.generate(model, world, recs, mod, device, max_new_tokens)
-            res["T" if mod == "text" else "S"][fam] = percent_right(recs, preds)
+            key = "T" if mod == "text" else "S"
+            res["items"][key][fam] = [data.score(r, p) for r, p in zip(recs, preds)]
+            res[key][fam] = 100.0 * sum(res["items"][key][fam]) / len(recs)
             examples.append({"family": fam, "modality": mod, "prompt": recs[0]["transcript"],
                              "prediction": preds[0], "answer": recs[0]["answer"]})
         progress(i + 1)
@@ -99,6 +106,15 @@ def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"
             res.update(wer_by_speaker(recs, preds, world.train_speakers, "asr_wer"))
         else:
             res["audio"][task] = percent_right(recs, preds)
+    if speech and pool == "val":  # the hearing of the prompts, as the paper's ASR WER filter
+        prompts = [r for rs in text.values() for r in rs]
+        asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in prompts]
+        said = [data.spoken_words(p) for p in
+                xopd.generate(model, world, asks, "speech", device, max_new_tokens)]
+        res.update(wer_by_speaker(prompts, said, world.train_speakers, "prompt_wer",
+                                  data.spoken_words))
+        whole = sum(p == data.spoken_words(r["transcript"]) for r, p in zip(prompts, said))
+        res["misheard"] = 100.0 - 100.0 * whole / len(prompts)
     res["examples"] = examples
     return res
 
@@ -265,12 +281,17 @@ def evaluate_all(out, world, device, per_family, max_new_tokens):
         key = {"model": M.load_checkpoint(ckpt).get("fingerprint_id"),
                "teacher": None if alone else teacher_id, "data": world.digest(("test", "val")),
                "per_family": per_family, "max_new_tokens": None if alone else max_new_tokens}
-        old = cached(path, ckpt, key, name, ("voice",) if alone else ("T", "S", "audio"))
+        premise = name in ("teacher", "omni")  # scored on val too: the premise's rows
+        need = ("voice",) if alone else ("T", "S", "audio", "items") + ("val",) * premise
+        old = cached(path, ckpt, key, name, need)
         if old and (alone or "judge" in old or not old["S"]):  # a student is judged too
             continue
         m, _ = M.load_model(ckpt, device)
         res = (evaluate_encoder(m, world, device, per_family) if alone else
                evaluate_model(m, world, device, per_family, max_new_tokens, name))
+        if premise:
+            val = evaluate_model(m, world, device, per_family, max_new_tokens, name, "val")
+            res["val"] = {k: v for k, v in val.items() if k not in ("items", "examples")}
         if isinstance(m, M.SpeechLM):
             teacher = teacher or M.load_model(teacher_pt, device)[0]
             res["judge"] = judge(teacher, m, world, device, max_new_tokens)
@@ -419,15 +440,71 @@ def mean_se(xs):
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
 
 
+def t_within(t, df):
+    """P(|T| <= t) for Student's t with integer df degrees of freedom, in closed form
+    (Abramowitz & Stegun 26.7.3-4): a finite series in cos(θ), θ = atan(t / sqrt(df))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, series = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(1 + df % 2, df - 1, 2):  # odd df: 2/3, 2·4/(3·5)...; even: 1/2, 1·3/(2·4)...
+        term *= c2 * k / (k + 1)
+        series += term
+    if df % 2 == 0:
+        return math.sin(theta) * series
+    return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * series if df > 1 else 0))
+
+
+def t_quantile(q, df):
+    """The two-sided critical value: P(|T| <= t) = q (bisection on t_within)."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < q else (lo, mid)
+    return lo
+
+
+def holm(ps):
+    """Holm's step-down adjusted p-values, in the order given: the k-th smallest p times the
+    number of hypotheses left, never below an earlier one's, at most 1."""
+    adjusted, running = [1.0] * len(ps), 0.0
+    for k, i in enumerate(sorted(range(len(ps)), key=ps.__getitem__)):
+        running = max(running, min(1.0, (len(ps) - k) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def fmt(xs, digits=1):
-    """One table cell from the per-seed values: 'mean' for one seed, 'mean ± se' for several."""
+    """One table cell from the per-seed values: 'mean' for one seed, else 'mean ± h', h the
+    half-width of the t-based 95 % interval of the mean."""
     m, se = mean_se(xs)
-    return f"{m:.{digits}f}" if len(xs) < 2 else f"{m:.{digits}f} ± {se:.{digits}f}"
+    if len(xs) < 2:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {t_quantile(0.95, len(xs) - 1) * se:.{digits}f}"
 
 
 def drops(seeds, name, modality):
     """ΔS or ΔT of run `name` in every seed, each against that seed's own text teacher."""
     return [avg_drop(r[name][modality], r["teacher"]["T"]) for r in seeds]
+
+
+def bootstrap_drops(seeds, runs, draws=10_000, seed=0):
+    """A paired bootstrap over seeds and test prompts: each of `draws` resamples draws the seeds
+    with replacement and, within each drawn seed, every family's prompts with replacement (the
+    same prompts for every model); each (run, modality) of runs gets its ΔS / ΔT on it, averaged
+    over the drawn seeds, from eval.json's "items". -> {(run, modality): (draws,) array}"""
+    rng, n = np.random.default_rng(seed), len(seeds)
+    pick = rng.integers(0, n, (draws, n))  # the seed in each of a resample's n places
+    out = {c: np.zeros(draws) for c in runs}
+    for place in range(n):
+        for s, r in enumerate(seeds):
+            rows = pick[:, place] == s
+            teacher = r["teacher"]["items"]["T"]
+            for fam, t in teacher.items():  # counts of each prompt in the rows' resamples
+                w = rng.multinomial(len(t), np.full(len(t), 1 / len(t)), int(rows.sum()))
+                ref = w @ np.asarray(t)  # the teacher's T on the resample, times len(t)
+                for name, mod in runs:
+                    score = w @ np.asarray(r[name]["items"][mod][fam])
+                    out[(name, mod)][rows] += 100 * (ref - score) / ref / len(teacher) / n
+    return out
 
 
 def markdown(header, rows):
@@ -436,29 +513,32 @@ def markdown(header, rows):
     return "\n".join(lines + ["|" + "".join(f" {c} |" if c else " |" for c in row) for row in rows])
 
 
-# The premise, the paper's setting in miniature: a strong text teacher; a base student that hears
-# well but answers worse from speech than its backbone, a little worse from text, with audio
-# skills it can forget; a teacher that can judge the student (judge). Name, value from one seed's
-# results, target, test of the seeds' mean (and of the seeds).
+def val_drop(r, modality):
+    """The base student's ΔS or ΔT on the val pool (against the teacher's T on val)."""
+    return avg_drop(r["omni"]["val"][modality], r["teacher"]["val"]["T"])
+
+
+# The premise, the paper's setting in miniature, on the val pool (the test pool serves the tables
+# alone): a strong text teacher; a base student that hears the prompts but answers worse from
+# speech than its backbone, a little worse from text; a teacher that can judge the student
+# (judge). The audio questions, which the val pool lacks, are Table 3's. Name, value from one
+# seed's results, target, test of the seeds' mean (and of the seeds).
 PREMISE = [
-    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["T"].values()),
+    ("text teacher, worst family from text (%)", lambda r: min(r["teacher"]["val"]["T"].values()),
      ">= 90", lambda v, _: v >= 90),
-    ("base student ASR WER, seen speakers (%)", lambda r: r["omni"].get("asr_wer_seen", NAN),
-     "<= 10", lambda v, _: v <= 10),
-    ("base student ASR WER, unseen speakers (%)", lambda r: r["omni"].get("asr_wer_unseen", NAN),
-     "<= 15", lambda v, _: v <= 15),
-    ("base student ΔS (%)", lambda r: avg_drop(r["omni"]["S"], r["teacher"]["T"]), "8 to 25",
-     lambda v, _: 8 <= v <= 25),
-    ("base student ΔT (%)", lambda r: avg_drop(r["omni"]["T"], r["teacher"]["T"]),
-     "> 0 and <= ΔS / 2",
-     lambda v, seeds: 0 < v <= sum(drops(seeds, "omni", "S")) / len(seeds) / 2),
-    ("base student audio questions, mean accuracy (%)",
-     lambda r: sum(r["omni"]["audio"].values()) / max(1, len(r["omni"]["audio"])), ">= 80",
-     lambda v, _: v >= 80),
+    ("base student's transcripts of the spoken prompts, WER, seen speakers (%)",
+     lambda r: r["omni"]["val"].get("prompt_wer_seen", NAN), "<= 10", lambda v, _: v <= 10),
+    ("base student's transcripts of the spoken prompts, WER, unseen speakers (%)",
+     lambda r: r["omni"]["val"].get("prompt_wer_unseen", NAN), "<= 15", lambda v, _: v <= 15),
+    ("spoken prompts the base student does not transcribe whole (%)",
+     lambda r: r["omni"]["val"]["misheard"], "<= 5", lambda v, _: v <= 5),
+    ("base student ΔS (%)", lambda r: val_drop(r, "S"), "8 to 25", lambda v, _: 8 <= v <= 25),
+    ("base student ΔT (%)", lambda r: val_drop(r, "T"), "> 0 and <= ΔS / 2",
+     lambda v, seeds: 0 < v <= sum(val_drop(r, "S") for r in seeds) / len(seeds) / 2),
     ("teacher's log-prob per token of the base student's greedy answers from speech, worst "
-     "family, val (nats)", lambda r: min(r["omni"].get("judge", {}).get("teacher_lp", {"-": NAN})
-                                         .values()), ">= -3", lambda v, _: v >= -3),
-    ("base student's per-token cross-modal reverse KL to the teacher, val (nats)",
+     "family (nats)", lambda r: min(r["omni"].get("judge", {}).get("teacher_lp", {"-": NAN})
+                                    .values()), ">= -3", lambda v, _: v >= -3),
+    ("base student's per-token cross-modal reverse KL to the teacher (nats)",
      lambda r: r["omni"].get("judge", {}).get("rkl_cm", NAN), "<= 3", lambda v, _: v <= 3),
 ]
 
@@ -474,7 +554,7 @@ def premise(seeds):
 def premise_table(seeds, names):
     if "omni" in names:
         rows = [(n, fmt(v), t, "yes" if ok else "NO") for n, v, t, ok in premise(seeds)]
-        return markdown("| premise | value | target | met |", rows)
+        return markdown("| premise (val pool) | value | target | met |", rows)
 
 
 def table1(seeds, names):
@@ -489,24 +569,41 @@ def table1(seeds, names):
     return markdown(head, rows)
 
 
-def paired_table(seeds, names):
-    """Each method's ΔS / ΔT minus the base student's of the same seed (the seeds' spread cancels;
-    '*': beyond two standard errors), and X-OPD's minus each method's (is X-OPD's the lowest?)."""
-    methods = [n for n in names if n.startswith("align/")]
-    if "omni" not in names or not methods or len(seeds) < 2:
-        return None
+XOPD = "align/xopd"
+COMPARED = ("omni", "align/kd", "align/gkd", "align/sft", "align/xopd_lam0", "align/xopd_lam1")
 
-    def paired(n, modality, against="omni"):
-        d = [a - b for a, b in zip(drops(seeds, n, modality), drops(seeds, against, modality))]
-        m, se = mean_se(d)
-        return fmt(d, 2) + (" *" if abs(m) > 2 * se else "")
-    head = "| model | ΔS − base student's | ΔT − base student's |"
-    rows = [[label(n), paired(n, "S"), paired(n, "T")] for n in methods]
-    if "align/xopd" not in methods:
-        return markdown(head, rows)
-    for n, row in zip(methods, rows):
-        row += ["", ""] if n == "align/xopd" else [paired("align/xopd", m, n) for m in "ST"]
-    return markdown(head + " X-OPD's ΔS − this | X-OPD's ΔT − this |", rows)
+
+def comparisons(seeds, names):
+    """docs/protocol.md's named comparisons among the runs present: X-OPD's ΔS, then ΔT, minus
+    each other run's; X-OPD's ΔS minus a third of the base student's. Each: the seeds' paired
+    mean, its t-based 95 % interval and p, the Holm-adjusted p over all of them, the paired
+    bootstrap's 95 % interval; it holds when both exclude zero. -> [dict]"""
+    if XOPD not in names or len(seeds) < 2:
+        return []
+    named = [(m, n, 1.0) for m in "ST" for n in COMPARED if n in names]
+    named += [("S", "omni", 1 / 3)] * ("omni" in names)
+    boot = bootstrap_drops(seeds, {(XOPD, m) for m in "ST"} | {(n, m) for m, n, _ in named})
+    out, df = [], len(seeds) - 1
+    for m, n, share in named:
+        d = [a - share * b for a, b in zip(drops(seeds, XOPD, m), drops(seeds, n, m))]
+        mean, se = mean_se(d)
+        t = abs(mean) / se if se > 0 else (math.inf if mean else 0.0)
+        lo, hi = np.percentile(boot[(XOPD, m)] - share * boot[(n, m)], [2.5, 97.5])
+        other = f"{'a third of ' if share != 1 else ''}{label(n)}'s"
+        out.append({"what": f"Δ{m}: X-OPD's − {other}", "mean": mean,
+                    "half": t_quantile(0.95, df) * se, "p": 1 - t_within(t, df),
+                    "boot": (float(lo), float(hi))})
+    for c, p in zip(out, holm([c["p"] for c in out])):
+        c["holm"], c["holds"] = p, p < 0.05 and not c["boot"][0] <= 0 <= c["boot"][1]
+    return out
+
+
+def comparisons_table(seeds, names):
+    rows = [(f"C{i}: {c['what']}", f"{c['mean']:.2f} ± {c['half']:.2f}", f"{c['p']:.3f}",
+             f"{c['holm']:.3f}", "[{:.2f}, {:.2f}]".format(*c["boot"]),
+             "**yes**" if c["holds"] else "no") for i, c in enumerate(comparisons(seeds, names), 1)]
+    head = "| comparison | paired mean ± t 95 % | p | Holm p | bootstrap 95 % | holds |"
+    return markdown(head, rows) if rows else None
 
 
 def table2(seeds, names):
@@ -541,9 +638,9 @@ def curves_table(seeds, names):
         def at(key, i):
             return fmt([r[n]["curve"][i][key] for r in seeds], 2 if key.startswith("rkl") else 1)
         rows.append([label(n), *(at("val_S", i) for i in range(len(steps)))]
-                    + [f"{at(k, 0)} → {at(k, -1)}" for k in ("rkl_im", "rkl_cm")])
+                    + [f"{at(k, 0)} → {at(k, -1)}" for k in ("val_T", "rkl_im", "rkl_cm")])
     return markdown("| model | " + " | ".join(f"step {k}" for k in steps)
-                    + " | rkl_im first → last | rkl_cm first → last |", rows)
+                    + " | val_T first → last | rkl_im first → last | rkl_cm first → last |", rows)
 
 
 # Each table: its key in tables(), the function that makes it (None: not for these runs), title
@@ -552,19 +649,18 @@ TABLES = [
      "the omni stage)"),
     ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean "
      "relative drop (%) vs the text teacher"),
-    ("paired", paired_table, "Table 1, paired: each method's change of ΔS / ΔT against the base "
-     "student of its own seed, and X-OPD's against each method's, seed by seed (* beyond two "
-     "standard errors)"),
+    ("compared", comparisons_table, "The protocol's comparisons on test (docs/protocol.md), "
+     "paired seed by seed; holds: Holm-adjusted p < 0.05 and the bootstrap interval excludes 0"),
     ("table2", table2, "Table 2: λ ablation of X-OPD"),
     ("table3", table3, "Table 3: audio skills (accuracy %, ASR WER %) vs the base student"),
     ("curves", curves_table, "The align stage's val curves: score from speech (%, val prompts) at "
-     "each val step; reverse-KL estimates (nats per response)"),
+     "each val step; score from text; reverse-KL estimates (nats per response)"),
 ]
 
 
 def tables(seeds):
     """TABLES as markdown from per-seed results ({run name: eval.json contents}): a cell is the
-    mean ± standard error over seeds, of the runs present in every seed."""
+    mean ± the t-based 95 % interval's half-width over seeds, of the runs present in every seed."""
     seeds = [r for r in seeds if "teacher" in r]
     names = [n for n in seeds[0] if all(n in r for r in seeds)] if seeds else []
     made = {key: make(seeds, names) for key, make, _ in TABLES} if seeds else {}
@@ -572,7 +668,7 @@ def tables(seeds):
 
 
 def report(outs, write_to=None):
-    """Print the tables of one run folder, or of several (one per seed: mean ± standard error),
+    """Print the tables of one run folder, or of several (one per seed: mean ± t 95 %),
     and write them as tables.md and tables.json into write_to (default: the first folder)."""
     outs = [outs] if isinstance(outs, str) else list(outs)
     seeds = [{} for _ in outs]  # per seed: {run name: eval.json, an align run's val.jsonl curve}
@@ -586,12 +682,14 @@ def report(outs, write_to=None):
                         results[name]["curve"] = [json.loads(ln) for ln in f if ln.strip()]
     t = tables(seeds)
     head = f"{len(outs)} seed(s): " + ", ".join(outs)
-    head += "; cells are mean ± standard error over seeds" if len(outs) > 1 else ""
+    if len(outs) > 1:
+        head += "; cells are mean ± the half-width of the t-based 95 % interval over seeds"
     md = head + "\n\n" + "\n\n".join(f"### {title}\n\n{t[k]}" for k, _, title in TABLES if k in t)
     print(md)
     dest = write_to or outs[0]
     M.atomic_write(os.path.join(dest, "tables.md"), lambda f: f.write(md + "\n"))
-    results = [{n: {k: v for k, v in r.items() if k != "examples"} for n, r in s.items()}
+    results = [{n: {k: v for k, v in r.items() if k not in ("examples", "items")}
+                for n, r in s.items()}
                for s in seeds]
     summary = {"runs": outs, "results": results, "tables": t}
     M.atomic_write(os.path.join(dest, "tables.json"), lambda f: json.dump(summary, f, indent=1))

@@ -33,7 +33,9 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     def generate(model, world, recs, modality, device, max_new_tokens):
         if modality == "text":
             return [r["teacher"] or r["answer"] for r in recs]
-        return [r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr"
+        asked = lambda r: r["instruction"] == data.AUDIO_INSTRUCTIONS["asr"] != r["task"]
+        return [r["transcript"].split(" ", 1)[1] if asked(r)  # a spoken prompt, its first word lost
+                else r["transcript"].rsplit(" ", 1)[0] if r["task"] == "asr"
                 else r["answer"] if i % 2 == 0 else "no" for i, r in enumerate(recs)]
     monkeypatch.setattr(xopd, "generate", generate)
     res = E.evaluate_model(student, world, "cpu", per_family=4, max_new_tokens=8)
@@ -47,13 +49,25 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     asr = audio["asr"]
     lost = sum(1 / len(r["transcript"].split()) for r in asr)
     assert res["asr_wer"] == pytest.approx(100.0 * lost / len(asr))
+    assert res["items"]["S"] == {fam: [1.0, 0.0] * (len(r) // 2) + [1.0] * (len(r) % 2)
+                                 for fam, r in text.items()}
+    # on val, the base student's transcripts of the spoken prompts (the premise's hearing rows)
+    val = E.evaluate_model(student, world, "cpu", per_family=4, max_new_tokens=8, pool="val")
+    prompts = [r for rs in E.test_sets(world, 4, "val")[0].values() for r in rs]
+    lost = [1 / len(data.spoken_words(r["transcript"]).split()) for r in prompts]
+    assert val["prompt_wer"] == pytest.approx(100.0 * sum(lost) / len(lost))
+    assert val["misheard"] == 100.0 and val["audio"] == {} and "prompt_wer" not in res
 
 
-def _run(T, S=None, audio=None, seen=5.0, unseen=12.0, teacher_lp=None, rkl_cm=2.0):
-    r = {"T": T, "S": S or {}, "audio": audio or {}}
+def _run(T, S=None, audio=None, seen=5.0, unseen=12.0, teacher_lp=None, rkl_cm=2.0,
+         misheard=3.0):
+    """A run's eval.json: the same scores on val and test; 100 items a family, k % of them right."""
+    items = lambda d: {f: [1.0] * round(v) + [0.0] * (100 - round(v)) for f, v in d.items()}
+    r = {"T": T, "S": S or {}, "audio": audio or {}, "items": {"T": items(T), "S": items(S or {})},
+         "val": {"T": T, "S": S or {}}}
     if S is not None:
-        r.update(asr_wer_seen=seen, asr_wer_unseen=unseen,
-                 judge={"teacher_lp": teacher_lp or {f: -2.0 for f in S}, "rkl_cm": rkl_cm})
+        r["val"].update(prompt_wer_seen=seen, prompt_wer_unseen=unseen, misheard=misheard)
+        r["judge"] = {"teacher_lp": teacher_lp or {f: -2.0 for f in S}, "rkl_cm": rkl_cm}
     return r
 
 
@@ -64,79 +78,124 @@ def save_model(folder, m):
 
 def test_premise_on_hand_made_scores():
     teacher = _run({"arith": 95.0, "facts": 100.0})
-    # ΔS = mean(drop 30 %, drop 10 %) = 20; ΔT = mean(drop 10 %, drop 0 %) = 5; audio mean 85;
-    # the teacher's log-prob per token of the student's answers: worst family -2.9
+    # ΔS = mean(drop 30 %, drop 10 %) = 20; ΔT = mean(drop 10 %, drop 0 %) = 5; the teacher's
+    # log-prob per token of the student's answers: worst family -2.9
     omni = _run({"arith": 85.5, "facts": 100.0}, {"arith": 66.5, "facts": 90.0},
-                {"pitch": 90.0, "rate": 80.0}, teacher_lp={"arith": -2.9, "facts": -1.0},
-                rkl_cm=2.5)
+                teacher_lp={"arith": -2.9, "facts": -1.0}, rkl_cm=2.5)
 
     def met(omni, teacher=teacher):
         return [ok for _, _, _, ok in E.premise([{"teacher": teacher, "omni": omni}])]
     values = [vals[0] for _, vals, _, _ in E.premise([{"teacher": teacher, "omni": omni}])]
-    assert values == [95.0, 5.0, 12.0, pytest.approx(20.0), pytest.approx(5.0),
-                      pytest.approx(85.0), -2.9, 2.5]
+    assert values == [95.0, 5.0, 12.0, 3.0, pytest.approx(20.0), pytest.approx(5.0), -2.9, 2.5]
     assert met(omni) == [True] * 8
-    # each criterion fails on its own
+    # each criterion fails on its own, on the val scores (the test scores play no part)
     weak = _run({"arith": 89.0, "facts": 100.0})
     assert met(omni, weak) == [False] + [True] * 7  # ΔS, ΔT move with the teacher but stay within
-    deaf = {**omni, "asr_wer_seen": 10.5, "asr_wer_unseen": 15.5}
-    assert met(deaf) == [True, False, False] + [True] * 5
+    assert met(omni, {**teacher, "T": {"arith": 50.0, "facts": 50.0}}) == [True] * 8
+    deaf = {**omni, "val": {**omni["val"], "prompt_wer_seen": 10.5, "prompt_wer_unseen": 15.5,
+                            "misheard": 5.5}}
+    assert met(deaf) == [True, False, False, False] + [True] * 4
     for s_arith, ok in ((47.5, False), (95.0 * 0.86, True), (95.0 * 0.94, False)):
         # ΔS 30, 12, 8 (ΔT 5 > 8 / 2)
-        r = met({**omni, "S": {"arith": s_arith, "facts": 90.0}})
-        assert r[3:5] == ([False, True] if s_arith == 47.5 else [True, ok])
-    assert met({**omni, "T": {"arith": 96.0, "facts": 100.0}})[4] is False  # ΔT < 0
+        r = met({**omni, "val": {**omni["val"], "S": {"arith": s_arith, "facts": 90.0}}})
+        assert r[4:6] == ([False, True] if s_arith == 47.5 else [True, ok])
+    assert met({**omni, "val": {**omni["val"], "T": {"arith": 96.0, "facts": 100.0}}})[5] is False
     unjudged = {**omni, "judge": {"teacher_lp": {"arith": -12.7, "facts": -1.0}, "rkl_cm": 12.5}}
     assert met(unjudged) == [True] * 6 + [False, False]
 
 
-def test_mean_and_standard_error_over_seeds():
+# Student's t: two-sided 95 % critical values from the published tables, and df 1 (Cauchy) / 2
+# in closed form
+T_CRITICAL = [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (30, 2.0423)]
+
+
+@pytest.mark.parametrize("df, t", T_CRITICAL)
+def test_t_critical_values_and_tails(df, t):
+    assert E.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    assert E.t_within(t, df) == pytest.approx(0.95, abs=1e-5)
+    assert E.t_within(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| <= 1) = 2 atan(1) / π
+    assert E.t_within(3.0, 2) == pytest.approx(3.0 / (2 + 9.0) ** 0.5)
+
+
+def test_holm_adjusts_step_down_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04: x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> kept monotone
+    assert E.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert E.holm([0.5, 0.9]) == [1.0, 1.0]  # 2 x 0.5, then never below it
+
+
+def test_mean_and_t_interval_over_seeds():
     m, se = E.mean_se([1.0, 2.0, 6.0])
-    # sample var (4+1+9)/2 = 7, / n
+    # sample var (4+1+9)/2 = 7, / n; the half-width t(0.975, 2) * se = 4.3027 * 1.5275 = 6.57
     assert m == pytest.approx(3.0) and se == pytest.approx((7.0 / 3) ** 0.5)
-    assert E.fmt([2.0]) == "2.0" and E.fmt([1.0, 2.0, 6.0]) == "3.0 ± 1.5"
+    assert E.fmt([2.0]) == "2.0" and E.fmt([1.0, 2.0, 6.0]) == "3.0 ± 6.6"
     seeds = [{"teacher": _run({"arith": 100.0}), "omni": _run({"arith": 90.0}, {"arith": s})}
              for s in (50.0, 70.0)]
     table = E.tables(seeds)["table1"].splitlines()
     row = [line for line in table if line.startswith("| base student")][0]
-    assert "| 60.0 ± 10.0 | 90.0 ± 0.0 | 40.00 ± 10.00 | 10.00 ± 0.00 |" in row
+    # se 10 over two seeds, t(0.975, 1) = 12.706
+    assert "| 60.0 ± 127.1 | 90.0 ± 0.0 | 40.00 ± 127.06 | 10.00 ± 0.00 |" in row
 
 
-def test_paired_differences_against_the_base_student_of_each_seed():
-    # the base student's ΔS moves a lot between seeds (40, 20, 30); the method is 5 points better
-    # in every seed but one (6): unpaired its cells overlap, paired the change is clear
+def test_bootstrap_pairs_the_prompts_and_resamples_seeds_and_items():
+    def seed(student):
+        return {"teacher": {"items": {"T": {"a": [1.0] * 400}}},
+                "x": {"items": {"S": {"a": student}}}, "y": {"items": {"S": {"a": student}}}}
+    half = [1.0, 0.0] * 200  # ΔS 50; over 400 items its se is 100 * sqrt(0.25 / 400) = 2.5
+    got = E.bootstrap_drops([seed(half)], {("x", "S"), ("y", "S")})
+    assert got[("x", "S")].mean() == pytest.approx(50.0, abs=0.1)
+    assert got[("x", "S")].std() == pytest.approx(2.5, rel=0.05)
+    assert (got[("x", "S")] == got[("y", "S")]).all()  # the same prompts for both: paired
+    # no spread within a seed (ΔS 0 and 100): the mean of two drawn seeds is 0, 50 or 100
+    got = E.bootstrap_drops([seed([1.0] * 400), seed([0.0] * 400)], {("x", "S")})[("x", "S")]
+    freq = [float((abs(got - v) < 1e-9).mean()) for v in (0.0, 50.0, 100.0)]
+    assert freq == pytest.approx([0.25, 0.5, 0.25], abs=0.02)
+
+
+def test_comparisons_paired_over_seeds_with_holm_and_the_bootstrap():
+    # the base student's ΔS moves a lot between seeds (40, 20, 30); X-OPD is 5, 5, 6 points
+    # better in each; KD 3, 4, 3 points better than the base (so X-OPD's − KD's: -2, -1, -3)
     teacher = _run({"arith": 100.0})
     seeds = [{"teacher": teacher, "omni": _run({"arith": 100.0}, {"arith": 100.0 - b}),
-              "align/xopd": _run({"arith": 100.0}, {"arith": 100.0 - b + g})}
-             for b, g in ((40, 5), (20, 5), (30, 6))]
-    for s, g in zip(seeds, (3, 4, 3)):  # a second method, 1 to 3 points behind X-OPD in every seed
-        s["align/kd"] = _run({"arith": 100.0}, {"arith": float(s["omni"]["S"]["arith"]) + g})
-    rows = {line.split(" |")[0][2:]: line for line in E.tables(seeds)["paired"].splitlines()[2:]}
-    d = [-5.0, -5.0, -6.0]   # mean -5.33, se = sqrt(((1/3)^2 * 2 + (2/3)^2) / 2 / 3) = 0.33
-    m, se = E.mean_se(d)
-    assert rows["xopd"] == f"| xopd | {m:.2f} ± {se:.2f} * | 0.00 ± 0.00 | | |"
-    m2, se2 = E.mean_se([-2.0, -1.0, -3.0])  # X-OPD's ΔS − KD's, seed by seed
-    assert rows["kd"].endswith(f" | {m2:.2f} ± {se2:.2f} * | 0.00 ± 0.00 |")
-    # worse in one seed: within noise
-    seeds[2]["align/xopd"] = _run({"arith": 100.0}, {"arith": 100.0 - 30 - 9})
-    row = [line for line in E.tables(seeds)["paired"].splitlines() if line.startswith("| xopd")][0]
-    assert "*" not in row.split("|")[2]
+              "align/xopd": _run({"arith": 100.0}, {"arith": 100.0 - b + g}),
+              "align/kd": _run({"arith": 100.0}, {"arith": 100.0 - b + k})}
+             for b, g, k in ((40, 5, 3), (20, 5, 4), (30, 6, 3))]
+    got = E.comparisons(seeds, list(seeds[0]))
+    assert [c["what"] for c in got] == [
+        "ΔS: X-OPD's − base student's", "ΔS: X-OPD's − kd's", "ΔT: X-OPD's − base student's",
+        "ΔT: X-OPD's − kd's", "ΔS: X-OPD's − a third of base student's"]
+    p = lambda t: 1 - t / (2 + t * t) ** 0.5  # two-sided, df 2, in closed form
+    # C1: -5, -5, -6: mean -16/3, se 1/3; C2: -2, -1, -3: mean -2, se sqrt(1/3);
+    # C5: 35 - 40/3, 15 - 20/3, 24 - 10: mean 44/3, se sqrt(((7)^2 + (19/3)^2 + (2/3)^2) / 6)
+    se5 = ((49 + (19 / 3) ** 2 + (2 / 3) ** 2) / 6) ** 0.5
+    ps = [p(16.0), p(2 / 3 ** -0.5), 1.0, 1.0, p(44 / 3 / se5)]
+    assert [c["mean"] for c in got] == pytest.approx([-16 / 3, -2.0, 0.0, 0.0, 44 / 3])
+    assert [c["p"] for c in got] == pytest.approx(ps)
+    assert got[0]["half"] == pytest.approx(4.3027 / 3, abs=1e-4)
+    holm = [5 * ps[0], max(5 * ps[0], 4 * ps[4], 3 * ps[1]), 1.0, 1.0, max(5 * ps[0], 4 * ps[4])]
+    assert [c["holm"] for c in got] == pytest.approx(holm)
+    # X-OPD right on a superset of the base student's prompts: every resample's change is < 0
+    assert got[0]["boot"][1] < 0 and got[0]["boot"][0] < -16 / 3 < got[0]["boot"][1]
+    assert [c["holds"] for c in got] == [True, False, False, False, False]
+    rows = E.tables(seeds)["compared"].splitlines()
+    assert rows[2].startswith("| C1: ΔS: X-OPD's − base student's | -5.33 ± 1.43 | 0.004 | 0.019 |")
+    assert rows[2].endswith("| **yes** |")
 
 
 def test_curves_table_gives_each_val_step_over_seeds():
     teacher = _run({"arith": 100.0})
 
-    def curve(s0, s1, kl):
-        return [{"step": 0, "val_S": s0, "rkl_im": 1.0, "rkl_cm": kl},
-                {"step": 20, "val_S": s1, "rkl_im": 0.5, "rkl_cm": kl / 2}]
+    def curve(s0, s1, t1, kl):
+        return [{"step": 0, "val_S": s0, "val_T": 90.0, "rkl_im": 1.0, "rkl_cm": kl},
+                {"step": 20, "val_S": s1, "val_T": t1, "rkl_im": 0.5, "rkl_cm": kl / 2}]
     seeds = [{"teacher": teacher, "omni": _run({"arith": 90.0}, {"arith": 60.0}),
               "align/xopd": {**_run({"arith": 90.0}, {"arith": 70.0}),
-                             "curve": curve(60.0, s1, kl)}}
-             for s1, kl in ((70.0, 2.0), (80.0, 4.0))]
+                             "curve": curve(60.0, s1, t1, kl)}}
+             for s1, t1, kl in ((70.0, 88.0, 2.0), (80.0, 86.0, 4.0))]
     rows = E.tables(seeds)["curves"].splitlines()
-    assert rows[0].startswith("| model | step 0 | step 20 | rkl_im")
-    assert rows[2] == ("| xopd | 60.0 ± 0.0 | 75.0 ± 5.0 | 1.00 ± 0.00 → 0.50 ± 0.00 "
-                       "| 3.00 ± 1.00 → 1.50 ± 0.50 |")
+    assert rows[0].startswith("| model | step 0 | step 20 | val_T first → last | rkl_im")
+    # two seeds: ± t(0.975, 1) = 12.706 times the standard error (5, 1, 1, 0.5)
+    assert rows[2] == ("| xopd | 60.0 ± 0.0 | 75.0 ± 63.5 | 90.0 ± 0.0 → 87.0 ± 12.7 "
+                       "| 1.00 ± 0.00 → 0.50 ± 0.00 | 3.00 ± 12.71 → 1.50 ± 6.35 |")
     del seeds[1]["align/xopd"]["curve"]  # a seed without its curve: no table, not a partial one
     assert "curves" not in E.tables(seeds)
 
