@@ -13,6 +13,7 @@ The tables: the premise (PREMISE), the paper's Tables 1 to 3 (TABLES); ΔS / ΔT
 import argparse
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -422,6 +423,42 @@ def heard_split(out, world, device, per_family, max_new_tokens):
         for key, part in (("ΔS", None), ("ΔS heard", True), ("ΔS misheard", False)):
             res[name][key] = avg_drop(on(S, part), on(teacher_T, part))
     return res
+
+
+@torch.no_grad()
+def explain(out, world, device, n_prompts, max_new_tokens, seed=0):
+    """X-OPD's signal, token by token: the base student's answers from speech to the first
+    n_prompts val prompts (the families in turn), sampled at temperature 1, and per token the
+    student's log-prob from speech and from text, the teacher's from text, and the advantages
+    A_cm (Eq. 2) and A_im (Eq. 1) on those tokens (in training A_im scores the student's own
+    rollouts from text). -> [{"record", "tokens", "S", "T", "teacher", "A_cm", "A_im"}]"""
+    student = load(os.path.join(out, "omni"), device)
+    teacher = load(os.path.join(out, "teacher"), device)
+    fams = data.text_families(world.val).values()
+    recs = [r for group in itertools.zip_longest(*fams) for r in group if r][:n_prompts]
+    b = world.batch(recs, device=device, encoder=student.encoder)
+    gen = torch.Generator(device).manual_seed(seed)
+    prompts, rollouts = xopd.student_rollouts(student, b, terms=("cm",), n=1, eos_id=world.end_id,
+                                              max_new_tokens=max_new_tokens, generator=gen)
+    ids, mask, _ = rollouts["cm"]  # (B, L)
+    lp = {"teacher": xopd.teacher_logprobs(teacher, b, rollouts, n=1)["cm"]}
+    for key, (emb, lens) in (("S", prompts["cm"]), ("T", xopd.prompt_embeds(student, b, "text"))):
+        lp[key] = xopd.sequence_logprobs(student.decoder, emb, lens, ids, mask)
+    lp["A_cm"], lp["A_im"] = lp["teacher"] - lp["S"], lp["teacher"] - lp["T"]
+    return [{"record": r, "tokens": [world.tok.id_to_token(t) for t in ids[i][mask[i]].tolist()],
+             **{k: v[i][mask[i]].tolist() for k, v in lp.items()}} for i, r in enumerate(recs)]
+
+
+def print_explained(rows):
+    push = lambda a: "up" if a > 0 else "down" if a < 0 else "-"  # the sign of its advantage
+    for row in rows:
+        r = row["record"]
+        print(f"\n{r['id']} ({r['task']}): spoken \"{r['transcript']}\"; right answer "
+              f"{r['answer']!r}. The base student's answer from speech, per token:")
+        lines = [[tok, *(f"{row[k][t]:+.2f}" for k in ("S", "T", "teacher", "A_cm", "A_im")),
+                  push(row["A_cm"][t])] for t, tok in enumerate(row["tokens"])]
+        print(markdown("| token | log π_θ from S | log π_θ from T | log π_φ from T | A_cm | A_im "
+                       "| X-OPD pushes it |", lines))
 
 
 # -----------------------------------------------------------------------------

@@ -636,3 +636,32 @@ def test_heard_split_scores_each_student_on_what_the_base_student_heard(tiny_dat
             assert res[name][key] == pytest.approx(sum(drops) / len(drops)), (name, key)
     assert res["align/xopd"]["ΔS heard"] < res["omni"]["ΔS heard"]
     assert res["omni"]["ΔS misheard"] == pytest.approx(100.0)
+
+
+def test_explain_gives_each_tokens_log_probs_and_advantages_by_full_forward_passes(tiny_run):
+    """explain's per-token log-probs and advantages against a full forward pass of each model
+    over prompt + answer, softmax over the whole vocabulary in float64, row by row."""
+    world = E.run_world(str(tiny_run))
+    rows = E.explain(str(tiny_run), world, "cpu", 3, max_new_tokens=8, seed=1)
+    student = E.load(os.path.join(tiny_run, "omni"), "cpu")
+    teacher = E.load(os.path.join(tiny_run, "teacher"), "cpu")
+    assert [r["record"]["task"] for r in rows] == list(data.text_families(world.val))[:3]
+
+    def by_hand(decoder, prompt, answer):  # prompt (T, dim) -> log-prob of each answer token
+        x = torch.cat([prompt, decoder.embed_tokens(answer)])[None]
+        logits = decoder.logits(decoder(inputs_embeds=x))[0].double()
+        return logits.log_softmax(-1)[len(prompt) - 1:-1].gather(1, answer[:, None])[:, 0]
+    with torch.no_grad():
+        for row in rows:
+            b = world.batch([row["record"]], encoder=student.encoder)
+            answer = torch.tensor([world.tok.token_to_id(t) for t in row["tokens"]])
+            want = {}
+            for key, modality in (("S", "speech"), ("T", "text")):
+                emb, n = xopd.prompt_embeds(student, b, modality)
+                want[key] = by_hand(student.decoder, emb[0, :n[0]], answer)
+            want["teacher"] = by_hand(teacher, teacher.embed_tokens(b.text_ids[0, :b.text_lens[0]]),
+                                      answer)
+            want["A_cm"], want["A_im"] = want["teacher"] - want["S"], want["teacher"] - want["T"]
+            for k, v in want.items():
+                assert row[k] == pytest.approx(v.tolist(), abs=1e-4), k
+    assert any(len(r["tokens"]) > 1 for r in rows)  # answers, not only an end token
