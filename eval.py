@@ -671,9 +671,8 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
             return (sample_recompute(dec, lens, generator=gen, **kw),)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
             return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way][1](dec), **kw)
-    res, outs = {}, {}
+    res, outs = {}, {way: [] for way in ways}
     for way in ways:
-        outs[way] = []
         s = timeit(lambda: outs[way].append(run(way)), reps=reps, device=device)
         first, last = outs[way][0], outs[way][-1]
         res[way] = dict(s=s, tok_s=prompts * n * new_tokens / s,
