@@ -817,7 +817,7 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
                  tok_s=batch * new_tokens / t_hf)]
     for way in ["eager", "graph"] + (["compiled"] if compile else []):
         t0 = time.perf_counter()  # the first call (torch.compile compiles here), 16 greedy tokens
-        agree = same(ours(way, 16, temperature=0.0), greedy)  # .item(): the device is done
+        agree = same(ours(way, 16, temperature=0.0), greedy)  # its .item() waits for the device
         first_s = time.perf_counter() - t0
         t = timeit(functools.partial(ours, way), reps=reps, device=device)
         recs.append(dict(variant=f"{preset}: {STEPS[way][0]}", same_greedy=agree, first_s=first_s,
