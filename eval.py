@@ -738,9 +738,10 @@ def report(outs, write_to=None):
 # records (dicts of COLUMNS' fields), each figure beside its naive way's, from the same run
 
 @torch.no_grad()
-def timeit(fn, reps=3, calls=1, sync=lambda: None):
+def timeit(fn, reps=3, calls=1, device="cpu"):
     """Seconds per call: the best of `reps` runs of `calls` calls back to back (the run least
-    disturbed by other load), after one warm-up call; sync() waits for the device's work."""
+    disturbed by other load), after one warm-up call; on CUDA a run ends when the GPU's does."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()
     sync()
     best = float("inf")
@@ -751,10 +752,6 @@ def timeit(fn, reps=3, calls=1, sync=lambda: None):
         sync()
         best = min(best, (time.perf_counter() - t0) / calls)
     return best
-
-
-def device_sync(device):
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def same(a, b):
@@ -770,27 +767,24 @@ def random_decoder(preset, vocab, seed, device="cpu"):
 
 # xopd.sample's ways to run a decode step: name -> (label, its step= for a new rollout)
 STEPS = {"eager": ("xopd.sample", lambda dec: None),
-         "static": ("xopd.static_step", lambda dec: xopd.static_step(dec)),
-         "graph": ("xopd.DecodeGraph", lambda dec: xopd.DecodeGraph(dec)),
-         "compiled": ("xopd.compiled_step", lambda dec: xopd.compiled_step(dec)),
+         "static": ("xopd.static_step", xopd.static_step),
+         "graph": ("xopd.DecodeGraph", xopd.DecodeGraph),
+         "compiled": ("xopd.compiled_step", xopd.compiled_step),
          "naive": ("recompute prefix (no cache)", None)}
 
 
+@torch.inference_mode()
 def sample_recompute(decoder, lengths, input_ids, *, max_new_tokens, eos_id, temperature=1.0,
                      generator=None):
     """The naive way to sample: run the whole prefix through the decoder for every new token."""
     B, T = input_ids.shape
     ids = torch.cat([input_ids, input_ids.new_full((B, max_new_tokens), eos_id)], dim=1)
     rows = torch.arange(B)
-    out = []
-    with torch.inference_mode():
-        for step in range(max_new_tokens):
-            hidden = decoder(ids[:, :T + step])  # (B, T+step, dim): everything again
-            logits = decoder.logits(hidden[rows, lengths - 1 + step])
-            tok, _ = xopd.sample_next_token(logits, generator, temperature)
-            ids[rows, lengths + step] = tok
-            out.append(tok)
-    return torch.stack(out, 1)
+    for step in range(max_new_tokens):
+        hidden = decoder(ids[:, :T + step])  # (B, T+step, dim): everything again
+        logits = decoder.logits(hidden[rows, lengths - 1 + step])
+        ids[rows, lengths + step] = xopd.sample_next_token(logits, generator, temperature)[0]
+    return torch.stack([ids[rows, lengths + step] for step in range(max_new_tokens)], 1)
 
 
 def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, reps=3, seed=0,
@@ -812,10 +806,9 @@ def bench_rollouts(preset="gpu", prompts=64, n=4, new_tokens=64, vocab=2000, rep
             return (sample_recompute(dec, lens, generator=gen, **kw),)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda"):
             return xopd.sample(dec, lens, n=n, generator=gen, step=STEPS[way][1](dec), **kw)
-    res, outs = {}, {}
+    res, outs = {}, {way: [] for way in ways}
     for way in ways:
-        outs[way] = []
-        s = timeit(lambda: outs[way].append(run(way)), reps=reps, sync=device_sync(device))
+        s = timeit(lambda: outs[way].append(run(way)), reps=reps, device=device)
         first, last = outs[way][0], outs[way][-1]
         res[way] = dict(s=s, tok_s=prompts * n * new_tokens / s,
                         repeats=all(torch.equal(a, b) for a, b in zip(first, last)),
@@ -838,11 +831,9 @@ def bench_mem(variant, N=8192, V=32768, d=256, chunk_size=1024, seed=0):
             return xopd.token_logprobs(h, w, t, chunk_size=chunk_size)
         return F.log_softmax(h @ w.T, dim=-1).gather(1, t[:, None]).squeeze(1)  # (N, V) logits
     torch.manual_seed(seed)
-    # warm-up on small sizes so kernel / allocator set-up is not counted as the variant's memory
-    for n, v in ((64, 256), (N, 256)):
-        t = torch.randint(0, v, (n,))
-        logprobs(torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True),
-                 t).sum().backward()
+    for n in (64, N):  # a warm-up on a small vocabulary: kernel / allocator set-up is not counted
+        h, w = torch.randn(n, d, requires_grad=True), torch.randn(256, d, requires_grad=True)
+        logprobs(h, w, torch.randint(0, 256, (n,))).sum().backward()
     h = (0.1 * torch.randn(N, d)).requires_grad_()
     w = (0.1 * torch.randn(V, d)).requires_grad_()
     t = torch.randint(0, V, (N,))
@@ -878,16 +869,13 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
     torch.manual_seed(seed)
     enc, adp, dcfg = M.make_configs(preset, vocab)
     teacher = M.Decoder(dcfg)
-    audio_id = vocab - 1
-    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=audio_id).freeze_audio()
-    with torch.no_grad():  # a teacher that differs from the student
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    teacher.requires_grad_(False)
+    student = M.student_from_teacher(teacher, enc, adp, audio_token_id=vocab - 1).freeze_audio()
+    for p in teacher.parameters():  # a frozen teacher that differs from the student
+        p.requires_grad_(False).add_(0.01 * torch.randn_like(p))
     g = torch.Generator().manual_seed(seed)
     text_lens = torch.randint(24, 48, (batch,), generator=g)
     speech_ids = torch.full((batch, 8), 5)
-    speech_ids[:, 3] = audio_id  # chat prefix, the AUDIO placeholder, chat suffix
+    speech_ids[:, 3] = vocab - 1  # chat prefix, the AUDIO placeholder, chat suffix
     b = data.Batch(text_ids=torch.randint(4, vocab - 1, (batch, int(text_lens.max())), generator=g),
                    text_lens=text_lens, speech_ids=speech_ids, speech_lens=torch.full((batch,), 8),
                    mels=torch.randn(batch, enc.n_mels, frames, generator=g),  # 3 s of audio
@@ -901,36 +889,32 @@ def bench_step(batch=8, n=4, max_new_tokens=64, vocab=2000, preset="cpu", seed=0
         loss.backward()
         opt.step()
         m["ms_update"] = m.pop("ms_loss") + (time.perf_counter() - t0) * 1e3
-    phases = (("rollout", "ms_rollout"), ("teacher scoring", "ms_teacher"), ("update", "ms_update"))
-    total = sum(m[k] for _, k in phases)
-    return [dict(variant=name, ms=m[k], share=m[k] / total) for name, k in phases] + [
+    ms = {"rollout": m["ms_rollout"], "teacher scoring": m["ms_teacher"], "update": m["ms_update"]}
+    total = sum(ms.values())
+    return [dict(variant=k, ms=v, share=v / total) for k, v in ms.items()] + [
         dict(variant="total", ms=total, note=f"{m['tokens']} sampled tokens")]
 
 
-def _linears(dec):
-    """The weights of every matrix multiply a token goes through: each layer's, then the head."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    ws = [layer.get_submodule(n).weight for layer in dec.layers for n in names]
-    return ws + [dec.lm_head.weight]
+def linears(dec):
+    """The weights of every matrix multiply a token goes through: the layers', then the head."""
+    layers = [m.weight for m in dec.layers.modules() if isinstance(m, torch.nn.Linear)]
+    return layers + [dec.lm_head.weight]
 
 
-def matmuls_alone(dec, shapes, sync, graph=False, **timing):
+def matmuls_alone(shapes, graph=False, **timing):
     """shapes: [(rows, weights)]: each weight multiplied with `rows` random rows, alone (with
     graph, replayed from a CUDA graph: no launch cost). -> (their FLOPs, timeit's seconds)"""
-    dim, hidden = dec.cfg.dim, dec.cfg.hidden_dim
-    device = dec.lm_head.weight.device
-    xs = {rows: (torch.randn(rows, dim, device=device), torch.randn(rows, hidden, device=device))
-          for rows in {r for r, _ in shapes}}
+    device = shapes[0][1][0].device
+    xs = {key: torch.randn(*key, device=device)
+          for key in {(rows, w.shape[1]) for rows, group in shapes for w in group}}
 
     def alone():
         for rows, group in shapes:
-            x, h = xs[rows]
             for w in group:
-                F.linear(h if w.shape[1] == hidden else x, w)
+                F.linear(xs[rows, w.shape[1]], w)
     flops = sum(2 * rows * w.numel() for rows, group in shapes for w in group)
-    return flops, timeit(xopd.capture_cuda_graph(alone)[0].replay if graph else alone, sync=sync,
-                         **timing)
+    fn = xopd.capture_cuda_graph(alone)[0].replay if graph else alone
+    return flops, timeit(fn, device=device, **timing)
 
 
 def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5, seed=0,
@@ -949,39 +933,32 @@ def bench_vs_hf(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, reps=5,
     dec = M.load_llama(hf.state_dict(), config).eval().to(device)
     ids = torch.randint(0, vocab, (batch, prompt)).to(device)
     lens = torch.full((batch,), prompt, device=device)
-    sync = device_sync(device)
 
     def ours(way, n=new_tokens, temperature=1.0):
         return xopd.sample(dec, lens, input_ids=ids, max_new_tokens=n, eos_id=-1,
                            temperature=temperature, step=STEPS[way][1](dec))[0]
 
-    def theirs(n=new_tokens, greedy=False):
-        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0,
-                                                        top_p=1.0)
+    def theirs(n=new_tokens, **how):
+        how = how or dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **how)
         assert out.shape == (batch, prompt + n), "generate stopped early"
         return out[:, prompt:]
-    ways, recs = ["eager", "graph"] + (["compiled"] if compile else []), []
-    greedy = theirs(16, greedy=True)
-    for way in ways:  # the greedy tokens; the first call's time (torch.compile compiles here)
-        sync()
-        t0 = time.perf_counter()
-        recs.append(dict(variant=f"{preset}: {STEPS[way][0]}",
-                         same_greedy=same(ours(way, 16, temperature=0.0), greedy)))
-        sync()
-        recs[-1]["first_s"] = time.perf_counter() - t0
     # the prompt's multiplies (the head on the last position only), then one per decoded token
-    ws = _linears(dec)
+    ws = linears(dec)
     calls = [(batch * prompt, ws[:-1]), (batch, ws[-1:])] + [(batch, ws)] * (new_tokens - 1)
-    flops, t_alone = matmuls_alone(dec, calls, sync, reps=reps)
-    ts = [timeit(functools.partial(ours, way), reps=reps, sync=sync) for way in ways]
-    t_hf = timeit(theirs, reps=reps, sync=sync)
-    for rec, t in zip(recs, ts):
-        rec.update(tok_s=batch * new_tokens / t, x=t_hf / t, vs="generate",
-                   gflops=flops / t / 1e9, mm_share=t_alone / t)
-    return [dict(variant=f"{preset}: transformers {transformers.__version__} generate",
-                 tok_s=batch * new_tokens / t_hf), *recs,
-            dict(variant=f"{preset}: the same matmuls alone", gflops=flops / t_alone / 1e9)]
+    flops, t_alone = matmuls_alone(calls, reps=reps)
+    greedy, t_hf = theirs(16, do_sample=False), timeit(theirs, reps=reps, device=device)
+    recs = [dict(variant=f"{preset}: transformers {transformers.__version__} generate",
+                 tok_s=batch * new_tokens / t_hf)]
+    for way in ["eager", "graph"] + (["compiled"] if compile else []):
+        t0 = time.perf_counter()  # the first call (torch.compile compiles here), 16 greedy tokens
+        agree = same(ours(way, 16, temperature=0.0), greedy)  # its .item() waits for the device
+        first_s = time.perf_counter() - t0
+        t = timeit(functools.partial(ours, way), reps=reps, device=device)
+        recs.append(dict(variant=f"{preset}: {STEPS[way][0]}", same_greedy=agree, first_s=first_s,
+                         tok_s=batch * new_tokens / t, x=t_hf / t, vs="generate",
+                         gflops=flops / t / 1e9, mm_share=t_alone / t))
+    return recs + [dict(variant=f"{preset}: the same matmuls alone", gflops=flops / t_alone / 1e9)]
 
 
 @torch.inference_mode()
@@ -990,50 +967,55 @@ def bench_decode_step(preset, batch=32, prompt=64, new_tokens=128, vocab=2000, r
     """Item 5: one decode step (no head) on a static cache mid-rollout of item 4's size, eager
     and (CUDA) from a CUDA graph: the time, the bytes it reads, and a device copy's speed."""
     dec = random_decoder(preset, vocab, seed, device)
-    cuda, sync = torch.device(device).type == "cuda", device_sync(device)
+    cuda = torch.device(device).type == "cuda"
     written = prompt + new_tokens // 2  # keys in the cache mid-rollout
     prefilled = dec.new_cache(batch, written)
     dec.prefill(prefilled, torch.full((batch,), written, device=device),
                 input_ids=torch.randint(0, vocab, (batch, written), device=device))
     cache = prefilled.repeat_interleave(1, max_len=prompt + new_tokens)
     x = dec.embed_tokens(torch.randint(0, vocab, (batch, 1), device=device))  # (B, 1, dim)
-    # every call writes the same position (lengths does not advance): the same work each time
-    t_eager = timeit(lambda: dec.decode_step(x, cache), calls=reps, sync=sync)
-    graphed = xopd.DecodeGraph(dec)
-    t_graph = timeit(lambda: graphed(x, cache), calls=reps, sync=sync) if cuda else None
-    ws = _linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
-    _, t_mm = matmuls_alone(dec, [(batch, ws)], sync, graph=cuda, calls=reps)
+    ws = linears(dec)[:-1]  # the layers' projections: decode_step stops before the head
+    weights = sum(w.numel() * w.element_size() for w in ws)
+    kv = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     src = torch.zeros((2**30 if cuda else 2**26) // 4, device=device)  # 1 GiB (64 MiB on a CPU)
     dst = torch.empty_like(src)
-    t_copy = timeit(lambda: dst.copy_(src), calls=10, sync=sync)
-    return dict(eager_s=t_eager, graph_s=t_graph, matmuls_s=t_mm,
-                weight_bytes=sum(w.numel() * w.element_size() for w in ws),
-                kv_bytes=sum(t.numel() * t.element_size() for t in cache.k + cache.v),
-                copy_bytes_s=2 * src.numel() * src.element_size() / t_copy)
+    t_copy = timeit(lambda: dst.copy_(src), calls=10, device=device)
+    copy = 2 * src.numel() * src.element_size() / t_copy  # bytes/s, each read and written
+    recs = [dict(variant=f"{preset}: bytes it reads", mb=(weights + kv) / 1e6,
+                 note=f"weights {weights / 1e6:.1f} MB, keys and values {kv / 1e6:.1f} MB"),
+            dict(variant=f"{preset}: a device copy (read + write)", gb_s=copy / 1e9)]
+    _, t_mm = matmuls_alone([(batch, ws)], graph=cuda, calls=reps)
+    # every call writes the same position (lengths does not advance): the same work each time
+    steps = {"eager": lambda: dec.decode_step(x, cache)}
+    if cuda:
+        steps["CUDA graph"] = functools.partial(xopd.DecodeGraph(dec), x, cache)
+    for name, step in steps.items():
+        t = timeit(step, calls=reps, device=device)
+        recs.append(dict(variant=f"{preset}: {name}", us=t * 1e6, mm_share=t_mm / t,
+                         gb_s=(weights + kv) / t / 1e9, of_copy=(weights + kv) / t / copy))
+    return recs + [dict(variant=f"{preset}: its matmuls alone" + ", from a graph" * cuda,
+                        us=t_mm * 1e6, gb_s=weights / t_mm / 1e9, note="weights read")]
 
 
-def bench_presets(presets=tuple(M.PRESETS), vocab=2000, seed=0):
-    """Item 7, on this CPU: each preset's parameters (a tied head once) and speeds."""
-    recs = []
-    for preset in presets:
-        torch.manual_seed(seed)
-        m = M.SpeechLM(*M.make_configs(preset, vocab), audio_token_id=1).eval()
-        ids = torch.randint(0, vocab, (4, 256))
-        mel, mel_lens = torch.randn(4, m.enc_cfg.n_mels, 1000), torch.full((4,), 1000)
+def bench_preset(preset, vocab=2000, seed=0):
+    """Item 7, on this CPU: a preset's parameters (a tied head once) and speeds."""
+    torch.manual_seed(seed)
+    m = M.SpeechLM(*M.make_configs(preset, vocab), audio_token_id=1).eval()
+    ids = torch.randint(0, vocab, (4, 256))
+    mel, mel_lens = torch.randn(4, m.enc_cfg.n_mels, 1000), torch.full((4,), 1000)
 
-        def decode(steps=32):
-            cache = m.decoder.new_cache(8, 64 + steps)
-            m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
-            for _ in range(steps):
-                m.decoder.decode(cache, ids[:, 0].repeat(2))
-        params = {part: sum(p.numel() for p in getattr(m, part).parameters()) / 1e6
-                  for part in ("encoder", "adapter", "decoder")}
-        recs.append(dict(variant=preset, params_m=sum(params.values()),
-                         forward_tok_s=4 * 256 / timeit(lambda: m.decoder(ids), reps=5),
-                         decode_tok_s=8 * 32 / timeit(decode, reps=2),
-                         audio_s_s=40 / timeit(lambda: m.encode_audio(mel, mel_lens), reps=2),
-                         note=", ".join(f"{k} {v:.3f}M" for k, v in params.items())))
-    return recs
+    def decode(steps=32):
+        cache = m.decoder.new_cache(8, 64 + steps)
+        m.decoder.prefill(cache, torch.full((8,), 64), ids[:, :64].repeat(2, 1))
+        for _ in range(steps):
+            m.decoder.decode(cache, ids[:, 0].repeat(2))
+    params = {part: sum(p.numel() for p in getattr(m, part).parameters()) / 1e6
+              for part in ("encoder", "adapter", "decoder")}
+    return dict(variant=preset, params_m=sum(params.values()),
+                forward_tok_s=4 * 256 / timeit(lambda: m.decoder(ids), reps=5),
+                decode_tok_s=8 * 32 / timeit(decode, reps=2),
+                audio_s_s=40 / timeit(lambda: m.encode_audio(mel, mel_lens), reps=2),
+                note=", ".join(f"{k} {v:.3f}M" for k, v in params.items()))
 
 
 # The bench's columns: (record field, label, format); an item's table has those its records fill
@@ -1065,23 +1047,6 @@ def rollout_records(r):
             for k, v in r.items()]
 
 
-def step_records(steps):
-    recs = []
-    for p, r in steps.items():
-        moved, copy, mm = r["weight_bytes"] + r["kv_bytes"], r["copy_bytes_s"], r["matmuls_s"]
-        recs += [dict(variant=f"{p}: bytes it reads", mb=moved / 1e6,
-                      note=f"weights {r['weight_bytes'] / 1e6:.1f} MB, keys and values "
-                      f"{r['kv_bytes'] / 1e6:.1f} MB"),
-                 dict(variant=f"{p}: a device copy (read + write)", gb_s=copy / 1e9)]
-        recs += [dict(variant=f"{p}: {name}", us=t * 1e6, mm_share=mm / t, gb_s=moved / t / 1e9,
-                      of_copy=moved / t / copy)
-                 for name, t in (("eager", r["eager_s"]), ("CUDA graph", r["graph_s"])) if t]
-        graph = ", from a graph" if r["graph_s"] else ""
-        recs.append(dict(variant=f"{p}: its matmuls alone{graph}", us=mm * 1e6,
-                         gb_s=r["weight_bytes"] / mm / 1e9, note="weights read"))
-    return recs
-
-
 def bench_items(args):
     """[(number, what it measures, run -> records)]: items 1 to 5 and 7 on a CPU (2 first, while
     this process is small: its children fork from it), with --device items 4 to 6 there."""
@@ -1103,18 +1068,18 @@ def bench_items(args):
          lambda: [r for p in both for r in bench_vs_hf(p, device=dev, compile=args.compile)]),
         (5, "one decode step mid-rollout (item 4's sizes), at fixed shapes: eager, from a CUDA "
          f"graph (on CUDA), its matmuls alone{on}",
-         lambda: step_records({p: bench_decode_step(p, reps=100 if on else 10, device=dev)
-                               for p in both})),
+         lambda: [r for p in both
+                  for r in bench_decode_step(p, reps=100 if on else 10, device=dev)]),
         (6, f"the align stage's rollouts at the gpu preset's size, bf16 autocast{on}",
          lambda: rollout_records(bench_rollouts(device=dev))),
         (7, "each preset's parameters and speeds: decoder forward on 4 x 256 tokens, prefill "
          "8 x 64 then 32 cached decode steps, encoder + adapter on 4 clips of 10 s",
-         bench_presets)]
+         lambda: [bench_preset(p) for p in M.PRESETS])]
     return [item for item in items if item[0] in (4, 5) or (item[0] == 6) == bool(on)]
 
 
 def bench(args):
-    """`eval.py bench`: each item named as it starts, then its table. -> (tables, machine)"""
+    """`eval.py bench`: the machine, each item named as it starts, then the tables in order."""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -1129,13 +1094,11 @@ def bench(args):
         if args.device.startswith("cuda"):
             machine += f"; {torch.cuda.get_device_name(args.device)}"
     print(f"machine: {machine}")
-    tables = {}
+    tables = []
     for number, what, run in bench_items(args):
         print(f"{number}. {what} ...", flush=True)
-        tables[number] = f"{number}. {what}\n\n{bench_table(run())}"
-    text = "\n\n".join(tables[k] for k in sorted(tables))
-    print(text)
-    return text, machine
+        tables.append((number, f"{number}. {what}\n\n{bench_table(run())}"))
+    print("\n\n".join(table for _, table in sorted(tables)))
 
 
 # -----------------------------------------------------------------------------
@@ -1177,19 +1140,19 @@ def parse_args(argv):
 def load_runs(ap, args):
     """[(folder, its World, its settings)] per --out folder: what the flags leave out, as the
     run was trained. A folder refused by check_runs or run_world ends the program in one line."""
-    for out in args.out:
-        teacher = os.path.join(out, "teacher", "model.pt")
+    teachers = [os.path.join(out, "teacher", "model.pt") for out in args.out]
+    for out, teacher in zip(args.out, teachers):
         if not os.path.exists(teacher):
             ap.error(f"--out: {out} holds no finished teacher ({teacher}); run train.py first")
     try:
         check_runs(args.out)
     except ValueError as e:
         sys.exit(f"--out: {e}")
+    given = {k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens")
+             if getattr(args, k) is not None}
     runs = []
-    for out in args.out:
-        trained = M.load_checkpoint(os.path.join(out, "teacher", "model.pt"))["train"]
-        trained.update({k: getattr(args, k) for k in ("eval_per_family", "max_new_tokens")
-                        if getattr(args, k) is not None})
+    for out, teacher in zip(args.out, teachers):
+        trained = M.load_checkpoint(teacher)["train"] | given
         try:
             runs.append((out, run_world(out, args.data), trained))
         except (ValueError, FileNotFoundError) as e:  # the data folder: missing, or bad
