@@ -4,6 +4,7 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/cpu                 # score what the run folder holds; the tables
     python eval.py --out runs/s0 runs/s1 runs/s2  # one folder per seed: mean ± t 95 %
     python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
+    python eval.py --out runs/cpu --explain 3     # X-OPD's per-token signal on 3 val prompts
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
     python eval.py bench [--device cuda]          # speed / memory benchmarks (tables)
 
@@ -436,6 +437,8 @@ def explain(out, world, device, n_prompts, max_new_tokens, seed=0):
     teacher = load(os.path.join(out, "teacher"), device)
     fams = data.text_families(world.val).values()
     recs = [r for group in itertools.zip_longest(*fams) for r in group if r][:n_prompts]
+    if not recs:
+        sys.exit(f"--explain: {world.dir}/val.jsonl holds no spoken prompts to explain")
     b = world.batch(recs, device=device, encoder=student.encoder)
     gen = torch.Generator(device).manual_seed(seed)
     prompts, rollouts = xopd.student_rollouts(student, b, terms=("cm",), n=1, eos_id=world.end_id,
@@ -1102,7 +1105,7 @@ def bench(args):
 
 
 # -----------------------------------------------------------------------------
-# Command line: the tables (default), --first_token, --hearing, bench, bench-mem
+# Command line: the tables (default), --first_token, --hearing, --explain, bench, bench-mem
 
 def parse_args(argv):
     """-> (the parser, the arguments): of `bench` or `bench-mem`, else of the tables."""
@@ -1123,11 +1126,14 @@ def parse_args(argv):
             p.add_argument(name, type=int, default=default)
         return ap, ap.parse_args(argv)
     ap.add_argument("--out", required=True, nargs="+", help="run folder(s) written by train.py; "
-                    "several (one per seed) give mean ± standard error")
+                    "several (one per seed) give mean ± the t-based 95 % interval")
     ap.add_argument("--data", help="data folder (default: the one each run was trained on)")
     ap.add_argument("--eval_per_family", type=int,
                     help="test prompts per family (default: the run's)")
     ap.add_argument("--max_new_tokens", type=int, help="answer length limit (default: the run's)")
+    ap.add_argument("--explain", type=int, metavar="N", help="instead of the tables: the base "
+                    "student's sampled answers from speech to N val prompts, per token both "
+                    "models' log-probs and X-OPD's advantages A_cm, A_im (explain)")
     ap.add_argument("--first_token", action="store_true", help="instead of the tables: the "
                     "probability (%%) that each student starts its answer with its teacher's first "
                     "token, from speech and from text, on val prompts (first_token_probe)")
@@ -1161,11 +1167,16 @@ def load_runs(ap, args):
     return runs
 
 
+def explain_command(args, runs, device):
+    for out, world, s in runs:
+        print_explained(explain(out, world, device, args.explain, s["max_new_tokens"]))
+
+
 def first_token_command(args, runs, device):
     seeds = [first_token_probe(out, world, device, s["val_per_family"]) for out, world, s in runs]
     fams = list(next(iter(seeds[0].values())))
     print("P(first token = the teacher's), % (mean over val prompts"
-          + (", ± se over seeds)" if len(seeds) > 1 else ")"))
+          + (", ± t 95 % over seeds)" if len(seeds) > 1 else ")"))
     rows = [[label(name), *(fmt([s[name][f][i] for s in seeds]) for f in fams for i in (0, 1))]
             for name in seeds[0] if all(name in s for s in seeds)]  # runs of every seed
     print(markdown("| model | " + " | ".join(f"{f} S | {f} T" for f in fams) + " |", rows))
@@ -1175,7 +1186,7 @@ def hearing_command(args, runs, device):
     seeds = [hearing_probe(out, world, device, s["eval_per_family"], s["max_new_tokens"])
              for out, world, s in runs]
     print("WER % on the test transcription clips"
-          + (" (mean ± se over seeds)" if len(seeds) > 1 else ""))
+          + (" (mean ± t 95 % over seeds)" if len(seeds) > 1 else ""))
     keys = ("prompts", "lists", "all", "whole", "train lists")
     print(markdown("| reads the words with | spoken prompts | word lists | all clips | spoken "
                    "prompts read whole (%) | word lists of the training clips |",
@@ -1216,8 +1227,10 @@ def main(argv=None):
     device, _, why = M.pick_device()
     print(f"device: {device} ({why})")
     runs = load_runs(ap, args)
-    command = (first_token_command if args.first_token else hearing_command if args.hearing
-               else tables_command)
+    if args.explain is not None and args.explain < 1:
+        ap.error(f"--explain: expected a positive number of val prompts, got {args.explain}")
+    command = (explain_command if args.explain else first_token_command if args.first_token
+               else hearing_command if args.hearing else tables_command)
     try:
         command(args, runs, device)
     except OSError as e:  # a read-only or full run folder: one line naming the path

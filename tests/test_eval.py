@@ -391,9 +391,10 @@ def test_cached_scores_are_made_again_when_what_they_were_made_from_differs(tiny
                                       "fingerprint_id": fingerprint_id})
         os.utime(path, (0, 0))
 
-    def evaluate_model(m, world, device, per_family, max_new_tokens, name="eval"):
-        calls.append(name)
-        return {"T": {"arith": float(per_family)}, "S": {}, "audio": {}}
+    def evaluate_model(m, world, device, per_family, max_new_tokens, name="eval", pool="test"):
+        calls.append(name) if pool == "test" else None
+        return {"T": {"arith": float(per_family) + (pool == "val")}, "S": {}, "audio": {},
+                "items": {"T": {}, "S": {}}}
     monkeypatch.setattr(E, "evaluate_model", evaluate_model)
     monkeypatch.setattr(M, "load_model", lambda path, device: (None, None))
 
@@ -405,6 +406,7 @@ def test_cached_scores_are_made_again_when_what_they_were_made_from_differs(tiny
     save("omni", "o1")
     both = ["omni", "teacher"]
     assert scored() == both and scored() == []
+    assert json.load(open(out / "omni" / "eval.json"))["val"]["T"] == {"arith": 3.0}  # on val
     assert scored(per_family=3) == both and scored(per_family=3) == []
     assert "was scored with other settings (per_family 2 -> 3)" in capsys.readouterr().out
     assert scored(per_family=3, max_new_tokens=16) == both
@@ -673,3 +675,18 @@ def test_explain_gives_each_tokens_log_probs_and_advantages_by_full_forward_pass
             for k, v in want.items():
                 assert row[k] == pytest.approx(v.tolist(), abs=1e-4), k
     assert any(len(r["tokens"]) > 1 for r in rows)  # answers, not only an end token
+
+
+def test_explain_command_prints_each_token_with_its_advantages(tiny_run, capsys):
+    E.main(["--out", str(tiny_run), "--explain", "2"])
+    printed = capsys.readouterr().out
+    world = E.run_world(str(tiny_run))
+    rows = E.explain(str(tiny_run), world, "cpu", 2, max_new_tokens=24)  # the tiny preset's
+    for row in rows:
+        assert f"{row['record']['id']} ({row['record']['task']}): spoken" in printed
+        a_cm, a_im = row["A_cm"][0], row["A_im"][0]
+        assert f"| {row['tokens'][0]} | {row['S'][0]:+.2f} |" in printed
+        assert f"| {a_cm:+.2f} | {a_im:+.2f} | {'up' if a_cm > 0 else 'down'} |" in printed
+    with pytest.raises(SystemExit):
+        E.main(["--out", str(tiny_run), "--explain", "0"])
+    assert "--explain: expected a positive number of val prompts, got 0" in capsys.readouterr().err
