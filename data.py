@@ -101,10 +101,7 @@ def check_clip(path, where, max_seconds, decode=False):
 def load_audio(path):
     """Any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
     data, sr = _read(os.fspath(path))
-    audio = data.mean(axis=1)
-    if sr != SAMPLE_RATE:
-        audio = resample(audio, sr, SAMPLE_RATE)
-    return audio.astype(np.float32)
+    return resample(data.mean(axis=1), sr)
 
 
 @lru_cache(maxsize=8)
@@ -296,9 +293,7 @@ def synthesize(text, voice, seed=0):
     rms = np.sqrt(np.mean(out ** 2)) + 1e-12
     out *= 0.05 * EMOTION_ENERGY.get(voice.emotion, 1.0) * voice.loudness / rms
     out += voice.noise * np.sqrt(np.mean(out ** 2)) * rng.standard_normal(n_samples)  # background
-    peak = np.abs(out).max()
-    if peak > 0.99:
-        out *= 0.99 / peak
+    out *= 0.99 / max(0.99, np.abs(out).max())  # a peak above 0.99 scaled down to it
     return out.astype(np.float32)
 
 
@@ -785,12 +780,6 @@ def encode_response(tok, text, fmt=TOY_FORMAT):
     return _ids(tok, text) + [tok.token_to_id(fmt.end)]
 
 
-def decode_response(tok, ids, fmt=TOY_FORMAT):
-    """Ids -> text, stopping at the first end token and dropping special tokens."""
-    ids = [int(i) for i in ids] + [tok.token_to_id(fmt.end)]  # an end token at the latest
-    return tok.decode(ids[:ids.index(ids[-1])], skip_special_tokens=True)
-
-
 # -----------------------------------------------------------------------------
 # manifests (JSONL, one record per line)
 
@@ -1032,11 +1021,10 @@ class World:
     def prompt(self, record, modality):
         return encode_prompt(self.tok, record, modality, self.fmt)
 
-    def response(self, text):
-        return encode_response(self.tok, text, self.fmt)
-
     def decode(self, ids):
-        return decode_response(self.tok, ids, self.fmt)
+        """Ids -> text, stopping at the first end token and dropping special tokens."""
+        ids = [int(i) for i in ids] + [self.end_id]  # an end token at the latest
+        return self.tok.decode(ids[:ids.index(self.end_id)], skip_special_tokens=True)
 
     def mel(self, rec):
         if rec["id"] not in self._mels:
@@ -1071,7 +1059,7 @@ class World:
             else:
                 b.feats, b.feat_lens = self.features(recs, encoder, device)
         if responses is not None:
-            responses = [self.response(t) for t in responses]
+            responses = [encode_response(self.tok, t, self.fmt) for t in responses]
             b.response_ids, b.response_lens = collate_tokens(responses, self.pad_id)
         return b.to(device)
 

@@ -191,9 +191,8 @@ def whisper_config(ckpt):
     return EncoderConfig(*(ckpt["dims"][k] for k in WHISPER_DIMS))
 
 
-def load_whisper_encoder(path_or_checkpoint):
+def load_whisper_encoder(ckpt):
     """A Whisper checkpoint (a path or read_whisper's dict) -> its AudioEncoder, loaded strict."""
-    ckpt = path_or_checkpoint
     ckpt = ckpt if isinstance(ckpt, dict) else read_whisper(ckpt)
     enc = AudioEncoder(**asdict(whisper_config(ckpt)))
     sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items()
@@ -530,10 +529,7 @@ class Decoder(nn.Module):
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)
         assert cache.end < cache.max_len, "KV cache full"
         h = (step or self.decode_step)(x, cache)  # x, h (B, 1, dim)
-        if cache.static:
-            cache.lengths += 1  # in place: a CUDA graph captured on this tensor reads the new one
-        else:
-            cache.lengths = cache.lengths + 1  # a new tensor: the lengths given to prefill stay
+        cache.lengths += 1  # in place (prefill copied it): a CUDA graph reads this tensor
         cache.end += 1
         return h[:, 0]
 
@@ -557,10 +553,9 @@ HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
              "max_seq_len": ("max_position_embeddings", 2048), "head_dim": ("head_dim", 0)}
 
 
-def load_llama(state_dict_or_path, config):
+def load_llama(sd, config):
     """A Hugging Face Llama state dict ("model." prefix optional; a tied one may lack lm_head) or
     its .bin / .pt file, and its config.json -> Decoder; anything unfit: ValueError naming it."""
-    sd = state_dict_or_path
     sd = sd if isinstance(sd, dict) else read_weights(sd)
     for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
                        ("hidden_act", "silu")):  # plain Llama's values: anything else is refused
@@ -814,7 +809,3 @@ def pick_device():
         return torch.device("cuda"), (torch.bfloat16 if bf16 else None), why
     why = f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
     return torch.device("cpu"), None, why
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())  # a tied head counts once

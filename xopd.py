@@ -158,8 +158,7 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for i in range(0, hidden.size(0), chunk_size):
             logits = hidden[i:i + chunk_size].to(acc) @ w.T  # (c, V), the only big tensor
-            if temperature != 1.0:
-                logits.mul_(1.0 / temperature)
+            logits.mul_(1.0 / temperature)  # exact at temperature 1
             out[i:i + chunk_size] = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)
             # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
             m = logits.amax(dim=-1, keepdim=True)
@@ -183,10 +182,7 @@ class _TokenLogprobs(torch.autograd.Function):
             h = hidden[i:i + c].to(acc)
             g = grad_out[i:i + c]
             # recompute the chunk's probabilities in place: p = exp(logits / tau - lse)
-            p = h @ w.T
-            if tau != 1.0:
-                p.mul_(1.0 / tau)
-            p.sub_(lse[i:i + c, None]).exp_()
+            p = (h @ w.T).mul_(1.0 / tau).sub_(lse[i:i + c, None]).exp_()
             # d out / d logits = onehot(target) - p, scaled by the incoming gradient
             p.mul_(-g[:, None])
             p[torch.arange(p.size(0), device=p.device), targets[i:i + c]] += g
@@ -525,7 +521,7 @@ def check_same_tokenizer(teacher_tok, student_tok):
 def static_step(decoder):
     """Decoder.decode_step on a fixed-shape cache, run eagerly."""
     step = functools.partial(M.Decoder.decode_step, decoder)
-    step.static, step.check_every = True, 1
+    step.static = True
     return step
 
 
@@ -537,9 +533,7 @@ def _compiled_decode_step():
 def compiled_step(decoder):
     """Decoder.decode_step through torch.compile. Its first calls compile (seconds; once more when
     the number of keys first changes, after which it is a symbolic size)."""
-    step = functools.partial(_compiled_decode_step(), decoder)
-    step.static, step.check_every = False, 1
-    return step
+    return functools.partial(_compiled_decode_step(), decoder)
 
 
 class DecodeGraph:
