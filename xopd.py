@@ -124,10 +124,8 @@ def prompt_embeds(model, batch, modality):
         return model.embed(batch.text_ids, batch.text_lens)
     audio = (*model.encoder.parameters(), *model.adapter.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in audio)):
-        if batch.feats is not None:
-            audio = model.audio_embeds(batch.feats, batch.feat_lens)
-        else:
-            audio = model.encode_audio(batch.mels, batch.mel_lens)
+        audio = (model.encode_audio(batch.mels, batch.mel_lens) if batch.feats is None
+                 else model.audio_embeds(batch.feats, batch.feat_lens))
     return model.embed(batch.speech_ids, batch.speech_lens, *audio)
 
 
@@ -232,8 +230,7 @@ def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size
 
 @torch.no_grad()
 def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
-    """The teacher (a model.Decoder) scores each sampled token reading T + response -> {term:
-    (B*n, L)}."""
+    """The teacher (a model.Decoder) scores each sampled token on T + response: {term: (B*n, L)}."""
     text_lens = batch.text_lens.repeat_interleave(n)
     prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
     return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
@@ -312,8 +309,10 @@ def _check_vocab(student, teacher):  # the models' side of check_same_tokenizer
                          "they must share one tokenizer")
 
 
-def _ms(t0):
-    return (time.perf_counter() - t0) * 1e3
+def _lap(t0):
+    """-> (ms since t0, now): a step's phases timed back to back."""
+    now = time.perf_counter()
+    return (now - t0) * 1e3, now
 
 
 def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
@@ -330,12 +329,10 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     prompts, rollouts = student_rollouts(student, batch, terms=terms, n=n,
                                          max_new_tokens=max_new_tokens, temperature=temperature,
                                          eos_id=eos_id, generator=generator)
-    t_rollout = _ms(t0)
-    t0 = time.perf_counter()
+    t_rollout, t0 = _lap(t0)
     teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n, temperature=temperature,
                                   chunk_size=chunk_size)
-    t_teacher = _ms(t0)
-    t0 = time.perf_counter()
+    t_teacher, t0 = _lap(t0)
     scored = {}
     for k, (ids, mask, logp_old) in rollouts.items():
         emb, lens = prompts[k]
@@ -348,7 +345,7 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     ended = torch.cat([((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()])
     return loss, dict(**stats, resp_len=lens.float().mean().item(), tokens=int(lens.sum()),
                       frac_ended=ended.float().mean().item(), ms_rollout=t_rollout,
-                      ms_teacher=t_teacher, ms_loss=_ms(t0))
+                      ms_teacher=t_teacher, ms_loss=_lap(t0)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -380,15 +377,9 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, bet
     next-token distributions, from hidden states (N, d_s), (N, d_t) and heads (V, d_s), (V, d_t).
     Chunk by chunk under activation checkpointing (autograd gets the gradient right): a chunk's
     two (c, V) logits exist only while it is computed, and again in its backward."""
-    needs_grad = student_hidden.requires_grad or student_weight.requires_grad
-    out = []
-    for i in range(0, student_hidden.size(0), chunk_size):
-        args = (student_hidden[i:i + chunk_size], student_weight,
-                teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature)
-        if torch.is_grad_enabled() and needs_grad:
-            out.append(checkpoint(_gkd_chunk, *args, use_reentrant=False))
-        else:
-            out.append(_gkd_chunk(*args))
+    out = [checkpoint(_gkd_chunk, student_hidden[i:i + chunk_size], student_weight,
+                      teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature,
+                      use_reentrant=False) for i in range(0, student_hidden.size(0), chunk_size)]
     return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -419,8 +410,7 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
         mask = F.pad(mask, (0, L - mask.size(1)))
         ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
         mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
-    t_rollout = _ms(t0)
-    t0 = time.perf_counter()
+    t_rollout, t0 = _lap(t0)
     with torch.no_grad():
         ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
     hs = response_hidden(student.decoder, emb, lens, ids)[mask]
@@ -428,7 +418,7 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
                     temperature, chunk_size).mean()
     return loss, dict(frac_student=on_policy.float().mean().item(), tokens=int(mask.sum()),
                       resp_len=mask.sum(1).float().mean().item(), ms_rollout=t_rollout,
-                      ms_loss=_ms(t0))
+                      ms_loss=_lap(t0)[0])
 
 
 def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False):
@@ -447,7 +437,7 @@ def sft_step(student, batch, *, chunk_size=1024):
     Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats)."""
     t0 = time.perf_counter()
     loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
-    return loss, dict(tokens=n_tokens, ms_loss=_ms(t0))
+    return loss, dict(tokens=n_tokens, ms_loss=_lap(t0)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -513,9 +503,9 @@ def check_same_tokenizer(teacher_tok, student_tok):
 # -----------------------------------------------------------------------------
 # fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use.
 # step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding;
-# sample reads its static (the rollout's cache allocated once at its final size: the same shapes
-# at every step) and check_every (steps between two host reads, each a wait for the device, of
-# whether every row has ended).
+# sample reads its optional static (False: True allocates the rollout's cache once at its final
+# size, the same shapes at every step) and check_every (1: steps between two host reads, each a
+# wait for the device, of whether every row has ended).
 
 
 def static_step(decoder):
