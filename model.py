@@ -16,7 +16,6 @@ from torch.nn.utils.rnn import pad_sequence
 # -----------------------------------------------------------------------------
 # configs and presets
 
-
 @dataclass
 class EncoderConfig:  # exactly Whisper's AudioEncoder constructor arguments
     n_mels: int = 80
@@ -82,7 +81,6 @@ def make_configs(preset, vocab_size):
 
 # -----------------------------------------------------------------------------
 # audio encoder: Whisper's, plus a padding mask
-
 
 def sinusoids(length, channels, max_timescale=10000):
     """Whisper's sinusoidal positional table (length, channels): [sin | cos] halves."""
@@ -241,15 +239,13 @@ def word_spans(path):
     """A best CTC path (frame ids) -> [(start, end)] of the words: spans with a letter, between
     emitted spaces or the clip's edges."""
     spans, start, letters = [], 0, False
-    for t, c in enumerate(path):
+    for t, c in enumerate([*path, SPACE]):  # a space after the last frame ends the last word
         if c == SPACE:
             if letters:
                 spans.append((start, t))
             start, letters = t + 1, False
         elif c != 0:
             letters = True
-    if letters:
-        spans.append((start, len(path)))
     return spans
 
 
@@ -336,7 +332,6 @@ class Adapter(nn.Module):
 
 # -----------------------------------------------------------------------------
 # decoder: Llama
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -658,7 +653,6 @@ def llama_config(cfg: DecoderConfig):
 # -----------------------------------------------------------------------------
 # the speech LLM
 
-
 class SpeechLM(nn.Module):
     """encoder + adapter + decoder, which reads [chat prefix, audio vectors, chat suffix]."""
 
@@ -725,7 +719,6 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
 # -----------------------------------------------------------------------------
 # checkpoints: written atomically, loaded with weights_only=True, configs inside
 
-
 def atomic_write(path, write, mode="w"):
     """write(f) into path + ".tmp", then rename it to path: a crash never leaves half a file. Any
     failure removes the .tmp and is one OSError naming path, with the errno beneath (if any)."""
@@ -735,11 +728,7 @@ def atomic_write(path, write, mode="w"):
         with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if not isinstance(e, Exception):  # an interrupt stays what it is
-            raise
+    except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -747,6 +736,9 @@ def atomic_write(path, write, mode="w"):
         err = OSError(f"{path}: not written ({why})")
         err.errno = getattr(cause, "errno", None)
         raise err from None
+    finally:  # a failure or an interrupt (which stays what it is) leaves no .tmp
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_checkpoint(path, payload):

@@ -34,7 +34,6 @@ import model as M
 # -----------------------------------------------------------------------------
 # sampling
 
-
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token per row from (B, V) logits. Temperature 0 is argmax (log-prob 0, a point
     mass). Otherwise: divide by temperature, keep the top_k tokens (0 = all), then the smallest
@@ -112,7 +111,6 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
 # -----------------------------------------------------------------------------
 # rollouts: the student reads T as tokens or S as audio vectors
 
-
 def prompt_embeds(model, batch, modality):
     """The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)). A
     model.Decoder (the text teacher) reads the text prompt; a model.SpeechLM the text prompt
@@ -144,10 +142,7 @@ def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens,
 # -----------------------------------------------------------------------------
 # log-probs through the fused gather; the teacher's scores (the first half of Eq. 1 and 2)
 
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over rows."""
-
+class _TokenLogprobs(torch.autograd.Function):  # token_logprobs' forward and backward
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -189,9 +184,8 @@ class _TokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(p.T, h)
             del p
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None
+        return (grad_h.to(hidden.dtype) if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
 def token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
@@ -205,8 +199,7 @@ def response_hidden(decoder, prompt_embeds, prompt_lens, response_ids):
     """Run prompt + response through the decoder in one causal pass and return the hidden
     states that PREDICT each response token (the position before it): (B, L, dim).
     prompt_embeds (B, T, dim) right padded with prompt_lens (B,); response_ids (B, L)."""
-    B, T = prompt_embeds.shape[:2]
-    L = response_ids.size(1)
+    T, L = prompt_embeds.size(1), response_ids.size(1)
     x = torch.cat([prompt_embeds, decoder.embed_tokens(response_ids)], dim=1)  # (B, T+L, dim)
     # move each response to sit right after its own prompt: row b reads position j from
     # j (prompt part) or T + j - len_b (response part); the tail is padding
@@ -239,7 +232,6 @@ def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size
 
 # -----------------------------------------------------------------------------
 # the X-OPD loss: Eq. 1-5
-
 
 def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
     """One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with grad;
@@ -351,7 +343,6 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
 # -----------------------------------------------------------------------------
 # the baselines: GKD and SFT (offline KD is SFT on the teacher's answers)
 
-
 def gkd_divergence(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """Generalised JSD(beta) per row between next-token distributions (..., V) -> (...): beta = 0
     is KL(teacher || student) (forward), beta = 1 KL(student || teacher) (reverse), in between
@@ -404,12 +395,11 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
         s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
                                   max_new_tokens=max_new_tokens, eos_id=eos_id,
                                   temperature=temperature, generator=generator)
-        L = max(ids.size(1), s_ids.size(1))
         pad = eos_id if pad_id is None else pad_id  # a valid id: masked positions still embed
-        ids = F.pad(ids, (0, L - ids.size(1)), value=pad)
-        mask = F.pad(mask, (0, L - mask.size(1)))
-        ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
-        mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
+        L = max(ids.size(1), s_ids.size(1))
+        widen = lambda t, value=0: F.pad(t, (0, L - t.size(1)), value=value)  # (B', L)
+        ids, mask = widen(ids, pad), widen(mask)
+        ids[on_policy], mask[on_policy] = widen(s_ids, pad), widen(s_mask)
     t_rollout, t0 = _lap(t0)
     with torch.no_grad():
         ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
@@ -433,8 +423,7 @@ def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False)
 
 
 def sft_step(student, batch, *, chunk_size=1024):
-    """The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S.
-    Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats)."""
+    """The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S."""
     t0 = time.perf_counter()
     loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
     return loss, dict(tokens=n_tokens, ms_loss=_lap(t0)[0])
@@ -442,7 +431,6 @@ def sft_step(student, batch, *, chunk_size=1024):
 
 # -----------------------------------------------------------------------------
 # what the pipeline needs beside the steps: validation loss, greedy answers, held-out reverse KL
-
 
 def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
     """Mean cross-entropy of the batch's fixed responses given its text or speech prompts (per
@@ -485,8 +473,7 @@ def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generato
 
 def check_same_tokenizer(teacher_tok, student_tok):
     """Teacher and student must share one tokenizer: same vocabulary, same special tokens."""
-    va = teacher_tok.get_vocab(with_added_tokens=True)
-    vb = student_tok.get_vocab(with_added_tokens=True)
+    va, vb = (tok.get_vocab(with_added_tokens=True) for tok in (teacher_tok, student_tok))
     problems = []
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))
@@ -506,7 +493,6 @@ def check_same_tokenizer(teacher_tok, student_tok):
 # sample reads its optional static (False: True allocates the rollout's cache once at its final
 # size, the same shapes at every step) and check_every (1: steps between two host reads, each a
 # wait for the device, of whether every row has ended).
-
 
 def static_step(decoder):
     """Decoder.decode_step on a fixed-shape cache, run eagerly."""
