@@ -605,9 +605,8 @@ def speak_in_workers(jobs, progress):
                 e.__cause__ = None  # a worker's error names its file: no remote traceback under it
                 raise
     except BrokenProcessPool:
-        print("[data] the clip workers could not start (a script that calls data.make_toy_data "
-              "needs its code under `if __name__ == \"__main__\":` for them); making the clips "
-              "in this process", flush=True)
+        print("[data] the clip workers could not start (a script calling data.make_toy_data needs"
+              " its code under `if __name__ == \"__main__\":`); making the clips here", flush=True)
         return []
     return made
 
@@ -748,8 +747,7 @@ def chat_ids(tok, fmt):
             ids = out[:1]
         elif len(ids) != 1:
             raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = "
-                             f"{getattr(fmt, name)!r} is {len(ids)} tokens for the tokenizer, "
-                             f"expected exactly one")
+                             f"{getattr(fmt, name)!r} is {len(ids)} tokens, expected one")
         out += ids
     return out
 

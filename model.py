@@ -593,9 +593,8 @@ def read_weights(path):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the optional package "
-                             "safetensors (pip install safetensors), or give the weights as "
-                             "pytorch_model.bin") from None
+            raise ValueError(f"{path}: reading .safetensors needs the optional package safetensors"
+                             " (pip install safetensors), or give pytorch_model.bin") from None
         return load_file(path)
     return torch_load(path, "weights file")
 
