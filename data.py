@@ -13,7 +13,7 @@ import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import lru_cache, reduce
 
 import numpy as np
 import soundfile as sf
@@ -858,10 +858,7 @@ SEED_MIX = 1_000_003  # a prime larger than any step count: mix_seed's parts nev
 
 def mix_seed(*parts):
     """One integer seed from several (seed, step, rank, ...): mix_seed(a, b) = a * SEED_MIX + b."""
-    out = 0
-    for p in parts:
-        out = out * SEED_MIX + p
-    return out
+    return reduce(lambda out, p: out * SEED_MIX + p, parts, 0)
 
 
 class Progress:
@@ -918,14 +915,10 @@ RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the sett
 
 
 def pad(seqs, value=0):
-    """list of (T_i, ...) tensors -> ((B, T_max, ...) right padded with value, lens (B,))."""
+    """(T_i, ...) tensors or id lists -> ((B, T_max, ...) right padded with value, lens (B,))."""
+    seqs = [torch.as_tensor(x) for x in seqs]  # an id list becomes int64
     lens = torch.tensor([len(x) for x in seqs], dtype=torch.long)
     return pad_sequence(seqs, batch_first=True, padding_value=value), lens
-
-
-def collate_tokens(seqs, pad_id):
-    """list of id lists -> (ids (B, T) right padded with pad_id, lens (B,))."""
-    return pad([torch.as_tensor(s, dtype=torch.long) for s in seqs], pad_id)
 
 
 def collate_mels(mels):
@@ -1046,8 +1039,7 @@ class World:
     def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
         """A Batch of recs' text and speech prompts (mels, or an encoder's) and responses."""
         b = Batch()
-        prompts = lambda modality: collate_tokens([self.prompt(r, modality) for r in recs],
-                                                  self.pad_id)
+        prompts = lambda modality: pad([self.prompt(r, modality) for r in recs], self.pad_id)
         if text:
             b.text_ids, b.text_lens = prompts("text")
         if speech:
@@ -1058,7 +1050,7 @@ class World:
                 b.feats, b.feat_lens = self.features(recs, encoder, device)
         if responses is not None:
             responses = [encode_response(self.tok, t, self.fmt) for t in responses]
-            b.response_ids, b.response_lens = collate_tokens(responses, self.pad_id)
+            b.response_ids, b.response_lens = pad(responses, self.pad_id)
         return b.to(device)
 
 

@@ -412,7 +412,7 @@ def test_duplicate_ids_are_refused_with_both_lines(tmp_path, tiny_data):
 
 
 def test_collate():
-    ids, lens = data.collate_tokens([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    ids, lens = data.pad([[5, 6, 7], [8], [9, 10]], 0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]] and lens.tolist() == [3, 1, 2]
     assert ids.dtype == lens.dtype == torch.long
     a, b = torch.randn(80, 7), torch.randn(80, 4)
