@@ -191,9 +191,8 @@ PITCH_CONTOURS = {"neutral": lambda t, w: 1.0 + 0.04 * (0.5 - t),
                   "happy": lambda t, w: 1.12 * (1.0 + 0.10 * np.sin(np.pi * w)) * (1.0 + 0.06 * t),
                   "sad": lambda t, w: 0.92 * (1.0 + 0.08 * (0.5 - t))}
 # a unit kind's sources: voice amplitude, noise amplitude, noise shaped by the formants (asp)
-KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
-                "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
-                "aspirate": (0.0, 0.6, 1.0)}
+KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0), "aspirate": (0.0, 0.6, 1.0),
+                "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0)}
 
 
 @dataclass
