@@ -13,7 +13,7 @@ import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import lru_cache, reduce
 
 import numpy as np
 import soundfile as sf
@@ -101,10 +101,7 @@ def check_clip(path, where, max_seconds, decode=False):
 def load_audio(path):
     """Any file soundfile reads -> float32 mono at 16 kHz (channels averaged, resampled)."""
     data, sr = _read(os.fspath(path))
-    audio = data.mean(axis=1)
-    if sr != SAMPLE_RATE:
-        audio = resample(audio, sr, SAMPLE_RATE)
-    return audio.astype(np.float32)
+    return resample(data.mean(axis=1), sr)
 
 
 @lru_cache(maxsize=8)
@@ -194,9 +191,8 @@ PITCH_CONTOURS = {"neutral": lambda t, w: 1.0 + 0.04 * (0.5 - t),
                   "happy": lambda t, w: 1.12 * (1.0 + 0.10 * np.sin(np.pi * w)) * (1.0 + 0.06 * t),
                   "sad": lambda t, w: 0.92 * (1.0 + 0.08 * (0.5 - t))}
 # a unit kind's sources: voice amplitude, noise amplitude, noise shaped by the formants (asp)
-KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0),
-                "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0),
-                "aspirate": (0.0, 0.6, 1.0)}
+KIND_SOURCES = {"vowel": (1.0, 0.0, 0.0), "sonorant": (0.45, 0.0, 0.0), "aspirate": (0.0, 0.6, 1.0),
+                "vfricative": (0.3, 0.5, 0.0), "fricative": (0.0, 0.7, 0.0)}
 
 
 @dataclass
@@ -296,9 +292,7 @@ def synthesize(text, voice, seed=0):
     rms = np.sqrt(np.mean(out ** 2)) + 1e-12
     out *= 0.05 * EMOTION_ENERGY.get(voice.emotion, 1.0) * voice.loudness / rms
     out += voice.noise * np.sqrt(np.mean(out ** 2)) * rng.standard_normal(n_samples)  # background
-    peak = np.abs(out).max()
-    if peak > 0.99:
-        out *= 0.99 / peak
+    out *= 0.99 / max(0.99, np.abs(out).max())  # a peak above 0.99 scaled down to it
     return out.astype(np.float32)
 
 
@@ -610,9 +604,8 @@ def speak_in_workers(jobs, progress):
                 e.__cause__ = None  # a worker's error names its file: no remote traceback under it
                 raise
     except BrokenProcessPool:
-        print("[data] the clip workers could not start (a script that calls data.make_toy_data "
-              "needs its code under `if __name__ == \"__main__\":` for them); making the clips "
-              "in this process", flush=True)
+        print("[data] the clip workers could not start (a script calling data.make_toy_data needs"
+              " its code under `if __name__ == \"__main__\":`); making the clips here", flush=True)
         return []
     return made
 
@@ -753,8 +746,7 @@ def chat_ids(tok, fmt):
             ids = out[:1]
         elif len(ids) != 1:
             raise ValueError(f"{fmt.source or 'the chat format'}: field {name!r} = "
-                             f"{getattr(fmt, name)!r} is {len(ids)} tokens for the tokenizer, "
-                             f"expected exactly one")
+                             f"{getattr(fmt, name)!r} is {len(ids)} tokens, expected one")
         out += ids
     return out
 
@@ -783,12 +775,6 @@ def spoken_word_ids(tok, transcript):
 
 def encode_response(tok, text, fmt=TOY_FORMAT):
     return _ids(tok, text) + [tok.token_to_id(fmt.end)]
-
-
-def decode_response(tok, ids, fmt=TOY_FORMAT):
-    """Ids -> text, stopping at the first end token and dropping special tokens."""
-    ids = [int(i) for i in ids] + [tok.token_to_id(fmt.end)]  # an end token at the latest
-    return tok.decode(ids[:ids.index(ids[-1])], skip_special_tokens=True)
 
 
 # -----------------------------------------------------------------------------
@@ -871,10 +857,7 @@ SEED_MIX = 1_000_003  # a prime larger than any step count: mix_seed's parts nev
 
 def mix_seed(*parts):
     """One integer seed from several (seed, step, rank, ...): mix_seed(a, b) = a * SEED_MIX + b."""
-    out = 0
-    for p in parts:
-        out = out * SEED_MIX + p
-    return out
+    return reduce(lambda out, p: out * SEED_MIX + p, parts, 0)
 
 
 class Progress:
@@ -931,14 +914,10 @@ RUN_PATHS = ("data", "teacher", "whisper", "chat_format", "student")  # the sett
 
 
 def pad(seqs, value=0):
-    """list of (T_i, ...) tensors -> ((B, T_max, ...) right padded with value, lens (B,))."""
+    """(T_i, ...) tensors or id lists -> ((B, T_max, ...) right padded with value, lens (B,))."""
+    seqs = [torch.as_tensor(x) for x in seqs]  # an id list becomes int64
     lens = torch.tensor([len(x) for x in seqs], dtype=torch.long)
     return pad_sequence(seqs, batch_first=True, padding_value=value), lens
-
-
-def collate_tokens(seqs, pad_id):
-    """list of id lists -> (ids (B, T) right padded with pad_id, lens (B,))."""
-    return pad([torch.as_tensor(s, dtype=torch.long) for s in seqs], pad_id)
 
 
 def collate_mels(mels):
@@ -1032,11 +1011,10 @@ class World:
     def prompt(self, record, modality):
         return encode_prompt(self.tok, record, modality, self.fmt)
 
-    def response(self, text):
-        return encode_response(self.tok, text, self.fmt)
-
     def decode(self, ids):
-        return decode_response(self.tok, ids, self.fmt)
+        """Ids -> text, stopping at the first end token and dropping special tokens."""
+        ids = [int(i) for i in ids] + [self.end_id]  # an end token at the latest
+        return self.tok.decode(ids[:ids.index(self.end_id)], skip_special_tokens=True)
 
     def mel(self, rec):
         if rec["id"] not in self._mels:
@@ -1060,8 +1038,7 @@ class World:
     def batch(self, recs, responses=None, device="cpu", text=True, speech=True, encoder=None):
         """A Batch of recs' text and speech prompts (mels, or an encoder's) and responses."""
         b = Batch()
-        prompts = lambda modality: collate_tokens([self.prompt(r, modality) for r in recs],
-                                                  self.pad_id)
+        prompts = lambda modality: pad([self.prompt(r, modality) for r in recs], self.pad_id)
         if text:
             b.text_ids, b.text_lens = prompts("text")
         if speech:
@@ -1071,8 +1048,8 @@ class World:
             else:
                 b.feats, b.feat_lens = self.features(recs, encoder, device)
         if responses is not None:
-            responses = [self.response(t) for t in responses]
-            b.response_ids, b.response_lens = collate_tokens(responses, self.pad_id)
+            responses = [encode_response(self.tok, t, self.fmt) for t in responses]
+            b.response_ids, b.response_lens = pad(responses, self.pad_id)
         return b.to(device)
 
 

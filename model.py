@@ -16,7 +16,6 @@ from torch.nn.utils.rnn import pad_sequence
 # -----------------------------------------------------------------------------
 # configs and presets
 
-
 @dataclass
 class EncoderConfig:  # exactly Whisper's AudioEncoder constructor arguments
     n_mels: int = 80
@@ -82,7 +81,6 @@ def make_configs(preset, vocab_size):
 
 # -----------------------------------------------------------------------------
 # audio encoder: Whisper's, plus a padding mask
-
 
 def sinusoids(length, channels, max_timescale=10000):
     """Whisper's sinusoidal positional table (length, channels): [sin | cos] halves."""
@@ -191,9 +189,8 @@ def whisper_config(ckpt):
     return EncoderConfig(*(ckpt["dims"][k] for k in WHISPER_DIMS))
 
 
-def load_whisper_encoder(path_or_checkpoint):
+def load_whisper_encoder(ckpt):
     """A Whisper checkpoint (a path or read_whisper's dict) -> its AudioEncoder, loaded strict."""
-    ckpt = path_or_checkpoint
     ckpt = ckpt if isinstance(ckpt, dict) else read_whisper(ckpt)
     enc = AudioEncoder(**asdict(whisper_config(ckpt)))
     sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items()
@@ -242,15 +239,13 @@ def word_spans(path):
     """A best CTC path (frame ids) -> [(start, end)] of the words: spans with a letter, between
     emitted spaces or the clip's edges."""
     spans, start, letters = [], 0, False
-    for t, c in enumerate(path):
+    for t, c in enumerate([*path, SPACE]):  # a space after the last frame ends the last word
         if c == SPACE:
             if letters:
                 spans.append((start, t))
             start, letters = t + 1, False
         elif c != 0:
             letters = True
-    if letters:
-        spans.append((start, len(path)))
     return spans
 
 
@@ -337,7 +332,6 @@ class Adapter(nn.Module):
 
 # -----------------------------------------------------------------------------
 # decoder: Llama
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -530,10 +524,7 @@ class Decoder(nn.Module):
         x = self._embed(None if input_ids is None else input_ids[:, None], inputs_embeds)
         assert cache.end < cache.max_len, "KV cache full"
         h = (step or self.decode_step)(x, cache)  # x, h (B, 1, dim)
-        if cache.static:
-            cache.lengths += 1  # in place: a CUDA graph captured on this tensor reads the new one
-        else:
-            cache.lengths = cache.lengths + 1  # a new tensor: the lengths given to prefill stay
+        cache.lengths += 1  # in place (prefill copied it): a CUDA graph reads this tensor
         cache.end += 1
         return h[:, 0]
 
@@ -557,10 +548,9 @@ HF_CONFIG = {"vocab_size": ("vocab_size", None), "dim": ("hidden_size", None),
              "max_seq_len": ("max_position_embeddings", 2048), "head_dim": ("head_dim", 0)}
 
 
-def load_llama(state_dict_or_path, config):
+def load_llama(sd, config):
     """A Hugging Face Llama state dict ("model." prefix optional; a tied one may lack lm_head) or
     its .bin / .pt file, and its config.json -> Decoder; anything unfit: ValueError naming it."""
-    sd = state_dict_or_path
     sd = sd if isinstance(sd, dict) else read_weights(sd)
     for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
                        ("hidden_act", "silu")):  # plain Llama's values: anything else is refused
@@ -603,9 +593,8 @@ def read_weights(path):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the optional package "
-                             "safetensors (pip install safetensors), or give the weights as "
-                             "pytorch_model.bin") from None
+            raise ValueError(f"{path}: reading .safetensors needs the optional package safetensors"
+                             " (pip install safetensors), or give pytorch_model.bin") from None
         return load_file(path)
     return torch_load(path, "weights file")
 
@@ -662,7 +651,6 @@ def llama_config(cfg: DecoderConfig):
 
 # -----------------------------------------------------------------------------
 # the speech LLM
-
 
 class SpeechLM(nn.Module):
     """encoder + adapter + decoder, which reads [chat prefix, audio vectors, chat suffix]."""
@@ -730,7 +718,6 @@ def student_from_teacher(teacher: Decoder, enc_cfg, adp_cfg, audio_token_id=-1):
 # -----------------------------------------------------------------------------
 # checkpoints: written atomically, loaded with weights_only=True, configs inside
 
-
 def atomic_write(path, write, mode="w"):
     """write(f) into path + ".tmp", then rename it to path: a crash never leaves half a file. Any
     failure removes the .tmp and is one OSError naming path, with the errno beneath (if any)."""
@@ -740,11 +727,7 @@ def atomic_write(path, write, mode="w"):
         with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if not isinstance(e, Exception):  # an interrupt stays what it is
-            raise
+    except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -752,6 +735,9 @@ def atomic_write(path, write, mode="w"):
         err = OSError(f"{path}: not written ({why})")
         err.errno = getattr(cause, "errno", None)
         raise err from None
+    finally:  # a failure or an interrupt (which stays what it is) leaves no .tmp
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_checkpoint(path, payload):
@@ -814,7 +800,3 @@ def pick_device():
         return torch.device("cuda"), (torch.bfloat16 if bf16 else None), why
     why = f"no CUDA device; CPU with {torch.get_num_threads()} threads, float32, no autocast"
     return torch.device("cpu"), None, why
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())  # a tied head counts once

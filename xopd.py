@@ -34,7 +34,6 @@ import model as M
 # -----------------------------------------------------------------------------
 # sampling
 
-
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
     """Draw one token per row from (B, V) logits. Temperature 0 is argmax (log-prob 0, a point
     mass). Otherwise: divide by temperature, keep the top_k tokens (0 = all), then the smallest
@@ -112,7 +111,6 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
 # -----------------------------------------------------------------------------
 # rollouts: the student reads T as tokens or S as audio vectors
 
-
 def prompt_embeds(model, batch, modality):
     """The decoder's input for a batch's prompts -> (embeds (B, T, dim), lengths (B,)). A
     model.Decoder (the text teacher) reads the text prompt; a model.SpeechLM the text prompt
@@ -124,10 +122,8 @@ def prompt_embeds(model, batch, modality):
         return model.embed(batch.text_ids, batch.text_lens)
     audio = (*model.encoder.parameters(), *model.adapter.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in audio)):
-        if batch.feats is not None:
-            audio = model.audio_embeds(batch.feats, batch.feat_lens)
-        else:
-            audio = model.encode_audio(batch.mels, batch.mel_lens)
+        audio = (model.encode_audio(batch.mels, batch.mel_lens) if batch.feats is None
+                 else model.audio_embeds(batch.feats, batch.feat_lens))
     return model.embed(batch.speech_ids, batch.speech_lens, *audio)
 
 
@@ -146,10 +142,7 @@ def student_rollouts(student, batch, *, terms=("im", "cm"), n=4, max_new_tokens,
 # -----------------------------------------------------------------------------
 # log-probs through the fused gather; the teacher's scores (the first half of Eq. 1 and 2)
 
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over rows."""
-
+class _TokenLogprobs(torch.autograd.Function):  # token_logprobs' forward and backward
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -158,8 +151,7 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for i in range(0, hidden.size(0), chunk_size):
             logits = hidden[i:i + chunk_size].to(acc) @ w.T  # (c, V), the only big tensor
-            if temperature != 1.0:
-                logits.mul_(1.0 / temperature)
+            logits.mul_(1.0 / temperature)  # exact at temperature 1
             out[i:i + chunk_size] = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)
             # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
             m = logits.amax(dim=-1, keepdim=True)
@@ -183,10 +175,7 @@ class _TokenLogprobs(torch.autograd.Function):
             h = hidden[i:i + c].to(acc)
             g = grad_out[i:i + c]
             # recompute the chunk's probabilities in place: p = exp(logits / tau - lse)
-            p = h @ w.T
-            if tau != 1.0:
-                p.mul_(1.0 / tau)
-            p.sub_(lse[i:i + c, None]).exp_()
+            p = (h @ w.T).mul_(1.0 / tau).sub_(lse[i:i + c, None]).exp_()
             # d out / d logits = onehot(target) - p, scaled by the incoming gradient
             p.mul_(-g[:, None])
             p[torch.arange(p.size(0), device=p.device), targets[i:i + c]] += g
@@ -195,9 +184,8 @@ class _TokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(p.T, h)
             del p
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None
+        return (grad_h.to(hidden.dtype) if need_h else None,
+                grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
 def token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
@@ -211,8 +199,7 @@ def response_hidden(decoder, prompt_embeds, prompt_lens, response_ids):
     """Run prompt + response through the decoder in one causal pass and return the hidden
     states that PREDICT each response token (the position before it): (B, L, dim).
     prompt_embeds (B, T, dim) right padded with prompt_lens (B,); response_ids (B, L)."""
-    B, T = prompt_embeds.shape[:2]
-    L = response_ids.size(1)
+    T, L = prompt_embeds.size(1), response_ids.size(1)
     x = torch.cat([prompt_embeds, decoder.embed_tokens(response_ids)], dim=1)  # (B, T+L, dim)
     # move each response to sit right after its own prompt: row b reads position j from
     # j (prompt part) or T + j - len_b (response part); the tail is padding
@@ -236,8 +223,7 @@ def sequence_logprobs(decoder, prompt_embeds, prompt_lens, ids, mask, chunk_size
 
 @torch.no_grad()
 def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size=1024):
-    """The teacher (a model.Decoder) scores each sampled token reading T + response -> {term:
-    (B*n, L)}."""
+    """The teacher (a model.Decoder) scores each sampled token on T + response: {term: (B*n, L)}."""
     text_lens = batch.text_lens.repeat_interleave(n)
     prompt = prompt_embeds(teacher, batch, "text")[0].repeat_interleave(n, dim=0)
     return {k: sequence_logprobs(teacher, prompt, text_lens, ids, mask, chunk_size, temperature)
@@ -246,7 +232,6 @@ def teacher_logprobs(teacher, batch, rollouts, *, n, temperature=1.0, chunk_size
 
 # -----------------------------------------------------------------------------
 # the X-OPD loss: Eq. 1-5
-
 
 def pg_term(logp, logp_old, logp_teacher, mask, ratio_clip=0.0, agg="seq_mean", norm_len=None):
     """One X-OPD term (Eq. 1-4). logp: the student's log-probs of the sampled tokens, with grad;
@@ -316,8 +301,10 @@ def _check_vocab(student, teacher):  # the models' side of check_same_tokenizer
                          "they must share one tokenizer")
 
 
-def _ms(t0):
-    return (time.perf_counter() - t0) * 1e3
+def _lap(t0):
+    """-> (ms since t0, now): a step's phases timed back to back."""
+    now = time.perf_counter()
+    return (now - t0) * 1e3, now
 
 
 def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperature=1.0,
@@ -334,12 +321,10 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     prompts, rollouts = student_rollouts(student, batch, terms=terms, n=n,
                                          max_new_tokens=max_new_tokens, temperature=temperature,
                                          eos_id=eos_id, generator=generator)
-    t_rollout = _ms(t0)
-    t0 = time.perf_counter()
+    t_rollout, t0 = _lap(t0)
     teacher_lp = teacher_logprobs(teacher, batch, rollouts, n=n, temperature=temperature,
                                   chunk_size=chunk_size)
-    t_teacher = _ms(t0)
-    t0 = time.perf_counter()
+    t_teacher, t0 = _lap(t0)
     scored = {}
     for k, (ids, mask, logp_old) in rollouts.items():
         emb, lens = prompts[k]
@@ -352,12 +337,11 @@ def xopd_step(student, teacher, batch, *, n=4, lam=0.5, max_new_tokens, temperat
     ended = torch.cat([((ids == eos_id) & m).any(1) for ids, m, _ in rollouts.values()])
     return loss, dict(**stats, resp_len=lens.float().mean().item(), tokens=int(lens.sum()),
                       frac_ended=ended.float().mean().item(), ms_rollout=t_rollout,
-                      ms_teacher=t_teacher, ms_loss=_ms(t0))
+                      ms_teacher=t_teacher, ms_loss=_lap(t0)[0])
 
 
 # -----------------------------------------------------------------------------
 # the baselines: GKD and SFT (offline KD is SFT on the teacher's answers)
-
 
 def gkd_divergence(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """Generalised JSD(beta) per row between next-token distributions (..., V) -> (...): beta = 0
@@ -384,15 +368,9 @@ def gkd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, bet
     next-token distributions, from hidden states (N, d_s), (N, d_t) and heads (V, d_s), (V, d_t).
     Chunk by chunk under activation checkpointing (autograd gets the gradient right): a chunk's
     two (c, V) logits exist only while it is computed, and again in its backward."""
-    needs_grad = student_hidden.requires_grad or student_weight.requires_grad
-    out = []
-    for i in range(0, student_hidden.size(0), chunk_size):
-        args = (student_hidden[i:i + chunk_size], student_weight,
-                teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature)
-        if torch.is_grad_enabled() and needs_grad:
-            out.append(checkpoint(_gkd_chunk, *args, use_reentrant=False))
-        else:
-            out.append(_gkd_chunk(*args))
+    out = [checkpoint(_gkd_chunk, student_hidden[i:i + chunk_size], student_weight,
+                      teacher_hidden[i:i + chunk_size], teacher_weight, beta, temperature,
+                      use_reentrant=False) for i in range(0, student_hidden.size(0), chunk_size)]
     return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -417,14 +395,12 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
         s_ids, s_mask, _ = sample(student.decoder, lens[on_policy], inputs_embeds=emb[on_policy],
                                   max_new_tokens=max_new_tokens, eos_id=eos_id,
                                   temperature=temperature, generator=generator)
-        L = max(ids.size(1), s_ids.size(1))
         pad = eos_id if pad_id is None else pad_id  # a valid id: masked positions still embed
-        ids = F.pad(ids, (0, L - ids.size(1)), value=pad)
-        mask = F.pad(mask, (0, L - mask.size(1)))
-        ids[on_policy] = F.pad(s_ids, (0, L - s_ids.size(1)), value=pad)
-        mask[on_policy] = F.pad(s_mask, (0, L - s_mask.size(1)))
-    t_rollout = _ms(t0)
-    t0 = time.perf_counter()
+        L = max(ids.size(1), s_ids.size(1))
+        widen = lambda t, value=0: F.pad(t, (0, L - t.size(1)), value=value)  # (B', L)
+        ids, mask = widen(ids, pad), widen(mask)
+        ids[on_policy], mask[on_policy] = widen(s_ids, pad), widen(s_mask)
+    t_rollout, t0 = _lap(t0)
     with torch.no_grad():
         ht = response_hidden(teacher, *prompt_embeds(teacher, batch, "text"), ids)[mask]
     hs = response_hidden(student.decoder, emb, lens, ids)[mask]
@@ -432,7 +408,7 @@ def gkd_step(student, teacher, batch, *, beta=0.0, student_frac=0.5, max_new_tok
                     temperature, chunk_size).mean()
     return loss, dict(frac_student=on_policy.float().mean().item(), tokens=int(mask.sum()),
                       resp_len=mask.sum(1).float().mean().item(), ms_rollout=t_rollout,
-                      ms_loss=_ms(t0))
+                      ms_loss=_lap(t0)[0])
 
 
 def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False):
@@ -447,16 +423,14 @@ def sft_loss(hidden, weight, targets, mask, chunk_size=1024, per_sequence=False)
 
 
 def sft_step(student, batch, *, chunk_size=1024):
-    """The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S.
-    Offline KD is this step with teacher-generated responses in the batch. Returns (loss, stats)."""
+    """The SFT loss: cross-entropy of the batch's fixed responses given the speech prompt S."""
     t0 = time.perf_counter()
     loss, n_tokens = response_nll(student, batch, "speech", chunk_size)
-    return loss, dict(tokens=n_tokens, ms_loss=_ms(t0))
+    return loss, dict(tokens=n_tokens, ms_loss=_lap(t0)[0])
 
 
 # -----------------------------------------------------------------------------
 # what the pipeline needs beside the steps: validation loss, greedy answers, held-out reverse KL
-
 
 def response_nll(model, batch, modality, chunk_size=1024, per_sequence=False):
     """Mean cross-entropy of the batch's fixed responses given its text or speech prompts (per
@@ -499,8 +473,7 @@ def reverse_kl(student, teacher, batch, *, n=1, max_new_tokens, eos_id, generato
 
 def check_same_tokenizer(teacher_tok, student_tok):
     """Teacher and student must share one tokenizer: same vocabulary, same special tokens."""
-    va = teacher_tok.get_vocab(with_added_tokens=True)
-    vb = student_tok.get_vocab(with_added_tokens=True)
+    va, vb = (tok.get_vocab(with_added_tokens=True) for tok in (teacher_tok, student_tok))
     problems = []
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))
@@ -517,15 +490,14 @@ def check_same_tokenizer(teacher_tok, student_tok):
 # -----------------------------------------------------------------------------
 # fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use.
 # step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding;
-# sample reads its static (the rollout's cache allocated once at its final size: the same shapes
-# at every step) and check_every (steps between two host reads, each a wait for the device, of
-# whether every row has ended).
-
+# sample reads its optional static (False: True allocates the rollout's cache once at its final
+# size, the same shapes at every step) and check_every (1: steps between two host reads, each a
+# wait for the device, of whether every row has ended).
 
 def static_step(decoder):
     """Decoder.decode_step on a fixed-shape cache, run eagerly."""
     step = functools.partial(M.Decoder.decode_step, decoder)
-    step.static, step.check_every = True, 1
+    step.static = True
     return step
 
 
@@ -537,9 +509,7 @@ def _compiled_decode_step():
 def compiled_step(decoder):
     """Decoder.decode_step through torch.compile. Its first calls compile (seconds; once more when
     the number of keys first changes, after which it is a symbolic size)."""
-    step = functools.partial(_compiled_decode_step(), decoder)
-    step.static, step.check_every = False, 1
-    return step
+    return functools.partial(_compiled_decode_step(), decoder)
 
 
 class DecodeGraph:
