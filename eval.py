@@ -6,6 +6,7 @@ Score runs on the toy benchmarks, from speech (S) and from text (T), and build t
     python eval.py --out runs/cpu --first_token   # do the students start answers as the teacher?
     python eval.py --out runs/cpu --explain 3     # X-OPD's per-token signal on 3 val prompts
     python eval.py --out runs/cpu --hearing       # where the base student's transcripts lose words
+    python eval.py --out runs/s0 runs/s1 --premise  # the premise alone, on val (test unread)
     python eval.py bench [--device cuda]          # speed / memory benchmarks (tables)
 
 The tables: the premise (PREMISE), the paper's Tables 1 to 3 (TABLES); ΔS / ΔT is the paper's
@@ -1105,7 +1106,7 @@ def bench(args):
 
 
 # -----------------------------------------------------------------------------
-# Command line: the tables (default), --first_token, --hearing, --explain, bench, bench-mem
+# Command line: the tables (default), --premise, --first_token, --hearing, --explain, bench
 
 def parse_args(argv):
     """-> (the parser, the arguments): of `bench` or `bench-mem`, else of the tables."""
@@ -1137,6 +1138,8 @@ def parse_args(argv):
     ap.add_argument("--first_token", action="store_true", help="instead of the tables: the "
                     "probability (%%) that each student starts its answer with its teacher's first "
                     "token, from speech and from text, on val prompts (first_token_probe)")
+    ap.add_argument("--premise", action="store_true", help="instead of the tables: the premise "
+                    "table alone, from the val pool (the test pool is not scored)")
     ap.add_argument("--hearing", action="store_true", help="instead of the tables: where the "
                     "base student loses words (hearing_probe), and each student's ΔS on the "
                     "prompts the base student hears whole and on the rest (heard_split)")
@@ -1206,6 +1209,20 @@ def hearing_command(args, runs, device):
                    + " | ΔS | ΔS heard | ΔS misheard |", rows))
 
 
+def premise_command(args, runs, device):
+    """The premise alone, the test pool unread: each seed's teacher and base student scored on
+    val, the base student judged (as evaluate_all does); the table a world is chosen by."""
+    seeds = []
+    for out, world, s in runs:
+        models = {name: load(os.path.join(out, name), device) for name in ("teacher", "omni")}
+        seeds.append({name: {"val": evaluate_model(m, world, device, s["eval_per_family"],
+                                                   s["max_new_tokens"], name, "val")}
+                      for name, m in models.items()})
+        seeds[-1]["omni"]["judge"] = judge(models["teacher"], models["omni"], world, device,
+                                           s["max_new_tokens"])
+    print(premise_table(seeds, ["omni"]))
+
+
 def tables_command(args, runs, device):
     for out, world, s in runs:
         evaluate_all(out, world, device, s["eval_per_family"], s["max_new_tokens"])
@@ -1230,7 +1247,8 @@ def main(argv=None):
     if args.explain is not None and args.explain < 1:
         ap.error(f"--explain: expected a positive number of val prompts, got {args.explain}")
     command = (explain_command if args.explain else first_token_command if args.first_token
-               else hearing_command if args.hearing else tables_command)
+               else hearing_command if args.hearing else premise_command if args.premise
+               else tables_command)
     try:
         command(args, runs, device)
     except OSError as e:  # a read-only or full run folder: one line naming the path

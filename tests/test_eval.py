@@ -690,3 +690,17 @@ def test_explain_command_prints_each_token_with_its_advantages(tiny_run, capsys)
     with pytest.raises(SystemExit):
         E.main(["--out", str(tiny_run), "--explain", "0"])
     assert "--explain: expected a positive number of val prompts, got 0" in capsys.readouterr().err
+
+
+def test_premise_command_scores_val_alone_as_the_full_evaluation_does(tiny_run, capsys,
+                                                                      monkeypatch):
+    pools, real = [], E.evaluate_model
+
+    def evaluate_model(*args, **kw):
+        pools.append(args[6] if len(args) > 6 else kw.get("pool", "test"))
+        return real(*args, **kw)
+    monkeypatch.setattr(E, "evaluate_model", evaluate_model)
+    E.main(["--out", str(tiny_run), "--premise"])
+    assert pools == ["val", "val"]  # the teacher and the base student, never the test pool
+    saved = {n: json.load(open(os.path.join(tiny_run, n, "eval.json"))) for n in ("teacher", "omni")}
+    assert E.premise_table([saved], ["omni"]) in capsys.readouterr().out
