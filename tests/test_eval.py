@@ -702,5 +702,6 @@ def test_premise_command_scores_val_alone_as_the_full_evaluation_does(tiny_run, 
     monkeypatch.setattr(E, "evaluate_model", evaluate_model)
     E.main(["--out", str(tiny_run), "--premise"])
     assert pools == ["val", "val"]  # the teacher and the base student, never the test pool
-    saved = {n: json.load(open(os.path.join(tiny_run, n, "eval.json"))) for n in ("teacher", "omni")}
+    saved = {n: json.load(open(os.path.join(tiny_run, n, "eval.json")))
+             for n in ("teacher", "omni")}
     assert E.premise_table([saved], ["omni"]) in capsys.readouterr().out
