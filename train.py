@@ -20,8 +20,10 @@ skipped when that matches; a step's batch and sampling seed depend only on (seed
 resumed run reproduces an uninterrupted one.
 """
 import argparse
+import contextlib
 import copy
 import errno
+import glob
 import json
 import math
 import os
@@ -871,9 +873,9 @@ def rates(text):
         return False
 
 
-INTS = ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps",
-        "batch_size", "align_batch", "n", "max_new_tokens", "ckpt_every", "log_every",
-        "eval_per_family", "val_every", "val_per_family", "val_rkl_prompts")
+# every integer setting but these three counts something: at least one
+INTS = [f.name for f in fields(TrainConfig)
+        if f.type is int and f.name not in ("seed", "warmup", "voice_first")]
 # (flags, the refusal's text, whether value v under settings c is accepted)
 CHECKS = [
     (("temperature",), "--method {c.method} samples its rollouts; expected a finite "
@@ -884,9 +886,8 @@ CHECKS = [
     (("tag",), "expected a plain name (letters, digits, -, _, .)",  # a folder name, never a path
      lambda v, c: re.fullmatch(r"[\w.-]*", v, re.ASCII)),
     (INTS, "expected a positive integer", lambda v, c: v >= 1),
-    (("lam", "gkd_beta", "gkd_mix"), "expected a value in [0, 1]", lambda v, c: 0 <= v <= 1),
-    (("teacher_prior", "omni_teacher_style", "omni_splice"), "expected a share in [0, 1]",
-     lambda v, c: 0 <= v <= 1),
+    (("lam", "gkd_beta", "gkd_mix", "teacher_prior", "omni_teacher_style", "omni_splice"),
+     "expected a value in [0, 1]", lambda v, c: 0 <= v <= 1),
     (("seed", "warmup"), "expected an integer >= 0", lambda v, c: v >= 0),
     (("teacher_lr", "encoder_lr", "omni_lr"), "expected a finite learning rate > 0",
      lambda v, c: 0 < v < math.inf),
@@ -942,16 +943,8 @@ def print_settings(cfg):
 def main(argv=None):
     """Hold the run folder and run the pipeline; a user's folder error ends it in one line."""
     cfg = parse_args(argv)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 holds it for all
-        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-            sys.exit(f"--out {cfg.out}: is a file; expected a run folder (new, or one this "
-                     "project made)")
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            lock = lock_run(cfg.out)
-        except OSError as e:
-            sys.exit(f"--out {cfg.out}: cannot write there ({e.strerror or e})")
+    # under torchrun rank 0 holds the lock for all
+    lock = lock_run(cfg.out) if int(os.environ.get("RANK", 0)) == 0 else None
     try:
         pipeline(cfg)
     except OSError as e:
@@ -966,12 +959,18 @@ def main(argv=None):
 def lock_run(out):
     """One run per folder: <out>/lock (O_EXCL) holds the run's process id; a live holder is
     refused, a dead one's lock taken over. -> the lock's path"""
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"--out {out}: is a file; expected a run folder (new, or one this project made)")
     path = os.path.join(out, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    try:
+        os.makedirs(out, exist_ok=True)
+        while True:
+            try:
+                with open(path, "x") as f:
+                    f.write(f"{os.getpid()}\n")
+                return path
+            except FileExistsError:
+                pass
             try:
                 pid = int(open(path).read().strip())
             except (OSError, ValueError):  # gone meanwhile, or cut short while written
@@ -982,13 +981,10 @@ def lock_run(out):
             if pid != os.getpid():
                 why = f"left by process {pid}, which is no longer running" if pid else "unreadable"
                 print(f"[lock] {path}: {why}; taking it over")
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another run took it over first
                 os.remove(path)
-            except FileNotFoundError:  # another run took it over first: try again
-                pass
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    return path
+    except OSError as e:
+        sys.exit(f"--out {out}: cannot write there ({e.strerror or e})")
 
 
 def alive(pid):
@@ -1128,13 +1124,10 @@ def rebuilt_with(out, name):
     kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
     later = {k for k, inputs in BUILT_ON.items() if kind in inputs}
     later |= {k for k, inputs in BUILT_ON.items() if later & set(inputs)}
-    folders = [os.path.join(out, name)]
-    if "omni" in later and os.path.isdir(os.path.join(out, "omni")):
-        folders.append(os.path.join(out, "omni"))
-    for d in [os.path.join(out, "align"), os.path.join(out, "select")] * ("align" in later):
-        subs = sorted(os.listdir(d)) if os.path.isdir(d) else []
-        folders += [os.path.join(d, s) for s in subs if os.path.isdir(os.path.join(d, s))]
-    return folders
+    built_on = ["omni"] * ("omni" in later) + ["align/*", "select/*"] * ("align" in later)
+    # a pattern ending in a separator matches folders only
+    found = [sorted(glob.glob(os.path.join(out, p, ""))) for p in built_on]
+    return [os.path.join(out, name)] + [d.rstrip(os.sep) for ds in found for d in ds]
 
 
 def check_fingerprint(cfg, name, path, ck, fp):
