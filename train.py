@@ -289,8 +289,7 @@ def omni_mix(cfg):
 
 def omni_pools(world):
     """{part: the train pool's records that carry its target}; every clip is also an asr row."""
-    asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
-    asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction,
+    asr = [r if r["task"] == "asr" else {**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"],
                                          "reference": r["transcript"], "teacher": None}
            for r in world.train]
     text_recs = [r for r in world.train if r["kind"] == "text"]
@@ -324,7 +323,7 @@ def word_alignment_loss(student, batch, word_pieces):
 
 
 def word_bank(world, recs, encoder, device):
-    """({word: its vectors, one per time spoken}, clip vectors (N, D)) of the clips the frozen
+    """({word: its vectors, one per time spoken}, [clip vector]) of the clips the frozen
     encoder cut into as many words as their transcripts have: spliced_lists' material."""
     words, clips = {}, []
     for i in range(0, len(recs), 64):
@@ -335,14 +334,14 @@ def word_bank(world, recs, encoder, device):
                 clips.append(f[0])
                 for w, v in zip(spoken, f[1:n]):
                     words.setdefault(w, []).append(v)
-    return {w: torch.stack(vs) for w, vs in words.items()}, torch.stack(clips) if clips else None
+    return {w: torch.stack(vs) for w, vs in words.items()}, clips
 
 
 def spliced_lists(bank, n, seed, instruction):
     """n transcription rows no clip holds: 3-6 bank words behind a random clip's vector, so the
     decoder reads words instead of memorising lists (docs/decisions.md). -> [(record, target)]"""
     words, clips = bank
-    if not words or clips is None or n <= 0:
+    if not words or n <= 0:
         return []
     vocab = sorted(words)
     g = torch.Generator().manual_seed(seed)
@@ -401,15 +400,23 @@ def stage_omni(cfg, world, device, amp):
     fp = stage_fingerprint(cfg, world, "omni")
     if reusable(cfg, "omni", fp):
         return
-    if cfg.student:  # the user's own speech LLM of this project is the base student
-        return import_student(cfg, world, device, fp)
+    if cfg.student:  # the user's own speech LLM of this project, with the run's tokenizer
+        student, ck = read_checkpoint(cfg.student, device)
+        if not isinstance(student, M.SpeechLM):
+            sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a "
+                     f"speech LLM (an omni or align stage's model.pt)")
+        try:
+            xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
+        except ValueError as e:
+            sys.exit(f"--student {cfg.student}: {e}")
+        return import_stage(cfg, "omni", student, world, cfg.student, fp)
     student = omni_student(cfg, world, device)
     pools = omni_pools(world)
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in omni_mix(cfg).items() if f > 0}
     voice_sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in VOICE_FIRST_MIX.items()}
     n_spliced = round(sizes.get("asr", 0) * cfg.omni_splice)  # transcription rows spliced
     sizes["asr"] = sizes.get("asr", 0) - n_spliced
-    bank = ({}, None)  # word_bank, after precompute
+    bank = ({}, [])  # word_bank, after precompute
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
@@ -436,10 +443,9 @@ def stage_omni(cfg, world, device, amp):
                lambda rs: world.features(rs, student.encoder, device))
     if n_spliced:
         bank = word_bank(world, pools["asr"], student.encoder, device)
-        n_clips = 0 if bank[1] is None else len(bank[1])
         print(f"[omni] spliced word lists: {n_spliced} of each step's transcription rows, from "
               f"{len(bank[0])} words spoken {sum(map(len, bank[0].values()))} times in "
-              f"{n_clips} training clips", flush=True)
+              f"{len(bank[1])} training clips", flush=True)
     run_stage("omni", cfg, fp, student, cfg.omni_steps, cfg.omni_lr, step_fn, device,
               world.tok.to_str())
 
@@ -670,8 +676,7 @@ def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monit
         stop(steps - 1, "the final weights are not finite")
     if writer:  # model.pt, the curves, and ckpt.pt removed
         M.save_checkpoint(f.final, payload(steps))
-        for line in curves(name, f.log, f.val):
-            print(line)
+        curves(name, f.log, f.val)
         if os.path.exists(f.ckpt):
             os.remove(f.ckpt)
     barrier()  # the next stage, on every rank, reads what rank 0 has just written
@@ -690,8 +695,7 @@ def checked_step(step_fn, step, device, stop):
     m = {"loss": loss.item(), **stats}
     if WORLD_SIZE > 1:  # the whole batch's loss and tokens; the other stats averaged over ranks
         summed = all_sum(list(m.values()), device)
-        m = {k: v if k == "tokens" else v / WORLD_SIZE for k, v in zip(m, summed)}
-        m["tokens"] = int(m["tokens"])
+        m = {k: int(v) if k == "tokens" else v / WORLD_SIZE for k, v in zip(m, summed)}
     if not math.isfinite(m["loss"]):
         stop(step, f"loss is {m['loss']}")
     return loss, m
@@ -712,8 +716,7 @@ def update_weights(params, opt, loss, grad_clip, stop):
 
 
 def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
-    """One JSON line per step into f.log (f None: not this rank's); a printed line every
-    cfg.log_every steps."""
+    """One JSON line per step into f.log (f None: not this rank's); printed every cfg.log_every."""
     if device.type == "cuda":
         torch.cuda.synchronize()  # the step's kernels have run: the clock reads the step's time
     dt = time.perf_counter() - t0
@@ -729,8 +732,7 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
         diag = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                         if k not in ("loss", "tokens") and not k.startswith("ms_"))
         print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
-              f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | "
-              f"eta {eta}")
+              f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {eta}")
 
 
 def validate(name, model, monitor, f, step):
@@ -785,8 +787,7 @@ def sparkline(values, width=40):
 
 
 def curves(name, log_path, val_path):
-    """Lines of sparklines with first -> last values: the loss, and the val measurements."""
-    out = []
+    """Prints sparklines with first -> last values: the loss, and the val measurements."""
     for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S"))):
         if not os.path.exists(path):
             continue
@@ -795,8 +796,7 @@ def curves(name, log_path, val_path):
         for k in keys:
             v = [r[k] for r in recs if k in r]
             if len(v) > 1:
-                out.append(f"[{name}] {k:7s} {sparkline(v)} {v[0]:.4g} -> {v[-1]:.4g}")
-    return out
+                print(f"[{name}] {k:7s} {sparkline(v)} {v[0]:.4g} -> {v[-1]:.4g}")
 
 
 # -----------------------------------------------------------------------------
@@ -844,8 +844,7 @@ def all_sum(values, device):
 
 
 def share(mean, n, device):
-    """This rank's mean over its n items, weighted so that the ranks' average is the whole
-    batch's mean, exactly."""
+    """This rank's mean over its n items, weighted so that the ranks' average is the batch's."""
     if WORLD_SIZE == 1:
         return mean
     return mean * (n * WORLD_SIZE / max(all_sum([float(n)], device)[0], 1.0))
@@ -943,8 +942,7 @@ def print_settings(cfg):
 def main(argv=None):
     """Hold the run folder and run the pipeline; a user's folder error ends it in one line."""
     cfg = parse_args(argv)
-    # under torchrun rank 0 holds the lock for all
-    lock = lock_run(cfg.out) if int(os.environ.get("RANK", 0)) == 0 else None
+    lock = lock_run(cfg.out) if int(os.environ.get("RANK", 0)) == 0 else None  # rank 0's for all
     try:
         pipeline(cfg)
     except OSError as e:
@@ -1057,10 +1055,9 @@ def check_world(cfg, world):
         bad = [r for r in recs if not (isinstance(r["reference"], str) and r["reference"].strip())]
         if bad:
             sys.exit(f"{world.lines[bad[0]['id']]}: field 'reference' is missing, null or empty "
-                     f"({len(bad)} of the {len(recs)} align prompts); --method {cfg.method} "
-                     "trains on each prompt's reference response, so expected a non-empty "
-                     "string. Give every align prompt one, or use --method xopd or kd, which "
-                     "need none.")
+                     f"({len(bad)} of the {len(recs)} align prompts); --method {cfg.method} trains "
+                     "on each prompt's reference response, so expected a non-empty string. Give "
+                     "every align prompt one, or use --method xopd or kd, which need none.")
     fams = data.text_families(world.val)  # the probe takes val_rkl_prompts // families of each
     if fams and cfg.val_rkl_prompts < len(fams):
         sys.exit(f"--val_rkl_prompts {cfg.val_rkl_prompts}: expected at least one per family of "
@@ -1125,8 +1122,7 @@ def rebuilt_with(out, name):
     later = {k for k, inputs in BUILT_ON.items() if kind in inputs}
     later |= {k for k, inputs in BUILT_ON.items() if later & set(inputs)}
     built_on = ["omni"] * ("omni" in later) + ["align/*", "select/*"] * ("align" in later)
-    # a pattern ending in a separator matches folders only
-    found = [sorted(glob.glob(os.path.join(out, p, ""))) for p in built_on]
+    found = [sorted(glob.glob(os.path.join(out, p, ""))) for p in built_on]  # "": folders only
     return [os.path.join(out, name)] + [d.rstrip(os.sep) for ds in found for d in ds]
 
 
@@ -1184,19 +1180,6 @@ def import_stage(cfg, name, model, world, source, fp):
         n = sum(p.numel() for p in model.parameters())
         print(f"[{name}] imported {source}: {n / 1e6:.2f}M parameters -> {final}")
     barrier()
-
-
-def import_student(cfg, world, device, fp):
-    """--student: a speech LLM of this project with the run's tokenizer, as omni's model."""
-    student, ck = read_checkpoint(cfg.student, device)
-    if not isinstance(student, M.SpeechLM):
-        sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a speech "
-                 f"LLM (an omni or align stage's model.pt)")
-    try:
-        xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
-    except ValueError as e:
-        sys.exit(f"--student {cfg.student}: {e}")
-    import_stage(cfg, "omni", student, world, cfg.student, fp)
 
 
 def stage_files(out, name):
