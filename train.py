@@ -812,10 +812,9 @@ def init_distributed(device):
     if "RANK" not in os.environ:
         return device
     RANK, WORLD_SIZE = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     else:  # the ranks of one machine share its cores
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
@@ -855,11 +854,8 @@ def average_gradients(params):
     for p in params:
         if p.grad is None:  # a part this rank's rows did not reach: its gradient here is 0
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= WORLD_SIZE
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD_SIZE
 
 
 # =============================================================================
@@ -1202,10 +1198,8 @@ def resume_point(cfg, name, f, model, opt, fp, steps):
         opt.load_state_dict(ck["optimizer"])
         print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
     if RANK == 0:  # the logs as the checkpoint saved them (none at step 0): exactly its steps
-        os.makedirs(f.dir, exist_ok=True)
         for k in ("log", "val"):
-            with open(getattr(f, k), "w") as fh:
-                fh.write(ck.get("logs", {}).get(k, ""))
+            M.atomic_write(getattr(f, k), lambda fh: fh.write(ck.get("logs", {}).get(k, "")))
     return ck.get("step", 0)
 
 
