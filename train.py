@@ -215,8 +215,7 @@ def voice_loss(logits, rows, device, zero):
     total = zero
     for task, classes in M.VOICE_CLASSES.items():
         has = [i for i, lab in enumerate(labels) if task in lab]
-        y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device,
-                         dtype=torch.long)
+        y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device)  # int64
         ce = F.cross_entropy(logits[task][has].float(), y) if has else logits[task].sum() * 0.0
         total = total + share(ce, len(has), device)  # every rank joins the sum, rows or not
     return total
@@ -1118,7 +1117,8 @@ def rebuilt_with(out, name):
     later = {k for k, inputs in BUILT_ON.items() if kind in inputs}
     later |= {k for k, inputs in BUILT_ON.items() if later & set(inputs)}
     built_on = ["omni"] * ("omni" in later) + ["align/*", "select/*"] * ("align" in later)
-    found = [sorted(glob.glob(os.path.join(out, p, ""))) for p in built_on]  # "": folders only
+    # a pattern ending in a separator matches folders only
+    found = [sorted(glob.glob(os.path.join(glob.escape(out), p, ""))) for p in built_on]
     return [os.path.join(out, name)] + [d.rstrip(os.sep) for ds in found for d in ds]
 
 
