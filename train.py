@@ -958,12 +958,9 @@ def lock_run(out):
     try:
         os.makedirs(out, exist_ok=True)
         while True:
-            try:
-                with open(path, "x") as f:
-                    f.write(f"{os.getpid()}\n")
+            with contextlib.suppress(FileExistsError), open(path, "x") as f:  # "x": O_EXCL
+                f.write(f"{os.getpid()}\n")
                 return path
-            except FileExistsError:
-                pass
             try:
                 pid = int(open(path).read().strip())
             except (OSError, ValueError):  # gone meanwhile, or cut short while written
