@@ -130,9 +130,9 @@ def pipeline(cfg):
     torch.manual_seed(cfg.seed)
     clock = StageClock(cfg, device)
     barrier()  # every rank decides on the folder as it was before rank 0 writes there
-    if toy_data_to_generate(cfg):
+    if toy := toy_data_to_generate(cfg):
         make = data.make_toy_data if RANK == 0 else lambda *a: None
-        clock.run("data", make, cfg.data, cfg.seed, toy_preset(cfg))
+        clock.run("data", make, cfg.data, cfg.seed, toy)
         barrier()
     try:
         world = load_world(cfg)
@@ -985,13 +985,10 @@ def alive(pid):
     return True
 
 
-def toy_preset(cfg):
-    return "tiny" if cfg.preset == "tiny" else "cpu"
-
-
 def toy_data_to_generate(cfg):
-    """Whether to generate the toy world into cfg.data: only into <out>/data, a new or empty
-    folder, or one generated before (another seed's or preset's is refused) or begun."""
+    """The preset of the toy world to generate into cfg.data, or None: only into <out>/data, a new
+    or empty folder, or one generated before (another seed's or preset's is refused) or begun."""
+    preset = "tiny" if cfg.preset == "tiny" else "cpu"  # the toy world comes in these two sizes
     if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
         sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for "
                  "the toy data)")
@@ -1001,17 +998,16 @@ def toy_data_to_generate(cfg):
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
     made = json.load(open(os.path.join(cfg.data, "done.json"))) if generated else {}
-    if generated and (made.get("seed"), made.get("preset")) != (cfg.seed, toy_preset(cfg)):
+    if generated and (made.get("seed"), made.get("preset")) != (cfg.seed, preset):
         sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} "
-                 f"({made.get('preset')} preset); this run asks for seed {cfg.seed} "
-                 f"({toy_preset(cfg)}). Choose another --data or --out, or delete {cfg.data} "
-                 "to generate it again.")
+                 f"({made.get('preset')} preset); this run asks for seed {cfg.seed} ({preset}). "
+                 f"Choose another --data or --out, or delete {cfg.data} to generate it again.")
     if not (generated or unfinished or free or has_manifest):
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, "
                  "optionally align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, "
                  "'Bring your own audio'). Toy data is generated only into a new or empty "
                  "folder, so nothing there was touched.")
-    return generated or unfinished or (free and not has_manifest)
+    return preset if generated or unfinished or (free and not has_manifest) else None
 
 
 def load_world(cfg):
