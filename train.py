@@ -20,8 +20,10 @@ skipped when that matches; a step's batch and sampling seed depend only on (seed
 resumed run reproduces an uninterrupted one.
 """
 import argparse
+import contextlib
 import copy
 import errno
+import glob
 import json
 import math
 import os
@@ -128,9 +130,9 @@ def pipeline(cfg):
     torch.manual_seed(cfg.seed)
     clock = StageClock(cfg, device)
     barrier()  # every rank decides on the folder as it was before rank 0 writes there
-    if toy_data_to_generate(cfg):
+    if toy := toy_data_to_generate(cfg):
         make = data.make_toy_data if RANK == 0 else lambda *a: None
-        clock.run("data", make, cfg.data, cfg.seed, toy_preset(cfg))
+        clock.run("data", make, cfg.data, cfg.seed, toy)
         barrier()
     try:
         world = load_world(cfg)
@@ -213,8 +215,7 @@ def voice_loss(logits, rows, device, zero):
     total = zero
     for task, classes in M.VOICE_CLASSES.items():
         has = [i for i, lab in enumerate(labels) if task in lab]
-        y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device,
-                         dtype=torch.long)
+        y = torch.tensor([classes.index(labels[i][task]) for i in has], device=device)  # int64
         ce = F.cross_entropy(logits[task][has].float(), y) if has else logits[task].sum() * 0.0
         total = total + share(ce, len(has), device)  # every rank joins the sum, rows or not
     return total
@@ -287,8 +288,7 @@ def omni_mix(cfg):
 
 def omni_pools(world):
     """{part: the train pool's records that carry its target}; every clip is also an asr row."""
-    asr_instruction = data.AUDIO_INSTRUCTIONS["asr"]
-    asr = [r if r["task"] == "asr" else {**r, "instruction": asr_instruction,
+    asr = [r if r["task"] == "asr" else {**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"],
                                          "reference": r["transcript"], "teacher": None}
            for r in world.train]
     text_recs = [r for r in world.train if r["kind"] == "text"]
@@ -322,7 +322,7 @@ def word_alignment_loss(student, batch, word_pieces):
 
 
 def word_bank(world, recs, encoder, device):
-    """({word: its vectors, one per time spoken}, clip vectors (N, D)) of the clips the frozen
+    """({word: its vectors, one per time spoken}, [clip vector]) of the clips the frozen
     encoder cut into as many words as their transcripts have: spliced_lists' material."""
     words, clips = {}, []
     for i in range(0, len(recs), 64):
@@ -333,14 +333,14 @@ def word_bank(world, recs, encoder, device):
                 clips.append(f[0])
                 for w, v in zip(spoken, f[1:n]):
                     words.setdefault(w, []).append(v)
-    return {w: torch.stack(vs) for w, vs in words.items()}, torch.stack(clips) if clips else None
+    return {w: torch.stack(vs) for w, vs in words.items()}, clips
 
 
 def spliced_lists(bank, n, seed, instruction):
     """n transcription rows no clip holds: 3-6 bank words behind a random clip's vector, so the
     decoder reads words instead of memorising lists (docs/decisions.md). -> [(record, target)]"""
     words, clips = bank
-    if not words or clips is None or n <= 0:
+    if not words or n <= 0:
         return []
     vocab = sorted(words)
     g = torch.Generator().manual_seed(seed)
@@ -399,15 +399,23 @@ def stage_omni(cfg, world, device, amp):
     fp = stage_fingerprint(cfg, world, "omni")
     if reusable(cfg, "omni", fp):
         return
-    if cfg.student:  # the user's own speech LLM of this project is the base student
-        return import_student(cfg, world, device, fp)
+    if cfg.student:  # the user's own speech LLM of this project, with the run's tokenizer
+        student, ck = read_checkpoint(cfg.student, device)
+        if not isinstance(student, M.SpeechLM):
+            sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a "
+                     f"speech LLM (an omni or align stage's model.pt)")
+        try:
+            xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
+        except ValueError as e:
+            sys.exit(f"--student {cfg.student}: {e}")
+        return import_stage(cfg, "omni", student, world, cfg.student, fp)
     student = omni_student(cfg, world, device)
     pools = omni_pools(world)
     sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in omni_mix(cfg).items() if f > 0}
     voice_sizes = {k: max(1, round(cfg.batch_size * f)) for k, f in VOICE_FIRST_MIX.items()}
     n_spliced = round(sizes.get("asr", 0) * cfg.omni_splice)  # transcription rows spliced
     sizes["asr"] = sizes.get("asr", 0) - n_spliced
-    bank = ({}, None)  # word_bank, after precompute
+    bank = ({}, [])  # word_bank, after precompute
 
     def rows_at(step):
         """-> (spoken records with their targets, written records) of a step."""
@@ -434,10 +442,9 @@ def stage_omni(cfg, world, device, amp):
                lambda rs: world.features(rs, student.encoder, device))
     if n_spliced:
         bank = word_bank(world, pools["asr"], student.encoder, device)
-        n_clips = 0 if bank[1] is None else len(bank[1])
         print(f"[omni] spliced word lists: {n_spliced} of each step's transcription rows, from "
               f"{len(bank[0])} words spoken {sum(map(len, bank[0].values()))} times in "
-              f"{n_clips} training clips", flush=True)
+              f"{len(bank[1])} training clips", flush=True)
     run_stage("omni", cfg, fp, student, cfg.omni_steps, cfg.omni_lr, step_fn, device,
               world.tok.to_str())
 
@@ -687,8 +694,7 @@ def run_stage(name, cfg, fp, model, steps, lr, step_fn, device, tokenizer, monit
         stop(steps - 1, "the final weights are not finite")
     if writer:  # model.pt, the curves, and ckpt.pt removed
         M.save_checkpoint(f.final, payload(steps))
-        for line in curves(name, f.log, f.val):
-            print(line)
+        curves(name, f.log, f.val)
         if os.path.exists(f.ckpt):
             os.remove(f.ckpt)
     barrier()  # the next stage, on every rank, reads what rank 0 has just written
@@ -707,8 +713,7 @@ def checked_step(step_fn, step, device, stop):
     m = {"loss": loss.item(), **stats}
     if WORLD_SIZE > 1:  # the whole batch's loss and tokens; the other stats averaged over ranks
         summed = all_sum(list(m.values()), device)
-        m = {k: v if k == "tokens" else v / WORLD_SIZE for k, v in zip(m, summed)}
-        m["tokens"] = int(m["tokens"])
+        m = {k: int(v) if k == "tokens" else v / WORLD_SIZE for k, v in zip(m, summed)}
     if not math.isfinite(m["loss"]):
         stop(step, f"loss is {m['loss']}")
     return loss, m
@@ -729,8 +734,7 @@ def update_weights(params, opt, loss, grad_clip, stop):
 
 
 def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
-    """One JSON line per step into f.log (f None: not this rank's); a printed line every
-    cfg.log_every steps."""
+    """One JSON line per step into f.log (f None: not this rank's); printed every cfg.log_every."""
     if device.type == "cuda":
         torch.cuda.synchronize()  # the step's kernels have run: the clock reads the step's time
     dt = time.perf_counter() - t0
@@ -746,8 +750,7 @@ def log_step(name, cfg, f, step, steps, m, lr, t0, warm, device):
         diag = " ".join(f"{k} {v:.4g}" for k, v in m.items()
                         if k not in ("loss", "tokens") and not k.startswith("ms_"))
         print(f"[{name}] step {step + 1:5d}/{steps} | loss {m['loss']:.4f} | {diag} | "
-              f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | "
-              f"eta {eta}")
+              f"{dt * 1e3:6.0f} ms | {m['tokens'] / dt:7.0f} tok/s | eta {eta}")
 
 
 def validate(name, model, monitor, f, step):
@@ -802,8 +805,7 @@ def sparkline(values, width=40):
 
 
 def curves(name, log_path, val_path):
-    """Lines of sparklines with first -> last values: the loss, and the val measurements."""
-    out = []
+    """Prints sparklines with first -> last values: the loss, and the val measurements."""
     for path, keys in ((log_path, ("loss",)), (val_path, ("rkl_cm", "rkl_im", "val_S", "val_T"))):
         if not os.path.exists(path):
             continue
@@ -812,8 +814,7 @@ def curves(name, log_path, val_path):
         for k in keys:
             v = [r[k] for r in recs if k in r]
             if len(v) > 1:
-                out.append(f"[{name}] {k:7s} {sparkline(v)} {v[0]:.4g} -> {v[-1]:.4g}")
-    return out
+                print(f"[{name}] {k:7s} {sparkline(v)} {v[0]:.4g} -> {v[-1]:.4g}")
 
 
 # -----------------------------------------------------------------------------
@@ -829,10 +830,9 @@ def init_distributed(device):
     if "RANK" not in os.environ:
         return device
     RANK, WORLD_SIZE = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     else:  # the ranks of one machine share its cores
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD_SIZE))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_machine))
@@ -861,8 +861,7 @@ def all_sum(values, device):
 
 
 def share(mean, n, device):
-    """This rank's mean over its n items, weighted so that the ranks' average is the whole
-    batch's mean, exactly."""
+    """This rank's mean over its n items, weighted so that the ranks' average is the batch's."""
     if WORLD_SIZE == 1:
         return mean
     return mean * (n * WORLD_SIZE / max(all_sum([float(n)], device)[0], 1.0))
@@ -873,11 +872,10 @@ def average_gradients(params):
     for p in params:
         if p.grad is None:  # a part this rank's rows did not reach: its gradient here is 0
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective, not one per tensor
     dist.all_reduce(flat)
-    flat /= WORLD_SIZE
     for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+        p.grad.copy_(g.view_as(p) / WORLD_SIZE)
 
 
 # =============================================================================
@@ -890,9 +888,9 @@ def rates(text):
         return False
 
 
-INTS = ("teacher_steps", "encoder_steps", "encoder_batch", "omni_steps", "align_steps",
-        "batch_size", "align_batch", "n", "max_new_tokens", "ckpt_every", "log_every",
-        "eval_per_family", "val_every", "val_per_family", "val_rkl_prompts")
+# every integer setting but these three counts something: at least one
+INTS = [f.name for f in fields(TrainConfig)
+        if f.type is int and f.name not in ("seed", "warmup", "voice_first")]
 # (flags, the refusal's text, whether value v under settings c is accepted)
 CHECKS = [
     (("temperature",), "--method {c.method} samples its rollouts; expected a finite "
@@ -903,9 +901,8 @@ CHECKS = [
     (("tag",), "expected a plain name (letters, digits, -, _, .)",  # a folder name, never a path
      lambda v, c: re.fullmatch(r"[\w.-]*", v, re.ASCII)),
     (INTS, "expected a positive integer", lambda v, c: v >= 1),
-    (("lam", "gkd_beta", "gkd_mix"), "expected a value in [0, 1]", lambda v, c: 0 <= v <= 1),
-    (("teacher_prior", "omni_teacher_style", "omni_splice"), "expected a share in [0, 1]",
-     lambda v, c: 0 <= v <= 1),
+    (("lam", "gkd_beta", "gkd_mix", "teacher_prior", "omni_teacher_style", "omni_splice"),
+     "expected a value in [0, 1]", lambda v, c: 0 <= v <= 1),
     (("seed", "warmup"), "expected an integer >= 0", lambda v, c: v >= 0),
     (("teacher_lr", "encoder_lr", "omni_lr"), "expected a finite learning rate > 0",
      lambda v, c: 0 < v < math.inf),
@@ -961,16 +958,7 @@ def print_settings(cfg):
 def main(argv=None):
     """Hold the run folder and run the pipeline; a user's folder error ends it in one line."""
     cfg = parse_args(argv)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 holds it for all
-        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-            sys.exit(f"--out {cfg.out}: is a file; expected a run folder (new, or one this "
-                     "project made)")
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            lock = lock_run(cfg.out)
-        except OSError as e:
-            sys.exit(f"--out {cfg.out}: cannot write there ({e.strerror or e})")
+    lock = lock_run(cfg.out) if int(os.environ.get("RANK", 0)) == 0 else None  # rank 0's for all
     try:
         pipeline(cfg)
     except OSError as e:
@@ -985,12 +973,15 @@ def main(argv=None):
 def lock_run(out):
     """One run per folder: <out>/lock (O_EXCL) holds the run's process id; a live holder is
     refused, a dead one's lock taken over. -> the lock's path"""
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"--out {out}: is a file; expected a run folder (new, or one this project made)")
     path = os.path.join(out, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    try:
+        os.makedirs(out, exist_ok=True)
+        while True:
+            with contextlib.suppress(FileExistsError), open(path, "x") as f:  # "x": O_EXCL
+                f.write(f"{os.getpid()}\n")
+                return path
             try:
                 pid = int(open(path).read().strip())
             except (OSError, ValueError):  # gone meanwhile, or cut short while written
@@ -1001,13 +992,10 @@ def lock_run(out):
             if pid != os.getpid():
                 why = f"left by process {pid}, which is no longer running" if pid else "unreadable"
                 print(f"[lock] {path}: {why}; taking it over")
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another run took it over first
                 os.remove(path)
-            except FileNotFoundError:  # another run took it over first: try again
-                pass
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    return path
+    except OSError as e:
+        sys.exit(f"--out {out}: cannot write there ({e.strerror or e})")
 
 
 def alive(pid):
@@ -1018,13 +1006,10 @@ def alive(pid):
     return True
 
 
-def toy_preset(cfg):
-    return "tiny" if cfg.preset == "tiny" else "cpu"
-
-
 def toy_data_to_generate(cfg):
-    """Whether to generate the toy world into cfg.data: only into <out>/data, a new or empty
-    folder, or one generated before (another seed's or preset's is refused) or begun."""
+    """The preset of the toy world to generate into cfg.data, or None: only into <out>/data, a new
+    or empty folder, or one generated before (another seed's or preset's is refused) or begun."""
+    preset = "tiny" if cfg.preset == "tiny" else "cpu"  # the toy world comes in these two sizes
     if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
         sys.exit(f"--data {cfg.data}: is a file; expected a folder (of manifests, or a new one for "
                  "the toy data)")
@@ -1034,17 +1019,16 @@ def toy_data_to_generate(cfg):
     free = (os.path.abspath(cfg.data) == os.path.abspath(os.path.join(cfg.out, "data"))
             or not os.path.isdir(cfg.data) or not os.listdir(cfg.data))
     made = json.load(open(os.path.join(cfg.data, "done.json"))) if generated else {}
-    if generated and (made.get("seed"), made.get("preset")) != (cfg.seed, toy_preset(cfg)):
+    if generated and (made.get("seed"), made.get("preset")) != (cfg.seed, preset):
         sys.exit(f"--data {cfg.data}: holds the toy world of seed {made.get('seed')} "
-                 f"({made.get('preset')} preset); this run asks for seed {cfg.seed} "
-                 f"({toy_preset(cfg)}). Choose another --data or --out, or delete {cfg.data} "
-                 "to generate it again.")
+                 f"({made.get('preset')} preset); this run asks for seed {cfg.seed} ({preset}). "
+                 f"Choose another --data or --out, or delete {cfg.data} to generate it again.")
     if not (generated or unfinished or free or has_manifest):
         sys.exit(f"--data {cfg.data}: no train.jsonl there (expected train.jsonl and test.jsonl, "
                  "optionally align.jsonl, val.jsonl, text.jsonl, and tokenizer.json; README, "
                  "'Bring your own audio'). Toy data is generated only into a new or empty "
                  "folder, so nothing there was touched.")
-    return generated or unfinished or (free and not has_manifest)
+    return preset if generated or unfinished or (free and not has_manifest) else None
 
 
 def load_world(cfg):
@@ -1080,10 +1064,9 @@ def check_world(cfg, world):
         bad = [r for r in recs if not (isinstance(r["reference"], str) and r["reference"].strip())]
         if bad:
             sys.exit(f"{world.lines[bad[0]['id']]}: field 'reference' is missing, null or empty "
-                     f"({len(bad)} of the {len(recs)} align prompts); --method {cfg.method} "
-                     "trains on each prompt's reference response, so expected a non-empty "
-                     "string. Give every align prompt one, or use --method xopd or kd, which "
-                     "need none.")
+                     f"({len(bad)} of the {len(recs)} align prompts); --method {cfg.method} trains "
+                     "on each prompt's reference response, so expected a non-empty string. Give "
+                     "every align prompt one, or use --method xopd or kd, which need none.")
     fams = data.text_families(world.val)  # the probe takes val_rkl_prompts // families of each
     if fams and cfg.val_rkl_prompts < len(fams):
         sys.exit(f"--val_rkl_prompts {cfg.val_rkl_prompts}: expected at least one per family of "
@@ -1147,13 +1130,10 @@ def rebuilt_with(out, name):
     kind = "align" if "/" in name else name  # align/xopd, select/xopd_lr0.001
     later = {k for k, inputs in BUILT_ON.items() if kind in inputs}
     later |= {k for k, inputs in BUILT_ON.items() if later & set(inputs)}
-    folders = [os.path.join(out, name)]
-    if "omni" in later and os.path.isdir(os.path.join(out, "omni")):
-        folders.append(os.path.join(out, "omni"))
-    for d in [os.path.join(out, "align"), os.path.join(out, "select")] * ("align" in later):
-        subs = sorted(os.listdir(d)) if os.path.isdir(d) else []
-        folders += [os.path.join(d, s) for s in subs if os.path.isdir(os.path.join(d, s))]
-    return folders
+    built_on = ["omni"] * ("omni" in later) + ["align/*", "select/*"] * ("align" in later)
+    # a pattern ending in a separator matches folders only
+    found = [sorted(glob.glob(os.path.join(glob.escape(out), p, ""))) for p in built_on]
+    return [os.path.join(out, name)] + [d.rstrip(os.sep) for ds in found for d in ds]
 
 
 def check_fingerprint(cfg, name, path, ck, fp):
@@ -1212,19 +1192,6 @@ def import_stage(cfg, name, model, world, source, fp):
     barrier()
 
 
-def import_student(cfg, world, device, fp):
-    """--student: a speech LLM of this project with the run's tokenizer, as omni's model."""
-    student, ck = read_checkpoint(cfg.student, device)
-    if not isinstance(student, M.SpeechLM):
-        sys.exit(f"--student {cfg.student}: holds a {type(student).__name__}; expected a speech "
-                 f"LLM (an omni or align stage's model.pt)")
-    try:
-        xopd.check_same_tokenizer(world.tok, Tokenizer.from_str(ck["tokenizer"]))
-    except ValueError as e:
-        sys.exit(f"--student {cfg.student}: {e}")
-    import_stage(cfg, "omni", student, world, cfg.student, fp)
-
-
 def stage_files(out, name):
     d = os.path.join(out, name)
     path = lambda file: os.path.join(d, file)
@@ -1245,10 +1212,8 @@ def resume_point(cfg, name, f, model, opt, fp, steps):
         opt.load_state_dict(ck["optimizer"])
         print(f"[{name}] resuming from {f.ckpt} at step {ck['step']}/{steps}")
     if RANK == 0:  # the logs as the checkpoint saved them (none at step 0): exactly its steps
-        os.makedirs(f.dir, exist_ok=True)
         for k in ("log", "val"):
-            with open(getattr(f, k), "w") as fh:
-                fh.write(ck.get("logs", {}).get(k, ""))
+            M.atomic_write(getattr(f, k), lambda fh: fh.write(ck.get("logs", {}).get(k, "")))
     return ck.get("step", 0)
 
 
