@@ -61,6 +61,7 @@ class TrainConfig:
     data: str = ""               # data folder (default <out>/data: toy data, made if absent)
     seed: int = 0
     resume: bool = False
+    base_only: bool = False      # stages 1-3 alone: the base student, no align stage or eval
     # your own models (README, "Your own models"): each replaces the stage that would make it
     teacher: str = ""            # a Llama-architecture model folder (Hugging Face layout)
     whisper: str = ""            # an openai-whisper checkpoint (.pt): its encoder, frozen
@@ -144,7 +145,7 @@ def pipeline(cfg):
     clock.run("omni", stage_omni, cfg, world, device, amp)
     if cfg.lr_grid:  # choosing the rate on val: no test-set evaluation
         clock.run("select", select_lr, cfg, world, device, amp)
-    else:
+    elif not cfg.base_only:
         clock.run("align", stage_align, cfg, world, device, amp)
         if RANK == 0:  # stage 5 on rank 0 alone; the others wait at the barrier below
             args = (cfg.out, world, device, cfg.eval_per_family, cfg.max_new_tokens)
@@ -1237,7 +1238,7 @@ class StageClock:
 
     def __init__(self, cfg, device):
         self.cfg, self.device, self.t0 = cfg, device, time.time()
-        last = ["select"] if cfg.lr_grid else ["align", "eval"]
+        last = ["select"] if cfg.lr_grid else [] if cfg.base_only else ["align", "eval"]
         self.stages = ["data", "teacher", "encoder", "omni"] + last
         self.times, self.peaks, self.ran = {}, {}, {}  # ran: (seconds, reference) of those run
 

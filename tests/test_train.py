@@ -289,6 +289,19 @@ def test_lr_selection_reads_val_and_never_the_test_pool(tiny_run, tiny_data, tmp
     assert not os.path.exists(tmp_path / "align")  # the tables never list a selection run
 
 
+def test_base_only_builds_stages_1_to_3_which_a_whole_run_then_reuses(tiny_data, tmp_path,
+                                                                     capsys):
+    train.main(like_tiny_run(tmp_path, tiny_data, "--base_only"))
+    stages = ("teacher", "encoder", "omni")
+    assert all(os.path.exists(tmp_path / s / "model.pt") for s in stages)
+    assert not os.path.exists(tmp_path / "align") and not os.path.exists(tmp_path / "tables.md")
+    capsys.readouterr()
+    train.main(like_tiny_run(tmp_path, tiny_data))  # the same fingerprints: nothing retrained
+    out = capsys.readouterr().out
+    assert all(f"[{s}] {tmp_path / s / 'model.pt'} exists: skipped" in out for s in stages)
+    assert os.path.exists(tmp_path / "align" / "xopd" / "eval.json")
+
+
 def val_rec(S, T):  # a val record of two families of 100 prompts each, scores per family
     return {"val_S_a": S[0], "val_S_b": S[1], "val_T_a": T[0], "val_T_b": T[1],
             "val_S": sum(S) / 2, "val_T": sum(T) / 2}
