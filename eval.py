@@ -642,7 +642,8 @@ def comparisons(seeds, names):
 def comparisons_table(seeds, names):
     rows = [(f"C{i}: {c['what']}", f"{c['mean']:.2f} ± {c['half']:.2f}", f"{c['p']:.3f}",
              f"{c['holm']:.3f}", "[{:.2f}, {:.2f}]".format(*c["boot"]),
-             "**yes**" if c["holds"] else "no") for i, c in enumerate(comparisons(seeds, names), 1)]
+             f"**X-OPD {'lower' if c['mean'] < 0 else 'higher'}**" if c["holds"] else "no")
+            for i, c in enumerate(comparisons(seeds, names), 1)]
     head = "| comparison | paired mean ± t 95 % | p | Holm p | bootstrap 95 % | holds |"
     return markdown(head, rows) if rows else None
 

@@ -178,7 +178,7 @@ def test_comparisons_paired_over_seeds_with_holm_and_the_bootstrap():
     assert [c["holds"] for c in got] == [True, False, False, False, False]
     rows = E.tables(seeds)["compared"].splitlines()
     assert rows[2].startswith("| C1: ΔS: X-OPD's − base student's | -5.33 ± 1.43 | 0.004 | 0.019 |")
-    assert rows[2].endswith("| **yes** |")
+    assert rows[2].endswith("| **X-OPD lower** |") and rows[3].endswith("| no |")
 
 
 def test_curves_table_gives_each_val_step_over_seeds():
