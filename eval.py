@@ -687,8 +687,8 @@ def curves_table(seeds, names):
 
 # Each table: its key in tables(), the function that makes it (None: not for these runs), title
 TABLES = [
-    ("premise", premise_table, "Premise: the paper's setting in miniature (base student = after "
-     "the omni stage)"),
+    ("premise", premise_table, "Premise, on the val pool: the paper's setting in miniature (base "
+     "student = after the omni stage)"),
     ("table1", table1, "Table 1: text skills from speech (S) and text (T); ΔS / ΔT = mean "
      "relative drop (%) vs the text teacher"),
     ("compared", comparisons_table, "The protocol's comparisons on test (docs/protocol.md), "
