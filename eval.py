@@ -82,6 +82,13 @@ def wer_by_speaker(recs, preds, speakers, key, reference=lambda text: text):
     return out
 
 
+def transcripts(model, world, recs, device, max_new_tokens, encoder=None):
+    """A speech model's transcripts of recs' clips (each asked to transcribe), as spoken words."""
+    asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in recs]
+    return [data.spoken_words(p) for p in xopd.generate(model, world, asks, "speech", device,
+                                                        max_new_tokens, encoder=encoder)]
+
+
 def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval", pool="test"):
     """{"T" / "S": {family: score}, "items": {"T" / "S": {family: each prompt's score}}, "audio":
     {task: score}, "asr_wer" (and _seen / _unseen: the training speakers' clips / the others'),
@@ -111,9 +118,7 @@ def evaluate_model(model, world, device, per_family, max_new_tokens, name="eval"
             res["audio"][task] = percent_right(recs, preds)
     if speech and pool == "val" and text:  # the prompts' hearing, as the paper's ASR filter
         prompts = [r for rs in text.values() for r in rs]
-        asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in prompts]
-        said = [data.spoken_words(p) for p in
-                xopd.generate(model, world, asks, "speech", device, max_new_tokens)]
+        said = transcripts(model, world, prompts, device, max_new_tokens)
         res.update(wer_by_speaker(prompts, said, world.train_speakers, "prompt_wer",
                                   data.spoken_words))
         whole = sum(p == data.spoken_words(r["transcript"]) for r, p in zip(prompts, said))
@@ -405,9 +410,8 @@ def heard_split(out, world, device, per_family, max_new_tokens):
 
     def gen(model, recs, modality):
         return xopd.generate(model, world, recs, modality, device, max_new_tokens)
-    asr = data.AUDIO_INSTRUCTIONS["asr"]
-    heard = {f: [data.spoken_words(p) == data.spoken_words(r["transcript"]) for r, p in
-                 zip(rs, gen(base, [{**r, "instruction": asr} for r in rs], "speech"))]
+    heard = {f: [p == data.spoken_words(r["transcript"]) for r, p in
+                 zip(rs, transcripts(base, world, rs, device, max_new_tokens))]
              for f, rs in fams.items()}
 
     def scores(model, modality):

@@ -460,12 +460,10 @@ def align_name(cfg):
 
 def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
     """The prompts the base student transcribes within cfg.align_max_wer % WER (the paper: 5)."""
-    asks = [{**r, "instruction": data.AUDIO_INSTRUCTIONS["asr"]} for r in recs]
     with autocast(device, amp):
-        said = xopd.generate(student, world, asks, "speech", device, cfg.max_new_tokens,
-                             encoder=student.encoder)
-    keep = [r for r, h in zip(recs, said) if 100.0 * data.wer(
-        data.spoken_words(r["transcript"]), data.spoken_words(h)) <= cfg.align_max_wer]
+        said = E.transcripts(student, world, recs, device, cfg.max_new_tokens, student.encoder)
+    keep = [r for r, h in zip(recs, said)
+            if 100.0 * data.wer(data.spoken_words(r["transcript"]), h) <= cfg.align_max_wer]
     print(f"[{name}] {len(keep)} of {len(recs)} align prompts transcribed within "
           f"{cfg.align_max_wer:g} % WER: aligning on those")
     if not keep:

@@ -30,7 +30,7 @@ def test_evaluate_model_scores_known_predictions(tiny_data, monkeypatch):
     enc, adp, dec = M.make_configs("tiny", world.tok.get_vocab_size())
     student = M.SpeechLM(enc, adp, dec, audio_token_id=world.audio_id)
 
-    def generate(model, world, recs, modality, device, max_new_tokens):
+    def generate(model, world, recs, modality, device, max_new_tokens, encoder=None):
         if modality == "text":
             return [r["teacher"] or r["answer"] for r in recs]
         asked = lambda r: r["instruction"] == data.AUDIO_INSTRUCTIONS["asr"] != r["task"]
