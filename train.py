@@ -71,7 +71,7 @@ class TrainConfig:
     teacher_steps: int = 1500
     teacher_lr: float = 1e-3     # docs/decisions.md says why not higher
     teacher_prior: float = 0.2   # share of targets in the data's other answer style (`reference`)
-    encoder_steps: int = 1200
+    encoder_steps: int = 2400    # docs/protocol.md §1: W1, chosen by the premise rows on val
     encoder_lr: float = 2e-3
     encoder_batch: int = 16
     omni_steps: int = 3100
