@@ -48,9 +48,9 @@ import xopd
 # Settings: one dataclass, presets override its defaults, flags override presets.
 
 METHODS = ("sft", "kd", "gkd", "xopd")
-# The align stage's rate per method, chosen on seed 0's val prompts by --lr_grid (select_lr;
-# docs/experiments.md, "Learning rates"). --align_lr overrides it.
-ALIGN_LR = {"sft": 1e-3, "kd": 1e-3, "gkd": 1e-4, "xopd": 3e-4}
+# The align stage's rate per method, chosen on seed 0's val prompts by --lr_grid (rate_rule,
+# docs/protocol.md §3; the grid's scores: docs/experiments.md). --align_lr overrides it.
+ALIGN_LR = {"sft": 3e-5, "kd": 1e-4, "gkd": 3e-5, "xopd": 3e-5}
 
 
 @dataclass
