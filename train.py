@@ -1217,8 +1217,8 @@ def resume_point(cfg, name, f, model, opt, fp, steps):
 
 
 # Each stage's seconds in the README's default run, for the headers' time left estimate.
-REFERENCE_S = {"cpu": {"data": 60, "teacher": 185, "encoder": 251, "omni": 523, "align": 89,
-                       "select": 360, "eval": 37}}
+REFERENCE_S = {"cpu": {"data": 38, "teacher": 148, "encoder": 362, "omni": 409, "align": 68,
+                       "select": 360, "eval": 33}}
 
 
 def has_output(cfg, stage):
