@@ -949,11 +949,12 @@ class Batch:
         return replace(self, **{k: v.to(device) for k, v in present.items() if v is not None})
 
 
-def text_families(records, per_family=None):
-    """{family: its text-skill records (the first per_family of them)}, families in sorted order."""
+def text_families(records, per_family=None, kind="text"):
+    """{family: its text-skill records (kind "audio": audio questions'; the first per_family of
+    them)}, families in sorted order."""
     fams = {}
     for r in records:
-        if r["kind"] == "text":
+        if r["kind"] == kind:
             fams.setdefault(r["task"], []).append(r)
     return {t: rs[:per_family] for t, rs in sorted(fams.items())}
 

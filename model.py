@@ -501,10 +501,9 @@ class Decoder(nn.Module):
         x = self._embed(input_ids, inputs_embeds)
         return self._run(x, *self.rotary(x.shape[1]))  # positions 0..T-1 for every row
 
-    def new_cache(self, batch_size, max_len, static=False):
+    def new_cache(self, batch_size, max_len):
         c, w = self.cfg, self.embed_tokens.weight
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype=w.dtype,
-                       device=w.device, static=static)
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, w.dtype, w.device)
 
     def prefill(self, cache, lengths, input_ids=None, inputs_embeds=None):
         """Right-padded prompts (B, T), lengths (B,) -> hidden (B, T, dim), into a fresh cache

@@ -458,8 +458,16 @@ def align_name(cfg):
     return f"{name}_{cfg.tag}" if cfg.tag else name
 
 
-def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
-    """The prompts the base student transcribes within cfg.align_max_wer % WER (the paper: 5)."""
+def align_prompts(cfg, world, student, name, device, amp):
+    """The align pool's text prompts (else the train pool's); under --align_max_wer, those the base
+    student transcribes within that WER % (the paper: 5)."""
+    recs = [r for r in world.align if r["kind"] == "text"]
+    if not recs:
+        recs = [r for r in world.train if r["kind"] == "text"]
+        print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken "
+              "prompts, which the omni stage has already seen")
+    if cfg.align_max_wer < 0:
+        return recs
     with autocast(device, amp):
         said = E.transcripts(student, world, recs, device, cfg.max_new_tokens, student.encoder)
     keep = [r for r, h in zip(recs, said)
@@ -470,18 +478,6 @@ def well_transcribed(cfg, world, student, recs, device, amp, name="align"):
         sys.exit(f"[{name}] --align_max_wer {cfg.align_max_wer:g}: no align prompt is transcribed "
                  "that well")
     return keep
-
-
-def align_prompts(cfg, world, student, name, device, amp):
-    """The align pool's text prompts (else the train pool's), filtered by --align_max_wer."""
-    recs = [r for r in world.align if r["kind"] == "text"]
-    if not recs:
-        recs = [r for r in world.train if r["kind"] == "text"]
-        print(f"[{name}] {world.dir} has no align.jsonl: aligning on the train pool's spoken "
-              "prompts, which the omni stage has already seen")
-    if cfg.align_max_wer >= 0:
-        recs = well_transcribed(cfg, world, student, recs, device, amp, name)
-    return recs
 
 
 def teacher_responses(cfg, world, teacher, teacher_id, recs, device, amp):

@@ -3,8 +3,8 @@ X-OPD: cross-modal on-policy distillation (Cao et al., arXiv 2603.24596), and th
 baselines it is compared with (SFT / offline KD, GKD).
 
 Top to bottom: sampling, the student's rollouts, the fused log-prob gather, the teacher's
-scores, Eq. 1-5 and one X-OPD step; the baselines; what the pipeline needs beside them; last, the
-fast decode steps. A step returns its loss and diagnostics; train.py does backward and the update.
+scores, Eq. 1-5 and one X-OPD step; the baselines; what the pipeline needs beside them. A step
+returns its loss and diagnostics; train.py does backward and the update.
 
 The method's equations, numbered in the order the paper's method section introduces them:
   Eq. 1  in-modal advantage     A_im(y_t) = log pi_phi(y_t | T, y<t) - log pi_theta(y_t | T, y<t)
@@ -21,7 +21,6 @@ per-step reverse KL. The sequence-level reverse KL KL(pi(y|x) || pi_phi(y|T)) ha
 addition, the terms through the prefix distribution (a reward-to-go sum_{s>=t} A_s in
 place of A_t would give them); X-OPD, like on-policy distillation in general, drops them.
 """
-import functools
 import math
 import time
 
@@ -79,7 +78,7 @@ def sample(decoder, lengths, *, input_ids=None, inputs_embeds=None, n=1, max_new
     masked. Returns ids (B*n, L), mask (B*n, L) bool (real positions, up to and including the
     first eos), logprobs (B*n, L) from the sampling logits (float32, or float64 for a float64
     model; 0 where masked). L <= max_new_tokens: the loop stops once every row has ended.
-    step(x, cache): the decode step, decoder.decode_step when None (faster ones: last section)."""
+    step(x, cache): the decode step, decoder.decode_step when None (faster ones: tests/bench.py)."""
     static, check_every = getattr(step, "static", False), getattr(step, "check_every", 1)
     with torch.inference_mode():
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -485,86 +484,3 @@ def check_same_tokenizer(teacher_tok, student_tok):
     if problems:
         raise ValueError("teacher and student tokenizers differ, so the teacher cannot score "
                          "the student's tokens: " + "; ".join(problems))
-
-
-# -----------------------------------------------------------------------------
-# fast decoding: decode steps for sample(step=...), which eval.py's benchmarks and the tests use.
-# step(x (B, 1, dim), cache) -> (B, 1, dim) gives the eager step's tokens up to float rounding;
-# sample reads its optional static (False: True allocates the rollout's cache once at its final
-# size, the same shapes at every step) and check_every (1: steps between two host reads, each a
-# wait for the device, of whether every row has ended).
-
-def static_step(decoder):
-    """Decoder.decode_step on a fixed-shape cache, run eagerly."""
-    step = functools.partial(M.Decoder.decode_step, decoder)
-    step.static = True
-    return step
-
-
-@functools.cache  # made on first use (the compiler takes seconds to import), one for every decoder
-def _compiled_decode_step():
-    return torch.compile(M.Decoder.decode_step)
-
-
-def compiled_step(decoder):
-    """Decoder.decode_step through torch.compile. Its first calls compile (seconds; once more when
-    the number of keys first changes, after which it is a symbolic size)."""
-    return functools.partial(_compiled_decode_step(), decoder)
-
-
-class DecodeGraph:
-    """Decoder.decode_step on a static cache, captured in a CUDA graph at its first call on a
-    cache and replayed after (a replay launches a step's hundreds of small kernels at once). The
-    input is copied into the graph's own buffer, the cache and cache.lengths are written in place
-    (Decoder.decode), the output is the graph's buffer, overwritten by the next call. Another
-    cache (the next rollout's) is captured anew. On a CPU the same buffers run eagerly."""
-    static, check_every = True, 8
-
-    def __init__(self, decoder):
-        self.decoder, self.buffers = decoder, None
-
-    def __call__(self, x, cache):  # a replay needs the input's shape, the cache's memory
-        buffers = [x.shape] + [(t.data_ptr(), t.shape) for t in [*cache.k, *cache.v, cache.lengths]]
-        if buffers != self.buffers:
-            self.capture(x, cache)
-            self.buffers = buffers
-        self.x.copy_(x)
-        self.replay()
-        return self.out
-
-    def capture(self, x, cache):
-        assert cache.static, "a graph needs a static cache: the same shapes at every step"
-        self.x = x.clone()
-        run = functools.partial(self.decoder.decode_step, self.x, cache)
-        if not x.is_cuda:
-            self.out = run()
-            self.replay = lambda: self.out.copy_(run())
-            return
-        # the warm-up writes this step's keys, which every replay writes again before reading;
-        # autocast's weight casts made there stay in its cache, where the graph reads them
-        with torch.cuda.device(x.device):
-            self.graph, self.out = capture_cuda_graph(run)
-        self.replay = self.graph.replay
-
-
-# One side stream per GPU for every capture, as torch.cuda.graph keeps one: the allocator reuses
-# memory freed on a stream for that stream only, so a new stream per rollout would strand memory.
-_capture_streams = {}
-
-
-def capture_cuda_graph(fn, warmup=3):
-    """fn() captured in a CUDA graph on the current GPU -> (the graph, fn's output: buffers each
-    graph.replay() writes). As torch.cuda.graph: warm-up calls on a side stream (lazy cuBLAS and
-    kernel choices), then the capture there into a memory pool of the graph's own; without its
-    empty_cache, which would hand cached memory back to the driver at every rollout."""
-    side = _capture_streams.setdefault(torch.cuda.current_device(), torch.cuda.Stream())
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin()  # from here to capture_end the kernels are recorded, not run
-        out = fn()
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
-    return graph, out

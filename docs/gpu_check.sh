@@ -2,7 +2,7 @@
 # Every GPU figure issue 25 asks for, in one run on one CUDA machine (under 8 minutes as set here:
 # about 1 + 2.5 + 4.5 at most, each part cut at its timeout):
 #   1. the CUDA-graph tests (and the fixed-shape cache's, which run anywhere)
-#   2. python eval.py bench --device cuda: at the cpu and gpu presets' sizes the graphed sampler,
+#   2. python tests/bench.py --device cuda: at the cpu and gpu presets' sizes the graphed sampler,
 #      the eager one and transformers' generate (tokens/s, same greedy tokens), one decode step
 #      (its matmuls' share, the bandwidth it reaches against a device copy's), and the align
 #      stage's rollouts eager / static / graphed (time, run-to-run determinism)
@@ -38,8 +38,8 @@ main() {
   OMP_NUM_THREADS=1 timeout 90 $PYTHON -m pytest -q -rs tests/test_xopd.py tests/test_model.py \
     -k "cuda_graph or fixed_shape or decode_graph or static" || echo "!! tests failed (rc $?)"
 
-  echo "== 2. eval.py bench --device cuda ($((SECONDS - t0)) s)"
-  timeout 150 $PYTHON eval.py bench --device cuda --no-compile || echo "!! bench failed (rc $?)"
+  echo "== 2. tests/bench.py --device cuda ($((SECONDS - t0)) s)"
+  timeout 150 $PYTHON tests/bench.py --device cuda --no-compile || echo "!! bench failed (rc $?)"
 
   echo "== 3. train.py --preset gpu ${TRAIN_STEPS:-(the preset steps)} ($((SECONDS - t0)) s)"
   rm -rf "$RUN"

@@ -2,7 +2,6 @@
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -624,7 +623,7 @@ def test_align_max_wer_keeps_the_prompts_the_student_transcribes_that_well(tiny_
     assert len({len(expect) for _, expect in cases}) == 3  # three different answers
     for max_wer, expect in cases:
         cfg = train.parse_args(["--preset", "tiny", "--align_max_wer", str(max_wer)])
-        kept = train.well_transcribed(cfg, world, student, recs, torch.device("cpu"), None)
+        kept = train.align_prompts(cfg, world, student, "align", torch.device("cpu"), None)
         assert kept == expect
     assert set(asked) == {(data.AUDIO_INSTRUCTIONS["asr"], "speech")}
     assert "aligning on those" in capsys.readouterr().out

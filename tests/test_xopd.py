@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import data
 import model
 import xopd
@@ -266,7 +267,7 @@ def test_compiled_sampling_matches_eager():
     kw = dict(input_ids=ids, n=3, max_new_tokens=12, eos_id=3, top_k=6)
     eager = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2))
     compiled = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(2),
-                           step=xopd.compiled_step(dec))
+                           step=bench.compiled_step(dec))
     # some rows end, some run to the limit
     assert 0 < int((eager[0] == 3).any(1).sum()) < eager[0].size(0)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
@@ -284,7 +285,7 @@ def test_fixed_shape_sampling_matches_the_default(way, seed, top_k):
     ids, lens = prompts(8, [3, 5, 4, 2])
     kw = dict(input_ids=ids, n=3, max_new_tokens=40, eos_id=3, top_k=top_k)
     ref = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed))
-    step = xopd.static_step(dec) if way == "static" else xopd.DecodeGraph(dec)
+    step = bench.static_step(dec) if way == "static" else bench.DecodeGraph(dec)
     out = xopd.sample(dec, lens, **kw, generator=torch.Generator().manual_seed(seed), step=step)
     ended = (ref[0] == 3).any(1)
     assert ended.any() and (ended.all() and ref[0].size(1) < 40 if seed == 1 else not ended.all())
@@ -304,7 +305,7 @@ def test_decode_graph_replays_on_its_own_buffers():
         dec.prefill(prefilled, lens, input_ids=ids)
         cache = prefilled.repeat_interleave(2, max_len=10)
         ref = prefilled.repeat_interleave(2, max_len=10)
-        step = xopd.DecodeGraph(dec)
+        step = bench.DecodeGraph(dec)
         outs = []
         for t in range(3):
             tok = torch.tensor([1, 2, 3, 4]) + t
@@ -319,7 +320,7 @@ def test_decode_graph_replays_on_its_own_buffers():
         torch.testing.assert_close(h, dec.decode(ref, input_ids=tok + 1), rtol=0, atol=0)
         assert torch.equal(cache.lengths, ref.lengths)
         with pytest.raises(AssertionError, match="static"):
-            xopd.DecodeGraph(dec)(dec.embed_tokens(tok)[:, None], dec.new_cache(4, 10))
+            bench.DecodeGraph(dec)(dec.embed_tokens(tok)[:, None], dec.new_cache(4, 10))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -337,8 +338,8 @@ def test_cuda_graph_sampling_matches_eager_and_repeats(amp):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             gen = torch.Generator("cuda").manual_seed(0)
             return xopd.sample(dec, lens, **kw, generator=gen, step=step)
-    graph = xopd.DecodeGraph(dec)  # one step object for two rollouts: each captures its own cache
-    ref, static = run(), run(xopd.static_step(dec))
+    graph = bench.DecodeGraph(dec)  # one step object for two rollouts: each captures its own cache
+    ref, static = run(), run(bench.static_step(dec))
     graphed, again = run(graph), run(graph)
     assert (ref[0] == 3).any(1).any()
     assert all(torch.equal(x, y) for x, y in zip(graphed, again))  # deterministic run to run
