@@ -950,8 +950,8 @@ class Batch:
 
 
 def text_families(records, per_family=None, kind="text"):
-    """{family: its text-skill records (kind "audio": audio questions'; the first per_family of
-    them)}, families in sorted order."""
+    """{family: the first per_family of its records of `kind` (text skills, or "audio"
+    questions)}, families in sorted order."""
     fams = {}
     for r in records:
         if r["kind"] == kind:
