@@ -345,6 +345,8 @@ AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
                 "emotion": lambda v: v["emotion"],
                 "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
 VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
+# background noise RMS / speech RMS of a clip (docs/protocol.md, amendment 6: W6)
+NOISE = {"clean": (0.0, 0.02), "noisy": (0.12, 0.25)}
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 # speakers spk00, spk01, ...: (pitch Hz, tract scale) ranges of the even ones and the odd ones
 SPEAKER_RANGES = (((80, 125), (1.0, 1.2)), ((190, 260), (0.85, 1.05)))
@@ -360,7 +362,7 @@ PRESETS = {  # text prompts per family and pool, entities, clips per task, speak
                 facts_entities=100, asr=dict(train=3000, test=200),
                 audio_q=dict(train=400, test=100), speakers=(24, 8)),
 }
-WORLD_FORMAT = 3   # bump when build_world changes what a seed produces
+WORLD_FORMAT = 4   # bump when build_world changes what a seed produces
 UNFINISHED = "generating.json"  # written before the first clip, removed after done.json
 
 
@@ -449,7 +451,7 @@ def sample_voice(rng, speakers, n_seen, pool, noisy_p=0.3):
               tract_scale=round(float(speaker["tract_scale"]), 3),
               rate=round(float(rng.uniform(1.2, 1.45) if fast else rng.uniform(0.7, 0.85)), 3),
               emotion=EMOTIONS[int(rng.integers(3))],
-              noise=round(float(rng.uniform(0.2, 0.4) if noisy else rng.uniform(0.0, 0.02)), 3),
+              noise=round(float(rng.uniform(*NOISE["noisy" if noisy else "clean"])), 3),
               loudness=round(float(rng.uniform(0.8, 1.2)), 3), speaker=speaker["speaker"])
     return asdict(v)
 
