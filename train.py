@@ -50,7 +50,7 @@ import xopd
 METHODS = ("sft", "kd", "gkd", "xopd")
 # The align stage's rate per method, chosen on seed 0's val prompts by --lr_grid (rate_rule,
 # docs/protocol.md §3; the grid's scores: docs/experiments.md). --align_lr overrides it.
-ALIGN_LR = {"sft": 3e-5, "kd": 1e-4, "gkd": 3e-5, "xopd": 3e-5}
+ALIGN_LR = {"sft": 3e-5, "kd": 3e-5, "gkd": 1e-4, "xopd": 1e-4}
 
 
 @dataclass
