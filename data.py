@@ -345,7 +345,8 @@ AUDIO_LABELS = {"pitch": lambda v: "high" if v["pitch_hz"] >= 160 else "low",
                 "emotion": lambda v: v["emotion"],
                 "noise": lambda v: "noisy" if v["noise"] >= 0.1 else "clean"}
 VOICE_FIELDS = {"pitch": "pitch_hz", "rate": "rate", "emotion": "emotion", "noise": "noise"}
-# background noise RMS / speech RMS of a clip (docs/protocol.md, amendment 6: W6)
+# a clip's background noise RMS / speech RMS: noisy is 12-18 dB SNR (chosen on val:
+# docs/protocol.md, amendment 6); AUDIO_LABELS' 0.1 lies in the gap between the two ranges
 NOISE = {"clean": (0.0, 0.02), "noisy": (0.12, 0.25)}
 TEXT_TASKS, AUDIO_TASKS = ("arith", "instruct", "facts"), tuple(AUDIO_INSTRUCTIONS)
 # speakers spk00, spk01, ...: (pitch Hz, tract scale) ranges of the even ones and the odd ones
